@@ -1,0 +1,204 @@
+"""The one entry point: pre-train (or load) the backbone, then federate over the client population.
+
+    python -m experiments.train --config configs/ptb_fedgen_edge.py --workdir runs/ptb
+    python -m experiments.train --config configs/ptb_fedgen_edge.py:tiny --workdir runs/t \
+        --config.fed.rounds=5
+
+Writes into the workdir: backbone/<recipe-hash>/ (cached pre-trained backbone), checkpoints/
+(Orbax, step = rounds done, automatic resume), metrics.jsonl (one row per round), summary.json.
+"""
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from fedgen import algorithms, checkpoint, comm, evaluation, lora, pretrain, tasks
+from fedgen.algorithms import optim
+from fedgen.data import batching
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, cache and logs.')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False,
+                                 'Call jax.distributed.initialize() (multi-host; reads the '
+                                 'coordinator settings from the environment).')
+
+
+def log(msg: str) -> None:
+    tqdm.write(msg, file=sys.stdout)
+
+
+def preflight(config, task) -> None:
+    """Checks the method, optimizers and LoRA targets/rank on abstract shapes (no compute)."""
+    method = algorithms.get(config.fed.algorithm)
+    optim.build(config.fed.client_opt, config.fed.client_lr, 'fed.client_opt', 'fed.client_lr')
+    optim.build(config.fed.server_opt, config.fed.server_lr, 'fed.server_opt', 'fed.server_lr')
+    if not (isinstance(config.fed.rounds, int) and config.fed.rounds >= 0):
+        raise ValueError(f'fed.rounds must be an int >= 0, got {config.fed.rounds!r}')
+    if not (isinstance(config.eval.every, int) and config.eval.every >= 1):
+        raise ValueError(f'eval.every must be an int >= 1, got {config.eval.every!r}')
+    abstract = jax.eval_shape(lambda r: tasks.get(config.task).init_backbone(task, r),
+                              jax.random.PRNGKey(0))
+    jax.eval_shape(lambda b, r: method.variables(b, config, r), abstract, jax.random.PRNGKey(0))
+    jax.eval_shape(lambda b, r: algorithms.get('fedgen_edge').variables(b, config, r), abstract,
+                   jax.random.PRNGKey(0))
+
+
+def backbone(config, task, task_mod, eval_valid, workdir: str) -> tuple[dict, dict]:
+    """Loads config.pretrain.backbone_path, or the workdir cache, or pre-trains and caches."""
+    init = task_mod.init_backbone(task, jax.random.PRNGKey(config.seed))
+    if config.pretrain.backbone_path:
+        params = checkpoint.load_tree(config.pretrain.backbone_path, init,
+                                      'pretrain.backbone_path')
+        return params, {'source': config.pretrain.backbone_path}
+    key = pretrain.recipe_hash(task_mod.recipe(config))
+    path = os.path.join(workdir, 'backbone', key)
+    if os.path.isdir(path):
+        log(f'backbone: cached {path}')
+        return checkpoint.load_tree(path, init, 'backbone cache'), {'source': path}
+    tx = optim.build(config.pretrain.opt, config.pretrain.lr, 'pretrain.opt', 'pretrain.lr')
+    t0, params, loss = time.time(), init, float('nan')
+    bar = tqdm(total=config.pretrain.steps, desc='pretrain', unit='step', file=sys.stdout)
+    for done, loss, params in pretrain.train(task.loss_fn, tx, init, task.public,
+                                             config.pretrain.steps, config.pretrain.batch_size,
+                                             config.seed):
+        bar.update(done - bar.n)
+        bar.set_postfix(loss=f'{loss:.3f}')
+    bar.close()
+    checkpoint.save_tree(path, params)
+    info = {'source': path, 'pretrain_s': round(time.time() - t0, 1), 'pretrain_loss': loss}
+    with open(os.path.join(path, 'recipe.json'), 'w') as f:
+        json.dump(task_mod.recipe(config), f, indent=1, sort_keys=True)
+    return params, info
+
+
+def read_rows(path: str, upto: int) -> list[dict]:
+    """metrics.jsonl rows with round <= upto (rows past the restored round are dropped)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r['round'] <= upto]
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in rows)
+    os.replace(tmp, path)
+
+
+def run(config, workdir: str, stop_after: int | None = None) -> dict:
+    """Runs (or resumes) the job; ``stop_after`` ends the process early after that many rounds
+    (as a kill between rounds would). Returns the summary dict."""
+    t_start = time.time()
+    task_mod = tasks.get(config.task)
+    task = task_mod.prepare(config)
+    preflight(config, task)
+    os.makedirs(workdir, exist_ok=True)
+    log(f'data: {json.dumps(task_mod.describe(task))}')
+    rng = jax.random.PRNGKey(config.seed)
+    valid_batches = batching.batch_all(task.valid, config.eval.batch_size)
+    eval_fn = jax.jit(lambda v: evaluation.dataset_loss(task.loss_fn, v, valid_batches, rng)[0])
+
+    params, bb_info = backbone(config, task, task_mod, eval_fn, workdir)
+    bb_loss = float(eval_fn({'params': params}))
+    log(f'backbone: valid loss {bb_loss:.4f}  valid PPL {np.exp(bb_loss):.2f}  ({bb_info})')
+
+    method = algorithms.get(config.fed.algorithm)
+    frozen, trainable = method.variables(params, config, jax.random.fold_in(rng, 1))
+    alg = method.make(config, task.loss_fn)
+    state = alg.init(trainable, jax.random.fold_in(rng, 2))
+    mngr = checkpoint.manager(workdir, config.checkpoint.keep)
+    start = checkpoint.latest(mngr) or 0
+    metrics_path = os.path.join(workdir, 'metrics.jsonl')
+    if start:
+        state = checkpoint.restore(mngr, start, state=state)['state']
+        log(f'resumed from round {start}')
+    rows = read_rows(metrics_path, start)
+    write_rows(metrics_path, rows)
+
+    fed = config.fed
+    sizes = [len(i) for i in task.client_train]
+    steps = batching.num_local_steps(sizes, fed.batch_size, fed.local_epochs,
+                                     fed.max_steps_per_epoch)
+    cost = comm.round_cost(alg.upload, state.trainable, fed.clients_per_round)
+    full_up = lora.num_bytes(params)
+    lora_up = lora.num_bytes(
+        algorithms.get('fedgen_edge').variables(params, config, jax.random.PRNGKey(0))[1])
+    log(f'uplink per client per round: {cost.up_per_client:,} B ({config.fed.algorithm}); '
+        f'LoRA adapters {lora_up:,} B = {100 * lora_up / full_up:.3f}% of the full model '
+        f'{full_up:,} B; local steps S={steps}')
+    apply = jax.jit(alg.apply, donate_argnums=0)
+    totals = {'up_bytes': rows[-1]['up_bytes_total'] if rows else 0,
+              'down_bytes': rows[-1]['down_bytes_total'] if rows else 0}
+    end = fed.rounds if stop_after is None else min(fed.rounds, stop_after)
+    bar = tqdm(range(start, end), desc='rounds', unit='round', file=sys.stdout,
+               initial=start, total=fed.rounds)
+    for rnd in bar:
+        t0 = time.time()
+        ids = batching.sample_clients(config.seed, rnd, fed.num_clients, fed.clients_per_round)
+        data = batching.pack_clients(task.pool, task.client_train, ids, config.seed, rnd,
+                                     fed.batch_size, fed.local_epochs, steps,
+                                     fed.max_steps_per_epoch)
+        state, m = apply(state, frozen, data)
+        checkpoint.save(mngr, rnd + 1, state=state)
+        totals = comm.accumulate(totals, cost)
+        row = {'round': rnd + 1, 'train_loss': float(m['train_loss']),
+               'delta_norm': float(m['delta_norm']), 'up_bytes_round': cost.up_round,
+               'down_bytes_round': cost.down_round, 'up_bytes_total': totals['up_bytes'],
+               'down_bytes_total': totals['down_bytes']}
+        if (rnd + 1) % config.eval.every == 0 or rnd + 1 == fed.rounds:
+            vloss = float(eval_fn({**frozen, **state.trainable}))
+            row.update(valid_loss=vloss, valid_ppl=float(np.exp(vloss)))
+        row['round_s'] = round(time.time() - t0, 3)
+        rows.append(row)
+        write_rows(metrics_path, rows)
+        bar.set_postfix(loss=f'{row["train_loss"]:.3f}', ppl=f'{row.get("valid_ppl", np.nan):.1f}',
+                        up_MB=f'{totals["up_bytes"] / 1e6:.2f}')
+    bar.close()
+    checkpoint.wait(mngr)
+    if end < fed.rounds:
+        return {'stopped_after': end}
+
+    variables = {**frozen, **state.trainable}
+    final = float(eval_fn(variables))
+    test_batches = batching.batch_all(task.test, config.eval.batch_size)
+    test = float(jax.jit(lambda v: evaluation.dataset_loss(task.loss_fn, v, test_batches, rng)[0])(
+        variables))
+    summary = {
+        'algorithm': fed.algorithm, 'rounds': fed.rounds,
+        'backbone_valid_ppl': float(np.exp(bb_loss)), 'final_valid_ppl': float(np.exp(final)),
+        'final_test_ppl': float(np.exp(test)), 'up_bytes_per_client_round': cost.up_per_client,
+        'up_bytes_per_round': cost.up_round, 'up_bytes_total': totals['up_bytes'],
+        'lora_share_of_full_uplink': lora_up / full_up, 'local_steps': steps,
+        'wall_s': round(time.time() - t_start, 1)
+    }
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=1)
+    log('\n' + '\n'.join(f'{k:>28s}  {v:,.4g}' if isinstance(v, float) else f'{k:>28s}  {v}'
+                         for k, v in summary.items()))
+    texts = task_mod.samples(task, variables, jax.random.fold_in(rng, 3), config.eval.num_samples,
+                             config.eval.sample_len)
+    log('samples from the global model:\n' + '\n'.join(f'  > {t}' for t in texts))
+    return summary
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError('--config and --workdir are required')
+    run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+    app.run(main)

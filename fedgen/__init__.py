@@ -1,0 +1,1 @@
+"""fedgen: FedGen-Edge (frozen backbone + federated LoRA adapters) in JAX."""

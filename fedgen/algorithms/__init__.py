@@ -1,0 +1,15 @@
+"""Federated methods. Each module exposes
+
+    variables(backbone, config, rng) -> (frozen, trainable)
+    make(config, loss_fn) -> fedavg.Algorithm(init, apply, upload)
+"""
+import importlib
+
+METHODS = ('fedgen_edge', 'fedavg_full')
+
+
+def get(name: str):
+    """The method module called ``name`` (config field ``fed.algorithm``)."""
+    if name not in METHODS:
+        raise ValueError(f'fed.algorithm must be one of {list(METHODS)}, got {name!r}')
+    return importlib.import_module(f'fedgen.algorithms.{name}')

@@ -1,0 +1,210 @@
+"""Client splits over example indices 0..n-1 (IID and non-IID).
+
+Every split returns a list of ``num_clients`` sorted int64 index arrays that together cover
+``range(n)`` exactly once, and is a deterministic function of its arguments (``seed`` feeds one
+``np.random.default_rng``).
+
+* ``iid``: a random permutation cut into near-equal parts (sizes differ by at most 1).
+* ``shards``: contiguous blocks in the original order (for text: each client owns a stretch).
+* ``quantity_skew``: random membership, client sizes ~ min_size + Dirichlet(alpha) share of rest.
+* ``dirichlet``: label (or topic) skew of Hsu et al. 2019: for each label c, its examples are
+  dealt to clients by proportions p_c ~ Dir(alpha * 1_K). Small alpha -> few labels per client.
+* ``k_classes``: pathological split: every client holds examples of exactly k labels.
+* ``local_split``: each client's own train/test split, for personalization metrics.
+"""
+import numpy as np
+
+KINDS = ('iid', 'shards', 'quantity', 'dirichlet', 'k_classes')
+
+
+def _check_clients(n, num_clients):
+    if not isinstance(num_clients, (int, np.integer)) or not 1 <= num_clients <= n:
+        raise ValueError(f"fed.num_clients={num_clients!r}: must be an integer in [1, n={n}]")
+
+
+def _check_alpha(alpha):
+    if not np.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"data.partition.alpha={alpha!r}: must be a finite number > 0")
+
+
+def _check_min_size(n, num_clients, min_size):
+    if not isinstance(min_size, (int, np.integer)) or not 0 <= min_size * num_clients <= n:
+        raise ValueError(f"data.partition.min_size={min_size!r}: must be an integer in "
+                         f"[0, n / fed.num_clients = {n // max(num_clients, 1)}]")
+
+
+def _labels(labels):
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"data.partition: labels must be a 1-D integer array, got "
+                         f"{labels.dtype} {labels.shape}")
+    return labels
+
+
+def _finish(parts):
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def _apportion(total, p):
+    """Integers >= 0 summing to ``total``, proportional to p (largest remainder method)."""
+    raw = np.asarray(p, np.float64) * total
+    out = np.floor(raw).astype(np.int64)
+    rest = total - out.sum()
+    out[np.argsort(-(raw - out), kind='stable')[:rest]] += 1
+    return out
+
+
+def iid(n: int, num_clients: int, seed: int) -> list:
+    """Uniformly random split into near-equal parts (sizes floor or ceil of n / num_clients)."""
+    _check_clients(n, num_clients)
+    perm = np.random.default_rng(seed).permutation(n)
+    return _finish(np.array_split(perm, num_clients))
+
+
+def shards(n: int, num_clients: int) -> list:
+    """Contiguous blocks: client k gets the k-th of num_clients near-equal stretches."""
+    _check_clients(n, num_clients)
+    return _finish(np.array_split(np.arange(n), num_clients))
+
+
+def quantity_skew(n: int, num_clients: int, alpha: float, seed: int, min_size: int = 1) -> list:
+    """Random membership with skewed sizes: n_k = min_size + round(q_k * (n - K*min_size)),
+    q ~ Dir(alpha * 1_K) (rounded by largest remainder so that sum_k n_k = n)."""
+    _check_clients(n, num_clients)
+    _check_alpha(alpha)
+    _check_min_size(n, num_clients, min_size)
+    rng = np.random.default_rng(seed)
+    q = rng.dirichlet(np.full(num_clients, float(alpha)))
+    sizes = min_size + _apportion(n - min_size * num_clients, q)
+    perm = rng.permutation(n)
+    return _finish(np.split(perm, np.cumsum(sizes)[:-1]))
+
+
+def dirichlet(labels,
+              num_clients: int,
+              alpha: float,
+              seed: int,
+              min_size: int = 1,
+              max_tries: int = 100) -> list:
+    """Label (or topic) skew after Hsu et al. 2019.
+
+    For each label c (shuffled examples I_c), draw p_c ~ Dir(alpha * 1_K) and give client k the
+    slice I_c[floor(P_{k-1} |I_c|) : floor(P_k |I_c|)], P_k = sum_{j<=k} p_cj. If some client ends
+    with fewer than ``min_size`` examples, redraw everything from the same generator, up to
+    ``max_tries`` times, then raise ``ValueError``.
+    """
+    labels = _labels(labels)
+    n = labels.shape[0]
+    _check_clients(n, num_clients)
+    _check_alpha(alpha)
+    _check_min_size(n, num_clients, min_size)
+    if not isinstance(max_tries, (int, np.integer)) or max_tries < 1:
+        raise ValueError(f"data.partition.max_tries={max_tries!r}: must be an integer >= 1")
+    rng = np.random.default_rng(seed)
+    by_label = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    for _ in range(max_tries):
+        parts = [[] for _ in range(num_clients)]
+        for idx in by_label:
+            idx = rng.permutation(idx)
+            p = rng.dirichlet(np.full(num_clients, float(alpha)))
+            cuts = np.floor(np.cumsum(p)[:-1] * idx.size).astype(np.int64)
+            for k, piece in enumerate(np.split(idx, cuts)):
+                parts[k].append(piece)
+        sizes = [sum(piece.size for piece in part) for part in parts]
+        if min(sizes) >= min_size:
+            return _finish([np.concatenate(part) for part in parts])
+    raise ValueError(f"data.partition.alpha={alpha!r}: no Dirichlet draw in {max_tries} tries "
+                     f"gave every one of fed.num_clients={num_clients} clients >= "
+                     f"data.partition.min_size={min_size} examples; raise alpha or lower them")
+
+
+def k_classes(labels, num_clients: int, k: int, seed: int) -> list:
+    """Pathological split: every client holds examples of exactly k distinct labels.
+
+    Explicit assignment: with the L labels in a seeded random order pi, client j holds labels
+    pi[(j*k + i) mod L] for i < k (distinct because k <= L; every label is held when
+    num_clients * k >= L, each by floor or ceil of num_clients*k/L clients). Each label's
+    shuffled examples are then cut into near-equal parts among its holders. Raises
+    ``ValueError`` when some label has fewer examples than holders (a holder would get none).
+    """
+    labels = _labels(labels)
+    n = labels.shape[0]
+    _check_clients(n, num_clients)
+    values = np.unique(labels)
+    num_labels = values.size
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= num_labels:
+        raise ValueError(f"data.partition.k={k!r}: must be an integer in [1, {num_labels}] "
+                         f"(number of labels)")
+    if num_clients * k < num_labels:
+        raise ValueError(f"data.partition.k={k}: fed.num_clients * k = {num_clients * k} must "
+                         f"be >= {num_labels} labels so that every example has a client")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(num_labels)
+    holders = [[] for _ in range(num_labels)]
+    for j in range(num_clients):
+        for i in range(k):
+            holders[order[(j * k + i) % num_labels]].append(j)
+    parts = [[] for _ in range(num_clients)]
+    for c in range(num_labels):
+        idx = rng.permutation(np.flatnonzero(labels == values[c]))
+        if idx.size < len(holders[c]):
+            raise ValueError(f"data.partition.k={k}: label {values[c]} has {idx.size} examples "
+                             f"for {len(holders[c])} clients; lower k or fed.num_clients")
+        for j, piece in zip(holders[c], np.array_split(idx, len(holders[c]))):
+            parts[j].append(piece)
+    return _finish([np.concatenate(part) for part in parts])
+
+
+def local_split(client_indices, test_fraction: float, seed: int):
+    """Split each client's examples into local (train, test), both lists of sorted int64 arrays.
+
+    For a client with n_k examples, test gets round(test_fraction * n_k), but at least 1 when
+    test_fraction > 0 and n_k >= 2, and at most n_k - 1 so train keeps at least 1 example.
+    """
+    if not np.isfinite(test_fraction) or not 0 <= test_fraction < 1:
+        raise ValueError(f"data.partition.local_test_fraction={test_fraction!r}: must be in "
+                         f"[0, 1)")
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for idx in client_indices:
+        idx = np.asarray(idx, dtype=np.int64)
+        n_k = idx.size
+        n_test = int(round(test_fraction * n_k))
+        if test_fraction > 0 and n_k >= 2:
+            n_test = max(n_test, 1)
+        n_test = min(n_test, max(n_k - 1, 0))
+        perm = rng.permutation(idx)
+        test.append(np.sort(perm[:n_test]))
+        train.append(np.sort(perm[n_test:]))
+    return train, test
+
+
+def make(kind: str,
+         n: int,
+         num_clients: int,
+         seed: int,
+         labels=None,
+         alpha: float = 0.5,
+         k: int = 2,
+         min_size: int = 1) -> list:
+    """Dispatch on ``kind`` (``data.partition.kind``), one of KINDS.
+
+    'dirichlet' and 'k_classes' need ``labels`` (int [n], e.g. topic_labels for text).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"data.partition.kind={kind!r}: must be one of {KINDS}")
+    if kind in ('dirichlet', 'k_classes'):
+        if labels is None:
+            raise ValueError(f"data.partition.kind={kind!r}: needs labels (int [n])")
+        if np.shape(labels) != (n, ):
+            raise ValueError(f"data.partition.kind={kind!r}: labels must have shape ({n},), got "
+                             f"{np.shape(labels)}")
+    if kind == 'iid':
+        return iid(n, num_clients, seed)
+    if kind == 'shards':
+        return shards(n, num_clients)
+    if kind == 'quantity':
+        return quantity_skew(n, num_clients, alpha, seed, min_size)
+    if kind == 'dirichlet':
+        return dirichlet(labels, num_clients, alpha, seed, min_size)
+    return k_classes(labels, num_clients, k, seed)

@@ -1,0 +1,23 @@
+"""Dataset-level evaluation of a loss function, exactly weighted.
+
+For batches [NB, B, ...] with per-example weights, the dataset mean is
+
+    L = sum_i mean_i * weight_i / sum_i weight_i
+
+over batches i, where (mean_i, weight_i) = loss_fn(variables, batch_i, rng_i). For the LM loss L is
+the mean NLL per predicted token and exp(L) the perplexity.
+"""
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def dataset_loss(loss_fn: Callable, variables: dict, batches: dict,
+                 rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean loss, total weight) over all batches; a lax.map, so jit it from the caller."""
+    nb = batches['weight'].shape[0]
+    keys = jax.random.split(rng, nb)
+    means, weights = jax.lax.map(lambda xs: loss_fn(variables, xs[0], xs[1]), (batches, keys))
+    total = weights.sum()
+    return (means * weights).sum() / jnp.maximum(total, 1.0), total

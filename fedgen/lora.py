@@ -1,0 +1,124 @@
+"""Pure-function LoRA over plain param dicts.
+
+For a frozen kernel W0 with shape [..., in, out] (dense: [in, out]; conv: [kh, kw, in, out]) the
+adapter is A with shape [..., in, r] and B with shape [r, out], and the adapted kernel is
+
+    W = W0 + (alpha / r) * A B        (contraction over r).
+
+A is drawn from N(0, 1/fan_in) and B = 0, so a fresh adapter leaves the backbone unchanged.
+Which kernels get adapters is decided by regex *path rules* matched against the '/'-joined param
+path of every leaf named ``kernel`` (for example ``h_0/attn/q/kernel``). The adapter tree mirrors the
+module paths of its targets: ``{'h_0': {'attn': {'q': {'a': A, 'b': B}}}}``, and it is passed to a
+model as the ``lora`` variable collection (see :mod:`fedgen.models.layers`).
+"""
+import math
+import re
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+PyTree = Any
+
+# Named rule presets; a config may also give raw regexes.
+PRESETS = {
+    'qv': (r'attn/(q|v)/kernel$', ),
+    'attn': (r'attn/(q|k|v|o)/kernel$', ),
+    'attn_mlp': (r'attn/(q|k|v|o)/kernel$', r'mlp/(fc|proj)/kernel$'),
+}
+DEFAULT_RULES = PRESETS['qv']
+
+
+def resolve_rules(rules: str | Sequence[str]) -> tuple[str, ...]:
+    """Expands a preset name (or a comma-separated list of presets/regexes) into regexes."""
+    if isinstance(rules, str):
+        rules = [r.strip() for r in rules.split(',') if r.strip()]
+    out: list[str] = []
+    for r in rules:
+        out.extend(PRESETS.get(r, (r, )))
+    if not out:
+        raise ValueError('lora.targets must name at least one rule or preset '
+                         f'(presets: {sorted(PRESETS)})')
+    return tuple(out)
+
+
+def target_paths(params: PyTree, rules: str | Sequence[str]) -> list[tuple[str, ...]]:
+    """Paths (tuples of keys, ending in 'kernel') of the kernels selected by ``rules``.
+
+    Raises ValueError naming the rule when a rule matches no kernel.
+    """
+    flat = traverse_util.flatten_dict(params)
+    kernels = [p for p in flat if p[-1] == 'kernel']
+    chosen: list[tuple[str, ...]] = []
+    for rule in resolve_rules(rules):
+        pat = re.compile(rule)
+        hits = [p for p in kernels if pat.search('/'.join(p))]
+        if not hits:
+            raise ValueError(f'lora.targets rule {rule!r} matches no kernel; kernels look like '
+                             f'{"/".join(kernels[0]) if kernels else "<none>"}')
+        chosen.extend(h for h in hits if h not in chosen)
+    return sorted(chosen)
+
+
+def init(rng: jax.Array, params: PyTree, rules: str | Sequence[str], rank: int) -> PyTree:
+    """Creates adapters {path: {'a': A [..., in, r], 'b': B [r, out]=0}} for the target kernels.
+
+    Raises ValueError when ``rank`` is not in [1, min(in, out)] for some target.
+    """
+    flat = traverse_util.flatten_dict(params)
+    paths = target_paths(params, rules)
+    out = {}
+    for i, path in enumerate(paths):
+        w = flat[path]
+        fan_in, fan_out = int(np.prod(w.shape[:-1])), w.shape[-1]
+        limit = min(w.shape[-2], fan_out)
+        if not isinstance(rank, (int, np.integer)) or not 1 <= rank <= limit:
+            raise ValueError(f'lora.rank must be an int in [1, {limit}] for kernel '
+                             f'{"/".join(path)} {tuple(w.shape)}, got {rank!r}')
+        key = jax.random.fold_in(rng, i)
+        a = jax.random.normal(key, w.shape[:-1] + (rank, ), w.dtype) / math.sqrt(fan_in)
+        out[path[:-1] + ('a', )] = a
+        out[path[:-1] + ('b', )] = jnp.zeros((rank, fan_out), w.dtype)
+    return traverse_util.unflatten_dict(out)
+
+
+def scale(alpha: float, rank: int) -> float:
+    """The LoRA scaling alpha / r."""
+    return alpha / rank
+
+
+def delta(a: jax.Array, b: jax.Array, alpha: float) -> jax.Array:
+    """(alpha / r) A B with shape [..., in, out]."""
+    return scale(alpha, a.shape[-1]) * jnp.tensordot(a, b, axes=1)
+
+
+def merge(params: PyTree, adapters: PyTree, alpha: float) -> PyTree:
+    """Returns params with every adapted kernel replaced by W0 + (alpha/r) A B (for export)."""
+    flat = dict(traverse_util.flatten_dict(params))
+    ad = traverse_util.flatten_dict(adapters)
+    for path in {p[:-1] for p in ad}:
+        kpath = path + ('kernel', )
+        if kpath not in flat:
+            raise ValueError(f'adapter at {"/".join(path)} has no kernel in params')
+        flat[kpath] = flat[kpath] + delta(ad[path + ('a', )], ad[path + ('b', )], alpha)
+    return traverse_util.unflatten_dict(flat)
+
+
+def num_params(tree: PyTree) -> int:
+    """Total number of scalar entries in a pytree."""
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+
+
+def num_bytes(tree: PyTree) -> int:
+    """Total bytes of a pytree's leaves, from their shapes and dtypes."""
+    return int(sum(np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(tree)))
+
+
+def select(tree: PyTree, leaf_names: Iterable[str]) -> PyTree:
+    """Sub-tree keeping only leaves whose last key is in ``leaf_names`` (e.g. {'a'})."""
+    names = set(leaf_names)
+    flat = traverse_util.flatten_dict(tree)
+    return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[-1] in names})

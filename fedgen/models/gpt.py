@@ -1,0 +1,219 @@
+"""GPT-2-architecture decoder in flax linen, with a param layout that maps one-to-one onto GPT-2.
+
+Param tree (D = n_embd, V = vocab_size, P = n_positions, kernels are [in, out]):
+
+    wte/embedding [V, D]      wpe/embedding [P, D]      ln_f/{scale, bias} [D]
+    h_{i}/ln_1, h_{i}/ln_2    {scale, bias} [D]
+    h_{i}/attn/{q,k,v,o}      {kernel [D, D], bias [D]}
+    h_{i}/mlp/fc              {kernel [D, 4D], bias [4D]}
+    h_{i}/mlp/proj            {kernel [4D, D], bias [D]}
+
+GPT-2's fused ``c_attn`` [D, 3D] is split column-wise into q, k, v so that LoRA path rules can name
+the projections (:func:`from_hf` / :func:`to_hf` are exact inverses). The block is pre-LN:
+
+    x = x + Attn(LN1(x));  x = x + MLP(LN2(x));  logits = LN_f(x) wte^T   (tied output layer)
+
+with causal softmax attention scaled by 1/sqrt(D / n_head) and GELU (tanh approximation).
+"""
+import dataclasses
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from fedgen.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Architecture hyper-parameters (all fields are validated by :func:`validate`)."""
+    vocab_size: int = 10000
+    n_positions: int = 64
+    n_embd: int = 128
+    n_layer: int = 2
+    n_head: int = 4
+    layer_norm_epsilon: float = 1e-5
+    lora_alpha: float = 16.0
+
+
+def validate(cfg: GPTConfig) -> None:
+    """Raises a one-line ValueError naming the first bad ``model.*`` field."""
+    for name in ('vocab_size', 'n_positions', 'n_embd', 'n_layer', 'n_head'):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f'model.{name} must be an int >= 1, got {v!r}')
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f'model.n_head must divide model.n_embd={cfg.n_embd}, got {cfg.n_head}')
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention. x [B, T, D] -> [B, T, D]."""
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        h = self.cfg.n_head
+        dense = lambda name: layers.Dense(d, lora_alpha=self.cfg.lora_alpha, name=name)
+        split = lambda y: y.reshape(b, t, h, d // h).transpose(0, 2, 1, 3)
+        q, k, v = (split(dense(n)(x)) for n in ('q', 'k', 'v'))
+        scores = jnp.einsum('bhqd,bhkd->bhqk', q, k) / jnp.sqrt(d // h).astype(x.dtype)
+        scores = jnp.where(layers.causal_mask(t), scores, jnp.finfo(scores.dtype).min)
+        y = jnp.einsum('bhqk,bhkd->bhqd', jax.nn.softmax(scores, axis=-1), v)
+        return dense('o')(y.transpose(0, 2, 1, 3).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    """x [B, T, D] -> proj(gelu(fc(x))) with hidden width 4D."""
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        y = layers.Dense(4 * d, lora_alpha=self.cfg.lora_alpha, name='fc')(x)
+        y = jax.nn.gelu(y, approximate=True)
+        return layers.Dense(d, lora_alpha=self.cfg.lora_alpha, name='proj')(y)
+
+
+class Block(nn.Module):
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        eps = self.cfg.layer_norm_epsilon
+        x = x + Attention(self.cfg, name='attn')(layers.layer_norm('ln_1', eps)(x))
+        return x + MLP(self.cfg, name='mlp')(layers.layer_norm('ln_2', eps)(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only LM. tokens [B, T] int32 (T <= n_positions) -> logits [B, T, V]."""
+    cfg: GPTConfig
+
+    def setup(self):
+        self.wte = nn.Embed(self.cfg.vocab_size, self.cfg.n_embd,
+                            embedding_init=nn.initializers.normal(0.02), name='wte')
+        self.wpe = nn.Embed(self.cfg.n_positions, self.cfg.n_embd,
+                            embedding_init=nn.initializers.normal(0.01), name='wpe')
+        self.blocks = [Block(self.cfg, name=f'h_{i}') for i in range(self.cfg.n_layer)]
+        self.ln_f = layers.layer_norm('ln_f', self.cfg.layer_norm_epsilon)
+
+    def hidden(self, tokens: jax.Array) -> jax.Array:
+        """Final-layer-normed hidden states [B, T, D]."""
+        x = self.wte(tokens) + self.wpe(jnp.arange(tokens.shape[-1]))[None]
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def unembed(self, h: jax.Array) -> jax.Array:
+        """Tied output layer: h [..., D] -> logits [..., V] = h wte^T."""
+        return self.wte.attend(h)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return self.unembed(self.hidden(tokens))
+
+
+def init_params(cfg: GPTConfig, rng: jax.Array) -> dict:
+    """Random GPT-2-style init of the ``params`` collection."""
+    validate(cfg)
+    return GPT(cfg).init(rng, jnp.zeros((1, 2), jnp.int32))['params']
+
+
+def to_hf(params: dict) -> dict:
+    """Our params -> HF Flax GPT-2 layout ({'transformer': ...}, kernels [out, in], fused c_attn)."""
+    flat = traverse_util.flatten_dict(params)
+    out = {}
+    for path, v in flat.items():
+        if path[0].startswith('h_'):
+            i, rest = path[0][2:], path[1:]
+            if rest[0] == 'attn' and rest[1] in ('q', 'k', 'v'):
+                continue  # fused below
+            name = {'o': 'c_proj', 'fc': 'c_fc', 'proj': 'c_proj'}.get(rest[1], rest[1])
+            new = ('h', i) + ((rest[0], name) + rest[2:] if len(rest) > 2 else rest)
+            out[new] = v.T if new[-1] == 'kernel' else v
+        else:
+            out[path] = v
+    for blk in {p[0] for p in flat if p[0].startswith('h_')}:
+        for leaf in ('kernel', 'bias'):
+            parts = [flat[(blk, 'attn', n, leaf)] for n in ('q', 'k', 'v')]
+            fused = jnp.concatenate(parts, axis=-1)
+            out[('h', blk[2:], 'attn', 'c_attn', leaf)] = fused.T if leaf == 'kernel' else fused
+    return {'transformer': traverse_util.unflatten_dict(out)}
+
+
+def from_hf(hf_params: dict) -> dict:
+    """Inverse of :func:`to_hf`: HF Flax GPT-2 params (kernels [out, in]) -> our layout."""
+    flat = traverse_util.flatten_dict(hf_params.get('transformer', hf_params))
+    out = {}
+    rename = {'c_fc': 'fc'}
+    for path, v in flat.items():
+        if path[0] != 'h':
+            out[path] = jnp.asarray(v)
+            continue
+        blk, rest = f'h_{path[1]}', path[2:]
+        v = jnp.asarray(v.T if rest[-1] == 'kernel' else v)
+        if rest[:2] == ('attn', 'c_attn'):
+            for n, part in zip('qkv', jnp.split(v, 3, axis=-1)):
+                out[(blk, 'attn', n, rest[-1])] = part
+        elif rest[:2] == ('attn', 'c_proj'):
+            out[(blk, 'attn', 'o', rest[-1])] = v
+        elif rest[0] == 'mlp':
+            out[(blk, 'mlp', rename.get(rest[1], 'proj'), rest[-1])] = v
+        else:
+            out[(blk, ) + rest] = v
+    return traverse_util.unflatten_dict(out)
+
+
+def load_hf_dir(path: str) -> tuple[GPTConfig, dict]:
+    """Loads a local HF GPT-2 directory (config.json + model.safetensors, PyTorch layout).
+
+    PyTorch's Conv1D weights are [in, out], i.e. already the transpose of HF Flax's [out, in].
+    """
+    import json
+    from safetensors.numpy import load_file
+    cfg_file, st_file = os.path.join(path, 'config.json'), os.path.join(path, 'model.safetensors')
+    if not (os.path.isfile(cfg_file) and os.path.isfile(st_file)):
+        raise ValueError(f'model.hf_dir: {path} must hold config.json and model.safetensors')
+    hf = json.load(open(cfg_file))
+    cfg = GPTConfig(vocab_size=hf['vocab_size'], n_positions=hf['n_positions'],
+                    n_embd=hf['n_embd'], n_layer=hf['n_layer'], n_head=hf['n_head'],
+                    layer_norm_epsilon=hf.get('layer_norm_epsilon', 1e-5))
+    flat = {}
+    for k, v in load_file(st_file).items():
+        k = k.removeprefix('transformer.')
+        if k.endswith('.attn.bias') or k.endswith('.attn.masked_bias') or k.startswith('lm_head'):
+            continue  # causal-mask buffers and the tied head are not parameters
+        parts = k.split('.')
+        leaf = {'weight': 'kernel', 'bias': 'bias'}[parts[-1]]
+        if parts[0] in ('wte', 'wpe'):
+            flat[(parts[0], 'embedding')] = v
+        elif parts[0].startswith('ln_') or parts[-2].startswith('ln_'):
+            flat[tuple(parts[:-1]) + ({'weight': 'scale'}.get(parts[-1], 'bias'), )] = v
+        else:
+            flat[tuple(parts[:-1]) + (leaf, )] = np.asarray(v).T  # [in,out] -> HF Flax [out,in]
+    return cfg, from_hf(traverse_util.unflatten_dict(flat))
+
+
+def generate(model: GPT, variables: dict, prompt: jax.Array, steps: int, rng: jax.Array,
+             temperature: float = 1.0) -> jax.Array:
+    """Samples ``steps`` tokens after ``prompt`` [B, P]; returns [B, P + steps] (jittable).
+
+    Without a KV cache: every step reruns the model on a fixed [B, P + steps] buffer (causal
+    attention makes the padding invisible) and samples token t+1 from softmax(logits_t / temp).
+    """
+    b, p = prompt.shape
+    total = p + steps
+    if total > model.cfg.n_positions:
+        raise ValueError(f'sample length {total} exceeds model.n_positions={model.cfg.n_positions}')
+    buf = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompt)
+
+    def step(buf, xs):
+        t, key = xs
+        logits = model.apply(variables, buf)[:, t - 1] / temperature
+        return buf.at[:, t].set(jax.random.categorical(key, logits).astype(jnp.int32)), None
+
+    ts = jnp.arange(p, total)
+    buf, _ = jax.lax.scan(step, buf, (ts, jax.random.split(rng, steps)))
+    return buf

@@ -1,0 +1,87 @@
+"""LoRA-aware linen layers shared by every fedgen model.
+
+A layer owns its frozen weights in the ``params`` collection and *optionally* reads a low-rank
+adapter from the ``lora`` collection at the same module path (``{'a': A, 'b': B}``). When the
+adapter is present the layer computes the unmerged LoRA update
+
+    y = x W0 + b + (alpha / r) * (x A) B
+
+and otherwise exactly ``x W0 + b``. Adapters are created by :func:`fedgen.lora.init`, never by the
+layer, so the frozen tree and the adapter tree stay separate pytrees.
+"""
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., Any]
+
+
+def _lora_scale(alpha: float, a: jax.Array) -> float:
+    """alpha / r, with r the adapter rank (the last axis of A)."""
+    return alpha / a.shape[-1]
+
+
+class Dense(nn.Module):
+    """Dense layer y = x W0 + b (+ LoRA). Shapes: x [..., in], W0 [in, out], A [in, r], B [r, out]."""
+    features: int
+    use_bias: bool = True
+    lora_alpha: float = 16.0
+    kernel_init: Initializer = nn.initializers.normal(0.02)
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features))
+        y = x @ kernel
+        if self.has_variable('lora', 'a'):
+            a = self.get_variable('lora', 'a')
+            b = self.get_variable('lora', 'b')
+            y = y + _lora_scale(self.lora_alpha, a) * ((x @ a) @ b)
+        if self.use_bias:
+            y = y + self.param('bias', self.bias_init, (self.features, ))
+        return y
+
+
+class Conv(nn.Module):
+    """NHWC convolution with an optional rank-r LoRA factorisation over channels.
+
+    Shapes: x [N, H, W, in], W0 [kh, kw, in, out], A [kh, kw, in, r], B [r, out]. The update is
+    conv(x, A) B, i.e. delta W[h, w, i, o] = sum_r A[h, w, i, r] B[r, o].
+    """
+    features: int
+    kernel_size: Sequence[int] = (3, 3)
+    strides: Sequence[int] = (1, 1)
+    padding: str = 'SAME'
+    use_bias: bool = True
+    lora_alpha: float = 16.0
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+
+    def _conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return jax.lax.conv_general_dilated(x, kernel, tuple(self.strides), self.padding,
+                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = tuple(self.kernel_size) + (x.shape[-1], self.features)
+        kernel = self.param('kernel', self.kernel_init, shape)
+        y = self._conv(x, kernel)
+        if self.has_variable('lora', 'a'):
+            a = self.get_variable('lora', 'a')
+            b = self.get_variable('lora', 'b')
+            y = y + _lora_scale(self.lora_alpha, a) * (self._conv(x, a) @ b)
+        if self.use_bias:
+            y = y + self.param('bias', self.bias_init, (self.features, ))
+        return y
+
+
+def layer_norm(name: str, eps: float = 1e-5) -> nn.LayerNorm:
+    """LayerNorm with HF-compatible epsilon; params ``scale`` [D], ``bias`` [D]."""
+    return nn.LayerNorm(epsilon=eps, name=name)
+
+
+def causal_mask(t: int) -> jax.Array:
+    """Boolean [1, 1, T, T] lower-triangular mask (query i attends to keys j <= i)."""
+    return jnp.tril(jnp.ones((t, t), bool))[None, None]

@@ -1,0 +1,130 @@
+"""The PTB language-modeling task: data, model, loss and evaluation, from a config.
+
+Data flow. ptb.train is cut into windows [M, T+1] (stride T). The first ``data.public_fraction``
+of the windows, in text order, is the server's *public* portion used only for pre-training the
+backbone; the rest is the client pool, disjoint from it. The pool is partitioned over
+``fed.num_clients`` clients (default 'topic': windows are grouped into pseudo-documents, clustered
+into topics by TF-IDF spherical k-means, and topics are spread over clients with Dirichlet(alpha)),
+and each client's windows are split into local train and local test parts. Validation and test PPL
+use the official ptb.valid / ptb.test windows.
+"""
+import dataclasses
+from typing import NamedTuple
+
+import numpy as np
+
+from fedgen import objectives
+from fedgen.data import partition, ptb, topics
+from fedgen.models import gpt
+
+PARTITIONS = ('topic', 'iid', 'shards', 'quantity')
+
+
+class Task(NamedTuple):
+    """Everything the federated loop needs; example dicts map field -> [N, ...] arrays."""
+    model: gpt.GPT
+    model_cfg: gpt.GPTConfig
+    loss_fn: objectives.LossFn
+    pool: dict  # client example pool {'tokens': [M, T+1]}
+    client_train: list  # num_clients index arrays into pool
+    client_test: list
+    public: dict  # pre-training examples (disjoint from pool)
+    valid: dict
+    test: dict
+    labels: np.ndarray  # [M] topic id of each pool window (-1 when not topic-partitioned)
+    vocab: tuple
+
+
+def validate(config) -> None:
+    """One-line ValueErrors for the data/fed fields this task reads, before any loading."""
+    d, f = config.data, config.fed
+    if not 0.0 < d.public_fraction < 1.0:
+        raise ValueError(f'data.public_fraction must be in (0, 1), got {d.public_fraction}')
+    if not (isinstance(d.seq_len, int) and 2 <= d.seq_len <= config.model.n_positions):
+        raise ValueError(f'data.seq_len must be in [2, model.n_positions={config.model.n_positions}]'
+                         f', got {d.seq_len}')
+    if d.partition.kind not in PARTITIONS:
+        raise ValueError(f'data.partition.kind must be one of {PARTITIONS}, got '
+                         f'{d.partition.kind!r}')
+    if not d.partition.alpha > 0:
+        raise ValueError(f'data.partition.alpha must be > 0, got {d.partition.alpha}')
+    if not (isinstance(f.num_clients, int) and f.num_clients >= 1):
+        raise ValueError(f'fed.num_clients must be an int >= 1, got {f.num_clients!r}')
+    if not 1 <= f.clients_per_round <= f.num_clients:
+        raise ValueError(f'fed.clients_per_round must be in [1, fed.num_clients={f.num_clients}]'
+                         f', got {f.clients_per_round}')
+
+
+def model_config(config, vocab_size: int) -> gpt.GPTConfig:
+    m = config.model
+    cfg = gpt.GPTConfig(vocab_size=vocab_size, n_positions=m.n_positions, n_embd=m.n_embd,
+                        n_layer=m.n_layer, n_head=m.n_head, lora_alpha=float(config.lora.alpha))
+    gpt.validate(cfg)
+    return cfg
+
+
+def split_clients(config, pool_windows: np.ndarray, vocab_size: int):
+    """(client_train, client_test, labels) for the pool, deterministic from config.seed."""
+    p, seed, n = config.data.partition, config.seed, len(pool_windows)
+    labels = np.full(n, -1, np.int32)
+    if p.kind == 'topic':
+        labels = topics.topic_labels(pool_windows, p.num_topics, seed, p.doc_windows, vocab_size)
+        parts = partition.make('dirichlet', n, config.fed.num_clients, seed, labels=labels,
+                               alpha=p.alpha, min_size=p.min_size)
+    else:
+        parts = partition.make(p.kind, n, config.fed.num_clients, seed, alpha=p.alpha,
+                               min_size=p.min_size)
+    train, test = partition.local_split(parts, p.local_test_fraction, seed)
+    return train, test, labels
+
+
+def prepare(config) -> Task:
+    """Loads PTB (data.source), builds windows, the public/pool split and the client partition."""
+    validate(config)
+    data = ptb.load_ptb(config.data.source, verify=config.data.verify_md5)
+    t = config.data.seq_len
+    win = ptb.windows(data.train, t)
+    n_pub = int(round(config.data.public_fraction * len(win)))
+    public, pool = win[:n_pub], win[n_pub:]
+    if len(pool) < config.fed.num_clients:
+        raise ValueError(f'fed.num_clients={config.fed.num_clients} exceeds the {len(pool)} '
+                         f'client windows (lower it or data.public_fraction)')
+    train, test, labels = split_clients(config, pool, len(data.vocab))
+    cfg = model_config(config, len(data.vocab))
+    model = gpt.GPT(cfg)
+    return Task(model=model, model_cfg=cfg, loss_fn=objectives.next_token_loss(model),
+                pool={'tokens': pool}, client_train=train, client_test=test,
+                public={'tokens': public}, valid={'tokens': ptb.windows(data.valid, t)},
+                test={'tokens': ptb.windows(data.test, t)}, labels=labels, vocab=data.vocab)
+
+
+def recipe(config) -> dict:
+    """What determines the pre-trained backbone (its cache key)."""
+    return {'task': 'ptb', 'seed': config.seed, 'model': config.model.to_dict(),
+            'pretrain': {k: v for k, v in config.pretrain.to_dict().items()
+                         if k != 'backbone_path'},
+            'public': {'source': config.data.source, 'seq_len': config.data.seq_len,
+                       'public_fraction': config.data.public_fraction}}
+
+
+def describe(task: Task) -> dict:
+    """Sizes for the log: windows per split, client sizes."""
+    sizes = np.array([len(i) for i in task.client_train])
+    return {'public_windows': len(task.public['tokens']), 'pool_windows': len(task.pool['tokens']),
+            'valid_windows': len(task.valid['tokens']), 'client_train_min': int(sizes.min()),
+            'client_train_median': float(np.median(sizes)), 'client_train_max': int(sizes.max()),
+            'model': dataclasses.asdict(task.model_cfg)}
+
+
+def init_backbone(task: Task, rng) -> dict:
+    """A randomly initialised backbone (pre-training starts here)."""
+    return gpt.init_params(task.model_cfg, rng)
+
+
+def samples(task: Task, variables: dict, rng, num: int, length: int) -> list[str]:
+    """``num`` texts of ``length`` words sampled after an '<eos>' prompt (a sentence start)."""
+    import jax
+    eos = task.vocab.index('<eos>')
+    prompt = np.full((num, 1), eos, np.int32)
+    out = jax.jit(lambda v, r: gpt.generate(task.model, v, prompt, length, r))(variables, rng)
+    return [ptb.decode(row[1:], task.vocab).replace('\n', ' / ') for row in np.asarray(out)]

@@ -1,0 +1,177 @@
+"""Tests for fedgen.models.unet: shapes, LoRA invariants, trainability, config validation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from fedgen import diffusion, lora
+from fedgen.models import unet
+
+# Two levels (32, 16) with attention at 16 and in the middle: every block type, small and fast.
+TINY = unet.UNetConfig(channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16, ),
+                       num_heads=2, groups=4, lora_alpha=4.0)
+
+
+def _inputs(cfg, n=2, seed=0):
+    kx, kt = jax.random.split(jax.random.key(seed))
+    x = jax.random.uniform(kx, (n, cfg.image_size, cfg.image_size, cfg.image_channels),
+                           minval=-1, maxval=1)
+    t = jax.random.randint(kt, (n, ), 0, 1000, dtype=jnp.int32)
+    return x, t
+
+
+def _trained_like(params, seed=1):
+    """Perturbs every leaf, standing in for a pre-trained backbone (no leaf exactly at its init)."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def _random_b(adapters, seed=2):
+    """Adapters with every B drawn at random (as after some training)."""
+    flat = traverse_util.flatten_dict(adapters)
+    keys = jax.random.split(jax.random.key(seed), len(flat))
+    out = {
+        p: (0.1 * jax.random.normal(k, v.shape) if p[-1] == 'b' else v)
+        for (p, v), k in zip(flat.items(), keys)
+    }
+    return traverse_util.unflatten_dict(out)
+
+
+@pytest.fixture(scope='module')
+def tiny():
+    model = unet.UNet(TINY)
+    params = _trained_like(unet.init_params(TINY, jax.random.key(0)))
+    apply = jax.jit(lambda variables, x, t: model.apply(variables, x, t))
+    return params, apply
+
+
+def test_output_shape_and_dtype(tiny):
+    params, apply = tiny
+    x, t = _inputs(TINY, n=3)
+    out = apply({'params': params}, x, t)
+    assert out.shape == (3, 32, 32, 3) and out.dtype == jnp.float32
+    assert np.all(np.isfinite(out))
+
+
+def test_fresh_head_is_small_and_output_depends_on_t():
+    params = unet.init_params(TINY, jax.random.key(0))
+    x, t = _inputs(TINY)
+    out = unet.UNet(TINY).apply({'params': params}, x, t)
+    # Small head init: eps_hat starts near 0, so the initial epsilon loss is near 1.
+    assert 0 < float(jnp.std(out)) < 0.2
+    other = unet.UNet(TINY).apply({'params': params}, x, t + 100)
+    assert float(jnp.max(jnp.abs(out - other))) > 1e-4
+
+
+def test_attention_projections_match_attn_preset(tiny):
+    params, _ = tiny
+    paths = ['/'.join(p) for p in lora.target_paths(params, 'attn')]
+    # TINY has attention at 16x16 (1 down + 2 up blocks) and in the middle: 4 blocks x q, k, v, o.
+    assert len(paths) == 16
+    assert all(p.split('/')[-2] in 'qkvo' and p.split('/')[-3].endswith('attn') for p in paths)
+    convs = ['/'.join(p) for p in lora.target_paths(params, unet.CONV_RULE)]
+    # One res block per level down (2), two per level up (4), two in the middle: 8 x conv1/conv2.
+    assert len(convs) == 16 and all(p.split('/')[-2] in ('conv1', 'conv2') for p in convs)
+
+
+@pytest.mark.parametrize('rules', ['attn', unet.CONV_RULE])
+def test_lora_b_zero_is_exactly_frozen_model(tiny, rules):
+    params, apply = tiny
+    x, t = _inputs(TINY)
+    adapters = lora.init(jax.random.key(3), params, rules, rank=2)
+    frozen = apply({'params': params}, x, t)
+    adapted = apply({'params': params, 'lora': adapters}, x, t)
+    np.testing.assert_array_equal(adapted, frozen)
+
+
+@pytest.mark.parametrize('rules', ['attn', unet.CONV_RULE])
+def test_lora_nonzero_b_changes_output_and_equals_merged(tiny, rules):
+    params, apply = tiny
+    x, t = _inputs(TINY)
+    adapters = _random_b(lora.init(jax.random.key(3), params, rules, rank=2))
+    frozen = apply({'params': params}, x, t)
+    adapted = apply({'params': params, 'lora': adapters}, x, t)
+    assert float(jnp.max(jnp.abs(adapted - frozen))) > 1e-3
+    merged = apply({'params': lora.merge(params, adapters, TINY.lora_alpha)}, x, t)
+    # Same function, different float32 summation order: agreement to ~1e-6 relative.
+    np.testing.assert_allclose(merged, adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_adam_steps_decrease_eps_loss():
+    cfg = unet.UNetConfig(channels=8, channel_mult=(1, ), num_res_blocks=1, attn_resolutions=(),
+                          groups=4, image_size=8)
+    model = unet.UNet(cfg)
+    sched = diffusion.linear_schedule(100)
+    params = unet.init_params(cfg, jax.random.key(0))
+    # Tiny data set: four fixed images with smooth structure, values in [-1, 1].
+    grid = jnp.linspace(-1, 1, 8)
+    base = grid[:, None] * grid[None, :]  # [8, 8]
+    data = jnp.stack([base * s for s in (1.0, -1.0, 0.5, -0.5)])  # [4, 8, 8]
+    data = jnp.broadcast_to(data[..., None], (4, 8, 8, 3))
+
+    def loss(p, rng):
+        eps_fn = lambda x, t: model.apply({'params': p}, x, t)
+        return jnp.mean(diffusion.eps_loss_terms(eps_fn, sched, jnp.tile(data, (8, 1, 1, 1)), rng))
+
+    opt = optax.adam(3e-3)
+
+    @jax.jit
+    def step(p, state, rng):
+        value, grads = jax.value_and_grad(loss)(p, rng)
+        updates, state = opt.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, value
+
+    eval_key = jax.random.key(99)
+    before = float(jax.jit(loss)(params, eval_key))
+    state = opt.init(params)
+    for i in range(30):
+        params, state, _ = step(params, state, jax.random.key(i))
+    after = float(jax.jit(loss)(params, eval_key))
+    assert after < 0.7 * before, (before, after)
+
+
+def test_ddim_sampler_runs_with_unet(tiny):
+    params, _ = tiny
+    model = unet.UNet(TINY)
+    sched = diffusion.linear_schedule(100)
+    eps_fn = lambda x, t: model.apply({'params': params}, x, t)
+    out = jax.jit(lambda r: diffusion.ddim_sample(eps_fn, sched, (1, 32, 32, 3), r, 2))(
+        jax.random.key(0))
+    assert out.shape == (1, 32, 32, 3)
+    assert np.all(np.abs(np.asarray(out)) <= 1.0 + 1e-6)
+
+
+def test_bad_input_shape_raises(tiny):
+    params, apply = tiny
+    x = jnp.zeros((2, 16, 16, 3))
+    with pytest.raises(ValueError, match='model.image_size'):
+        apply({'params': params}, x, jnp.zeros((2, ), jnp.int32))
+
+
+@pytest.mark.parametrize('field, value', [
+    ('channels', 7),
+    ('channels', 0),
+    ('channel_mult', ()),
+    ('channel_mult', (1, 0)),
+    ('num_res_blocks', 0),
+    ('attn_resolutions', (12, )),
+    ('num_heads', 3),
+    ('dropout', 0.1),
+    ('groups', 5),
+    ('lora_alpha', 0.0),
+    ('image_channels', 0),
+    ('image_size', 30),
+])
+def test_config_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=rf'model\.{field}'):
+        unet.UNetConfig(**{field: value})
+
+
+def test_config_accepts_lists_and_is_hashable():
+    cfg = unet.UNetConfig(channel_mult=[1, 2], attn_resolutions=[16])
+    assert cfg.channel_mult == (1, 2) and cfg.resolutions() == (32, 16)
+    hash(cfg)
