@@ -58,9 +58,8 @@ def convert(state_dict: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
             raise ValueError(f'torch_weights: {name!r} has shape {value.shape}, want {shape}')
         out[key] = value
         used.add(name)
-    unknown = sorted(
-        k for k in state_dict if k not in used and not k.startswith(_IGNORED_PREFIXES) and
-        not k.endswith('num_batches_tracked'))
+    unknown = sorted(k for k in state_dict if k not in used and not k.startswith(_IGNORED_PREFIXES)
+                     and not k.endswith('num_batches_tracked'))
     if unknown:
         raise ValueError(f'torch_weights: {len(unknown)} unexpected tensors (first {unknown[0]!r})')
     return out

@@ -67,8 +67,8 @@ def test_singular_covariances_are_finite_and_correct():
     # Same singular covariance on both sides, and the all-zero covariance (one repeated point).
     assert abs(frechet.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
     zero = np.zeros((DIM, DIM))
-    assert frechet.frechet_distance(mu1, zero, mu2, zero) == pytest.approx(
-        np.sum((mu1 - mu2)**2), rel=1e-12)
+    assert frechet.frechet_distance(mu1, zero, mu2, zero) == pytest.approx(np.sum((mu1 - mu2)**2),
+                                                                           rel=1e-12)
 
 
 def test_singular_commuting_covariances_by_hand():
@@ -92,7 +92,9 @@ def test_streaming_stats_equal_numpy_over_all_data():
     mu, sigma = frechet.finalize_stats(state)
     assert state.count == 103
     np.testing.assert_allclose(mu, np.mean(data.astype(np.float64), axis=0), rtol=1e-12)
-    np.testing.assert_allclose(sigma, np.cov(data.astype(np.float64), rowvar=False), rtol=1e-10,
+    np.testing.assert_allclose(sigma,
+                               np.cov(data.astype(np.float64), rowvar=False),
+                               rtol=1e-10,
                                atol=1e-12)
     mu_one, sigma_one = frechet.gaussian_stats(data)
     np.testing.assert_allclose(mu_one, mu, rtol=1e-12)

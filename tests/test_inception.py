@@ -50,8 +50,10 @@ def test_features_shape_and_input_conventions(variables):
     assert np.abs(feats[0] - feats[1]).max() > 1e-3  # different images, different features
     # uint8 [0, 255] and the float [-1, 1] model convention give the same features.
     as_float = images.astype(np.float32) / 127.5 - 1.0
-    np.testing.assert_allclose(np.asarray(inception.features(variables, as_float)), feats,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(inception.features(variables, as_float)),
+                               feats,
+                               rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_preprocess_is_half_pixel_bilinear():
@@ -64,8 +66,9 @@ def test_preprocess_is_half_pixel_bilinear():
     s = np.clip((np.arange(299) + 0.5) * 2 / 299 - 0.5, 0.0, 1.0)
     np.testing.assert_allclose(out[0, 17, :, 1], a + (b - a) * s, atol=1e-6)
     u8 = np.array([[[[0, 255, 128]]]], np.uint8)
-    np.testing.assert_allclose(
-        np.asarray(inception._preprocess(u8))[0, 5, 7], [-1.0, 1.0, 128 / 127.5 - 1], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(inception._preprocess(u8))[0, 5, 7],
+                               [-1.0, 1.0, 128 / 127.5 - 1],
+                               atol=1e-6)
 
 
 def test_npz_roundtrip(tmp_path, variables):
@@ -98,8 +101,13 @@ def test_load_rejects_bad_files(tmp_path):
 
 def _to_torch_layout(flat):
     """Independent inverse of the converter: the pytorch-fid state_dict naming and OIHW kernels."""
-    leaf = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
-            'var': 'running_var'}
+    leaf = {
+        'kernel': 'weight',
+        'scale': 'weight',
+        'bias': 'bias',
+        'mean': 'running_mean',
+        'var': 'running_var'
+    }
     state = {}
     for key, value in flat.items():
         parts = key.split('/')[1:]

@@ -107,10 +107,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     eigenvalues of S1 S2. For PSD S1, S2 these equal the eigenvalues of the *symmetric* PSD matrix
     M = S1^{1/2} S2 S1^{1/2} (similar to S1 S2 when S1 is invertible; equal non-zero spectra of
     AB and BA in general). So we take S1^{1/2} by a symmetric eigendecomposition, form M, and sum
-    sqrt(eigvalsh(M)), zeroing eigenvalues below the round-off level (negatives included). Unlike scipy.linalg.sqrtm of the
-    non-symmetric S1 S2, this never produces complex parts or NaN and is exact for singular
-    (rank-deficient, e.g. fewer samples than features) covariances, so no eps*I ridge is needed
-    in the normal case.
+    sqrt(eigvalsh(M)), zeroing eigenvalues below the round-off level (negatives included).
+    Unlike scipy.linalg.sqrtm of the non-symmetric S1 S2, this never produces complex parts or
+    NaN and is exact for singular (rank-deficient, e.g. fewer samples than features)
+    covariances, so no eps*I ridge is needed in the normal case.
 
     eps: the ridge eps * I is added to both covariances only as a fallback, if the
     eigendecomposition fails to converge (LinAlgError), matching the pytorch-fid convention.

@@ -1,0 +1,40 @@
+"""Shared tiny fixtures: a tiny GPT federated problem on synthetic token data."""
+import jax
+import numpy as np
+import optax
+import pytest
+
+from fedgen import lora, objectives
+from fedgen.algorithms import fedavg
+from fedgen.data import batching
+from fedgen.models import gpt
+
+TINY = gpt.GPTConfig(vocab_size=29, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+
+
+class Tiny:
+    """A tiny GPT, LoRA adapters, and 6 uneven clients over 60 random windows."""
+
+    def __init__(self):
+        self.model = gpt.GPT(TINY)
+        self.loss_fn = objectives.next_token_loss(self.model)
+        self.params = gpt.init_params(TINY, jax.random.PRNGKey(0))
+        self.adapters = lora.init(jax.random.PRNGKey(1), self.params, 'attn', 2)
+        rng = np.random.default_rng(0)
+        self.pool = {'tokens': rng.integers(0, TINY.vocab_size, (60, 9)).astype(np.int32)}
+        sizes = [3, 12, 7, 1, 20, 17]
+        bounds = np.cumsum([0] + sizes)
+        self.clients = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
+        self.steps = batching.num_local_steps(sizes, 4, 2)
+
+    def round_data(self, ids, rnd=0):
+        return batching.pack_clients(self.pool, self.clients, ids, 0, rnd, 4, 2, self.steps)
+
+    def algorithm(self, chunk, server='sgd'):
+        server_tx = optax.sgd(1.0) if server == 'sgd' else optax.adam(1e-2)
+        return fedavg.make(self.loss_fn, optax.adam(1e-2), server_tx, chunk)
+
+
+@pytest.fixture(scope='session')
+def tiny():
+    return Tiny()
