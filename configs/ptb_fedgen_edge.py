@@ -25,15 +25,29 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
         verify_md5=True,
         seq_len=32,
         public_fraction=0.1,  # first 10% of train windows: the server's public pre-training data
-        partition=dict(kind='topic', num_topics=10, doc_windows=8, alpha=0.3, min_size=20,
+        partition=dict(kind='topic',
+                       num_topics=10,
+                       doc_windows=8,
+                       alpha=0.3,
+                       min_size=20,
                        local_test_fraction=0.2),
     )
     c.model = dict(name='gpt', n_positions=32, n_embd=128, n_layer=2, n_head=4)
     c.lora = dict(rank=8, alpha=16.0, targets=('qv', ))
     c.pretrain = dict(steps=1200, batch_size=32, opt='adam', lr=3e-3, backbone_path='')
-    c.fed = dict(algorithm='fedgen_edge', num_clients=100, clients_per_round=10, rounds=30,
-                 local_epochs=1, batch_size=16, max_steps_per_epoch=0, client_opt='adam',
-                 client_lr=3e-3, server_opt='sgd', server_lr=1.0, client_chunk=5, prox_mu=0.0)
+    c.fed = dict(algorithm='fedgen_edge',
+                 num_clients=100,
+                 clients_per_round=10,
+                 rounds=30,
+                 local_epochs=1,
+                 batch_size=16,
+                 max_steps_per_epoch=0,
+                 client_opt='adam',
+                 client_lr=3e-3,
+                 server_opt='sgd',
+                 server_lr=1.0,
+                 client_chunk=5,
+                 prox_mu=0.0)
     c.eval = dict(every=1, batch_size=128, num_samples=3, sample_len=20)
     c.checkpoint = dict(keep=3)
     if arg == 'tiny':
@@ -43,7 +57,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
         c.model.update(n_positions=16, n_embd=16, n_layer=1, n_head=2)
         c.lora.rank = 2
         c.pretrain.update(steps=20, batch_size=4)
-        c.fed.update(num_clients=4, clients_per_round=2, rounds=2, batch_size=4, client_chunk=1,
+        c.fed.update(num_clients=4,
+                     clients_per_round=2,
+                     rounds=2,
+                     batch_size=4,
+                     client_chunk=1,
                      max_steps_per_epoch=3)
         c.eval.update(batch_size=16, num_samples=1, sample_len=4)
     elif arg:

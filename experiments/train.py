@@ -13,25 +13,27 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from fedgen import algorithms, checkpoint, comm, evaluation, lora, pretrain, tasks
+from fedgen import algorithms, checkpoint, comm, lora, pretrain, tasks
 from fedgen.algorithms import optim
 from fedgen.data import batching
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, cache and logs.')
-_DISTRIBUTED = flags.DEFINE_bool('distributed', False,
-                                 'Call jax.distributed.initialize() (multi-host; reads the '
-                                 'coordinator settings from the environment).')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() (multi-host; reads the '
+    'coordinator settings from the environment).')
 
 
 def log(msg: str) -> None:
     tqdm.write(msg, file=sys.stdout)
+
+
+def fmt(metrics: dict) -> str:
+    return '  '.join(f'{k} {v:.4g}' for k, v in metrics.items())
 
 
 def preflight(config, task) -> None:
@@ -50,12 +52,11 @@ def preflight(config, task) -> None:
                    jax.random.PRNGKey(0))
 
 
-def backbone(config, task, task_mod, eval_valid, workdir: str) -> tuple[dict, dict]:
+def backbone(config, task, task_mod, workdir: str) -> tuple[dict, dict]:
     """Loads config.pretrain.backbone_path, or the workdir cache, or pre-trains and caches."""
     init = task_mod.init_backbone(task, jax.random.PRNGKey(config.seed))
     if config.pretrain.backbone_path:
-        params = checkpoint.load_tree(config.pretrain.backbone_path, init,
-                                      'pretrain.backbone_path')
+        params = checkpoint.load_tree(config.pretrain.backbone_path, init, 'pretrain.backbone_path')
         return params, {'source': config.pretrain.backbone_path}
     key = pretrain.recipe_hash(task_mod.recipe(config))
     path = os.path.join(workdir, 'backbone', key)
@@ -104,12 +105,12 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
     os.makedirs(workdir, exist_ok=True)
     log(f'data: {json.dumps(task_mod.describe(task))}')
     rng = jax.random.PRNGKey(config.seed)
-    valid_batches = batching.batch_all(task.valid, config.eval.batch_size)
-    eval_fn = jax.jit(lambda v: evaluation.dataset_loss(task.loss_fn, v, valid_batches, rng)[0])
+    evaluate = task_mod.evaluator(task, config)
+    metric = task_mod.METRIC
 
-    params, bb_info = backbone(config, task, task_mod, eval_fn, workdir)
-    bb_loss = float(eval_fn({'params': params}))
-    log(f'backbone: valid loss {bb_loss:.4f}  valid PPL {np.exp(bb_loss):.2f}  ({bb_info})')
+    params, bb_info = backbone(config, task, task_mod, workdir)
+    bb_metrics = evaluate({'params': params})
+    log(f'backbone: {fmt(bb_metrics)}  ({bb_info})')
 
     method = algorithms.get(config.fed.algorithm)
     frozen, trainable = method.variables(params, config, jax.random.fold_in(rng, 1))
@@ -136,11 +137,17 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
         f'LoRA adapters {lora_up:,} B = {100 * lora_up / full_up:.3f}% of the full model '
         f'{full_up:,} B; local steps S={steps}')
     apply = jax.jit(alg.apply, donate_argnums=0)
-    totals = {'up_bytes': rows[-1]['up_bytes_total'] if rows else 0,
-              'down_bytes': rows[-1]['down_bytes_total'] if rows else 0}
+    totals = {
+        'up_bytes': rows[-1]['up_bytes_total'] if rows else 0,
+        'down_bytes': rows[-1]['down_bytes_total'] if rows else 0
+    }
     end = fed.rounds if stop_after is None else min(fed.rounds, stop_after)
-    bar = tqdm(range(start, end), desc='rounds', unit='round', file=sys.stdout,
-               initial=start, total=fed.rounds)
+    bar = tqdm(range(start, end),
+               desc='rounds',
+               unit='round',
+               file=sys.stdout,
+               initial=start,
+               total=fed.rounds)
     for rnd in bar:
         t0 = time.time()
         ids = batching.sample_clients(config.seed, rnd, fed.num_clients, fed.clients_per_round)
@@ -150,42 +157,58 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
         state, m = apply(state, frozen, data)
         checkpoint.save(mngr, rnd + 1, state=state)
         totals = comm.accumulate(totals, cost)
-        row = {'round': rnd + 1, 'train_loss': float(m['train_loss']),
-               'delta_norm': float(m['delta_norm']), 'up_bytes_round': cost.up_round,
-               'down_bytes_round': cost.down_round, 'up_bytes_total': totals['up_bytes'],
-               'down_bytes_total': totals['down_bytes']}
+        row = {
+            'round': rnd + 1,
+            'train_loss': float(m['train_loss']),
+            'delta_norm': float(m['delta_norm']),
+            'up_bytes_round': cost.up_round,
+            'down_bytes_round': cost.down_round,
+            'up_bytes_total': totals['up_bytes'],
+            'down_bytes_total': totals['down_bytes']
+        }
         if (rnd + 1) % config.eval.every == 0 or rnd + 1 == fed.rounds:
-            vloss = float(eval_fn({**frozen, **state.trainable}))
-            row.update(valid_loss=vloss, valid_ppl=float(np.exp(vloss)))
+            row.update(evaluate({**frozen, **state.trainable}))
         row['round_s'] = round(time.time() - t0, 3)
         rows.append(row)
         write_rows(metrics_path, rows)
-        bar.set_postfix(loss=f'{row["train_loss"]:.3f}', ppl=f'{row.get("valid_ppl", np.nan):.1f}',
-                        up_MB=f'{totals["up_bytes"] / 1e6:.2f}')
+        last = [r[metric] for r in rows if metric in r]
+        bar.set_postfix({
+            'loss': f'{row["train_loss"]:.3f}',
+            metric: f'{last[-1]:.2f}' if last else '-',
+            'up_MB': f'{totals["up_bytes"] / 1e6:.2f}'
+        })
     bar.close()
     checkpoint.wait(mngr)
     if end < fed.rounds:
         return {'stopped_after': end}
 
     variables = {**frozen, **state.trainable}
-    final = float(eval_fn(variables))
-    test_batches = batching.batch_all(task.test, config.eval.batch_size)
-    test = float(jax.jit(lambda v: evaluation.dataset_loss(task.loss_fn, v, test_batches, rng)[0])(
-        variables))
+    test_eval = task_mod.evaluator(task, config, 'test')
     summary = {
-        'algorithm': fed.algorithm, 'rounds': fed.rounds,
-        'backbone_valid_ppl': float(np.exp(bb_loss)), 'final_valid_ppl': float(np.exp(final)),
-        'final_test_ppl': float(np.exp(test)), 'up_bytes_per_client_round': cost.up_per_client,
-        'up_bytes_per_round': cost.up_round, 'up_bytes_total': totals['up_bytes'],
-        'lora_share_of_full_uplink': lora_up / full_up, 'local_steps': steps,
+        'algorithm': fed.algorithm,
+        'rounds': fed.rounds,
+        **{
+            f'backbone_{k}': v
+            for k, v in bb_metrics.items()
+        },
+        **{
+            f'final_{k}': v
+            for k, v in {
+                **evaluate(variables),
+                **test_eval(variables)
+            }.items()
+        }, 'up_bytes_per_client_round': cost.up_per_client,
+        'up_bytes_per_round': cost.up_round,
+        'up_bytes_total': totals['up_bytes'],
+        'lora_share_of_full_uplink': lora_up / full_up,
+        'local_steps': steps,
         'wall_s': round(time.time() - t_start, 1)
     }
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
     log('\n' + '\n'.join(f'{k:>28s}  {v:,.4g}' if isinstance(v, float) else f'{k:>28s}  {v}'
                          for k, v in summary.items()))
-    texts = task_mod.samples(task, variables, jax.random.fold_in(rng, 3), config.eval.num_samples,
-                             config.eval.sample_len)
+    texts = task_mod.samples(task, config, variables, jax.random.fold_in(rng, 3))
     log('samples from the global model:\n' + '\n'.join(f'  > {t}' for t in texts))
     return summary
 

@@ -18,8 +18,10 @@ def manager(workdir: str, keep: int, items: tuple[str, ...] = ('state', )) -> oc
     if not (isinstance(keep, int) and keep >= 1):
         raise ValueError(f'checkpoint.keep must be an int >= 1, got {keep!r}')
     directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    return ocp.CheckpointManager(directory, item_names=items,
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    return ocp.CheckpointManager(directory,
+                                 item_names=items,
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                                                      create=True))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, **items: PyTree) -> None:
@@ -34,10 +36,12 @@ def restore(mngr: ocp.CheckpointManager, step: int, **templates: PyTree) -> dict
     Raises a one-line ValueError naming the checkpoint directory when it cannot be read.
     """
     try:
-        got = mngr.restore(step, args=ocp.args.Composite(**{
-            k: ocp.args.StandardRestore(serialization.to_state_dict(v))
-            for k, v in templates.items()
-        }))
+        got = mngr.restore(step,
+                           args=ocp.args.Composite(
+                               **{
+                                   k: ocp.args.StandardRestore(serialization.to_state_dict(v))
+                                   for k, v in templates.items()
+                               }))
         return {k: serialization.from_state_dict(v, got[k]) for k, v in templates.items()}
     except Exception as e:  # orbax raises many types; surface one clear line
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__

@@ -37,7 +37,8 @@ def _select(m: jax.Array, new: PyTree, old: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(m > 0, a, b), new, old)
 
 
-def make_local_update(loss_fn: Callable, tx: optax.GradientTransformation,
+def make_local_update(loss_fn: Callable,
+                      tx: optax.GradientTransformation,
                       prox_mu: float = 0.0) -> Callable:
     """Returns update(frozen, w_start, data, rng, anchor=None, opt_state=None) -> LocalResult.
 

@@ -30,5 +30,7 @@ def round_cost(upload: Callable, trainable: PyTree, num_clients: int) -> RoundCo
 
 def accumulate(totals: dict, cost: RoundCost) -> dict:
     """Running totals {'up_bytes', 'down_bytes'} after one more round."""
-    return {'up_bytes': totals.get('up_bytes', 0) + cost.up_round,
-            'down_bytes': totals.get('down_bytes', 0) + cost.down_round}
+    return {
+        'up_bytes': totals.get('up_bytes', 0) + cost.up_round,
+        'down_bytes': totals.get('down_bytes', 0) + cost.down_round
+    }

@@ -62,10 +62,15 @@ def schedule_from_betas(betas) -> Schedule:
     post_var = b * (1.0 - ab_prev) / (1.0 - ab)
     # beta~_0 = 0; the log is clipped to beta~_1 so it stays finite (as in DDPM).
     post_log_var = np.log(np.concatenate([post_var[1:2], post_var[1:]]) if b.size > 1 else b)
-    arrays = dict(betas=b, alphas=a, alpha_bars=ab, alpha_bars_prev=ab_prev,
-                  sqrt_alpha_bars=np.sqrt(ab), sqrt_one_minus_alpha_bars=np.sqrt(1.0 - ab),
+    arrays = dict(betas=b,
+                  alphas=a,
+                  alpha_bars=ab,
+                  alpha_bars_prev=ab_prev,
+                  sqrt_alpha_bars=np.sqrt(ab),
+                  sqrt_one_minus_alpha_bars=np.sqrt(1.0 - ab),
                   sqrt_recip_alpha_bars=np.sqrt(1.0 / ab),
-                  sqrt_recipm1_alpha_bars=np.sqrt(1.0 / ab - 1.0), posterior_variance=post_var,
+                  sqrt_recipm1_alpha_bars=np.sqrt(1.0 / ab - 1.0),
+                  posterior_variance=post_var,
                   posterior_log_variance=post_log_var,
                   posterior_mean_coef1=np.sqrt(ab_prev) * b / (1.0 - ab),
                   posterior_mean_coef2=np.sqrt(a) * (1.0 - ab_prev) / (1.0 - ab))
@@ -178,7 +183,11 @@ def ddim_timesteps(T: int, num_steps: int) -> np.ndarray:
     return np.round(np.linspace(T - 1, 0, num_steps)).astype(np.int32)
 
 
-def ddim_sample(eps_fn: EpsFn, schedule: Schedule, shape, rng: jax.Array, num_steps: int,
+def ddim_sample(eps_fn: EpsFn,
+                schedule: Schedule,
+                shape,
+                rng: jax.Array,
+                num_steps: int,
                 eta: float = 0.0) -> jax.Array:
     """DDIM (Song et al. 2021) over :func:`ddim_timesteps`; returns x_0 with ``shape`` [N, ...].
 

@@ -7,9 +7,9 @@ adapter is A with shape [..., in, r] and B with shape [r, out], and the adapted 
 
 A is drawn from N(0, 1/fan_in) and B = 0, so a fresh adapter leaves the backbone unchanged.
 Which kernels get adapters is decided by regex *path rules* matched against the '/'-joined param
-path of every leaf named ``kernel`` (for example ``h_0/attn/q/kernel``). The adapter tree mirrors the
-module paths of its targets: ``{'h_0': {'attn': {'q': {'a': A, 'b': B}}}}``, and it is passed to a
-model as the ``lora`` variable collection (see :mod:`fedgen.models.layers`).
+path of every leaf named ``kernel`` (for example ``h_0/attn/q/kernel``). The adapter tree mirrors
+the module paths of its targets: ``{'h_0': {'attn': {'q': {'a': A, 'b': B}}}}``, and it is passed
+to a model as the ``lora`` variable collection (see :mod:`fedgen.models.layers`).
 """
 import math
 import re
@@ -113,8 +113,8 @@ def num_params(tree: PyTree) -> int:
 
 def num_bytes(tree: PyTree) -> int:
     """Total bytes of a pytree's leaves, from their shapes and dtypes."""
-    return int(sum(np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
-                   for x in jax.tree.leaves(tree)))
+    return int(sum(
+        np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def select(tree: PyTree, leaf_names: Iterable[str]) -> PyTree:

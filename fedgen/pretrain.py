@@ -36,8 +36,14 @@ def step_indices(n: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
     return np.concatenate(perms)[:need].reshape(steps, batch_size)
 
 
-def train(loss_fn: Callable, tx: optax.GradientTransformation, params: PyTree, examples: dict,
-          steps: int, batch_size: int, seed: int, segment: int = 100) -> Iterator[tuple]:
+def train(loss_fn: Callable,
+          tx: optax.GradientTransformation,
+          params: PyTree,
+          examples: dict,
+          steps: int,
+          batch_size: int,
+          seed: int,
+          segment: int = 100) -> Iterator[tuple]:
     """Yields (steps_done, mean_train_loss_of_segment, params) after every segment of steps.
 
     examples: field -> [N, ...]; the final partial segment is padded with masked (no-op) steps.

@@ -19,8 +19,13 @@ def test_pack_covers_each_local_example_once_per_epoch():
     clients = [np.arange(0, 7), np.arange(7, 10), np.arange(10, 30)]
     s = batching.num_local_steps([len(c) for c in clients], batch_size=4, epochs=2)
     assert s == 2 * 5
-    data = batching.pack_clients(examples, clients, [0, 1, 2], seed=0, rnd=0, batch_size=4,
-                                 epochs=2, steps=s)
+    data = batching.pack_clients(examples,
+                                 clients, [0, 1, 2],
+                                 seed=0,
+                                 rnd=0,
+                                 batch_size=4,
+                                 epochs=2,
+                                 steps=s)
     assert data.batches['x'].shape == (3, s, 4) and data.mask.shape == (3, s)
     np.testing.assert_array_equal(data.n_k, [7, 3, 20])
     for k, idx in enumerate(clients):

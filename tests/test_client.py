@@ -20,9 +20,13 @@ def quad_loss(variables, batch, rng):
 def _data(mask):
     rng = np.random.default_rng(0)
     s = len(mask)
-    return {'batches': {'y': rng.normal(size=(s, 3, 2)).astype(np.float32),
-                        'weight': np.ones((s, 3), np.float32)},
-            'mask': np.asarray(mask, np.float32)}
+    return {
+        'batches': {
+            'y': rng.normal(size=(s, 3, 2)).astype(np.float32),
+            'weight': np.ones((s, 3), np.float32)
+        },
+        'mask': np.asarray(mask, np.float32)
+    }
 
 
 FROZEN = {'params': {'c': jnp.array([2.0, 0.5])}}
@@ -34,8 +38,10 @@ def test_masked_steps_are_noops():
     full = _data([1, 1, 1, 1])
     masked = _data([1, 0, 1, 0])
     # Same valid batches in the same order: padding steps placed in between change nothing.
-    only = {'batches': jax.tree.map(lambda x: x[[0, 2]], masked['batches']),
-            'mask': np.ones(2, np.float32)}
+    only = {
+        'batches': jax.tree.map(lambda x: x[[0, 2]], masked['batches']),
+        'mask': np.ones(2, np.float32)
+    }
     a = upd(FROZEN, W0, masked, jax.random.PRNGKey(0))
     b = upd(FROZEN, W0, only, jax.random.PRNGKey(0))
     np.testing.assert_allclose(a.params['lora']['w'], b.params['lora']['w'], rtol=1e-6)

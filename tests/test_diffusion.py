@@ -146,8 +146,9 @@ def test_ddim_timesteps_spacing():
     (lambda: diffusion.cosine_schedule(10, 0.0), 'diffusion.cosine_s'),
     (lambda: diffusion.ddim_timesteps(10, 0), 'diffusion.sample_steps'),
     (lambda: diffusion.ddim_timesteps(10, 11), 'diffusion.sample_steps'),
-    (lambda: diffusion.ddim_sample(_linear_eps, diffusion.linear_schedule(10), (1, 2),
-                                   jax.random.key(0), 5, eta=-1.0), 'diffusion.ddim_eta'),
+    (lambda: diffusion.
+     ddim_sample(_linear_eps, diffusion.linear_schedule(10),
+                 (1, 2), jax.random.key(0), 5, eta=-1.0), 'diffusion.ddim_eta'),
 ])
 def test_errors_name_the_field(call, field):
     with pytest.raises(ValueError, match=field.replace('.', r'\.')):

@@ -11,8 +11,11 @@ def test_round_is_weighted_mean_of_client_updates(tiny):
     state = alg.init({'lora': tiny.adapters}, jax.random.PRNGKey(0))
     data = tiny.round_data([1, 3, 4])
     new, metrics = jax.jit(alg.apply)(state, {'params': tiny.params}, data)
-    res = fedavg.run_clients(client.make_local_update(tiny.loss_fn, __import__('optax').adam(1e-2)),
-                             state, {'params': tiny.params}, data, chunk=3)
+    res = fedavg.run_clients(client.make_local_update(tiny.loss_fn,
+                                                      __import__('optax').adam(1e-2)),
+                             state, {'params': tiny.params},
+                             data,
+                             chunk=3)
     n = np.array([len(tiny.clients[i]) for i in (1, 3, 4)], np.float32)
     for g, d, w0 in zip(jax.tree.leaves(new.trainable), jax.tree.leaves(res.delta),
                         jax.tree.leaves(state.trainable)):

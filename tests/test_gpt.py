@@ -11,8 +11,11 @@ CFG = gpt.GPTConfig(vocab_size=61, n_positions=16, n_embd=32, n_layer=2, n_head=
 
 
 def _hf_model():
-    hf_cfg = transformers.GPT2Config(vocab_size=CFG.vocab_size, n_positions=CFG.n_positions,
-                                     n_embd=CFG.n_embd, n_layer=CFG.n_layer, n_head=CFG.n_head)
+    hf_cfg = transformers.GPT2Config(vocab_size=CFG.vocab_size,
+                                     n_positions=CFG.n_positions,
+                                     n_embd=CFG.n_embd,
+                                     n_layer=CFG.n_layer,
+                                     n_head=CFG.n_head)
     return transformers.FlaxGPT2LMHeadModel(hf_cfg, seed=0)
 
 

@@ -11,8 +11,13 @@ from fedgen.algorithms import fedavg
 def _run(tiny, mode, chunk=None):
     upd = client.make_local_update(tiny.loss_fn, optax.adam(1e-2))
     data = tiny.round_data([0, 1, 2, 3, 4, 5])
-    per_client = {'data': {'batches': data.batches, 'mask': data.mask},
-                  'rng': jax.random.split(jax.random.PRNGKey(0), 6)}
+    per_client = {
+        'data': {
+            'batches': data.batches,
+            'mask': data.mask
+        },
+        'rng': jax.random.split(jax.random.PRNGKey(0), 6)
+    }
     fn = lambda shared, x: upd(shared[0], shared[1], x['data'], x['rng']).delta
     shared = ({'params': tiny.params}, {'lora': tiny.adapters})
     if mode == 'loop':
@@ -49,7 +54,9 @@ def test_bad_chunk(tiny):
 
 
 def test_client_keys_independent_of_order():
-    state = fedavg.ServerState(round=np.int32(2), trainable={}, opt_state=(),
+    state = fedavg.ServerState(round=np.int32(2),
+                               trainable={},
+                               opt_state=(),
                                rng=jax.random.PRNGKey(0))
     a = fedavg.client_keys(state, np.array([3, 9], np.int32))
     b = fedavg.client_keys(state, np.array([9, 3], np.int32))

@@ -10,33 +10,51 @@ from fedgen import diffusion, lora
 from fedgen.models import unet
 
 # Two levels (32, 16) with attention at 16 and in the middle: every block type, small and fast.
-TINY = unet.UNetConfig(channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16, ),
-                       num_heads=2, groups=4, lora_alpha=4.0)
+TINY = unet.UNetConfig(channels=8,
+                       channel_mult=(1, 2),
+                       num_res_blocks=1,
+                       attn_resolutions=(16, ),
+                       num_heads=2,
+                       groups=4,
+                       lora_alpha=4.0)
 
 
 def _inputs(cfg, n=2, seed=0):
     kx, kt = jax.random.split(jax.random.key(seed))
     x = jax.random.uniform(kx, (n, cfg.image_size, cfg.image_size, cfg.image_channels),
-                           minval=-1, maxval=1)
+                           minval=-1,
+                           maxval=1)
     t = jax.random.randint(kt, (n, ), 0, 1000, dtype=jnp.int32)
     return x, t
 
 
-def _trained_like(params, seed=1):
-    """Perturbs every leaf, standing in for a pre-trained backbone (no leaf exactly at its init)."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(
-        tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+def _trained_like(cfg, seed=1):
+    """Random params with the UNet's tree, standing in for a pre-trained backbone.
+
+    Built with numpy from ``jax.eval_shape`` of the init: tracing is cheap, while compiling one
+    jax.random call per leaf costs tens of seconds on this CPU. Kernels ~ N(0, 1/fan_in),
+    GroupNorm scales ~ 1 + N(0, 0.05^2), biases ~ N(0, 0.05^2): no leaf is zero.
+    """
+    shapes = unet.param_shapes(cfg)
+    gen = np.random.default_rng(seed)
+    flat = traverse_util.flatten_dict(shapes)
+    out = {}
+    for path, leaf in flat.items():
+        noise = gen.standard_normal(leaf.shape).astype(np.float32)
+        if path[-1] == 'kernel':
+            out[path] = noise / np.float32(np.sqrt(np.prod(leaf.shape[:-1])))
+        else:
+            out[path] = np.float32(path[-1] == "scale") + np.float32(0.05) * noise
+    return traverse_util.unflatten_dict(out)
 
 
 def _random_b(adapters, seed=2):
     """Adapters with every B drawn at random (as after some training)."""
+    gen = np.random.default_rng(seed)
     flat = traverse_util.flatten_dict(adapters)
-    keys = jax.random.split(jax.random.key(seed), len(flat))
     out = {
-        p: (0.1 * jax.random.normal(k, v.shape) if p[-1] == 'b' else v)
-        for (p, v), k in zip(flat.items(), keys)
+        p: (0.1 * gen.standard_normal(v.shape).astype(np.float32) if p[-1] == 'b' else v)
+        for p, v in flat.items()
     }
     return traverse_util.unflatten_dict(out)
 
@@ -44,26 +62,17 @@ def _random_b(adapters, seed=2):
 @pytest.fixture(scope='module')
 def tiny():
     model = unet.UNet(TINY)
-    params = _trained_like(unet.init_params(TINY, jax.random.key(0)))
     apply = jax.jit(lambda variables, x, t: model.apply(variables, x, t))
-    return params, apply
+    return _trained_like(TINY), apply
 
 
-def test_output_shape_and_dtype(tiny):
+def test_output_shape_dtype_and_t_dependence(tiny):
     params, apply = tiny
     x, t = _inputs(TINY, n=3)
     out = apply({'params': params}, x, t)
     assert out.shape == (3, 32, 32, 3) and out.dtype == jnp.float32
     assert np.all(np.isfinite(out))
-
-
-def test_fresh_head_is_small_and_output_depends_on_t():
-    params = unet.init_params(TINY, jax.random.key(0))
-    x, t = _inputs(TINY)
-    out = unet.UNet(TINY).apply({'params': params}, x, t)
-    # Small head init: eps_hat starts near 0, so the initial epsilon loss is near 1.
-    assert 0 < float(jnp.std(out)) < 0.2
-    other = unet.UNet(TINY).apply({'params': params}, x, t + 100)
+    other = apply({'params': params}, x, t + 100)
     assert float(jnp.max(jnp.abs(out - other))) > 1e-4
 
 
@@ -102,8 +111,12 @@ def test_lora_nonzero_b_changes_output_and_equals_merged(tiny, rules):
 
 
 def test_adam_steps_decrease_eps_loss():
-    cfg = unet.UNetConfig(channels=8, channel_mult=(1, ), num_res_blocks=1, attn_resolutions=(),
-                          groups=4, image_size=8)
+    cfg = unet.UNetConfig(channels=8,
+                          channel_mult=(1, ),
+                          num_res_blocks=1,
+                          attn_resolutions=(),
+                          groups=4,
+                          image_size=8)
     model = unet.UNet(cfg)
     sched = diffusion.linear_schedule(100)
     params = unet.init_params(cfg, jax.random.key(0))
@@ -127,6 +140,8 @@ def test_adam_steps_decrease_eps_loss():
 
     eval_key = jax.random.key(99)
     before = float(jax.jit(loss)(params, eval_key))
+    # Small head init: a fresh model predicts eps_hat near 0, so its loss is near E[eps^2] = 1.
+    assert 0.9 < before < 1.1, before
     state = opt.init(params)
     for i in range(30):
         params, state, _ = step(params, state, jax.random.key(i))

@@ -46,13 +46,22 @@ def client_keys(state: ServerState, client_ids: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(client_ids)
 
 
-def run_clients(local_update: Callable, state: ServerState, frozen: PyTree, data: RoundData,
-                chunk: int, start: PyTree | None = None) -> client.LocalResult:
+def run_clients(local_update: Callable,
+                state: ServerState,
+                frozen: PyTree,
+                data: RoundData,
+                chunk: int,
+                start: PyTree | None = None) -> client.LocalResult:
     """Maps ``local_update`` over the round's clients; results are stacked [C, ...].
 
     ``start`` optionally gives per-client starting trees [C, ...] (default: the global tree)."""
-    per_client = {'data': {'batches': data.batches, 'mask': data.mask},
-                  'rng': client_keys(state, data.client_ids)}
+    per_client = {
+        'data': {
+            'batches': data.batches,
+            'mask': data.mask
+        },
+        'rng': client_keys(state, data.client_ids)
+    }
     if start is not None:
         per_client['start'] = start
 
@@ -64,13 +73,16 @@ def run_clients(local_update: Callable, state: ServerState, frozen: PyTree, data
     return population.map_clients(one, (frozen, state.trainable), per_client, chunk)
 
 
-def server_step(state: ServerState, avg_delta: PyTree, server_tx: optax.GradientTransformation,
+def server_step(state: ServerState,
+                avg_delta: PyTree,
+                server_tx: optax.GradientTransformation,
                 trainable: PyTree | None = None) -> ServerState:
     """Applies the server optimizer to the pseudo-gradient -avg_delta."""
     trainable = state.trainable if trainable is None else trainable
     neg = jax.tree.map(jnp.negative, avg_delta)
     updates, opt_state = server_tx.update(neg, state.opt_state, trainable)
-    return state.replace(round=state.round + 1, trainable=optax.apply_updates(trainable, updates),
+    return state.replace(round=state.round + 1,
+                         trainable=optax.apply_updates(trainable, updates),
                          opt_state=opt_state)
 
 
@@ -78,18 +90,25 @@ def round_metrics(res: client.LocalResult, data: RoundData) -> dict:
     """Train loss = sum over clients of loss sums / total weight; mean update norm."""
     norms = jax.vmap(optax.global_norm)(res.delta)
     active = (data.n_k > 0).astype(jnp.float32)
-    return {'train_loss': res.loss_sum.sum() / jnp.maximum(res.weight.sum(), 1.0),
-            'delta_norm': (norms * active).sum() / jnp.maximum(active.sum(), 1.0)}
+    return {
+        'train_loss': res.loss_sum.sum() / jnp.maximum(res.weight.sum(), 1.0),
+        'delta_norm': (norms * active).sum() / jnp.maximum(active.sum(), 1.0)
+    }
 
 
-def make(loss_fn: Callable, client_tx: optax.GradientTransformation,
-         server_tx: optax.GradientTransformation, chunk: int, prox_mu: float = 0.0) -> Algorithm:
+def make(loss_fn: Callable,
+         client_tx: optax.GradientTransformation,
+         server_tx: optax.GradientTransformation,
+         chunk: int,
+         prox_mu: float = 0.0) -> Algorithm:
     """FedAvg (prox_mu = 0) or FedProx (prox_mu > 0) over whatever tree ``init`` is given."""
     local_update = client.make_local_update(loss_fn, client_tx, prox_mu)
 
     def init(trainable: PyTree, rng: jax.Array) -> ServerState:
-        return ServerState(round=jnp.zeros((), jnp.int32), trainable=trainable,
-                           opt_state=server_tx.init(trainable), rng=rng)
+        return ServerState(round=jnp.zeros((), jnp.int32),
+                           trainable=trainable,
+                           opt_state=server_tx.init(trainable),
+                           rng=rng)
 
     def apply(state: ServerState, frozen: PyTree, data: RoundData):
         res = run_clients(local_update, state, frozen, data, chunk)

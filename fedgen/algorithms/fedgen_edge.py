@@ -18,7 +18,10 @@ def variables(backbone: dict, config, rng: jax.Array) -> tuple[dict, dict]:
 
 def make(config, loss_fn) -> fedavg.Algorithm:
     fed = config.fed
-    return fedavg.make(loss_fn, optim.build(fed.client_opt, fed.client_lr, 'fed.client_opt',
-                                            'fed.client_lr'),
+    return fedavg.make(loss_fn,
+                       optim.build(fed.client_opt, fed.client_lr, 'fed.client_opt',
+                                   'fed.client_lr'),
                        optim.build(fed.server_opt, fed.server_lr, 'fed.server_opt',
-                                   'fed.server_lr'), fed.client_chunk, prox_mu=fed.prox_mu)
+                                   'fed.server_lr'),
+                       fed.client_chunk,
+                       prox_mu=fed.prox_mu)

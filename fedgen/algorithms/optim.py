@@ -12,7 +12,7 @@ _BUILDERS = {
 
 
 def build(name: str, lr: float, name_field: str, lr_field: str) -> optax.GradientTransformation:
-    """Optimizer ``name`` with learning rate ``lr``; the fields name the config entries in errors."""
+    """Optimizer ``name`` at learning rate ``lr``; the fields name the config entries in errors."""
     if name not in _BUILDERS:
         raise ValueError(f'{name_field} must be one of {sorted(_BUILDERS)}, got {name!r}')
     if not (isinstance(lr, (int, float)) and lr > 0):

@@ -48,7 +48,11 @@ def num_local_steps(sizes: Sequence[int], batch_size: int, epochs: int, max_step
     return epochs * steps_per_epoch(max(sizes), batch_size, max_steps)
 
 
-def client_schedule(n: int, batch_size: int, epochs: int, steps: int, rng: np.random.Generator,
+def client_schedule(n: int,
+                    batch_size: int,
+                    epochs: int,
+                    steps: int,
+                    rng: np.random.Generator,
                     max_steps: int = 0) -> np.ndarray:
     """Local example positions [steps, B] for one client; -1 marks padding.
 
@@ -65,8 +69,14 @@ def client_schedule(n: int, batch_size: int, epochs: int, steps: int, rng: np.ra
     return out
 
 
-def pack_clients(examples: dict, client_indices: Sequence[np.ndarray], ids: Sequence[int],
-                 seed: int, rnd: int, batch_size: int, epochs: int, steps: int,
+def pack_clients(examples: dict,
+                 client_indices: Sequence[np.ndarray],
+                 ids: Sequence[int],
+                 seed: int,
+                 rnd: int,
+                 batch_size: int,
+                 epochs: int,
+                 steps: int,
                  max_steps: int = 0) -> RoundData:
     """Packs clients ``ids`` into a dense RoundData.
 
@@ -78,11 +88,14 @@ def pack_clients(examples: dict, client_indices: Sequence[np.ndarray], ids: Sequ
                         np.random.default_rng([seed, rnd, int(c), 0xB7]), max_steps) for c in ids
     ])  # [C, S, B]
     valid = pos >= 0
-    glob = np.stack([np.asarray(client_indices[c])[np.maximum(p, 0)] if len(client_indices[c])
-                     else np.zeros_like(p) for c, p in zip(ids, pos)])
+    glob = np.stack([
+        np.asarray(client_indices[c])[np.maximum(p, 0)]
+        if len(client_indices[c]) else np.zeros_like(p) for c, p in zip(ids, pos)
+    ])
     batches = {k: v[glob] for k, v in examples.items()}
     batches['weight'] = valid.astype(np.float32)
-    return RoundData(client_ids=np.asarray(ids, np.int32), batches=batches,
+    return RoundData(client_ids=np.asarray(ids, np.int32),
+                     batches=batches,
                      mask=valid.any(-1).astype(np.float32),
                      n_k=np.asarray([len(client_indices[c]) for c in ids], np.float32))
 
@@ -102,7 +115,9 @@ def batch_all(examples: dict, batch_size: int) -> dict:
     m = len(next(iter(examples.values())))
     nb = math.ceil(m / batch_size)
     idx = np.arange(nb * batch_size)
-    out = {k: v[np.minimum(idx, m - 1)].reshape((nb, batch_size) + v.shape[1:])
-           for k, v in examples.items()}
+    out = {
+        k: v[np.minimum(idx, m - 1)].reshape((nb, batch_size) + v.shape[1:])
+        for k, v in examples.items()
+    }
     out['weight'] = (idx < m).astype(np.float32).reshape(nb, batch_size)
     return out

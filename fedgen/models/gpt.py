@@ -93,10 +93,14 @@ class GPT(nn.Module):
     cfg: GPTConfig
 
     def setup(self):
-        self.wte = nn.Embed(self.cfg.vocab_size, self.cfg.n_embd,
-                            embedding_init=nn.initializers.normal(0.02), name='wte')
-        self.wpe = nn.Embed(self.cfg.n_positions, self.cfg.n_embd,
-                            embedding_init=nn.initializers.normal(0.01), name='wpe')
+        self.wte = nn.Embed(self.cfg.vocab_size,
+                            self.cfg.n_embd,
+                            embedding_init=nn.initializers.normal(0.02),
+                            name='wte')
+        self.wpe = nn.Embed(self.cfg.n_positions,
+                            self.cfg.n_embd,
+                            embedding_init=nn.initializers.normal(0.01),
+                            name='wpe')
         self.blocks = [Block(self.cfg, name=f'h_{i}') for i in range(self.cfg.n_layer)]
         self.ln_f = layers.layer_norm('ln_f', self.cfg.layer_norm_epsilon)
 
@@ -122,7 +126,7 @@ def init_params(cfg: GPTConfig, rng: jax.Array) -> dict:
 
 
 def to_hf(params: dict) -> dict:
-    """Our params -> HF Flax GPT-2 layout ({'transformer': ...}, kernels [out, in], fused c_attn)."""
+    """Our params -> HF Flax GPT-2 layout: {'transformer': ...}, kernels [out, in], c_attn fused."""
     flat = traverse_util.flatten_dict(params)
     out = {}
     for path, v in flat.items():
@@ -177,8 +181,11 @@ def load_hf_dir(path: str) -> tuple[GPTConfig, dict]:
     if not (os.path.isfile(cfg_file) and os.path.isfile(st_file)):
         raise ValueError(f'model.hf_dir: {path} must hold config.json and model.safetensors')
     hf = json.load(open(cfg_file))
-    cfg = GPTConfig(vocab_size=hf['vocab_size'], n_positions=hf['n_positions'],
-                    n_embd=hf['n_embd'], n_layer=hf['n_layer'], n_head=hf['n_head'],
+    cfg = GPTConfig(vocab_size=hf['vocab_size'],
+                    n_positions=hf['n_positions'],
+                    n_embd=hf['n_embd'],
+                    n_layer=hf['n_layer'],
+                    n_head=hf['n_head'],
                     layer_norm_epsilon=hf.get('layer_norm_epsilon', 1e-5))
     flat = {}
     for k, v in load_file(st_file).items():
@@ -196,7 +203,11 @@ def load_hf_dir(path: str) -> tuple[GPTConfig, dict]:
     return cfg, from_hf(traverse_util.unflatten_dict(flat))
 
 
-def generate(model: GPT, variables: dict, prompt: jax.Array, steps: int, rng: jax.Array,
+def generate(model: GPT,
+             variables: dict,
+             prompt: jax.Array,
+             steps: int,
+             rng: jax.Array,
              temperature: float = 1.0) -> jax.Array:
     """Samples ``steps`` tokens after ``prompt`` [B, P]; returns [B, P + steps] (jittable).
 

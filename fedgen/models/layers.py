@@ -24,7 +24,7 @@ def _lora_scale(alpha: float, a: jax.Array) -> float:
 
 
 class Dense(nn.Module):
-    """Dense layer y = x W0 + b (+ LoRA). Shapes: x [..., in], W0 [in, out], A [in, r], B [r, out]."""
+    """Dense y = x W0 + b (+ LoRA). Shapes: x [..., in], W0 [in, out], A [in, r], B [r, out]."""
     features: int
     use_bias: bool = True
     lora_alpha: float = 16.0
@@ -60,7 +60,10 @@ class Conv(nn.Module):
     bias_init: Initializer = nn.initializers.zeros
 
     def _conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
-        return jax.lax.conv_general_dilated(x, kernel, tuple(self.strides), self.padding,
+        return jax.lax.conv_general_dilated(x,
+                                            kernel,
+                                            tuple(self.strides),
+                                            self.padding,
                                             dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
     @nn.compact

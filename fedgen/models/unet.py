@@ -7,8 +7,8 @@ The network maps a noisy image and its timestep to a noise estimate,
 following Ho et al. (2020): a sinusoidal time embedding fed through an MLP, residual blocks with
 additive time conditioning, self-attention at the resolutions in ``attn_resolutions``, strided-conv
 downsampling, nearest-neighbour + conv upsampling, and skip connections from every down block.
-Every kernel belongs to a :class:`fedgen.models.layers.Dense` or :class:`~fedgen.models.layers.Conv`,
-so a LoRA rule (see :mod:`fedgen.lora`) can target any of them.
+Every kernel belongs to a :class:`fedgen.models.layers.Dense` or
+:class:`~fedgen.models.layers.Conv`, so a LoRA rule (see :mod:`fedgen.lora`) can target any of them.
 
 Parameter paths (the names the LoRA rules match):
 
@@ -94,7 +94,8 @@ class UNetConfig:
             raise ValueError('model.channel_mult must be a non-empty sequence of ints >= 1, '
                              f'got {self.channel_mult!r}')
         if not pos_int(self.num_res_blocks):
-            raise ValueError(f'model.num_res_blocks must be an int >= 1, got {self.num_res_blocks!r}')
+            raise ValueError(
+                f'model.num_res_blocks must be an int >= 1, got {self.num_res_blocks!r}')
         if not pos_int(self.groups) or self.channels % self.groups:
             raise ValueError(f'model.groups must be an int >= 1 dividing model.channels '
                              f'({self.channels}), got {self.groups!r}')
@@ -102,11 +103,13 @@ class UNetConfig:
             raise ValueError(f'model.num_heads must be an int >= 1 dividing model.channels '
                              f'({self.channels}), got {self.num_heads!r}')
         if self.dropout != 0.0:
-            raise ValueError(f'model.dropout must be 0.0 (deterministic U-Net), got {self.dropout!r}')
+            raise ValueError(
+                f'model.dropout must be 0.0 (deterministic U-Net), got {self.dropout!r}')
         if not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
             raise ValueError(f'model.lora_alpha must be a number > 0, got {self.lora_alpha!r}')
         if not pos_int(self.image_channels):
-            raise ValueError(f'model.image_channels must be an int >= 1, got {self.image_channels!r}')
+            raise ValueError(
+                f'model.image_channels must be an int >= 1, got {self.image_channels!r}')
         factor = 2**(len(self.channel_mult) - 1)
         if not pos_int(self.image_size) or self.image_size % factor:
             raise ValueError(f'model.image_size must be a positive multiple of {factor} '
@@ -143,8 +146,8 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
-        conv = lambda f, k, name: layers.Conv(f, (k, k), lora_alpha=self.lora_alpha,
-                                              kernel_init=_INIT, name=name)
+        conv = lambda f, k, name: layers.Conv(
+            f, (k, k), lora_alpha=self.lora_alpha, kernel_init=_INIT, name=name)
         h = nn.silu(nn.GroupNorm(self.groups, epsilon=1e-6, name='norm1')(x))
         h = conv(self.features, 3, 'conv1')(h)
         # Time conditioning is a per-channel shift, broadcast over space.
@@ -172,8 +175,8 @@ class AttnBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         n, hgt, wid, c = x.shape
         d = c // self.num_heads
-        dense = lambda name: layers.Dense(c, lora_alpha=self.lora_alpha, kernel_init=_INIT,
-                                          name=name)
+        dense = lambda name: layers.Dense(
+            c, lora_alpha=self.lora_alpha, kernel_init=_INIT, name=name)
         h = nn.GroupNorm(self.groups, epsilon=1e-6, name='norm')(x).reshape(n, hgt * wid, c)
         q, k, v = (dense(name)(h).reshape(n, hgt * wid, self.num_heads, d) for name in 'qkv')
         logits = jnp.einsum('nqhd,nkhd->nhqk', q, k) / math.sqrt(d)
@@ -208,14 +211,16 @@ class UNet(nn.Module):
             return AttnBlock(cfg.num_heads, groups, alpha, name=name)
 
         def conv(f, name, strides=(1, 1), init=_INIT):
-            return layers.Conv(f, (3, 3), strides=strides, lora_alpha=alpha, kernel_init=init,
+            return layers.Conv(f, (3, 3),
+                               strides=strides,
+                               lora_alpha=alpha,
+                               kernel_init=init,
                                name=name)
 
         width = 4 * cfg.channels
         emb = timestep_embedding(t, cfg.channels)
         emb = layers.Dense(width, lora_alpha=alpha, kernel_init=_INIT, name='temb_0')(emb)
-        emb = layers.Dense(width, lora_alpha=alpha, kernel_init=_INIT,
-                           name='temb_1')(nn.silu(emb))
+        emb = layers.Dense(width, lora_alpha=alpha, kernel_init=_INIT, name='temb_1')(nn.silu(emb))
 
         h = conv(cfg.channels, 'conv_in')(x)
         skips = [h]
@@ -249,8 +254,23 @@ class UNet(nn.Module):
         return conv(cfg.image_channels, 'conv_out', init=_HEAD_INIT)(h)
 
 
-def init_params(config: UNetConfig, rng: jax.Array) -> dict:
-    """Frozen-backbone ``params`` collection for ``UNet(config)`` (traced on a batch of one)."""
+def _init_fn(config: UNetConfig):
+    """rng -> params, tracing ``UNet(config).init`` on a zero batch of one."""
     x = jnp.zeros((1, config.image_size, config.image_size, config.image_channels), jnp.float32)
     t = jnp.zeros((1, ), jnp.int32)
-    return UNet(config).init(rng, x, t)['params']
+    return lambda rng: UNet(config).init(rng, x, t)['params']
+
+
+def init_params(config: UNetConfig, rng: jax.Array) -> dict:
+    """Frozen-backbone ``params`` collection for ``UNet(config)``; call it outside jit.
+
+    Runs once, so it is compiled without backend optimisation: on CPU, optimising the
+    unrolled threefry code of ~100 initializers takes 3-4x longer than running it unoptimised.
+    """
+    init = jax.jit(_init_fn(config), compiler_options={'xla_backend_optimization_level': 0})
+    return init(rng)
+
+
+def param_shapes(config: UNetConfig) -> dict:
+    """The params tree of ``UNet(config)`` as ``jax.ShapeDtypeStruct`` leaves (no compute)."""
+    return jax.eval_shape(_init_fn(config), jax.random.key(0))

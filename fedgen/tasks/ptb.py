@@ -41,8 +41,9 @@ def validate(config) -> None:
     if not 0.0 < d.public_fraction < 1.0:
         raise ValueError(f'data.public_fraction must be in (0, 1), got {d.public_fraction}')
     if not (isinstance(d.seq_len, int) and 2 <= d.seq_len <= config.model.n_positions):
-        raise ValueError(f'data.seq_len must be in [2, model.n_positions={config.model.n_positions}]'
-                         f', got {d.seq_len}')
+        raise ValueError(
+            f'data.seq_len must be in [2, model.n_positions={config.model.n_positions}]'
+            f', got {d.seq_len}')
     if d.partition.kind not in PARTITIONS:
         raise ValueError(f'data.partition.kind must be one of {PARTITIONS}, got '
                          f'{d.partition.kind!r}')
@@ -57,8 +58,12 @@ def validate(config) -> None:
 
 def model_config(config, vocab_size: int) -> gpt.GPTConfig:
     m = config.model
-    cfg = gpt.GPTConfig(vocab_size=vocab_size, n_positions=m.n_positions, n_embd=m.n_embd,
-                        n_layer=m.n_layer, n_head=m.n_head, lora_alpha=float(config.lora.alpha))
+    cfg = gpt.GPTConfig(vocab_size=vocab_size,
+                        n_positions=m.n_positions,
+                        n_embd=m.n_embd,
+                        n_layer=m.n_layer,
+                        n_head=m.n_head,
+                        lora_alpha=float(config.lora.alpha))
     gpt.validate(cfg)
     return cfg
 
@@ -69,10 +74,19 @@ def split_clients(config, pool_windows: np.ndarray, vocab_size: int):
     labels = np.full(n, -1, np.int32)
     if p.kind == 'topic':
         labels = topics.topic_labels(pool_windows, p.num_topics, seed, p.doc_windows, vocab_size)
-        parts = partition.make('dirichlet', n, config.fed.num_clients, seed, labels=labels,
-                               alpha=p.alpha, min_size=p.min_size)
+        parts = partition.make('dirichlet',
+                               n,
+                               config.fed.num_clients,
+                               seed,
+                               labels=labels,
+                               alpha=p.alpha,
+                               min_size=p.min_size)
     else:
-        parts = partition.make(p.kind, n, config.fed.num_clients, seed, alpha=p.alpha,
+        parts = partition.make(p.kind,
+                               n,
+                               config.fed.num_clients,
+                               seed,
+                               alpha=p.alpha,
                                min_size=p.min_size)
     train, test = partition.local_split(parts, p.local_test_fraction, seed)
     return train, test, labels
@@ -92,28 +106,49 @@ def prepare(config) -> Task:
     train, test, labels = split_clients(config, pool, len(data.vocab))
     cfg = model_config(config, len(data.vocab))
     model = gpt.GPT(cfg)
-    return Task(model=model, model_cfg=cfg, loss_fn=objectives.next_token_loss(model),
-                pool={'tokens': pool}, client_train=train, client_test=test,
-                public={'tokens': public}, valid={'tokens': ptb.windows(data.valid, t)},
-                test={'tokens': ptb.windows(data.test, t)}, labels=labels, vocab=data.vocab)
+    return Task(model=model,
+                model_cfg=cfg,
+                loss_fn=objectives.next_token_loss(model),
+                pool={'tokens': pool},
+                client_train=train,
+                client_test=test,
+                public={'tokens': public},
+                valid={'tokens': ptb.windows(data.valid, t)},
+                test={'tokens': ptb.windows(data.test, t)},
+                labels=labels,
+                vocab=data.vocab)
 
 
 def recipe(config) -> dict:
     """What determines the pre-trained backbone (its cache key)."""
-    return {'task': 'ptb', 'seed': config.seed, 'model': config.model.to_dict(),
-            'pretrain': {k: v for k, v in config.pretrain.to_dict().items()
-                         if k != 'backbone_path'},
-            'public': {'source': config.data.source, 'seq_len': config.data.seq_len,
-                       'public_fraction': config.data.public_fraction}}
+    return {
+        'task': 'ptb',
+        'seed': config.seed,
+        'model': config.model.to_dict(),
+        'pretrain': {
+            k: v
+            for k, v in config.pretrain.to_dict().items() if k != 'backbone_path'
+        },
+        'public': {
+            'source': config.data.source,
+            'seq_len': config.data.seq_len,
+            'public_fraction': config.data.public_fraction
+        }
+    }
 
 
 def describe(task: Task) -> dict:
     """Sizes for the log: windows per split, client sizes."""
     sizes = np.array([len(i) for i in task.client_train])
-    return {'public_windows': len(task.public['tokens']), 'pool_windows': len(task.pool['tokens']),
-            'valid_windows': len(task.valid['tokens']), 'client_train_min': int(sizes.min()),
-            'client_train_median': float(np.median(sizes)), 'client_train_max': int(sizes.max()),
-            'model': dataclasses.asdict(task.model_cfg)}
+    return {
+        'public_windows': len(task.public['tokens']),
+        'pool_windows': len(task.pool['tokens']),
+        'valid_windows': len(task.valid['tokens']),
+        'client_train_min': int(sizes.min()),
+        'client_train_median': float(np.median(sizes)),
+        'client_train_max': int(sizes.max()),
+        'model': dataclasses.asdict(task.model_cfg)
+    }
 
 
 def init_backbone(task: Task, rng) -> dict:
@@ -121,10 +156,29 @@ def init_backbone(task: Task, rng) -> dict:
     return gpt.init_params(task.model_cfg, rng)
 
 
-def samples(task: Task, variables: dict, rng, num: int, length: int) -> list[str]:
-    """``num`` texts of ``length`` words sampled after an '<eos>' prompt (a sentence start)."""
+def samples(task: Task, config, variables: dict, rng) -> list[str]:
+    """eval.num_samples texts of eval.sample_len words sampled after '<eos>' (a sentence start)."""
     import jax
-    eos = task.vocab.index('<eos>')
-    prompt = np.full((num, 1), eos, np.int32)
+    num, length = config.eval.num_samples, config.eval.sample_len
+    prompt = np.full((num, 1), task.vocab.index('<eos>'), np.int32)
     out = jax.jit(lambda v, r: gpt.generate(task.model, v, prompt, length, r))(variables, rng)
     return [ptb.decode(row[1:], task.vocab).replace('\n', ' / ') for row in np.asarray(out)]
+
+
+METRIC = 'valid_ppl'  # the headline metric (lower is better), logged every eval round
+
+
+def evaluator(task: Task, config, split: str = 'valid'):
+    """Returns a jitted evaluate(variables) -> {'<split>_loss', '<split>_ppl'} over the split."""
+    import jax
+    from fedgen import evaluation
+    from fedgen.data import batching
+    batches = batching.batch_all(getattr(task, split), config.eval.batch_size)
+    loss = jax.jit(
+        lambda v: evaluation.dataset_loss(task.loss_fn, v, batches, jax.random.PRNGKey(0))[0])
+
+    def evaluate(variables) -> dict:
+        value = float(loss(variables))
+        return {f'{split}_loss': value, f'{split}_ppl': float(np.exp(value))}
+
+    return evaluate
