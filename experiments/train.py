@@ -13,13 +13,15 @@ import sys
 import time
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from experiments import plots
 from fedgen import algorithms, checkpoint, comm, lora, pretrain, tasks
 from fedgen.algorithms import optim
-from fedgen.data import batching
+from fedgen.data import batching, images
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, cache and logs.')
@@ -45,8 +47,7 @@ def preflight(config, task) -> None:
         raise ValueError(f'fed.rounds must be an int >= 0, got {config.fed.rounds!r}')
     if not (isinstance(config.eval.every, int) and config.eval.every >= 1):
         raise ValueError(f'eval.every must be an int >= 1, got {config.eval.every!r}')
-    abstract = jax.eval_shape(lambda r: tasks.get(config.task).init_backbone(task, r),
-                              jax.random.PRNGKey(0))
+    abstract = tasks.get(config.task).backbone_shapes(task)
     jax.eval_shape(lambda b, r: method.variables(b, config, r), abstract, jax.random.PRNGKey(0))
     jax.eval_shape(lambda b, r: algorithms.get('fedgen_edge').variables(b, config, r), abstract,
                    jax.random.PRNGKey(0))
@@ -79,6 +80,52 @@ def backbone(config, task, task_mod, workdir: str) -> tuple[dict, dict]:
     return params, info
 
 
+def cached(workdir: str, name: str, recipe: dict, build) -> dict:
+    """A tree built by ``build()`` and cached under workdir/<name>/<recipe hash>."""
+    path = os.path.join(workdir, name, pretrain.recipe_hash(recipe))
+    if os.path.isdir(path):
+        return checkpoint.load_tree(path, None, f'{name} cache')
+    t0 = time.time()
+    tree = build()
+    checkpoint.save_tree(path, tree)
+    log(f'{name}: built in {time.time() - t0:.1f}s, cached at {path}')
+    return tree
+
+
+def auxiliaries(config, task, task_mod, workdir: str) -> dict:
+    """Evaluation networks the task needs: the fd_classifier CNN (cached by recipe) and, when
+    metrics.inception_path is set, Inception-v3 weights for FID."""
+    aux = {}
+    if hasattr(task_mod, 'train_classifier'):
+        aux['classifier'] = cached(workdir, 'classifier', task_mod.classifier_recipe(config),
+                                   lambda: task_mod.train_classifier(task, config))
+    if config.get('metrics') and config.metrics.get('inception_path'):
+        from fedgen.metrics import inception
+        aux['inception'] = inception.load_params(config.metrics.inception_path)
+    return aux
+
+
+def describe_clients(config, task, workdir: str) -> None:
+    """Prints per-client label histograms (image tasks) and saves them as a plot."""
+    if not hasattr(task, 'class_names'):
+        return
+    hist = images.label_histogram(task.labels, task.client_train, len(task.class_names))
+    log('client label histograms (first 10 clients; columns = classes):')
+    for k, row in enumerate(hist[:10]):
+        log(f'  client {k:3d}  n={row.sum():5d}  ' + ' '.join(f'{v:4d}' for v in row))
+    plots.label_histograms(hist, task.class_names, os.path.join(workdir, 'label_histograms.png'))
+
+
+def write_samples(out, workdir: str, tag: str) -> None:
+    """Image samples -> workdir/samples_<tag>.png; text samples -> printed."""
+    if isinstance(out, np.ndarray):
+        path = os.path.join(workdir, f'samples_{tag}.png')
+        plots.image_grid(out, path)
+        log(f'samples: {path}')
+    else:
+        log(f'samples from the global model ({tag}):\n' + '\n'.join(f'  > {t}' for t in out))
+
+
 def read_rows(path: str, upto: int) -> list[dict]:
     """metrics.jsonl rows with round <= upto (rows past the restored round are dropped)."""
     if not os.path.exists(path):
@@ -103,12 +150,16 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
     task = task_mod.prepare(config)
     preflight(config, task)
     os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        f.write(config.to_json_best_effort(indent=1))
     log(f'data: {json.dumps(task_mod.describe(task))}')
+    describe_clients(config, task, workdir)
     rng = jax.random.PRNGKey(config.seed)
-    evaluate = task_mod.evaluator(task, config)
+    params, bb_info = backbone(config, task, task_mod, workdir)
+    aux = auxiliaries(config, task, task_mod, workdir)
+    evaluate = task_mod.evaluator(task, config, 'valid', aux)
     metric = task_mod.METRIC
 
-    params, bb_info = backbone(config, task, task_mod, workdir)
     bb_metrics = evaluate({'params': params})
     log(f'backbone: {fmt(bb_metrics)}  ({bb_info})')
 
@@ -168,6 +219,10 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
         }
         if (rnd + 1) % config.eval.every == 0 or rnd + 1 == fed.rounds:
             row.update(evaluate({**frozen, **state.trainable}))
+            if config.eval.samples_every_eval:
+                write_samples(task_mod.samples(task, config, {**frozen, **state.trainable},
+                                               jax.random.fold_in(rng, 3)), workdir,
+                              f'round{rnd + 1:04d}')
         row['round_s'] = round(time.time() - t0, 3)
         rows.append(row)
         write_rows(metrics_path, rows)
@@ -183,7 +238,7 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
         return {'stopped_after': end}
 
     variables = {**frozen, **state.trainable}
-    test_eval = task_mod.evaluator(task, config, 'test')
+    test_eval = task_mod.evaluator(task, config, 'test', aux)
     summary = {
         'algorithm': fed.algorithm,
         'rounds': fed.rounds,
@@ -208,8 +263,8 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
         json.dump(summary, f, indent=1)
     log('\n' + '\n'.join(f'{k:>28s}  {v:,.4g}' if isinstance(v, float) else f'{k:>28s}  {v}'
                          for k, v in summary.items()))
-    texts = task_mod.samples(task, config, variables, jax.random.fold_in(rng, 3))
-    log('samples from the global model:\n' + '\n'.join(f'  > {t}' for t in texts))
+    write_samples(task_mod.samples(task, config, variables, jax.random.fold_in(rng, 3)), workdir,
+                  'final')
     return summary
 
 

@@ -65,8 +65,9 @@ def save_tree(path: str, tree: PyTree) -> None:
     ckptr.wait_until_finished()
 
 
-def load_tree(path: str, template: PyTree, field: str) -> PyTree:
-    """Restores a pytree saved by :func:`save_tree` into ``template``'s structure.
+def load_tree(path: str, template: PyTree | None, field: str) -> PyTree:
+    """Restores a pytree saved by :func:`save_tree` into ``template``'s structure (or, with
+    ``template=None``, as the nested dicts it was saved as).
 
     ``field`` names the config entry in the one-line ValueError raised on a missing/corrupt file.
     """
@@ -74,9 +75,31 @@ def load_tree(path: str, template: PyTree, field: str) -> PyTree:
     if not os.path.isdir(path):
         raise ValueError(f'{field}: no saved tree at {path}')
     try:
+        if template is None:
+            return ocp.StandardCheckpointer().restore(path)
         got = ocp.StandardCheckpointer().restore(path, serialization.to_state_dict(template))
         return serialization.from_state_dict(template, got)
     except Exception as e:
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise ValueError(f'{field}: {path} is unreadable or does not match the model '
                          f'({type(e).__name__}: {msg})') from e
+
+
+def personal_path(workdir: str, step: int) -> str:
+    """Where the stacked personal trees of round ``step`` live: <workdir>/personal/<step>."""
+    return os.path.join(os.path.abspath(workdir), 'personal', str(int(step)))
+
+
+def save_personal(workdir: str, step: int, personal: PyTree) -> str:
+    """Saves personal trainable trees [N, ...] (after the server state of round ``step``) as
+    their own Orbax item beside ``checkpoints/``, replacing an earlier one; returns its path."""
+    path = personal_path(workdir, step)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path, serialization.to_state_dict(personal), force=True)
+    ckptr.wait_until_finished()
+    return path
+
+
+def load_personal(workdir: str, step: int, template: PyTree) -> PyTree:
+    """Restores what :func:`save_personal` wrote for round ``step`` into ``template``."""
+    return load_tree(personal_path(workdir, step), template, 'personalize --workdir')

@@ -26,7 +26,10 @@ PyTree = Any
 PRESETS = {
     'qv': (r'attn/(q|v)/kernel$', ),
     'attn': (r'attn/(q|k|v|o)/kernel$', ),
+    'qv_mlp': (r'attn/(q|v)/kernel$', r'mlp/(fc|proj)/kernel$'),
     'attn_mlp': (r'attn/(q|k|v|o)/kernel$', r'mlp/(fc|proj)/kernel$'),
+    # U-Net residual-block convolutions (rank-r over in/out channels, see models/layers.Conv).
+    'conv': (r'res/conv\d/kernel$', ),
 }
 DEFAULT_RULES = PRESETS['qv']
 

@@ -51,6 +51,7 @@ def train(loss_fn: Callable,
     if not (isinstance(steps, int) and steps >= 0):
         raise ValueError(f'pretrain.steps must be an int >= 0, got {steps!r}')
     update = client.make_local_update(loss_fn, tx)
+    segment = max(1, min(segment, steps))
 
     @jax.jit
     def run(w, opt_state, data, rng):

@@ -2,7 +2,7 @@
 build_backbone(task, rng), samples(task, variables, rng)."""
 import importlib
 
-TASKS = ('ptb', )
+TASKS = ('ptb', 'cifar10')
 
 
 def get(name: str):

@@ -156,6 +156,12 @@ def init_backbone(task: Task, rng) -> dict:
     return gpt.init_params(task.model_cfg, rng)
 
 
+def backbone_shapes(task: Task) -> dict:
+    """ShapeDtypeStructs of the backbone params (no compute)."""
+    import jax
+    return jax.eval_shape(lambda: gpt.init_params(task.model_cfg, jax.random.PRNGKey(0)))
+
+
 def samples(task: Task, config, variables: dict, rng) -> list[str]:
     """eval.num_samples texts of eval.sample_len words sampled after '<eos>' (a sentence start)."""
     import jax
@@ -168,8 +174,11 @@ def samples(task: Task, config, variables: dict, rng) -> list[str]:
 METRIC = 'valid_ppl'  # the headline metric (lower is better), logged every eval round
 
 
-def evaluator(task: Task, config, split: str = 'valid'):
-    """Returns a jitted evaluate(variables) -> {'<split>_loss', '<split>_ppl'} over the split."""
+def evaluator(task: Task, config, split: str = 'valid', aux: dict | None = None):
+    """Returns a jitted evaluate(variables) -> {'<split>_loss', '<split>_ppl'} over the split.
+
+    ``aux`` (evaluation networks) is unused for text."""
+    del aux
     import jax
     from fedgen import evaluation
     from fedgen.data import batching

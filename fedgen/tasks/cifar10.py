@@ -1,0 +1,215 @@
+"""The CIFAR-10 image-generation task: a DDPM epsilon-prediction U-Net, data, loss and metrics.
+
+Data flow. CIFAR-10 train images (any loader of :mod:`fedgen.data.images`, path in
+``data.source``) are shuffled with the seed; the first ``data.public_fraction`` is the server's
+public portion, used only to pre-train the backbone; the rest is the client pool, split over
+clients with Dirichlet(alpha) label skew (or k classes per client), and each client's images into
+local train/test parts. Evaluation uses the CIFAR-10 test split:
+
+- ``eps_mse``: the epsilon-MSE of the model on ``eval.loss_images`` test images (fixed noise);
+- ``fd_classifier``: the Fréchet distance between the features of ``eval.fd_samples`` DDIM samples
+  and of all test images, in a small CNN classifier trained here on the train split. It is *not*
+  FID; with Inception weights given (``metrics.inception_path``) ``fid`` is reported as well;
+- ``gen_conf``: the classifier's mean max-softmax on samples (how recognisable they are), and
+  ``gen_class_tv``: total-variation distance between the samples' predicted-class histogram and the
+  target label histogram (uniform for the global model; the client's own for personal models).
+"""
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedgen import diffusion, evaluation
+from fedgen.data import batching, images, partition
+from fedgen.metrics import classifier
+from fedgen.models import unet
+
+PARTITIONS = ('dirichlet', 'k_classes', 'iid')
+METRIC = 'fd_classifier'  # headline metric (lower is better)
+
+
+class Task(NamedTuple):
+    model: unet.UNet
+    model_cfg: unet.UNetConfig
+    schedule: diffusion.Schedule
+    loss_fn: Callable
+    pool: dict  # {'images': uint8 [M, 32, 32, 3], 'labels': int32 [M]}
+    client_train: list
+    client_test: list
+    public: dict
+    valid: dict  # CIFAR-10 test split (all of it; eval subsets are taken from it)
+    test: dict
+    labels: np.ndarray  # [M] pool labels
+    class_names: tuple
+    sampler: Callable  # jitted (variables, rng) -> float [eval.sample_batch, 32, 32, 3]
+
+
+def denoising_loss(model: unet.UNet, schedule: diffusion.Schedule) -> Callable:
+    """Masked epsilon-MSE: batch['images'] uint8 [B, 32, 32, 3], batch['weight'] [B].
+
+    L = sum_b w_b ||eps_theta(x_t, t) - eps||^2 / (D sum_b w_b), with t ~ U{0..T-1} and
+    eps ~ N(0, I) drawn from the step's rng; the weight returned is sum_b w_b (images).
+    """
+
+    def loss_fn(variables, batch, rng):
+        x0 = batch['images'].astype(jnp.float32) / 127.5 - 1.0  # uint8 -> [-1, 1]
+        eps_fn = lambda x, t: model.apply(variables, x, t)
+        per = diffusion.eps_loss_terms(eps_fn, schedule, x0, rng)
+        w = batch['weight'].astype(jnp.float32)
+        return (per * w).sum() / jnp.maximum(w.sum(), 1.0), w.sum()
+
+    return loss_fn
+
+
+def validate(config) -> None:
+    d, f = config.data, config.fed
+    if not 0.0 < d.public_fraction < 1.0:
+        raise ValueError(f'data.public_fraction must be in (0, 1), got {d.public_fraction}')
+    if d.partition.kind not in PARTITIONS:
+        raise ValueError(f'data.partition.kind must be one of {PARTITIONS}, got '
+                         f'{d.partition.kind!r}')
+    if not d.partition.alpha > 0:
+        raise ValueError(f'data.partition.alpha must be > 0, got {d.partition.alpha}')
+    if not (isinstance(f.num_clients, int) and f.num_clients >= 1):
+        raise ValueError(f'fed.num_clients must be an int >= 1, got {f.num_clients!r}')
+    if not 1 <= f.clients_per_round <= f.num_clients:
+        raise ValueError(f'fed.clients_per_round must be in [1, fed.num_clients={f.num_clients}]'
+                         f', got {f.clients_per_round}')
+
+
+def model_config(config) -> unet.UNetConfig:
+    m = config.model
+    return unet.UNetConfig(channels=m.channels, channel_mult=tuple(m.channel_mult),
+                           num_res_blocks=m.num_res_blocks,
+                           attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
+                           groups=m.groups, lora_alpha=float(config.lora.alpha))
+
+
+def prepare(config) -> Task:
+    """Loads the images, the public/pool split and the client partition (deterministic)."""
+    validate(config)
+    d = config.data
+    limit = d.limit_per_class or None
+    train = images.load(d.source, 'train', limit_per_class=limit)
+    test = images.load(d.source, 'test', limit_per_class=d.test_limit_per_class or None)
+    order = np.random.default_rng([config.seed, 0xC1]).permutation(len(train.labels))
+    n_pub = int(round(d.public_fraction * len(order)))
+    pub, rest = order[:n_pub], np.sort(order[n_pub:])
+    pool = {'images': train.images[rest], 'labels': train.labels[rest]}
+    p = d.partition
+    parts = partition.make(p.kind, len(rest), config.fed.num_clients, config.seed,
+                           labels=pool['labels'], alpha=p.alpha, k=p.k, min_size=p.min_size)
+    tr, te = partition.local_split(parts, p.local_test_fraction, config.seed)
+    cfg = model_config(config)
+    model = unet.UNet(cfg)
+    sched = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+    test_set = {'images': test.images, 'labels': test.labels}
+    return Task(model=model, model_cfg=cfg, schedule=sched, loss_fn=denoising_loss(model, sched),
+                sampler=make_sampler(model, sched, config.eval.sample_batch,
+                                     config.diffusion.sample_steps),
+                pool=pool, client_train=tr, client_test=te,
+                public={'images': train.images[pub], 'labels': train.labels[pub]},
+                valid=test_set, test=test_set, labels=pool['labels'],
+                class_names=train.class_names)
+
+
+def recipe(config) -> dict:
+    return {'task': 'cifar10', 'seed': config.seed, 'model': config.model.to_dict(),
+            'diffusion': config.diffusion.to_dict(),
+            'pretrain': {k: v for k, v in config.pretrain.to_dict().items()
+                         if k != 'backbone_path'},
+            'public': {'source': config.data.source, 'limit': config.data.limit_per_class,
+                       'public_fraction': config.data.public_fraction}}
+
+
+def classifier_recipe(config) -> dict:
+    return {'source': config.data.source, 'limit': config.data.limit_per_class,
+            'seed': config.seed, **config.metrics.classifier.to_dict()}
+
+
+def train_classifier(task: Task, config) -> dict:
+    """The fd_classifier feature network, trained on all train images (public + pool)."""
+    c = config.metrics.classifier
+    x = np.concatenate([task.public['images'], task.pool['images']])
+    y = np.concatenate([task.public['labels'], task.pool['labels']])
+    return classifier.train(x, y, len(task.class_names), c.steps, c.batch_size, c.lr, config.seed)
+
+
+def describe(task: Task) -> dict:
+    sizes = np.array([len(i) for i in task.client_train])
+    return {'public_images': len(task.public['labels']), 'pool_images': len(task.pool['labels']),
+            'test_images': len(task.test['labels']), 'client_train_min': int(sizes.min()),
+            'client_train_median': float(np.median(sizes)), 'client_train_max': int(sizes.max()),
+            'model': dataclasses.asdict(task.model_cfg)}
+
+
+def init_backbone(task: Task, rng) -> dict:
+    return unet.init_params(task.model_cfg, rng)
+
+
+def backbone_shapes(task: Task) -> dict:
+    """ShapeDtypeStructs of the backbone params (no compute)."""
+    return unet.param_shapes(task.model_cfg)
+
+
+def make_sampler(model: unet.UNet, schedule: diffusion.Schedule, batch: int,
+                 steps: int) -> Callable:
+    """One jitted DDIM sampler of a fixed batch shape, so every call reuses one compilation."""
+
+    @jax.jit
+    def draw(variables, key):
+        eps_fn = lambda x, t: model.apply(variables, x, t)
+        return diffusion.ddim_sample(eps_fn, schedule, (batch, 32, 32, 3), key, steps)
+
+    return draw
+
+
+def sample_images(task: Task, config, variables: dict, rng, num: int) -> np.ndarray:
+    """``num`` DDIM samples (diffusion.sample_steps steps) as uint8 [num, 32, 32, 3]."""
+    bs = config.eval.sample_batch
+    out = [np.asarray(task.sampler(variables, jax.random.fold_in(rng, i)))
+           for i in range(-(-num // bs))]
+    return images.to_uint8(np.concatenate(out)[:num])
+
+
+def generation_metrics(clf: dict, real_stats, fake: np.ndarray, target: np.ndarray) -> dict:
+    """fd_classifier, gen_conf and gen_class_tv of uint8 samples against a target histogram."""
+    probs = jax.nn.softmax(jnp.asarray(classifier.logits(clf, fake)), -1)
+    hist = np.bincount(np.asarray(probs.argmax(-1)), minlength=len(target)) / len(fake)
+    return {'fd_classifier': classifier.fd_classifier(clf, real_stats, fake),
+            'gen_conf': float(probs.max(-1).mean()),
+            'gen_class_tv': float(0.5 * np.abs(hist - target / target.sum()).sum())}
+
+
+def evaluator(task: Task, config, split: str = 'valid', aux: dict | None = None):
+    """evaluate(variables) -> {'eps_mse', and with aux['classifier']: 'fd_classifier', ...}.
+
+    aux: {'classifier': params} (cached by the caller); the real feature stats are computed here
+    once over the whole split.
+    """
+    data = getattr(task, split)
+    n = min(config.eval.loss_images, len(data['labels']))
+    batches = batching.batch_all({'images': data['images'][:n]}, config.eval.batch_size)
+    key = jax.random.PRNGKey(config.seed + 17)  # the same noise every evaluation
+    loss = jax.jit(lambda v: evaluation.dataset_loss(task.loss_fn, v, batches, key)[0])
+    clf = (aux or {}).get('classifier')
+    real = classifier.feature_stats(clf, data['images']) if clf is not None else None
+    uniform = np.ones(len(task.class_names))
+
+    def evaluate(variables) -> dict:
+        out = {f'{split}_eps_mse': float(loss(variables))}
+        if clf is not None:
+            fake = sample_images(task, config, variables, jax.random.PRNGKey(config.seed + 29),
+                                 config.eval.fd_samples)
+            out.update(generation_metrics(clf, real, fake, uniform))
+        return out
+
+    return evaluate
+
+
+def samples(task: Task, config, variables: dict, rng) -> np.ndarray:
+    """eval.num_samples images for the sample grid, uint8 [n, 32, 32, 3]."""
+    return sample_images(task, config, variables, rng, config.eval.num_samples)
+
