@@ -10,4 +10,7 @@ def get_config(arg: str = ''):
     c = cifar10_fedgen_edge.get_config(arg)
     c.fed.algorithm = 'fedavg_full'
     c.fed.client_lr = 2e-4  # the full model needs a smaller step than the adapters
+    # vmapping clients whose conv kernels differ becomes grouped convolutions, slow on a CPU
+    # (docs/performance.md): run full-model U-Net clients one at a time there.
+    c.fed.client_chunk = 1
     return c

@@ -49,6 +49,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                  server_opt='sgd',
                  server_lr=1.0,
                  client_chunk=5,
+                 client_mem_budget_mb=0.0,
+                 num_devices=0,
                  prox_mu=0.0)
     c.eval = dict(every=1, batch_size=128, num_samples=3, sample_len=20, samples_every_eval=False)
     c.checkpoint = dict(keep=3)

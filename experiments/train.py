@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from experiments import plots
-from fedgen import algorithms, checkpoint, comm, lora, pretrain, tasks
+from fedgen import algorithms, checkpoint, client, comm, lora, population, pretrain, tasks
 from fedgen.algorithms import optim
 from fedgen.data import batching, images
 
@@ -126,6 +126,30 @@ def write_samples(out, workdir: str, tag: str) -> None:
         log(f'samples from the global model ({tag}):\n' + '\n'.join(f'  > {t}' for t in out))
 
 
+def with_budget_chunk(config, task, frozen, trainable, steps: int):
+    """config, with fed.client_chunk picked from fed.client_mem_budget_mb when that is > 0:
+    chunk = floor(budget / bytes of one client), from XLA's memory analysis of one client."""
+    fed = config.fed
+    if not fed.client_mem_budget_mb:
+        return config
+    one = batching.pack_clients(task.pool, task.client_train, [0], config.seed, 0,
+                                fed.batch_size, fed.local_epochs, steps, fed.max_steps_per_epoch)
+    per_client = {'data': {'batches': one.batches, 'mask': one.mask},
+                  'rng': jax.random.split(jax.random.PRNGKey(0), 1)}
+    tx = optim.build(fed.client_opt, fed.client_lr, 'fed.client_opt', 'fed.client_lr')
+    update = client.make_local_update(task.loss_fn, tx)
+    per = population.client_bytes(lambda s, x: update(s[0], s[1], x['data'], x['rng']).delta,
+                                  (frozen, trainable), per_client)
+    mesh = population.mesh_for(fed.num_devices)
+    local = -(-fed.clients_per_round // (mesh.size if mesh is not None else 1))
+    chunk = population.chunk_for_budget(per, int(fed.client_mem_budget_mb * 2**20), local)
+    log(f'client chunk {chunk} from a {fed.client_mem_budget_mb} MB budget '
+        f'({per / 2**20:.1f} MB per client)')
+    config = config.copy_and_resolve_references()
+    config.fed.client_chunk = chunk
+    return config
+
+
 def read_rows(path: str, upto: int) -> list[dict]:
     """metrics.jsonl rows with round <= upto (rows past the restored round are dropped)."""
     if not os.path.exists(path):
@@ -165,6 +189,11 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
 
     method = algorithms.get(config.fed.algorithm)
     frozen, trainable = method.variables(params, config, jax.random.fold_in(rng, 1))
+    fed = config.fed
+    sizes = [len(i) for i in task.client_train]
+    steps = batching.num_local_steps(sizes, fed.batch_size, fed.local_epochs,
+                                     fed.max_steps_per_epoch)
+    config = with_budget_chunk(config, task, frozen, trainable, steps)
     alg = method.make(config, task.loss_fn)
     state = alg.init(trainable, jax.random.fold_in(rng, 2))
     mngr = checkpoint.manager(workdir, config.checkpoint.keep)
@@ -175,11 +204,9 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
         log(f'resumed from round {start}')
     rows = read_rows(metrics_path, start)
     write_rows(metrics_path, rows)
-
-    fed = config.fed
-    sizes = [len(i) for i in task.client_train]
-    steps = batching.num_local_steps(sizes, fed.batch_size, fed.local_epochs,
-                                     fed.max_steps_per_epoch)
+    mesh = population.mesh_for(fed.num_devices)
+    if mesh is not None:  # replicated once, so every round sees the same placement
+        state, frozen = population.replicate(state, mesh), population.replicate(frozen, mesh)
     cost = comm.round_cost(alg.upload, state.trainable, fed.clients_per_round)
     full_up = lora.num_bytes(params)
     lora_up = lora.num_bytes(
@@ -205,6 +232,9 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
         data = batching.pack_clients(task.pool, task.client_train, ids, config.seed, rnd,
                                      fed.batch_size, fed.local_epochs, steps,
                                      fed.max_steps_per_epoch)
+        if mesh is not None:
+            data = batching.pad_clients(data, mesh.size)
+            data = population.shard_clients(data, mesh)
         state, m = apply(state, frozen, data)
         checkpoint.save(mngr, rnd + 1, state=state)
         totals = comm.accumulate(totals, cost)
@@ -220,9 +250,11 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
         if (rnd + 1) % config.eval.every == 0 or rnd + 1 == fed.rounds:
             row.update(evaluate({**frozen, **state.trainable}))
             if config.eval.samples_every_eval:
-                write_samples(task_mod.samples(task, config, {**frozen, **state.trainable},
-                                               jax.random.fold_in(rng, 3)), workdir,
-                              f'round{rnd + 1:04d}')
+                write_samples(
+                    task_mod.samples(task, config, {
+                        **frozen,
+                        **state.trainable
+                    }, jax.random.fold_in(rng, 3)), workdir, f'round{rnd + 1:04d}')
         row['round_s'] = round(time.time() - t0, 3)
         rows.append(row)
         write_rows(metrics_path, rows)
@@ -257,6 +289,7 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
         'up_bytes_total': totals['up_bytes'],
         'lora_share_of_full_uplink': lora_up / full_up,
         'local_steps': steps,
+        'client_chunk': config.fed.client_chunk,
         'wall_s': round(time.time() - t_start, 1)
     }
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:

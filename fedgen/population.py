@@ -9,8 +9,17 @@ trainable tree) is broadcast, never stacked or copied per client (vmap in_axes=N
   ``chunk`` clients, so peak memory is bounded by the chunk (the remainder is one smaller vmap);
 - ``loop_clients`` is the per-client reference: one jitted call per client from Python.
 
-This is the only module that talks about devices: ``client_mesh`` and ``shard_clients`` place the
-client axis on a 1-D mesh named 'clients' (replicating everything else).
+This is the only module that talks about devices. With a ``mesh`` (``client_mesh``: 1-D, axis
+'clients'), ``map_clients`` runs under ``jax.shard_map``: ``shared`` is replicated (P()), the client
+axis of ``per_client`` and of the outputs is split over devices (P('clients')), and each device runs
+the same chunked map over its C / num_devices local clients. A weighted mean of the [C, ...] outputs
+taken afterwards (aggregate.weighted_mean) is a sharded contraction, i.e. a local sum plus a psum.
+C must be a multiple of the device count (``batching.pad_clients`` adds n_k = 0 clients).
+
+Chunk from a memory budget: one client of a round costs ``client_bytes`` (XLA's memory analysis of a
+compiled 1- and 2-client vmap: the growth per extra client), and ``chunk_for_budget`` picks
+
+    chunk = clip(floor(budget_bytes / bytes_per_client), 1, C_local).
 """
 from typing import Any, Callable
 
@@ -21,14 +30,42 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 PyTree = Any
 
 
-def map_clients(fn: Callable, shared: PyTree, per_client: PyTree, chunk: int) -> PyTree:
-    """Stacked [C, ...] outputs of fn(shared, x_k) over the leading axis of ``per_client``."""
+def _local_map(fn: Callable, shared: PyTree, per_client: PyTree, chunk: int) -> PyTree:
     c = jax.tree.leaves(per_client)[0].shape[0]
-    if chunk < 1:
-        raise ValueError(f'fed.client_chunk must be >= 1, got {chunk}')
     if chunk >= c:
         return jax.vmap(fn, in_axes=(None, 0))(shared, per_client)
     return jax.lax.map(lambda x: fn(shared, x), per_client, batch_size=chunk)
+
+
+def map_clients(fn: Callable,
+                shared: PyTree,
+                per_client: PyTree,
+                chunk: int,
+                mesh: Mesh | None = None) -> PyTree:
+    """Stacked [C, ...] outputs of fn(shared, x_k) over the leading axis of ``per_client``.
+
+    ``chunk`` counts clients per vmap on one device; with a ``mesh`` the [C, ...] inputs and
+    outputs are sharded over its 'clients' axis and ``shared`` is replicated.
+    """
+    c = jax.tree.leaves(per_client)[0].shape[0]
+    if chunk < 1:
+        raise ValueError(f'fed.client_chunk must be >= 1, got {chunk}')
+    if mesh is None:
+        return _local_map(fn, shared, per_client, chunk)
+    n = mesh.shape['clients']
+    if c % n:
+        raise ValueError(
+            f'fed.clients_per_round (C={c}) must be a multiple of fed.num_devices={n}; '
+            'pad with batching.pad_clients')
+    # Explicit SPMD: every device maps fn over its own C/n clients; nothing crosses devices here.
+    # check_vma is off because a client's scan carry starts from the replicated w_G and becomes
+    # device-varying after one step (jax rejects that carry type change under check_vma=True).
+    local = lambda s, x: _local_map(fn, s, x, chunk)
+    return jax.shard_map(local,
+                         mesh=mesh,
+                         in_specs=(P(), P('clients')),
+                         out_specs=P('clients'),
+                         check_vma=False)(shared, per_client)
 
 
 def loop_clients(fn: Callable, shared: PyTree, per_client: PyTree) -> PyTree:
@@ -48,6 +85,12 @@ def client_mesh(num_devices: int | None = None) -> Mesh:
     return Mesh(np.asarray(devices[:n]), ('clients', ))
 
 
+def mesh_for(num_devices: int) -> Mesh | None:
+    """The config's mesh: fed.num_devices = 0 means every device; None when it is one device."""
+    n = jax.device_count() if num_devices == 0 else num_devices
+    return client_mesh(n) if n != 1 else None
+
+
 def shard_clients(tree: PyTree, mesh: Mesh) -> PyTree:
     """Places every [C, ...] leaf with its client axis split over the mesh."""
     return jax.device_put(tree, NamedSharding(mesh, P('clients')))
@@ -56,3 +99,36 @@ def shard_clients(tree: PyTree, mesh: Mesh) -> PyTree:
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     """Places every leaf fully replicated on the mesh."""
     return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def client_bytes(fn: Callable, shared: PyTree, per_client: PyTree) -> int:
+    """Bytes one more client adds to a vmapped round: XLA temp + output memory of a compiled
+    2-client vmap minus a 1-client vmap (abstract shapes only; nothing runs).
+
+    ``per_client`` leaves are [C, ...] (arrays or ShapeDtypeStructs; only shapes are used).
+    """
+
+    def abstract(k):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct((k, ) + tuple(x.shape[1:]), x.dtype),
+                            per_client)
+
+    def cost(k):
+        vm = jax.jit(lambda s, x: jax.vmap(fn, in_axes=(None, 0))(s, x))
+        mem = vm.lower(shared, abstract(k)).compile().memory_analysis()
+        return mem.temp_size_in_bytes + mem.output_size_in_bytes + mem.argument_size_in_bytes
+
+    return max(int(cost(2) - cost(1)), 1)
+
+
+def chunk_for_budget(bytes_per_client: int, budget_bytes: int, num_clients: int) -> int:
+    """Clients per vmap that fit ``budget_bytes``: clip(budget // bytes_per_client, 1, C).
+
+    num_clients is the per-device client count C / num_devices. A chunk of 1 is always allowed (the
+    budget can then be exceeded; nothing smaller exists).
+    """
+    if budget_bytes <= 0:
+        raise ValueError(f'fed.client_mem_budget_mb must be > 0, got {budget_bytes / 2**20:g} MB')
+    if bytes_per_client <= 0 or num_clients < 1:
+        raise ValueError(f'bytes_per_client must be > 0 and C >= 1, got {bytes_per_client}, '
+                         f'{num_clients}')
+    return int(min(max(budget_bytes // bytes_per_client, 1), num_clients))

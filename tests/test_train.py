@@ -78,6 +78,16 @@ def test_full_model_fedavg_uplink_is_full_size(corpus, tmp_path):
     assert ratio == pytest.approx(lora_sum['lora_share_of_full_uplink'])
 
 
+def test_memory_budget_picks_the_chunk(corpus, tmp_path):
+    small, large = _config(corpus), _config(corpus)
+    small.fed.client_mem_budget_mb = 1e-6  # below one client: one client at a time
+    large.fed.client_mem_budget_mb = 1e4  # room for every sampled client: a full vmap
+    small.fed.rounds = large.fed.rounds = 1
+    assert train.run(small, str(tmp_path / 's'))['client_chunk'] == 1
+    s = train.run(large, str(tmp_path / 'l'))
+    assert s['client_chunk'] == large.fed.clients_per_round
+
+
 @pytest.mark.parametrize('field,value,match', [
     ('lora.rank', 0, 'lora.rank'),
     ('lora.rank', 999, 'lora.rank'),

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import Mesh
 
 from fedgen import aggregate, client, population
 from fedgen.data.batching import RoundData
@@ -25,11 +26,14 @@ PyTree = Any
 
 @struct.dataclass
 class ServerState:
-    """round [] int32; trainable: global collections (e.g. {'lora': A_G}); rng: base key [2]."""
+    """round [] int32; trainable: global collections (e.g. {'lora': A_G}); rng: base key [2];
+    clients: per-client persistent trees stacked [N, ...] for methods that keep them (Ditto's
+    personal adapters, FedSA's local B blocks); {} for FedAvg."""
     round: jax.Array
     trainable: PyTree
     opt_state: PyTree
     rng: jax.Array
+    clients: PyTree = struct.field(default_factory=dict)
 
 
 class Algorithm(NamedTuple):
@@ -51,10 +55,12 @@ def run_clients(local_update: Callable,
                 frozen: PyTree,
                 data: RoundData,
                 chunk: int,
-                start: PyTree | None = None) -> client.LocalResult:
+                start: PyTree | None = None,
+                mesh: Mesh | None = None) -> client.LocalResult:
     """Maps ``local_update`` over the round's clients; results are stacked [C, ...].
 
-    ``start`` optionally gives per-client starting trees [C, ...] (default: the global tree)."""
+    ``start`` optionally gives per-client starting trees [C, ...] (default: the global tree).
+    ``mesh`` (population.client_mesh) shards the client axis over devices; C must divide evenly."""
     per_client = {
         'data': {
             'batches': data.batches,
@@ -70,7 +76,7 @@ def run_clients(local_update: Callable,
         w0 = x.get('start', w_g)
         return local_update(frz, w0, x['data'], x['rng'], w_g)
 
-    return population.map_clients(one, (frozen, state.trainable), per_client, chunk)
+    return population.map_clients(one, (frozen, state.trainable), per_client, chunk, mesh=mesh)
 
 
 def server_step(state: ServerState,
@@ -100,8 +106,11 @@ def make(loss_fn: Callable,
          client_tx: optax.GradientTransformation,
          server_tx: optax.GradientTransformation,
          chunk: int,
-         prox_mu: float = 0.0) -> Algorithm:
-    """FedAvg (prox_mu = 0) or FedProx (prox_mu > 0) over whatever tree ``init`` is given."""
+         prox_mu: float = 0.0,
+         mesh: Mesh | None = None) -> Algorithm:
+    """FedAvg (prox_mu = 0) or FedProx (prox_mu > 0) over whatever tree ``init`` is given.
+
+    With a ``mesh`` the round's clients are sharded over its 'clients' axis (see population)."""
     local_update = client.make_local_update(loss_fn, client_tx, prox_mu)
 
     def init(trainable: PyTree, rng: jax.Array) -> ServerState:
@@ -111,7 +120,7 @@ def make(loss_fn: Callable,
                            rng=rng)
 
     def apply(state: ServerState, frozen: PyTree, data: RoundData):
-        res = run_clients(local_update, state, frozen, data, chunk)
+        res = run_clients(local_update, state, frozen, data, chunk, mesh=mesh)
         new = server_step(state, aggregate.weighted_mean(res.delta, data.n_k), server_tx)
         return new, round_metrics(res, data)
 

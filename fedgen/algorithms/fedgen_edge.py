@@ -6,7 +6,7 @@ Delta A_k; the server averages them weighted by n_k and steps its optimizer (sgd
 """
 import jax
 
-from fedgen import lora
+from fedgen import lora, population
 from fedgen.algorithms import fedavg, optim
 
 
@@ -17,6 +17,7 @@ def variables(backbone: dict, config, rng: jax.Array) -> tuple[dict, dict]:
 
 
 def make(config, loss_fn) -> fedavg.Algorithm:
+    """The FedAvg engine with the config's optimizers, chunk, proximal weight and device mesh."""
     fed = config.fed
     return fedavg.make(loss_fn,
                        optim.build(fed.client_opt, fed.client_lr, 'fed.client_opt',
@@ -24,4 +25,5 @@ def make(config, loss_fn) -> fedavg.Algorithm:
                        optim.build(fed.server_opt, fed.server_lr, 'fed.server_opt',
                                    'fed.server_lr'),
                        fed.client_chunk,
-                       prox_mu=fed.prox_mu)
+                       prox_mu=fed.prox_mu,
+                       mesh=population.mesh_for(fed.num_devices))
