@@ -26,7 +26,11 @@ def label_histograms(hist: np.ndarray, class_names, path: str, max_clients: int 
     bottom = np.zeros(len(hist))
     colors = plt.get_cmap('tab10')
     for k, name in enumerate(class_names):
-        ax.bar(np.arange(len(hist)), hist[:, k], bottom=bottom, color=colors(k % 10), label=name,
+        ax.bar(np.arange(len(hist)),
+               hist[:, k],
+               bottom=bottom,
+               color=colors(k % 10),
+               label=name,
                width=0.9)
         bottom += hist[:, k]
     ax.set_xlabel('client')

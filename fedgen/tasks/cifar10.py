@@ -81,10 +81,13 @@ def validate(config) -> None:
 
 def model_config(config) -> unet.UNetConfig:
     m = config.model
-    return unet.UNetConfig(channels=m.channels, channel_mult=tuple(m.channel_mult),
+    return unet.UNetConfig(channels=m.channels,
+                           channel_mult=tuple(m.channel_mult),
                            num_res_blocks=m.num_res_blocks,
-                           attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
-                           groups=m.groups, lora_alpha=float(config.lora.alpha))
+                           attn_resolutions=tuple(m.attn_resolutions),
+                           num_heads=m.num_heads,
+                           groups=m.groups,
+                           lora_alpha=float(config.lora.alpha))
 
 
 def prepare(config) -> Task:
@@ -99,34 +102,63 @@ def prepare(config) -> Task:
     pub, rest = order[:n_pub], np.sort(order[n_pub:])
     pool = {'images': train.images[rest], 'labels': train.labels[rest]}
     p = d.partition
-    parts = partition.make(p.kind, len(rest), config.fed.num_clients, config.seed,
-                           labels=pool['labels'], alpha=p.alpha, k=p.k, min_size=p.min_size)
+    parts = partition.make(p.kind,
+                           len(rest),
+                           config.fed.num_clients,
+                           config.seed,
+                           labels=pool['labels'],
+                           alpha=p.alpha,
+                           k=p.k,
+                           min_size=p.min_size)
     tr, te = partition.local_split(parts, p.local_test_fraction, config.seed)
     cfg = model_config(config)
     model = unet.UNet(cfg)
     sched = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
     test_set = {'images': test.images, 'labels': test.labels}
-    return Task(model=model, model_cfg=cfg, schedule=sched, loss_fn=denoising_loss(model, sched),
+    return Task(model=model,
+                model_cfg=cfg,
+                schedule=sched,
+                loss_fn=denoising_loss(model, sched),
                 sampler=make_sampler(model, sched, config.eval.sample_batch,
                                      config.diffusion.sample_steps),
-                pool=pool, client_train=tr, client_test=te,
-                public={'images': train.images[pub], 'labels': train.labels[pub]},
-                valid=test_set, test=test_set, labels=pool['labels'],
+                pool=pool,
+                client_train=tr,
+                client_test=te,
+                public={
+                    'images': train.images[pub],
+                    'labels': train.labels[pub]
+                },
+                valid=test_set,
+                test=test_set,
+                labels=pool['labels'],
                 class_names=train.class_names)
 
 
 def recipe(config) -> dict:
-    return {'task': 'cifar10', 'seed': config.seed, 'model': config.model.to_dict(),
-            'diffusion': config.diffusion.to_dict(),
-            'pretrain': {k: v for k, v in config.pretrain.to_dict().items()
-                         if k != 'backbone_path'},
-            'public': {'source': config.data.source, 'limit': config.data.limit_per_class,
-                       'public_fraction': config.data.public_fraction}}
+    return {
+        'task': 'cifar10',
+        'seed': config.seed,
+        'model': config.model.to_dict(),
+        'diffusion': config.diffusion.to_dict(),
+        'pretrain': {
+            k: v
+            for k, v in config.pretrain.to_dict().items() if k != 'backbone_path'
+        },
+        'public': {
+            'source': config.data.source,
+            'limit': config.data.limit_per_class,
+            'public_fraction': config.data.public_fraction
+        }
+    }
 
 
 def classifier_recipe(config) -> dict:
-    return {'source': config.data.source, 'limit': config.data.limit_per_class,
-            'seed': config.seed, **config.metrics.classifier.to_dict()}
+    return {
+        'source': config.data.source,
+        'limit': config.data.limit_per_class,
+        'seed': config.seed,
+        **config.metrics.classifier.to_dict()
+    }
 
 
 def train_classifier(task: Task, config) -> dict:
@@ -134,15 +166,28 @@ def train_classifier(task: Task, config) -> dict:
     c = config.metrics.classifier
     x = np.concatenate([task.public['images'], task.pool['images']])
     y = np.concatenate([task.public['labels'], task.pool['labels']])
-    return classifier.train(x, y, len(task.class_names), c.steps, c.batch_size, c.lr, config.seed)
+    return classifier.train(x,
+                            y,
+                            len(task.class_names),
+                            c.steps,
+                            c.batch_size,
+                            c.lr,
+                            config.seed,
+                            feature_dim=c.feature_dim,
+                            widths=tuple(c.widths))
 
 
 def describe(task: Task) -> dict:
     sizes = np.array([len(i) for i in task.client_train])
-    return {'public_images': len(task.public['labels']), 'pool_images': len(task.pool['labels']),
-            'test_images': len(task.test['labels']), 'client_train_min': int(sizes.min()),
-            'client_train_median': float(np.median(sizes)), 'client_train_max': int(sizes.max()),
-            'model': dataclasses.asdict(task.model_cfg)}
+    return {
+        'public_images': len(task.public['labels']),
+        'pool_images': len(task.pool['labels']),
+        'test_images': len(task.test['labels']),
+        'client_train_min': int(sizes.min()),
+        'client_train_median': float(np.median(sizes)),
+        'client_train_max': int(sizes.max()),
+        'model': dataclasses.asdict(task.model_cfg)
+    }
 
 
 def init_backbone(task: Task, rng) -> dict:
@@ -169,8 +214,10 @@ def make_sampler(model: unet.UNet, schedule: diffusion.Schedule, batch: int,
 def sample_images(task: Task, config, variables: dict, rng, num: int) -> np.ndarray:
     """``num`` DDIM samples (diffusion.sample_steps steps) as uint8 [num, 32, 32, 3]."""
     bs = config.eval.sample_batch
-    out = [np.asarray(task.sampler(variables, jax.random.fold_in(rng, i)))
-           for i in range(-(-num // bs))]
+    out = [
+        np.asarray(task.sampler(variables, jax.random.fold_in(rng, i)))
+        for i in range(-(-num // bs))
+    ]
     return images.to_uint8(np.concatenate(out)[:num])
 
 
@@ -178,9 +225,11 @@ def generation_metrics(clf: dict, real_stats, fake: np.ndarray, target: np.ndarr
     """fd_classifier, gen_conf and gen_class_tv of uint8 samples against a target histogram."""
     probs = jax.nn.softmax(jnp.asarray(classifier.logits(clf, fake)), -1)
     hist = np.bincount(np.asarray(probs.argmax(-1)), minlength=len(target)) / len(fake)
-    return {'fd_classifier': classifier.fd_classifier(clf, real_stats, fake),
-            'gen_conf': float(probs.max(-1).mean()),
-            'gen_class_tv': float(0.5 * np.abs(hist - target / target.sum()).sum())}
+    return {
+        'fd_classifier': classifier.fd_classifier(clf, real_stats, fake),
+        'gen_conf': float(probs.max(-1).mean()),
+        'gen_class_tv': float(0.5 * np.abs(hist - target / target.sum()).sum())
+    }
 
 
 def evaluator(task: Task, config, split: str = 'valid', aux: dict | None = None):
@@ -212,4 +261,3 @@ def evaluator(task: Task, config, split: str = 'valid', aux: dict | None = None)
 def samples(task: Task, config, variables: dict, rng) -> np.ndarray:
     """eval.num_samples images for the sample grid, uint8 [n, 32, 32, 3]."""
     return sample_images(task, config, variables, rng, config.eval.num_samples)
-
