@@ -44,11 +44,39 @@ class Dense(nn.Module):
         return y
 
 
+CONV_IMPLS = ('xla', 'im2col')
+
+
+def im2col_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: str) -> jax.Array:
+    """The same convolution as XLA's, as patches @ kernel.
+
+    x [N, H, W, in] is padded exactly as XLA pads ('SAME'/'VALID'), its kh*kw shifted (strided)
+    views are concatenated on the channel axis into [N, H', W', kh*kw*in], and multiplied by the
+    kernel reshaped to [kh*kw*in, out]. Gradients are slices and matmuls, which XLA:CPU runs at full
+    speed inside loops (lax.scan / lax.map), where its native convolution gradients run 10-40x
+    slower than outside them (measured; see docs/performance.md).
+    """
+    kh, kw, cin, cout = kernel.shape
+    sh, sw = strides
+    pads = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), (sh, sw), padding)
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    ho = (xp.shape[1] - kh) // sh + 1
+    wo = (xp.shape[2] - kw) // sw + 1
+    views = [
+        xp[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :] for i in range(kh)
+        for j in range(kw)
+    ]
+    cols = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+    return cols @ kernel.reshape(kh * kw * cin, cout)
+
+
 class Conv(nn.Module):
     """NHWC convolution with an optional rank-r LoRA factorisation over channels.
 
     Shapes: x [N, H, W, in], W0 [kh, kw, in, out], A [kh, kw, in, r], B [r, out]. The update is
-    conv(x, A) B, i.e. delta W[h, w, i, o] = sum_r A[h, w, i, r] B[r, o].
+    conv(x, A) B, i.e. delta W[h, w, i, o] = sum_r A[h, w, i, r] B[r, o]. ``impl`` picks XLA's
+    native convolution ('xla', best on GPU/TPU) or :func:`im2col_conv` ('im2col', the same values,
+    best on CPU where training steps run inside loops).
     """
     features: int
     kernel_size: Sequence[int] = (3, 3)
@@ -56,10 +84,13 @@ class Conv(nn.Module):
     padding: str = 'SAME'
     use_bias: bool = True
     lora_alpha: float = 16.0
+    impl: str = 'xla'
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_init: Initializer = nn.initializers.zeros
 
     def _conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        if self.impl == 'im2col':
+            return im2col_conv(x, kernel, tuple(self.strides), self.padding)
         return jax.lax.conv_general_dilated(x,
                                             kernel,
                                             tuple(self.strides),

@@ -68,6 +68,8 @@ class UNetConfig:
     lora_alpha: LoRA scale numerator passed to every Dense/Conv (update = alpha / r * A B).
     image_channels: channels of the input and output images.
     image_size: input height = width; divisible by 2**(len(channel_mult) - 1).
+    conv_impl: 'xla' (native convolutions; GPU/TPU) or 'im2col' (patches @ kernel, same values;
+        on CPU, where XLA's convolution gradients are 10-40x slower inside loops).
     """
     channels: int = 64
     channel_mult: Sequence[int] = (1, 2, 2)
@@ -79,6 +81,7 @@ class UNetConfig:
     lora_alpha: float = 16.0
     image_channels: int = 3
     image_size: int = 32
+    conv_impl: str = 'xla'
 
     def __post_init__(self):
         # Tuples keep the config hashable (linen module attributes) whatever the caller passed.
@@ -110,6 +113,9 @@ class UNetConfig:
         if not pos_int(self.image_channels):
             raise ValueError(
                 f'model.image_channels must be an int >= 1, got {self.image_channels!r}')
+        if self.conv_impl not in layers.CONV_IMPLS:
+            raise ValueError(f'model.conv_impl must be one of {layers.CONV_IMPLS}, '
+                             f'got {self.conv_impl!r}')
         factor = 2**(len(self.channel_mult) - 1)
         if not pos_int(self.image_size) or self.image_size % factor:
             raise ValueError(f'model.image_size must be a positive multiple of {factor} '
@@ -143,11 +149,15 @@ class ResBlock(nn.Module):
     features: int
     groups: int
     lora_alpha: float
+    conv_impl: str = 'xla'
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
-        conv = lambda f, k, name: layers.Conv(
-            f, (k, k), lora_alpha=self.lora_alpha, kernel_init=_INIT, name=name)
+        conv = lambda f, k, name: layers.Conv(f, (k, k),
+                                              lora_alpha=self.lora_alpha,
+                                              impl=self.conv_impl,
+                                              kernel_init=_INIT,
+                                              name=name)
         h = nn.silu(nn.GroupNorm(self.groups, epsilon=1e-6, name='norm1')(x))
         h = conv(self.features, 3, 'conv1')(h)
         # Time conditioning is a per-channel shift, broadcast over space.
@@ -205,7 +215,7 @@ class UNet(nn.Module):
         alpha, groups = cfg.lora_alpha, cfg.groups
 
         def res(f, name):
-            return ResBlock(f, groups, alpha, name=name)
+            return ResBlock(f, groups, alpha, cfg.conv_impl, name=name)
 
         def attn(name):
             return AttnBlock(cfg.num_heads, groups, alpha, name=name)
@@ -214,6 +224,7 @@ class UNet(nn.Module):
             return layers.Conv(f, (3, 3),
                                strides=strides,
                                lora_alpha=alpha,
+                               impl=cfg.conv_impl,
                                kernel_init=init,
                                name=name)
 

@@ -87,6 +87,7 @@ def model_config(config) -> unet.UNetConfig:
                            attn_resolutions=tuple(m.attn_resolutions),
                            num_heads=m.num_heads,
                            groups=m.groups,
+                           conv_impl=m.conv_impl,
                            lora_alpha=float(config.lora.alpha))
 
 
