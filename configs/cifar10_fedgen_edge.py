@@ -70,12 +70,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                   sample_batch=100,
                   num_samples=100,
                   samples_every_eval=True)
-    c.metrics = dict(inception_path='',
-                     classifier=dict(steps=600,
-                                     batch_size=64,
-                                     lr=2e-3,
-                                     feature_dim=64,
-                                     widths=(16, 32, 64, 64)))
+    c.metrics = dict(
+        inception_path='',
+        cache_dir='',  # where the fd_classifier is cached ('' = the workdir)
+        classifier=dict(steps=600, batch_size=64, lr=2e-3, feature_dim=64, widths=(16, 32, 64, 64)))
+    # Personalization (experiments.personalize): E_p local epochs on each client's own train split.
+    c.personalize = dict(epochs=1, opt='adam', lr=5e-4, max_steps=0)
     c.checkpoint = dict(keep=3)
     if arg == 'tiny':
         c.data.update(limit_per_class=0, public_fraction=0.3)

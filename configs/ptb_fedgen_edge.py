@@ -13,7 +13,7 @@ local test split. The server pre-trains a 2-layer, 128-wide GPT (1.7M parameters
 output layer) for 500 Adam steps on the first 20% of ptb.train windows (the public portion,
 disjoint from client data). LoRA rank 4 on attention q, v and the MLP projections (0.85% of the
 model's bytes). Clients run 1 local epoch of Adam (lr 1e-2), capped at 8 steps of 16 windows; the
-server averages adapters weighted by n_k and applies sgd(1.0) (plain FedAvg). 30 rounds.
+server averages adapters weighted by n_k and applies sgd(1.0) (plain FedAvg). 60 rounds.
 """
 import ml_collections
 
@@ -40,19 +40,21 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.fed = dict(algorithm='fedgen_edge',
                  num_clients=100,
                  clients_per_round=10,
-                 rounds=30,
+                 rounds=60,
                  local_epochs=1,
                  batch_size=16,
-                 max_steps_per_epoch=0,
+                 max_steps_per_epoch=8,
                  client_opt='adam',
-                 client_lr=3e-3,
+                 client_lr=1e-2,
                  server_opt='sgd',
                  server_lr=1.0,
                  client_chunk=5,
                  client_mem_budget_mb=0.0,
                  num_devices=0,
                  prox_mu=0.0)
-    c.eval = dict(every=1, batch_size=128, num_samples=3, sample_len=20, samples_every_eval=False)
+    c.eval = dict(every=5, batch_size=128, num_samples=3, sample_len=20, samples_every_eval=False)
+    # Personalization (experiments.personalize): E_p local epochs on each client's own train split.
+    c.personalize = dict(epochs=1, opt='adam', lr=1e-3, max_steps=0)
     c.checkpoint = dict(keep=3)
     if arg == 'tiny':
         c.data.seq_len = 8
@@ -67,7 +69,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                      batch_size=4,
                      client_chunk=1,
                      max_steps_per_epoch=3)
-        c.eval.update(batch_size=16, num_samples=1, sample_len=4)
+        c.eval.update(every=1, batch_size=16, num_samples=1, sample_len=4)
     elif arg:
         raise ValueError(f'config argument must be "" or "tiny", got {arg!r}')
     c.lock()

@@ -59,7 +59,7 @@ def define_flags() -> None:
     flags.DEFINE_bool('quick', False, 'Fewer clients, rounds and pre-training steps.')
     flags.DEFINE_list('methods', [m for m, _ in METHODS], 'Subset of methods to run.')
     flags.DEFINE_string('backbone', '', 'A saved backbone to share (skips pre-training).')
-    flags.DEFINE_integer('epochs', 1, 'Personalization epochs E_p.')
+    flags.DEFINE_integer('epochs', None, 'Personalization epochs E_p (default: the config\'s).')
 
 
 def log(msg: str) -> None:
@@ -92,7 +92,7 @@ def run(task: str,
         arg: str = '',
         overrides: dict | None = None,
         backbone: str = '',
-        epochs: int = 1) -> list[dict]:
+        epochs: int | None = None) -> list[dict]:
     """Runs every method; returns the table rows (also written to workdir)."""
     task_mod = tasks.get(task)
     names = [m for m, _ in METHODS] if methods is None else list(methods)
@@ -110,6 +110,8 @@ def run(task: str,
         cfg = configs[m]
         if shared:
             cfg.pretrain.backbone_path = shared
+        if 'metrics' in cfg:  # one fd_classifier for every method
+            cfg.metrics.cache_dir = workdir
         wd = os.path.join(workdir, m)
         log(f'=== {labels[m]} ({m}) -> {wd}')
         t0 = time.time()
@@ -120,7 +122,8 @@ def run(task: str,
         restored = personal_exp.restore(cfg, wd, task=data)
         data = restored['task']  # same data/splits for every method: prepare once here
         t1 = time.time()
-        res, client_rows, psum = personal_exp.run_personalize(cfg, wd, epochs, restored)
+        e_p = cfg.personalize.epochs if epochs is None else epochs
+        res, client_rows, psum = personal_exp.run_personalize(cfg, wd, e_p, restored)
         personal_exp.write(wd, client_rows, psum)
         t_pers = time.time() - t1
         metric = task_mod.METRIC

@@ -38,7 +38,9 @@ FLAGS = flags.FLAGS  # --config and --workdir are experiments.train's flags (imp
 def define_flags() -> None:
     """This command's own flags (defined only when it is the program, so modules importing it
     do not collide)."""
-    flags.DEFINE_integer('epochs', 1, 'Local personalization epochs E_p (>= 0).')
+    flags.DEFINE_integer(
+        'epochs', None,
+        'Local personalization epochs E_p (>= 0); default config.personalize.epochs')
     flags.DEFINE_integer('show', 3, 'Personalized clients to sample from (0 = none).')
 
 
@@ -86,9 +88,10 @@ def run_personalize(config, workdir: str, epochs: int, run: dict) -> tuple:
     """(Personalized, rows, summary) for the restored ``run``; no files written."""
     fed, task = config.fed, run['task']
     keep = getattr(run['method'], 'personal', None)
+    pc = config.personalize
     res = personalize.personalize(
         task.loss_fn,
-        optim.build(fed.client_opt, fed.client_lr, 'fed.client_opt', 'fed.client_lr'),
+        optim.build(pc.opt, pc.lr, 'personalize.opt', 'personalize.lr'),
         run['frozen'],
         run['state'].trainable,
         task.pool,
@@ -99,7 +102,7 @@ def run_personalize(config, workdir: str, epochs: int, run: dict) -> tuple:
         seed=config.seed,
         chunk=fed.client_chunk,
         eval_batch_size=fed.batch_size,  # N clients x B examples in memory at once
-        max_steps=fed.max_steps_per_epoch,
+        max_steps=pc.max_steps,
         personal=None if keep is None else keep(run['state']))
     name, fn = metric_of(run['task_mod'])
     g, p = fn(res.global_loss), fn(res.personal_loss)
@@ -172,9 +175,10 @@ def write(workdir: str, rows: list[dict], summary: dict) -> None:
     histogram(rows, summary, os.path.join(workdir, 'personalization_gains.png'))
 
 
-def main_run(config, workdir: str, epochs: int, show: int) -> dict:
+def main_run(config, workdir: str, epochs: int | None, show: int) -> dict:
     t0 = time.time()
     config = load_config(workdir, config)
+    epochs = config.personalize.epochs if epochs is None else epochs
     run = restore(config, workdir)
     log(f'restored {config.fed.algorithm} round {run["step"]}; personalizing '
         f'{len(run["task"].client_train)} clients for {epochs} epoch(s)')

@@ -97,7 +97,8 @@ def auxiliaries(config, task, task_mod, workdir: str) -> dict:
     metrics.inception_path is set, Inception-v3 weights for FID."""
     aux = {}
     if hasattr(task_mod, 'train_classifier'):
-        aux['classifier'] = cached(workdir, 'classifier', task_mod.classifier_recipe(config),
+        root = config.metrics.get('cache_dir') or workdir
+        aux['classifier'] = cached(root, 'classifier', task_mod.classifier_recipe(config),
                                    lambda: task_mod.train_classifier(task, config))
     if config.get('metrics') and config.metrics.get('inception_path'):
         from fedgen.metrics import inception
@@ -132,10 +133,15 @@ def with_budget_chunk(config, task, frozen, trainable, steps: int):
     fed = config.fed
     if not fed.client_mem_budget_mb:
         return config
-    one = batching.pack_clients(task.pool, task.client_train, [0], config.seed, 0,
-                                fed.batch_size, fed.local_epochs, steps, fed.max_steps_per_epoch)
-    per_client = {'data': {'batches': one.batches, 'mask': one.mask},
-                  'rng': jax.random.split(jax.random.PRNGKey(0), 1)}
+    one = batching.pack_clients(task.pool, task.client_train, [0], config.seed, 0, fed.batch_size,
+                                fed.local_epochs, steps, fed.max_steps_per_epoch)
+    per_client = {
+        'data': {
+            'batches': one.batches,
+            'mask': one.mask
+        },
+        'rng': jax.random.split(jax.random.PRNGKey(0), 1)
+    }
     tx = optim.build(fed.client_opt, fed.client_lr, 'fed.client_opt', 'fed.client_lr')
     update = client.make_local_update(task.loss_fn, tx)
     per = population.client_bytes(lambda s, x: update(s[0], s[1], x['data'], x['rng']).delta,
