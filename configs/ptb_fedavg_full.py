@@ -1,7 +1,8 @@
 """Full-model FedAvg on PTB: the FedGen-Edge settings with every backbone weight trainable.
 
-Same backbone recipe (so the cached backbone is reused in the same workdir), data, split and
-optimizers; only ``fed.algorithm`` differs:
+Same backbone recipe (pre-training is deterministic, so a fresh workdir pre-trains the identical
+backbone; or point --config.pretrain.backbone_path at runs/ptb/backbone/<hash>), data, split and
+optimizers; only ``fed.algorithm`` and the client learning rate differ:
     python -m experiments.train --config configs/ptb_fedavg_full.py --workdir runs/ptb_full
     python -m experiments.train --config configs/ptb_fedavg_full.py:tiny --workdir runs/tiny_full
 """

@@ -8,7 +8,10 @@ from fedgen.models import layers
 
 
 def _xla(x, w, strides, padding):
-    return jax.lax.conv_general_dilated(x, w, strides, padding,
+    return jax.lax.conv_general_dilated(x,
+                                        w,
+                                        strides,
+                                        padding,
                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
@@ -33,8 +36,10 @@ def test_conv_impls_agree_with_lora():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
     mods = [layers.Conv(6, impl=impl) for impl in layers.CONV_IMPLS]
     params = mods[0].init(jax.random.PRNGKey(1), x)['params']
-    lora = {'a': jax.random.normal(jax.random.PRNGKey(2), (3, 3, 4, 2)),
-            'b': jax.random.normal(jax.random.PRNGKey(3), (2, 6))}
+    lora = {
+        'a': jax.random.normal(jax.random.PRNGKey(2), (3, 3, 4, 2)),
+        'b': jax.random.normal(jax.random.PRNGKey(3), (2, 6))
+    }
     outs = [m.apply({'params': params, 'lora': lora}, x) for m in mods]
     # float32 sums in another order; outputs are O(10) here (alpha / r = 8 scales the update).
     scale = float(np.abs(np.asarray(outs[0])).max())
