@@ -44,10 +44,10 @@ METHODS = (
 NO_GLOBAL = ('fedsa', 'local_only')
 QUICK = {
     'fed.num_clients': 20,
-    'fed.clients_per_round': 4,
-    'fed.rounds': 5,
+    'fed.clients_per_round': 5,
+    'fed.rounds': 12,
     'fed.max_steps_per_epoch': 4,
-    'pretrain.steps': 300,
+    'eval.every': 2,
 }
 
 FLAGS = flags.FLAGS  # --workdir is experiments.train's flag (imported above)

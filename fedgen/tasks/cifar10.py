@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedgen import diffusion, evaluation
+from fedgen import diffusion, evaluation, tasks
 from fedgen.data import batching, images, partition
 from fedgen.metrics import classifier
 from fedgen.models import unet
@@ -64,19 +64,8 @@ def denoising_loss(model: unet.UNet, schedule: diffusion.Schedule) -> Callable:
 
 
 def validate(config) -> None:
-    d, f = config.data, config.fed
-    if not 0.0 < d.public_fraction < 1.0:
-        raise ValueError(f'data.public_fraction must be in (0, 1), got {d.public_fraction}')
-    if d.partition.kind not in PARTITIONS:
-        raise ValueError(f'data.partition.kind must be one of {PARTITIONS}, got '
-                         f'{d.partition.kind!r}')
-    if not d.partition.alpha > 0:
-        raise ValueError(f'data.partition.alpha must be > 0, got {d.partition.alpha}')
-    if not (isinstance(f.num_clients, int) and f.num_clients >= 1):
-        raise ValueError(f'fed.num_clients must be an int >= 1, got {f.num_clients!r}')
-    if not 1 <= f.clients_per_round <= f.num_clients:
-        raise ValueError(f'fed.clients_per_round must be in [1, fed.num_clients={f.num_clients}]'
-                         f', got {f.clients_per_round}')
+    """One-line ValueErrors for the data/fed fields this task reads, before any loading."""
+    tasks.validate_split(config, PARTITIONS)
 
 
 def model_config(config) -> unet.UNetConfig:
@@ -179,14 +168,10 @@ def train_classifier(task: Task, config) -> dict:
 
 
 def describe(task: Task) -> dict:
-    sizes = np.array([len(i) for i in task.client_train])
     return {
-        'public_images': len(task.public['labels']),
+        **tasks.client_sizes(task.client_train), 'public_images': len(task.public['labels']),
         'pool_images': len(task.pool['labels']),
         'test_images': len(task.test['labels']),
-        'client_train_min': int(sizes.min()),
-        'client_train_median': float(np.median(sizes)),
-        'client_train_max': int(sizes.max()),
         'model': dataclasses.asdict(task.model_cfg)
     }
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedgen import objectives
+from fedgen import objectives, tasks
 from fedgen.data import partition, ptb, topics
 from fedgen.models import gpt
 
@@ -37,23 +37,12 @@ class Task(NamedTuple):
 
 def validate(config) -> None:
     """One-line ValueErrors for the data/fed fields this task reads, before any loading."""
-    d, f = config.data, config.fed
-    if not 0.0 < d.public_fraction < 1.0:
-        raise ValueError(f'data.public_fraction must be in (0, 1), got {d.public_fraction}')
+    tasks.validate_split(config, PARTITIONS)
+    d = config.data
     if not (isinstance(d.seq_len, int) and 2 <= d.seq_len <= config.model.n_positions):
         raise ValueError(
             f'data.seq_len must be in [2, model.n_positions={config.model.n_positions}]'
             f', got {d.seq_len}')
-    if d.partition.kind not in PARTITIONS:
-        raise ValueError(f'data.partition.kind must be one of {PARTITIONS}, got '
-                         f'{d.partition.kind!r}')
-    if not d.partition.alpha > 0:
-        raise ValueError(f'data.partition.alpha must be > 0, got {d.partition.alpha}')
-    if not (isinstance(f.num_clients, int) and f.num_clients >= 1):
-        raise ValueError(f'fed.num_clients must be an int >= 1, got {f.num_clients!r}')
-    if not 1 <= f.clients_per_round <= f.num_clients:
-        raise ValueError(f'fed.clients_per_round must be in [1, fed.num_clients={f.num_clients}]'
-                         f', got {f.clients_per_round}')
 
 
 def model_config(config, vocab_size: int) -> gpt.GPTConfig:
@@ -139,14 +128,10 @@ def recipe(config) -> dict:
 
 def describe(task: Task) -> dict:
     """Sizes for the log: windows per split, client sizes."""
-    sizes = np.array([len(i) for i in task.client_train])
     return {
-        'public_windows': len(task.public['tokens']),
+        **tasks.client_sizes(task.client_train), 'public_windows': len(task.public['tokens']),
         'pool_windows': len(task.pool['tokens']),
         'valid_windows': len(task.valid['tokens']),
-        'client_train_min': int(sizes.min()),
-        'client_train_median': float(np.median(sizes)),
-        'client_train_max': int(sizes.max()),
         'model': dataclasses.asdict(task.model_cfg)
     }
 
