@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from fedgen.metrics import frechet
+from fedgen.models import layers
 
 _FIELD = 'metrics.classifier'
 
@@ -38,7 +39,10 @@ class SmallCNN(nn.Module):
     def __call__(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
         for i, width in enumerate(self.widths):
             stride = 2 if i % 3 in (1, 2) else 1  # 32 -> 32 -> 16 -> 8 -> 8 for four layers
-            x = nn.relu(nn.Conv(width, (3, 3), (stride, stride), name=f'conv_{i}')(x))
+            # im2col: the training loop is a lax.scan, where XLA:CPU's own conv gradients are
+            # 10-40x slower (docs/performance.md); the values are the same.
+            conv = layers.Conv(width, (3, 3), (stride, stride), impl='im2col', name=f'conv_{i}')
+            x = nn.relu(conv(x))
         feats = nn.relu(nn.Dense(self.feature_dim, name='feature')(jnp.mean(x, axis=(1, 2))))
         return feats, nn.Dense(self.num_classes, name='logits')(feats)
 
