@@ -48,6 +48,7 @@ QUICK = {
     'fed.rounds': 12,
     'fed.max_steps_per_epoch': 4,
     'eval.every': 2,
+    'personalize.max_steps': 8,  # clients hold ~700 windows here: cap E_p's epoch at 8 steps
 }
 
 FLAGS = flags.FLAGS  # --workdir is experiments.train's flag (imported above)
