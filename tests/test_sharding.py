@@ -122,3 +122,48 @@ def test_client_bytes_grows_with_the_per_client_data():
     small = population.client_bytes(fn, shared, {'a': np.zeros((1, 8, 64), np.float32)})
     large = population.client_bytes(fn, shared, {'a': np.zeros((1, 512, 64), np.float32)})
     assert small > 0 and large >= 512 * 64 * 4 > small
+
+
+TRAIN_CHILD = r'''
+import json, sys
+import jax
+sys.path.insert(0, sys.argv[1])
+from test_train import _corpus
+import numpy as np, pathlib
+from configs import ptb_fedgen_edge
+from experiments import train
+
+d = pathlib.Path(sys.argv[2])
+rng = np.random.default_rng(0)
+for split, n in (('train', 700), ('valid', 60), ('test', 60)):
+    (d / f'ptb.{split}.txt').write_text(_corpus(rng, n))
+out = {}
+for devices in (1, 4):
+    c = ptb_fedgen_edge.get_config('tiny')
+    c.data.source, c.data.verify_md5 = str(d), False
+    c.fed.clients_per_round, c.fed.num_devices = 3, devices  # 3 clients padded to 4 devices
+    s = train.run(c, str(d / f'run{devices}'))
+    out[devices] = s['final_valid_loss']
+print(json.dumps(out))
+'''
+
+
+def test_train_entry_point_on_four_devices_equals_one(tmp_path):
+    """experiments.train with fed.num_devices=4 (padding + sharded placement) gives the same
+    final validation loss as the 1-device run."""
+    env = dict(os.environ,
+               XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               JAX_PLATFORMS='cpu')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, '-c', TRAIN_CHILD,
+         os.path.join(root, 'tests'),
+         str(tmp_path)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert abs(got['1'] - got['4']) < 1e-5, got
