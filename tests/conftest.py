@@ -38,3 +38,20 @@ class Tiny:
 @pytest.fixture(scope='session')
 def tiny():
     return Tiny()
+
+
+def write_ptb_corpus(directory) -> str:
+    """Writes a tiny two-topic corpus as ptb.{train,valid,test}.txt into ``directory``."""
+    rng = np.random.default_rng(0)
+    topics = [[f'w{i}' for i in range(30)], [f'v{i}' for i in range(30)]]
+    for split, n in (('train', 700), ('valid', 60), ('test', 60)):
+        lines = (' '.join(rng.choice(topics[(s // 20) % 2], size=rng.integers(4, 10)))
+                 for s in range(n))
+        (directory / f'ptb.{split}.txt').write_text('\n'.join(lines) + '\n')
+    return str(directory)
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+    """A tiny PTB-format corpus directory (synthetic; tests never read the real data)."""
+    return write_ptb_corpus(tmp_path_factory.mktemp('ptb'))

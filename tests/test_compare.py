@@ -4,25 +4,9 @@ import csv
 import math
 import os
 
-import numpy as np
 import pytest
 
 from experiments import compare
-
-
-def _corpus(rng, n):
-    topics = [[f'w{i}' for i in range(30)], [f'v{i}' for i in range(30)]]
-    return '\n'.join(' '.join(rng.choice(topics[(s // 20) % 2], size=rng.integers(4, 10)))
-                     for s in range(n)) + '\n'
-
-
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp('ptb')
-    rng = np.random.default_rng(0)
-    for split, n in (('train', 700), ('valid', 60), ('test', 60)):
-        (d / f'ptb.{split}.txt').write_text(_corpus(rng, n))
-    return str(d)
 
 
 def test_tiny_compare_runs_and_writes_the_table(corpus, tmp_path):

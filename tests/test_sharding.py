@@ -128,15 +128,13 @@ TRAIN_CHILD = r'''
 import json, sys
 import jax
 sys.path.insert(0, sys.argv[1])
-from test_train import _corpus
-import numpy as np, pathlib
+from conftest import write_ptb_corpus
+import pathlib
 from configs import ptb_fedgen_edge
 from experiments import train
 
 d = pathlib.Path(sys.argv[2])
-rng = np.random.default_rng(0)
-for split, n in (('train', 700), ('valid', 60), ('test', 60)):
-    (d / f'ptb.{split}.txt').write_text(_corpus(rng, n))
+write_ptb_corpus(d)
 out = {}
 for devices in (1, 4):
     c = ptb_fedgen_edge.get_config('tiny')

@@ -14,24 +14,6 @@ from fedgen import checkpoint
 from fedgen.algorithms import fedavg
 
 
-def _corpus(rng, n):
-    topics = [[f'w{i}' for i in range(0, 30)], [f'v{i}' for i in range(0, 30)]]
-    lines = []
-    for s in range(n):
-        words = topics[(s // 20) % 2]
-        lines.append(' '.join(rng.choice(words, size=rng.integers(4, 10))))
-    return '\n'.join(lines) + '\n'
-
-
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp('ptb')
-    rng = np.random.default_rng(0)
-    for split, n in (('train', 700), ('valid', 60), ('test', 60)):
-        (d / f'ptb.{split}.txt').write_text(_corpus(rng, n))
-    return str(d)
-
-
 def _config(corpus, module=ptb_fedgen_edge):
     c = module.get_config('tiny')
     c.data.source = corpus
