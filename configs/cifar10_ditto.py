@@ -12,7 +12,6 @@ from configs import cifar10_fedgen_edge
 
 def get_config(arg: str = ''):
     c = cifar10_fedgen_edge.get_config(arg)
-    with c.unlocked():
-        c.fed.ditto_lambda = 0.1
+    c.fed.ditto_lambda = 0.1
     c.fed.algorithm = 'ditto'
     return c

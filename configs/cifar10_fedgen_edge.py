@@ -35,10 +35,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
         limit_per_class=0,  # 0 = every image; >0 keeps the first n per class (quick runs)
         test_limit_per_class=0,
         public_fraction=0.1,  # a seeded 10% of the train images: the server's public portion
+        valid_fraction=0.02,  # the next 2% (1,000 images): held-out validation
         partition=dict(kind='dirichlet', alpha=0.3, k=2, min_size=10, local_test_fraction=0.2),
     )
-    c.model = dict(name='unet',
-                   channels=16,
+    c.model = dict(channels=16,
                    channel_mult=(1, 2, 2),
                    num_res_blocks=1,
                    attn_resolutions=(16, ),
@@ -62,7 +62,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                  client_chunk=5,
                  client_mem_budget_mb=0.0,
                  num_devices=0,
-                 prox_mu=0.0)
+                 prox_mu=0.0,
+                 prox_target='lora',
+                 ditto_lambda=0.0)
     c.eval = dict(every=5,
                   batch_size=64,
                   loss_images=512,

@@ -51,7 +51,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                  client_chunk=5,
                  client_mem_budget_mb=0.0,
                  num_devices=0,
-                 prox_mu=0.0)
+                 prox_mu=0.0,
+                 prox_target='lora',
+                 ditto_lambda=0.0)
     c.eval = dict(every=5, batch_size=128, num_samples=3, sample_len=20, samples_every_eval=False)
     # Personalization (experiments.personalize): E_p local epochs on each client's own train split.
     c.personalize = dict(epochs=1, opt='adam', lr=1e-3, max_steps=0)

@@ -12,8 +12,7 @@ from configs import ptb_fedgen_edge
 
 def get_config(arg: str = ''):
     c = ptb_fedgen_edge.get_config(arg)
-    with c.unlocked():
-        c.fed.prox_target = 'lora'  # or 'full': FedProx over every backbone weight
+    c.fed.prox_target = 'lora'  # or 'full': FedProx over every backbone weight
     c.fed.algorithm = 'fedprox'
     c.fed.prox_mu = 0.01
     return c

@@ -1,17 +1,30 @@
 """Exact communication cost, from the trees actually sent.
 
 Per round with C participating clients:
-    uplink   = C * bytes(upload(Delta_k))     (what one client sends, e.g. Delta A_k)
-    downlink = C * bytes(broadcast tree)      (the global trainable tree w_G)
-Bytes are counted from leaf shapes and dtypes (no compression, no headers).
+    uplink   = C * bytes(upload(Delta_k))     what one client sends (e.g. Delta A_k for FedSA)
+    downlink = C * bytes(download(w_G))       what the server broadcasts to one client
+Bytes are counted from leaf shapes and dtypes (no compression, no headers). Both views come from
+the method's :class:`~fedgen.base.Algorithm`, evaluated on abstract shapes (nothing runs).
 """
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
-from fedgen import lora
+from fedgen.base import Algorithm
 
 PyTree = Any
+
+
+def num_params(tree: PyTree) -> int:
+    """Total number of scalar entries in a pytree."""
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+
+
+def num_bytes(tree: PyTree) -> int:
+    """Total bytes of a pytree's leaves, from their shapes and dtypes."""
+    return int(sum(
+        np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 class RoundCost(NamedTuple):
@@ -21,10 +34,10 @@ class RoundCost(NamedTuple):
     down_round: int
 
 
-def round_cost(upload: Callable, trainable: PyTree, num_clients: int) -> RoundCost:
-    """Cost of one round; ``upload(delta)`` is the algorithm's view of what a client sends."""
-    sent = jax.eval_shape(upload, trainable)
-    up, down = lora.num_bytes(sent), lora.num_bytes(trainable)
+def round_cost(alg: Algorithm, trainable: PyTree, num_clients: int) -> RoundCost:
+    """Cost of one round with ``num_clients`` participating clients."""
+    up = num_bytes(jax.eval_shape(alg.upload, trainable))
+    down = num_bytes(jax.eval_shape(alg.download, trainable))
     return RoundCost(up, down, up * num_clients, down * num_clients)
 
 

@@ -13,7 +13,7 @@ to a model as the ``lora`` variable collection (see :mod:`fedgen.models.layers`)
 """
 import math
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,10 @@ PRESETS = {
     'attn_mlp': (r'attn/(q|k|v|o)/kernel$', r'mlp/(fc|proj)/kernel$'),
     # U-Net residual-block convolutions (rank-r over in/out channels, see models/layers.Conv).
     'conv': (r'res/conv\d/kernel$', ),
+    # Llama-family decoders (models/llama.py, Hugging Face module names).
+    'llama_qv': (r'self_attn/(q|v)_proj/kernel$', ),
+    'llama_attn': (r'self_attn/(q|k|v|o)_proj/kernel$', ),
+    'llama_attn_mlp': (r'self_attn/(q|k|v|o)_proj/kernel$', r'mlp/(gate|up|down)_proj/kernel$'),
 }
 DEFAULT_RULES = PRESETS['qv']
 
@@ -87,14 +91,14 @@ def init(rng: jax.Array, params: PyTree, rules: str | Sequence[str], rank: int) 
     return traverse_util.unflatten_dict(out)
 
 
-def scale(alpha: float, rank: int) -> float:
-    """The LoRA scaling alpha / r."""
-    return alpha / rank
+def scale(alpha: float, a: jax.Array) -> float:
+    """The LoRA scaling alpha / r, with r the adapter rank (the last axis of A)."""
+    return alpha / a.shape[-1]
 
 
 def delta(a: jax.Array, b: jax.Array, alpha: float) -> jax.Array:
     """(alpha / r) A B with shape [..., in, out]."""
-    return scale(alpha, a.shape[-1]) * jnp.tensordot(a, b, axes=1)
+    return scale(alpha, a) * jnp.tensordot(a, b, axes=1)
 
 
 def merge(params: PyTree, adapters: PyTree, alpha: float) -> PyTree:
@@ -107,21 +111,3 @@ def merge(params: PyTree, adapters: PyTree, alpha: float) -> PyTree:
             raise ValueError(f'adapter at {"/".join(path)} has no kernel in params')
         flat[kpath] = flat[kpath] + delta(ad[path + ('a', )], ad[path + ('b', )], alpha)
     return traverse_util.unflatten_dict(flat)
-
-
-def num_params(tree: PyTree) -> int:
-    """Total number of scalar entries in a pytree."""
-    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
-
-
-def num_bytes(tree: PyTree) -> int:
-    """Total bytes of a pytree's leaves, from their shapes and dtypes."""
-    return int(sum(
-        np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
-
-
-def select(tree: PyTree, leaf_names: Iterable[str]) -> PyTree:
-    """Sub-tree keeping only leaves whose last key is in ``leaf_names`` (e.g. {'a'})."""
-    names = set(leaf_names)
-    flat = traverse_util.flatten_dict(tree)
-    return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[-1] in names})

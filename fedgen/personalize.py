@@ -7,7 +7,7 @@ local train split,
 
 and is evaluated on its local test split with both trees,
 
-    L_k(w) = sum_i mean_i(w) weight_i / sum_i weight_i     (evaluation.dataset_loss per client),
+    L_k(w) = sum_i mean_i(w) weight_i / sum_i weight_i     (metrics.dataset_loss per client),
 
 so the per-client gain is metric(L_k(w_G)) - metric(L_k(w_k)) (for text, PPL = exp(L)). The global
 tree is only read, never changed. E_p = 0 skips training: w_k = w_G for every k, and the personal
@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedgen import client, evaluation, population
-from fedgen.algorithms import client_state
+from fedgen import client, client_state, population
 from fedgen.data import batching
+from fedgen.metrics import dataset_loss
 
 PyTree = Any
 # The host sampling stream of personalization: a "round" id no training round ever reaches.
@@ -71,7 +71,7 @@ def evaluate_clients(loss_fn: Callable, frozen: PyTree, stacked: PyTree, batches
 
     def one(shared, x):
         frz, key = shared
-        return evaluation.dataset_loss(loss_fn, {**frz, **x['w']}, x['batches'], key)
+        return dataset_loss.dataset_loss(loss_fn, {**frz, **x['w']}, x['batches'], key)
 
     return population.map_clients(one, (frozen, rng), {'w': stacked, 'batches': batches}, chunk)
 

@@ -4,8 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedgen import lora, objectives
-from fedgen.algorithms import fedavg
+from fedgen import engine, lora, objectives
 from fedgen.data import batching
 from fedgen.models import gpt
 
@@ -32,7 +31,7 @@ class Tiny:
 
     def algorithm(self, chunk, server='sgd'):
         server_tx = optax.sgd(1.0) if server == 'sgd' else optax.adam(1e-2)
-        return fedavg.make(self.loss_fn, optax.adam(1e-2), server_tx, chunk)
+        return engine.make(engine.Federation(optax.adam(1e-2), server_tx, 6, chunk), self.loss_fn)
 
 
 @pytest.fixture(scope='session')

@@ -15,12 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedgen import lora
+
 Initializer = Callable[..., Any]
-
-
-def _lora_scale(alpha: float, a: jax.Array) -> float:
-    """alpha / r, with r the adapter rank (the last axis of A)."""
-    return alpha / a.shape[-1]
 
 
 class Dense(nn.Module):
@@ -38,7 +35,7 @@ class Dense(nn.Module):
         if self.has_variable('lora', 'a'):
             a = self.get_variable('lora', 'a')
             b = self.get_variable('lora', 'b')
-            y = y + _lora_scale(self.lora_alpha, a) * ((x @ a) @ b)
+            y = y + lora.scale(self.lora_alpha, a) * ((x @ a) @ b)
         if self.use_bias:
             y = y + self.param('bias', self.bias_init, (self.features, ))
         return y
@@ -105,7 +102,7 @@ class Conv(nn.Module):
         if self.has_variable('lora', 'a'):
             a = self.get_variable('lora', 'a')
             b = self.get_variable('lora', 'b')
-            y = y + _lora_scale(self.lora_alpha, a) * (self._conv(x, a) @ b)
+            y = y + lora.scale(self.lora_alpha, a) * (self._conv(x, a) @ b)
         if self.use_bias:
             y = y + self.param('bias', self.bias_init, (self.features, ))
         return y

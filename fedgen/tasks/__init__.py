@@ -1,13 +1,75 @@
-"""Task modules: each exposes prepare(config) -> Task, recipe(config), describe(task),
-build_backbone(task, rng), samples(task, variables, rng)."""
+"""The task contract: what the federated loop needs from a task, as one typed value.
+
+A task module (``fedgen.tasks.ptb``, ``fedgen.tasks.cifar10``) exposes ``prepare(config) -> Task``.
+Every task has the fields below; optional capabilities are explicit fields that are ``None`` (or
+empty) when a task lacks them, never discovered with ``hasattr``:
+
+- ``classes``: class names, for tasks whose examples carry labels (per-client label histograms);
+- ``aux_nets``: evaluation networks the evaluator needs (e.g. the fd_classifier CNN), each with a
+  recipe (its cache key) and a ``build()`` that trains it;
+- ``client_metric``: the per-client personalization metric as a function of a mean loss
+  (text: perplexity = exp(L); images: the denoising MSE itself).
+
+Example dicts map field -> [N, ...] arrays; client splits are index arrays into ``pool``.
+"""
+import dataclasses
 import importlib
+from typing import Any, Callable, Optional
 
 import numpy as np
 
+PyTree = Any
 TASKS = ('ptb', 'cifar10')
+SAMPLE_KINDS = ('text', 'images')
+
+
+@dataclasses.dataclass(frozen=True)
+class AuxNet:
+    """An evaluation network: ``recipe`` (what determines it; its cache key) and ``build()``."""
+    recipe: dict
+    build: Callable[[], PyTree]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One task, ready to train (see the module docstring).
+
+    metric: the headline metric key of ``evaluator('valid', aux)``'s output (lower is better);
+    evaluator(split, aux) -> evaluate(variables) -> {metric: float} for split 'valid' | 'test';
+    sample(variables, rng): text samples (list[str]) or images uint8 [n, H, W, C] per
+    ``sample_kind``; recipe: what determines the pre-trained backbone (its cache key);
+    init_backbone(rng) -> params; backbone_shapes() -> ShapeDtypeStructs (no compute);
+    info: sizes for the run log; labels [M]: per-pool-example label or topic (-1 if none).
+    """
+    name: str
+    metric: str
+    loss_fn: Callable
+    pool: dict
+    client_train: list
+    client_test: list
+    public: dict
+    valid: dict
+    test: Optional[dict]
+    labels: np.ndarray
+    recipe: dict
+    info: dict
+    init_backbone: Callable
+    backbone_shapes: Callable
+    evaluator: Callable
+    sample: Callable
+    sample_kind: str
+    client_metric: tuple[str, Callable]
+    classes: Optional[tuple] = None
+    aux_nets: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.sample_kind not in SAMPLE_KINDS:
+            raise ValueError(f'task sample_kind must be one of {SAMPLE_KINDS}, got '
+                             f'{self.sample_kind!r}')
 
 
 def get(name: str):
+    """The task module called ``name`` (config field ``task``)."""
     if name not in TASKS:
         raise ValueError(f'task must be one of {list(TASKS)}, got {name!r}')
     return importlib.import_module(f'fedgen.tasks.{name}')

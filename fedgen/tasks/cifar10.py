@@ -2,13 +2,15 @@
 
 Data flow. CIFAR-10 train images (any loader of :mod:`fedgen.data.images`, path in
 ``data.source``) are shuffled with the seed; the first ``data.public_fraction`` is the server's
-public portion, used only to pre-train the backbone; the rest is the client pool, split over
-clients with Dirichlet(alpha) label skew (or k classes per client), and each client's images into
-local train/test parts. Evaluation uses the CIFAR-10 test split:
+public portion, used only to pre-train the backbone; the next ``data.valid_fraction`` is the
+held-out validation split (per-round metrics); the rest is the client pool, split over clients
+with label skew (or k classes per client), and each client's images into local train/test parts.
+The CIFAR-10 test split is used once, for the final numbers. Metrics on a split:
 
-- ``eps_mse``: the epsilon-MSE of the model on ``eval.loss_images`` test images (fixed noise);
+- ``eps_mse``: the epsilon-MSE of the model on ``eval.loss_images`` split images (fixed noise);
 - ``fd_classifier``: the Fréchet distance between the features of ``eval.fd_samples`` DDIM samples
-  and of all test images, in a small CNN classifier trained here on the train split. It is *not*
+  and of all the split's images, in a small CNN classifier trained on the public and pool
+  images. It is *not*
   FID; with Inception weights given (``metrics.inception_path``) ``fid`` is reported as well;
 - ``gen_conf``: the classifier's mean max-softmax on samples (how recognisable they are), and
   ``gen_class_tv``: total-variation distance between the samples' predicted-class histogram and the
@@ -21,16 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedgen import diffusion, evaluation, tasks
+from fedgen import diffusion, tasks
 from fedgen.data import batching, images, partition
-from fedgen.metrics import classifier
+from fedgen.metrics import classifier, dataset_loss
 from fedgen.models import unet
 
 PARTITIONS = ('dirichlet', 'k_classes', 'iid')
 METRIC = 'fd_classifier'  # headline metric (lower is better)
 
 
-class Task(NamedTuple):
+class Parts(NamedTuple):
+    """The task's internals that its evaluator and sampler read."""
     model: unet.UNet
     model_cfg: unet.UNetConfig
     schedule: diffusion.Schedule
@@ -39,8 +42,8 @@ class Task(NamedTuple):
     client_train: list
     client_test: list
     public: dict
-    valid: dict  # CIFAR-10 test split (all of it; eval subsets are taken from it)
-    test: dict
+    valid: dict  # held out from CIFAR-10 train (data.valid_fraction)
+    test: dict  # the CIFAR-10 test split
     labels: np.ndarray  # [M] pool labels
     class_names: tuple
     sampler: Callable  # jitted (variables, rng) -> float [eval.sample_batch, 32, 32, 3]
@@ -66,6 +69,9 @@ def denoising_loss(model: unet.UNet, schedule: diffusion.Schedule) -> Callable:
 def validate(config) -> None:
     """One-line ValueErrors for the data/fed fields this task reads, before any loading."""
     tasks.validate_split(config, PARTITIONS)
+    v = config.data.valid_fraction
+    if not 0.0 < v < 1.0 - config.data.public_fraction:
+        raise ValueError(f'data.valid_fraction must be in (0, 1 - data.public_fraction), got {v}')
 
 
 def model_config(config) -> unet.UNetConfig:
@@ -80,7 +86,36 @@ def model_config(config) -> unet.UNetConfig:
                            lora_alpha=float(config.lora.alpha))
 
 
-def prepare(config) -> Task:
+def prepare(config) -> tasks.Task:
+    """Loads the images, the public/pool split and the client partition (deterministic)."""
+    parts = prepare_parts(config)
+    return tasks.Task(name='cifar10',
+                      metric=METRIC,
+                      loss_fn=parts.loss_fn,
+                      pool=parts.pool,
+                      client_train=parts.client_train,
+                      client_test=parts.client_test,
+                      public=parts.public,
+                      valid=parts.valid,
+                      test=parts.test,
+                      labels=parts.labels,
+                      recipe=recipe(config),
+                      info=describe(parts),
+                      init_backbone=lambda rng: unet.init_params(parts.model_cfg, rng),
+                      backbone_shapes=lambda: unet.param_shapes(parts.model_cfg),
+                      evaluator=lambda split, aux: evaluator(parts, config, split, aux),
+                      sample=lambda variables, rng: samples(parts, config, variables, rng),
+                      sample_kind='images',
+                      client_metric=('denoise_mse', lambda x: x),
+                      classes=parts.class_names,
+                      aux_nets={
+                          'classifier':
+                          tasks.AuxNet(classifier_recipe(config),
+                                       lambda: train_classifier(parts, config))
+                      })
+
+
+def prepare_parts(config) -> Parts:
     """Loads the images, the public/pool split and the client partition (deterministic)."""
     validate(config)
     d = config.data
@@ -89,7 +124,9 @@ def prepare(config) -> Task:
     test = images.load(d.source, 'test', limit_per_class=d.test_limit_per_class or None)
     order = np.random.default_rng([config.seed, 0xC1]).permutation(len(train.labels))
     n_pub = int(round(d.public_fraction * len(order)))
-    pub, rest = order[:n_pub], np.sort(order[n_pub:])
+    n_val = int(round(d.valid_fraction * len(order)))
+    pub, val = order[:n_pub], order[n_pub:n_pub + n_val]
+    rest = np.sort(order[n_pub + n_val:])
     pool = {'images': train.images[rest], 'labels': train.labels[rest]}
     p = d.partition
     parts = partition.make(p.kind,
@@ -104,24 +141,29 @@ def prepare(config) -> Task:
     cfg = model_config(config)
     model = unet.UNet(cfg)
     sched = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
-    test_set = {'images': test.images, 'labels': test.labels}
-    return Task(model=model,
-                model_cfg=cfg,
-                schedule=sched,
-                loss_fn=denoising_loss(model, sched),
-                sampler=make_sampler(model, sched, config.eval.sample_batch,
-                                     config.diffusion.sample_steps),
-                pool=pool,
-                client_train=tr,
-                client_test=te,
-                public={
-                    'images': train.images[pub],
-                    'labels': train.labels[pub]
-                },
-                valid=test_set,
-                test=test_set,
-                labels=pool['labels'],
-                class_names=train.class_names)
+    return Parts(model=model,
+                 model_cfg=cfg,
+                 schedule=sched,
+                 loss_fn=denoising_loss(model, sched),
+                 sampler=make_sampler(model, sched, config.eval.sample_batch,
+                                      config.diffusion.sample_steps),
+                 pool=pool,
+                 client_train=tr,
+                 client_test=te,
+                 public={
+                     'images': train.images[pub],
+                     'labels': train.labels[pub]
+                 },
+                 valid={
+                     'images': train.images[val],
+                     'labels': train.labels[val]
+                 },
+                 test={
+                     'images': test.images,
+                     'labels': test.labels
+                 },
+                 labels=pool['labels'],
+                 class_names=train.class_names)
 
 
 def recipe(config) -> dict:
@@ -146,12 +188,14 @@ def classifier_recipe(config) -> dict:
     return {
         'source': config.data.source,
         'limit': config.data.limit_per_class,
+        'public_fraction': config.data.public_fraction,
+        'valid_fraction': config.data.valid_fraction,
         'seed': config.seed,
         **config.metrics.classifier.to_dict()
     }
 
 
-def train_classifier(task: Task, config) -> dict:
+def train_classifier(task: Parts, config) -> dict:
     """The fd_classifier feature network, trained on all train images (public + pool)."""
     c = config.metrics.classifier
     x = np.concatenate([task.public['images'], task.pool['images']])
@@ -167,7 +211,7 @@ def train_classifier(task: Task, config) -> dict:
                             widths=tuple(c.widths))
 
 
-def describe(task: Task) -> dict:
+def describe(task: Parts) -> dict:
     return {
         **tasks.client_sizes(task.client_train), 'public_images': len(task.public['labels']),
         'pool_images': len(task.pool['labels']),
@@ -176,28 +220,22 @@ def describe(task: Task) -> dict:
     }
 
 
-def init_backbone(task: Task, rng) -> dict:
-    return unet.init_params(task.model_cfg, rng)
-
-
-def backbone_shapes(task: Task) -> dict:
-    """ShapeDtypeStructs of the backbone params (no compute)."""
-    return unet.param_shapes(task.model_cfg)
-
-
 def make_sampler(model: unet.UNet, schedule: diffusion.Schedule, batch: int,
                  steps: int) -> Callable:
-    """One jitted DDIM sampler of a fixed batch shape, so every call reuses one compilation."""
+    """One jitted DDIM sampler of a fixed batch shape [batch, H, W, C] (the model's image size and
+    channels), so every call reuses one compilation."""
+    cfg = model.config
 
     @jax.jit
     def draw(variables, key):
         eps_fn = lambda x, t: model.apply(variables, x, t)
-        return diffusion.ddim_sample(eps_fn, schedule, (batch, 32, 32, 3), key, steps)
+        shape = (batch, cfg.image_size, cfg.image_size, cfg.image_channels)
+        return diffusion.ddim_sample(eps_fn, schedule, shape, key, steps)
 
     return draw
 
 
-def sample_images(task: Task, config, variables: dict, rng, num: int) -> np.ndarray:
+def sample_images(task: Parts, config, variables: dict, rng, num: int) -> np.ndarray:
     """``num`` DDIM samples (diffusion.sample_steps steps) as uint8 [num, 32, 32, 3]."""
     bs = config.eval.sample_batch
     out = [
@@ -218,32 +256,43 @@ def generation_metrics(clf: dict, real_stats, fake: np.ndarray, target: np.ndarr
     }
 
 
-def evaluator(task: Task, config, split: str = 'valid', aux: dict | None = None):
-    """evaluate(variables) -> {'eps_mse', and with aux['classifier']: 'fd_classifier', ...}.
+def evaluator(task: Parts, config, split: str = 'valid', aux: dict | None = None):
+    """evaluate(variables) -> {'eps_mse', with aux['classifier']: 'fd_classifier', 'gen_conf',
+    'gen_class_tv', and with aux['inception']: 'fid'}.
 
-    aux: {'classifier': params} (cached by the caller); the real feature stats are computed here
-    once over the whole split.
+    aux: {'classifier': params, 'inception': InceptionV3 variables} (loaded by the caller). The
+    reference feature statistics of both networks are computed here once, over the whole split;
+    each evaluation draws eval.fd_samples DDIM samples and scores the same samples with both.
     """
+    from fedgen.metrics import fid
+
     data = getattr(task, split)
     n = min(config.eval.loss_images, len(data['labels']))
     batches = batching.batch_all({'images': data['images'][:n]}, config.eval.batch_size)
     key = jax.random.PRNGKey(config.seed + 17)  # the same noise every evaluation
-    loss = jax.jit(lambda v: evaluation.dataset_loss(task.loss_fn, v, batches, key)[0])
-    clf = (aux or {}).get('classifier')
+    loss = jax.jit(lambda v: dataset_loss.dataset_loss(task.loss_fn, v, batches, key)[0])
+    clf, inc = (aux or {}).get('classifier'), (aux or {}).get('inception')
     real = classifier.feature_stats(clf, data['images']) if clf is not None else None
+    if inc is not None:
+        inc = jax.device_put(inc)  # ~95 MB: moved once, not at every batch
+        real_inc = fid.inception_stats(inc, data['images'])
     uniform = np.ones(len(task.class_names))
 
     def evaluate(variables) -> dict:
         out = {f'{split}_eps_mse': float(loss(variables))}
+        if clf is None and inc is None:
+            return out
+        fake = sample_images(task, config, variables, jax.random.PRNGKey(config.seed + 29),
+                             config.eval.fd_samples)
         if clf is not None:
-            fake = sample_images(task, config, variables, jax.random.PRNGKey(config.seed + 29),
-                                 config.eval.fd_samples)
             out.update(generation_metrics(clf, real, fake, uniform))
+        if inc is not None:
+            out['fid'] = fid.fid(inc, real_inc, fake)
         return out
 
     return evaluate
 
 
-def samples(task: Task, config, variables: dict, rng) -> np.ndarray:
+def samples(task: Parts, config, variables: dict, rng) -> np.ndarray:
     """eval.num_samples images for the sample grid, uint8 [n, 32, 32, 3]."""
     return sample_images(task, config, variables, rng, config.eval.num_samples)

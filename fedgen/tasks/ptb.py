@@ -9,30 +9,17 @@ and each client's windows are split into local train and local test parts. Valid
 use the official ptb.valid / ptb.test windows.
 """
 import dataclasses
-from typing import NamedTuple
 
+import jax
 import numpy as np
 
 from fedgen import objectives, tasks
+from fedgen.data import batching
+from fedgen.metrics import dataset_loss
 from fedgen.data import partition, ptb, topics
 from fedgen.models import gpt
 
 PARTITIONS = ('topic', 'iid', 'shards', 'quantity')
-
-
-class Task(NamedTuple):
-    """Everything the federated loop needs; example dicts map field -> [N, ...] arrays."""
-    model: gpt.GPT
-    model_cfg: gpt.GPTConfig
-    loss_fn: objectives.LossFn
-    pool: dict  # client example pool {'tokens': [M, T+1]}
-    client_train: list  # num_clients index arrays into pool
-    client_test: list
-    public: dict  # pre-training examples (disjoint from pool)
-    valid: dict
-    test: dict
-    labels: np.ndarray  # [M] topic id of each pool window (-1 when not topic-partitioned)
-    vocab: tuple
 
 
 def validate(config) -> None:
@@ -81,7 +68,7 @@ def split_clients(config, pool_windows: np.ndarray, vocab_size: int):
     return train, test, labels
 
 
-def prepare(config) -> Task:
+def prepare(config) -> tasks.Task:
     """Loads PTB (data.source), builds windows, the public/pool split and the client partition."""
     validate(config)
     data = ptb.load_ptb(config.data.source, verify=config.data.verify_md5)
@@ -95,17 +82,41 @@ def prepare(config) -> Task:
     train, test, labels = split_clients(config, pool, len(data.vocab))
     cfg = model_config(config, len(data.vocab))
     model = gpt.GPT(cfg)
-    return Task(model=model,
-                model_cfg=cfg,
-                loss_fn=objectives.next_token_loss(model),
-                pool={'tokens': pool},
-                client_train=train,
-                client_test=test,
-                public={'tokens': public},
-                valid={'tokens': ptb.windows(data.valid, t)},
-                test={'tokens': ptb.windows(data.test, t)},
-                labels=labels,
-                vocab=data.vocab)
+    loss_fn = objectives.next_token_loss(model)
+    splits = {
+        'valid': {
+            'tokens': ptb.windows(data.valid, t)
+        },
+        'test': {
+            'tokens': ptb.windows(data.test, t)
+        }
+    }
+    info = {
+        **tasks.client_sizes(train), 'public_windows': len(public),
+        'pool_windows': len(pool),
+        'valid_windows': len(splits['valid']['tokens']),
+        'model': dataclasses.asdict(cfg)
+    }
+    return tasks.Task(
+        name='ptb',
+        metric='valid_ppl',
+        loss_fn=loss_fn,
+        pool={'tokens': pool},
+        client_train=train,
+        client_test=test,
+        public={'tokens': public},
+        valid=splits['valid'],
+        test=splits['test'],
+        labels=labels,
+        recipe=recipe(config),
+        info=info,
+        init_backbone=lambda rng: gpt.init_params(cfg, rng),
+        backbone_shapes=lambda: jax.eval_shape(lambda: gpt.init_params(cfg, jax.random.PRNGKey(0))),
+        evaluator=lambda split, aux: evaluator(loss_fn, splits[split], split, config.eval.batch_size
+                                               ),
+        sample=lambda variables, rng: samples(model, data.vocab, config.eval, variables, rng),
+        sample_kind='text',
+        client_metric=('ppl', np.exp))
 
 
 def recipe(config) -> dict:
@@ -126,50 +137,20 @@ def recipe(config) -> dict:
     }
 
 
-def describe(task: Task) -> dict:
-    """Sizes for the log: windows per split, client sizes."""
-    return {
-        **tasks.client_sizes(task.client_train), 'public_windows': len(task.public['tokens']),
-        'pool_windows': len(task.pool['tokens']),
-        'valid_windows': len(task.valid['tokens']),
-        'model': dataclasses.asdict(task.model_cfg)
-    }
+def samples(model: gpt.GPT, vocab: tuple, ev, variables: dict, rng) -> list[str]:
+    """ev.num_samples texts of ev.sample_len words sampled after '<eos>' (a sentence start)."""
+    prompt = np.full((ev.num_samples, 1), vocab.index('<eos>'), np.int32)
+    out = jax.jit(lambda v, r: gpt.generate(model, v, prompt, ev.sample_len, r))(variables, rng)
+    return [ptb.decode(row[1:], vocab).replace('\n', ' / ') for row in np.asarray(out)]
 
 
-def init_backbone(task: Task, rng) -> dict:
-    """A randomly initialised backbone (pre-training starts here)."""
-    return gpt.init_params(task.model_cfg, rng)
+def evaluator(loss_fn, examples: dict, split: str, batch_size: int):
+    """A jitted evaluate(variables) -> {'<split>_loss', '<split>_ppl'} over ``examples``.
 
-
-def backbone_shapes(task: Task) -> dict:
-    """ShapeDtypeStructs of the backbone params (no compute)."""
-    import jax
-    return jax.eval_shape(lambda: gpt.init_params(task.model_cfg, jax.random.PRNGKey(0)))
-
-
-def samples(task: Task, config, variables: dict, rng) -> list[str]:
-    """eval.num_samples texts of eval.sample_len words sampled after '<eos>' (a sentence start)."""
-    import jax
-    num, length = config.eval.num_samples, config.eval.sample_len
-    prompt = np.full((num, 1), task.vocab.index('<eos>'), np.int32)
-    out = jax.jit(lambda v, r: gpt.generate(task.model, v, prompt, length, r))(variables, rng)
-    return [ptb.decode(row[1:], task.vocab).replace('\n', ' / ') for row in np.asarray(out)]
-
-
-METRIC = 'valid_ppl'  # the headline metric (lower is better), logged every eval round
-
-
-def evaluator(task: Task, config, split: str = 'valid', aux: dict | None = None):
-    """Returns a jitted evaluate(variables) -> {'<split>_loss', '<split>_ppl'} over the split.
-
-    ``aux`` (evaluation networks) is unused for text."""
-    del aux
-    import jax
-    from fedgen import evaluation
-    from fedgen.data import batching
-    batches = batching.batch_all(getattr(task, split), config.eval.batch_size)
+    The loss is the mean NLL per predicted token over all windows; ppl = exp(loss)."""
+    batches = batching.batch_all(examples, batch_size)
     loss = jax.jit(
-        lambda v: evaluation.dataset_loss(task.loss_fn, v, batches, jax.random.PRNGKey(0))[0])
+        lambda v: dataset_loss.dataset_loss(loss_fn, v, batches, jax.random.PRNGKey(0))[0])
 
     def evaluate(variables) -> dict:
         value = float(loss(variables))

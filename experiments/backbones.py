@@ -1,0 +1,68 @@
+"""The frozen backbone and the evaluation networks of a run: load, or build once and cache.
+
+    <workdir>/backbone/<recipe hash>/     the pre-trained backbone (Orbax)
+    <cache>/<aux name>/<recipe hash>/     evaluation networks (e.g. the fd_classifier)
+
+A recipe is what determines the tree (model, pre-training settings, public data, seed); its hash
+is the cache key, so runs with the same recipe share the tree and any change rebuilds it.
+"""
+import json
+import os
+import sys
+import time
+
+from tqdm import tqdm
+
+from experiments.console import log
+from fedgen import checkpoint, pretrain
+from fedgen.algorithms import optim
+
+
+def pretrained(config, task, workdir: str, rng) -> tuple[dict, dict]:
+    """(params, info): config.pretrain.backbone_path, or the workdir cache, or pre-trains the
+    task's backbone on its public portion and caches it."""
+    init = task.init_backbone(rng)
+    if config.pretrain.backbone_path:
+        params = checkpoint.load_tree(config.pretrain.backbone_path, init, 'pretrain.backbone_path')
+        return params, {'source': config.pretrain.backbone_path}
+    path = os.path.join(workdir, 'backbone', pretrain.recipe_hash(task.recipe))
+    if os.path.isdir(path):
+        log(f'backbone: cached {path}')
+        return checkpoint.load_tree(path, init, 'backbone cache'), {'source': path}
+    tx = optim.build(config.pretrain.opt, config.pretrain.lr, 'pretrain.opt', 'pretrain.lr')
+    t0, params, loss = time.time(), init, float('nan')
+    bar = tqdm(total=config.pretrain.steps, desc='pretrain', unit='step', file=sys.stdout)
+    for done, loss, params in pretrain.train(task.loss_fn, tx, init, task.public,
+                                             config.pretrain.steps, config.pretrain.batch_size,
+                                             config.seed):
+        bar.update(done - bar.n)
+        bar.set_postfix(loss=f'{loss:.3f}')
+    bar.close()
+    checkpoint.save_tree(path, params)
+    with open(os.path.join(path, 'recipe.json'), 'w') as f:
+        json.dump(task.recipe, f, indent=1, sort_keys=True)
+    return params, {'source': path, 'pretrain_s': round(time.time() - t0, 1), 'pretrain_loss': loss}
+
+
+def cached(root: str, name: str, recipe: dict, build) -> dict:
+    """A tree built by ``build()`` and cached under root/<name>/<recipe hash>."""
+    path = os.path.join(root, name, pretrain.recipe_hash(recipe))
+    if os.path.isdir(path):
+        return checkpoint.load_tree(path, None, f'{name} cache')
+    t0 = time.time()
+    tree = build()
+    checkpoint.save_tree(path, tree)
+    log(f'{name}: built in {time.time() - t0:.1f}s, cached at {path}')
+    return tree
+
+
+def auxiliaries(config, task, workdir: str) -> dict:
+    """The task's evaluation networks (cached by recipe under metrics.cache_dir or the workdir)
+    and, when metrics.inception_path is set, the Inception-v3 weights for FID."""
+    metrics = config.get('metrics') or {}
+    root = metrics.get('cache_dir') or workdir
+    aux = {name: cached(root, name, net.recipe, net.build) for name, net in task.aux_nets.items()}
+    if metrics.get('inception_path'):
+        from fedgen.metrics import inception
+        aux['inception'] = inception.load_params(metrics.inception_path)
+    return aux
