@@ -36,7 +36,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
         test_limit_per_class=0,
         public_fraction=0.1,  # a seeded 10% of the train images: the server's public portion
         valid_fraction=0.02,  # the next 2% (1,000 images): held-out validation
-        partition=dict(kind='dirichlet', alpha=0.3, k=2, min_size=10, local_test_fraction=0.2),
+        partition=dict(kind='dirichlet_label', alpha=0.3, k=2, min_size=10, local_test_fraction=0.2),
     )
     c.model = dict(channels=16,
                    channel_mult=(1, 2, 2),
@@ -78,7 +78,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
         classifier=dict(steps=600, batch_size=64, lr=2e-3, feature_dim=64, widths=(16, 32, 64, 64)))
     # Personalization (experiments.personalize): E_p local epochs on each client's own train split.
     c.personalize = dict(epochs=1, opt='adam', lr=5e-4, max_steps=0)
-    c.checkpoint = dict(keep=3)
+    c.checkpoint = dict(keep=3, overwrite=False)  # True: replace a run of another config
     if arg == 'tiny':
         c.data.update(limit_per_class=0, public_fraction=0.3)
         c.data.partition.update(min_size=2)

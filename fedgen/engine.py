@@ -19,7 +19,19 @@ The variants are fields of :class:`Federation`, not code paths of their own:
 - ``pooled``: centralized training on the pooled examples of the sampled clients (one
   shuffled sequential chain; no client, nothing sent);
 - ``reducer``: the server's reduction over the stacked [C, ...] uploads (weighted mean by
-  default; robust and private reductions plug in here).
+  default; robust and private reductions plug in here);
+- ``faults``: dropouts and stragglers (fates.draw: masks from fold_in(key, client id)) and
+  simulated attackers (attacks.apply on the uploads), all inside the one compiled round.
+
+Who counts. A sampled client k with n_k > 0 either reports (fate report_k = 1) or drops after the
+download; a straggler's step mask keeps only its first ceil(f_k S_k) real steps. An upload with a
+NaN or inf anywhere gets weight 0 (and is zeroed, since 0 * NaN = NaN). The reduction weights are
+
+    used_k = n_k * report_k * finite_k,
+
+and the round's metrics say how many clients were sampled, reported and used, and which ids sent
+non-finite updates (``nonfinite_ids`` [C], -1 where finite). A client that drops loses its round:
+kept per-client leaves (FedSA's B, local-only, Ditto) are not updated either.
 
 Client keys are fold_in(fold_in(rng, round), client id), so results do not depend on chunking,
 device count or client order; the mesh (population.client_mesh) shards the client axis.
@@ -32,7 +44,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from fedgen import aggregate, client, client_state, population
+from fedgen import aggregate, attacks, client, client_state, fates, population, robust
 from fedgen.base import Algorithm, ServerState
 from fedgen.data.batching import RoundData
 
@@ -42,6 +54,7 @@ PyTree = Any
 # round), with STREAM far above any round number, so no stream ever meets a client's key.
 SERVER_STREAM = 2**30 + 1
 FATE_STREAM = 2**30 + 2
+ATTACK_STREAM = 2**30 + 3
 Reducer = Callable[[PyTree, jax.Array, jax.Array, PyTree], tuple]
 
 
@@ -49,6 +62,31 @@ def weighted_mean_reducer(uploads: PyTree, weights: jax.Array, key: jax.Array, a
     """FedAvg's reduction: sum_k (w_k / sum_j w_j) u_k."""
     del key
     return aggregate.weighted_mean(uploads, weights), aux, {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Faults:
+    """Simulated faults (config ``fed.dropout_rate``, ``fed.straggler_rate``,
+    ``fed.straggler_min_frac`` and ``fed.attack.*``); the defaults simulate none.
+
+    The rates here are the run's defaults; a round may carry its own (RoundData.rates, traced, so
+    changing them never recompiles). Attackers are a fixed set of client ids (attacks.attacker_ids
+    from ``attack_seed``); ``attack`` is one of attacks.KINDS."""
+    dropout: float = 0.0
+    straggler: float = 0.0
+    straggler_min_frac: float = 1.0
+    attack: str = 'none'
+    attack_fraction: float = 0.0
+    attack_scale: float = 1.0
+    attack_noise_norm: float = 1.0
+    attack_seed: int = 0
+
+    def __post_init__(self):
+        fates.check_rates(self.dropout, self.straggler, self.straggler_min_frac, 0.0)
+        attacks.check(self.attack, self.attack_fraction, self.attack_scale, self.attack_noise_norm)
+
+    def rates(self) -> fates.FateRates:
+        return fates.FateRates.of(self.dropout, self.straggler, self.straggler_min_frac)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +107,7 @@ class Federation:
     pooled: bool = False
     reducer: Reducer = weighted_mean_reducer
     aux_init: Callable[[PyTree], PyTree] = lambda trainable: {}
+    faults: Faults = Faults()
 
     def __post_init__(self):
         if not (isinstance(self.num_clients, int) and self.num_clients >= 1):
@@ -130,16 +169,40 @@ def server_step(state: ServerState, avg_delta: PyTree,
                          opt_state=opt_state)
 
 
-def round_metrics(res: client.LocalResult, weights: jax.Array) -> dict:
-    """train_loss: sum of loss sums / total loss weight; delta_norm: mean update norm over the
-    clients with weight > 0; clients: how many of them there were."""
+def round_metrics(res: client.LocalResult, ids: jax.Array, n_k: jax.Array, report: jax.Array,
+                  finite: jax.Array) -> dict:
+    """train_loss: loss sums / loss weight over reporting clients; delta_norm: mean update norm
+    over the clients used; counts of clients sampled / reported / used / non-finite, and
+    nonfinite_ids [C] (the client id where the upload was non-finite, else -1)."""
+    sampled = (n_k > 0).astype(jnp.float32)
+    reported = sampled * report
+    used = reported * finite
     norms = jax.vmap(optax.global_norm)(res.delta)
-    active = (weights > 0).astype(jnp.float32)
+    bad = reported * (1.0 - finite)
     return {
-        'train_loss': res.loss_sum.sum() / jnp.maximum(res.weight.sum(), 1.0),
-        'delta_norm': (norms * active).sum() / jnp.maximum(active.sum(), 1.0),
-        'clients': active.sum()
+        'train_loss': (res.loss_sum * reported).sum() / jnp.maximum(
+            (res.weight * reported).sum(), 1.0),
+        'delta_norm': jnp.where(used > 0, norms, 0.0).sum() / jnp.maximum(used.sum(), 1.0),
+        'clients_sampled': sampled.sum(),
+        'clients_reported': reported.sum(),
+        'clients_used': used.sum(),
+        'clients_nonfinite': bad.sum(),
+        'nonfinite_ids': jnp.where(bad > 0, ids, -1)
     }
+
+
+def all_finite(tree: PyTree, c: int) -> jax.Array:
+    """[C] bool: client k's rows of every [C, ...] leaf are finite (all True for an empty tree)."""
+    if not jax.tree.leaves(tree):
+        return jnp.ones((c, ), bool)
+    return robust.finite_mask(tree)
+
+
+def zero_where(tree: PyTree, keep: jax.Array) -> PyTree:
+    """Rows k of every [C, ...] leaf with keep_k = 0 set to 0 (NaN-safe, unlike multiplying)."""
+    return jax.tree.map(
+        lambda x: jnp.where(keep.reshape((-1, ) + (1, ) * (x.ndim - 1)) > 0, x, 0).astype(x.dtype),
+        tree)
 
 
 def pool_round(batches: dict, key: jax.Array) -> dict:
@@ -190,16 +253,27 @@ def make(fed: Federation, loss_fn: Callable, mesh: Mesh | None = None) -> Algori
         pooled = pool_round(data.batches, jax.random.fold_in(key, 0))
         res = update(frozen, state.trainable, pooled, jax.random.fold_in(key, 1))
         new = server_step(state, res.delta, fed.server_tx)
+        sampled = (data.n_k > 0).sum().astype(jnp.float32)
+        finite = all_finite(jax.tree.map(lambda x: x[None], res.delta), 1)[0]
         return new.replace(round=state.round + 1), {
             'train_loss': res.loss_sum / jnp.maximum(res.weight, 1.0),
             'delta_norm': optax.global_norm(res.delta),
-            'clients': (data.n_k > 0).sum().astype(jnp.float32)
+            'clients_sampled': sampled,
+            'clients_reported': sampled,
+            'clients_used': jnp.where(finite, sampled, 0.0),
+            'clients_nonfinite': jnp.where(finite, 0.0, sampled),
+            'nonfinite_ids': jnp.full_like(data.client_ids, -1)
         }
+
+    faults = fed.faults
 
     def apply(state: ServerState, frozen: PyTree, data: RoundData):
         if fed.pooled:
             return centralized(state, frozen, data)
         ids, c = data.client_ids, data.client_ids.shape[0]
+        rates = faults.rates() if data.rates is None else data.rates
+        fate = fates.draw(stream_key(state, FATE_STREAM), ids, rates)
+        data = data.replace(mask=fates.apply_steps(data.mask, fate.step_frac))
         if fed.keep_local:
             start = client_state.gather(state.clients, ids)
         elif local:
@@ -208,20 +282,31 @@ def make(fed: Federation, loss_fn: Callable, mesh: Mesh | None = None) -> Algori
         else:
             start = None
         res = run_clients(update, state, frozen, data, fed.chunk, start=start, mesh=mesh)
-        weights = data.n_k
-        metrics = round_metrics(res, weights)
+        sent = upload(res.delta)
+        if faults.attack != 'none':
+            bad = attacks.attacker_mask(ids, fed.num_clients, faults.attack_fraction,
+                                        faults.attack_seed)
+            sent = attacks.apply(faults.attack, sent, bad, stream_key(state, ATTACK_STREAM),
+                                 faults.attack_scale, faults.attack_noise_norm)
+        kept = {} if not (fed.keep_local or local) else (
+            res.delta if fed.keep_local else client_state.split(res.delta, local)[1])
+        finite = (all_finite(sent, c) & all_finite(kept, c)).astype(jnp.float32)
+        metrics = round_metrics(res, ids, data.n_k, fate.report, finite)
+        live = fate.report * finite  # this client's work counts this round
+        weights = data.n_k * live
         new = state
         if fed.keep_local:
-            new = new.replace(clients=client_state.scatter_add(state.clients, ids, res.delta))
+            new = new.replace(
+                clients=client_state.scatter_add(state.clients, ids, zero_where(res.delta, live)))
         else:
-            key = stream_key(state, SERVER_STREAM)
-            avg, aux, extra = fed.reducer(upload(res.delta), weights, key, state.aux)
+            avg, aux, extra = fed.reducer(zero_where(sent, live), weights,
+                                          stream_key(state, SERVER_STREAM), state.aux)
             metrics.update(extra)
             if local:  # the kept leaves get a zero pseudo-gradient: the global copy stays put
-                kept_delta = client_state.split(res.delta, local)[1]
                 zeros = jax.tree.map(jnp.zeros_like, client_state.split(state.trainable, local)[1])
                 avg = client_state.join(avg, zeros)
-                new = new.replace(clients=client_state.scatter_add(state.clients, ids, kept_delta))
+                new = new.replace(
+                    clients=client_state.scatter_add(state.clients, ids, zero_where(kept, live)))
             new = server_step(new, avg, fed.server_tx).replace(aux=aux)
         if personal_update is not None:
             # Ditto: personal steps draw their own keys; their anchor is the pre-round w_G^t.
@@ -232,7 +317,9 @@ def make(fed: Federation, loss_fn: Callable, mesh: Mesh | None = None) -> Algori
                             fed.chunk,
                             start=client_state.gather(state.clients, ids),
                             mesh=mesh)
-            new = new.replace(clients=client_state.scatter_add(state.clients, ids, p.delta))
+            live_p = live * all_finite(p.delta, c)
+            new = new.replace(
+                clients=client_state.scatter_add(state.clients, ids, zero_where(p.delta, live_p)))
             metrics['personal_train_loss'] = p.loss_sum.sum() / jnp.maximum(p.weight.sum(), 1.0)
         return new.replace(round=state.round + 1), metrics
 

@@ -8,7 +8,7 @@ round function traces once. Every random choice derives from (seed, round, clien
 run packs exactly the same data as an unbroken one.
 """
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -22,6 +22,8 @@ class RoundData:
     batches: dict  # field -> [C, S, B, ...]; includes 'weight' [C, S, B]
     mask: np.ndarray  # [C, S] float32
     n_k: np.ndarray  # [C] float32
+    # Traced fate rates (fates.FateRates) for this round, or None for the method's own rates.
+    rates: Any = None
 
 
 def sample_clients(seed: int, rnd: int, num_clients: int, per_round: int) -> np.ndarray:

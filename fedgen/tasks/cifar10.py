@@ -28,7 +28,7 @@ from fedgen.data import batching, images, partition
 from fedgen.metrics import classifier, dataset_loss
 from fedgen.models import unet
 
-PARTITIONS = ('dirichlet', 'k_classes', 'iid')
+PARTITIONS = ('dirichlet_label', 'dirichlet_client', 'k_classes', 'quantity', 'iid')
 METRIC = 'fd_classifier'  # headline metric (lower is better)
 
 

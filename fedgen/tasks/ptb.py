@@ -50,7 +50,7 @@ def split_clients(config, pool_windows: np.ndarray, vocab_size: int):
     labels = np.full(n, -1, np.int32)
     if p.kind == 'topic':
         labels = topics.topic_labels(pool_windows, p.num_topics, seed, p.doc_windows, vocab_size)
-        parts = partition.make('dirichlet',
+        parts = partition.make('dirichlet_label',
                                n,
                                config.fed.num_clients,
                                seed,
