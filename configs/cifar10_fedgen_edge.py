@@ -36,7 +36,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
         test_limit_per_class=0,
         public_fraction=0.1,  # a seeded 10% of the train images: the server's public portion
         valid_fraction=0.02,  # the next 2% (1,000 images): held-out validation
-        partition=dict(kind='dirichlet_label', alpha=0.3, k=2, min_size=10, local_test_fraction=0.2),
+        partition=dict(kind='dirichlet_label', alpha=0.3, k=2, min_size=10,
+                       local_test_fraction=0.2),
     )
     c.model = dict(channels=16,
                    channel_mult=(1, 2, 2),
@@ -48,23 +49,33 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.diffusion = dict(schedule='linear', timesteps=1000, sample_steps=10)
     c.lora = dict(rank=2, alpha=16.0, targets=('attn', ))
     c.pretrain = dict(steps=600, batch_size=16, opt='adam', lr=1e-3, backbone_path='')
-    c.fed = dict(algorithm='fedgen_edge',
-                 num_clients=100,
-                 clients_per_round=10,
-                 rounds=20,
-                 local_epochs=1,
-                 batch_size=16,
-                 max_steps_per_epoch=4,
-                 client_opt='adam',
-                 client_lr=1e-3,
-                 server_opt='sgd',
-                 server_lr=1.0,
-                 client_chunk=5,
-                 client_mem_budget_mb=0.0,
-                 num_devices=0,
-                 prox_mu=0.0,
-                 prox_target='lora',
-                 ditto_lambda=0.0)
+    c.fed = dict(
+        algorithm='fedgen_edge',
+        num_clients=100,
+        clients_per_round=10,
+        rounds=20,
+        local_epochs=1,
+        batch_size=16,
+        max_steps_per_epoch=4,
+        client_opt='adam',
+        client_lr=1e-3,
+        server_opt='sgd',
+        server_lr=1.0,
+        client_chunk=5,
+        client_mem_budget_mb=0.0,
+        num_devices=0,
+        prox_mu=0.0,
+        prox_target='lora',
+        ditto_lambda=0.0,
+        # Faults (fedgen.fates, fedgen.attacks): rates in [0, 1); none by default.
+        dropout_rate=0.0,
+        straggler_rate=0.0,
+        straggler_min_frac=1.0,
+        over_select=0.0,
+        attack=dict(kind='none', fraction=0.0, scale=1.0, noise_norm=1.0),
+        # Server reduction (fedgen.robust): mean (weighted by n_k) or a robust one.
+        aggregator='mean',
+        robust=dict(beta=0.1, bound=0.0, f=1, m=0, iters=4, nu=1e-6))
     c.eval = dict(every=5,
                   batch_size=64,
                   loss_images=512,

@@ -6,7 +6,7 @@ calls these translators once and hands the typed values down.
 import jax
 from jax.sharding import Mesh
 
-from fedgen import algorithms, population
+from fedgen import algorithms, engine, fates, population, robust
 from fedgen.algorithms import optim
 
 
@@ -14,6 +14,42 @@ def lora_spec(config) -> algorithms.LoraSpec:
     lo = config.lora
     targets = (lo.targets, ) if isinstance(lo.targets, str) else tuple(lo.targets)
     return algorithms.LoraSpec(rank=lo.rank, alpha=float(lo.alpha), targets=targets)
+
+
+def faults(config) -> engine.Faults:
+    """Simulated dropouts, stragglers and attackers from ``config.fed``."""
+    fed = config.fed
+    fates.check_rates(fed.dropout_rate, fed.straggler_rate, fed.straggler_min_frac, fed.over_select)
+    a = fed.attack
+    return engine.Faults(dropout=float(fed.dropout_rate),
+                         straggler=float(fed.straggler_rate),
+                         straggler_min_frac=float(fed.straggler_min_frac),
+                         attack=a.kind,
+                         attack_fraction=float(a.fraction),
+                         attack_scale=float(a.scale),
+                         attack_noise_norm=float(a.noise_norm),
+                         attack_seed=config.seed)
+
+
+def round_clients(config) -> int:
+    """Clients sampled per round: ceil(C (1 + fed.over_select)), so that about C report."""
+    return fates.over_select(config.fed.clients_per_round, config.fed.over_select)
+
+
+def reducer(config) -> engine.Reducer:
+    """The server's reduction over the uploads: ``fed.aggregator`` with ``fed.robust.*``."""
+    fed = config.fed
+    name, hp = fed.aggregator, dict(fed.robust.to_dict())
+    robust.check(name, round_clients(config), fed.attack.fraction, **hp)
+    if name == 'mean':
+        return engine.weighted_mean_reducer
+
+    def reduce(uploads, weights, key, aux):
+        del key
+        out, metrics = robust.reduce(name, uploads, weights, **hp)
+        return out, aux, {k: v for k, v in metrics.items() if k != 'selected'}
+
+    return reduce
 
 
 def method_params(config, chunk: int | None = None) -> algorithms.MethodParams:
@@ -29,7 +65,9 @@ def method_params(config, chunk: int | None = None) -> algorithms.MethodParams:
                                    chunk=fed.client_chunk if chunk is None else chunk,
                                    prox_mu=float(fed.prox_mu),
                                    prox_target=fed.prox_target,
-                                   ditto_lambda=float(fed.ditto_lambda))
+                                   ditto_lambda=float(fed.ditto_lambda),
+                                   reducer=reducer(config),
+                                   faults=faults(config))
 
 
 def mesh(config) -> Mesh | None:

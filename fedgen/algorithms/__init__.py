@@ -40,7 +40,8 @@ class MethodParams:
 
     name: one of METHODS (config ``fed.algorithm``); num_clients: N; chunk: clients per vmap;
     prox_mu: FedProx's mu (any method; fedprox requires > 0); prox_target: what fedprox trains;
-    ditto_lambda: Ditto's lambda (> 0 for ditto); reducer: the server's reduction over uploads.
+    ditto_lambda: Ditto's lambda (> 0 for ditto); reducer: the server's reduction over uploads;
+    aux_init(trainable): the reduction's initial server-side state; faults: simulated faults.
     """
     name: str
     num_clients: int
@@ -53,6 +54,7 @@ class MethodParams:
     ditto_lambda: float = 0.0
     reducer: engine.Reducer = engine.weighted_mean_reducer
     aux_init: Optional[object] = None
+    faults: engine.Faults = engine.Faults()
 
     def __post_init__(self):
         if self.name not in METHODS:
@@ -68,8 +70,7 @@ class MethodParams:
     @property
     def full_model(self) -> bool:
         """Whether every backbone leaf is trainable (no adapters)."""
-        return self.name == 'fedavg_full' or (self.name == 'fedprox'
-                                              and self.prox_target == 'full')
+        return self.name == 'fedavg_full' or (self.name == 'fedprox' and self.prox_target == 'full')
 
 
 def variables(p: MethodParams, backbone: dict, rng: jax.Array) -> tuple[dict, dict]:
@@ -88,7 +89,8 @@ def federation(p: MethodParams) -> engine.Federation:
                   num_clients=p.num_clients,
                   chunk=p.chunk,
                   prox_mu=p.prox_mu,
-                  reducer=p.reducer)
+                  reducer=p.reducer,
+                  faults=p.faults)
     if p.aux_init is not None:
         common['aux_init'] = p.aux_init
     variant = {
