@@ -69,6 +69,9 @@ def denoising_loss(model: unet.UNet, schedule: diffusion.Schedule) -> Callable:
 def validate(config) -> None:
     """One-line ValueErrors for the data/fed fields this task reads, before any loading."""
     tasks.validate_split(config, PARTITIONS)
+    eta = config.diffusion.ddim_eta
+    if not (isinstance(eta, (int, float)) and eta >= 0):
+        raise ValueError(f'diffusion.ddim_eta must be a number >= 0, got {eta!r}')
     v = config.data.valid_fraction
     if not 0.0 < v < 1.0 - config.data.public_fraction:
         raise ValueError(f'data.valid_fraction must be in (0, 1 - data.public_fraction), got {v}')
@@ -146,7 +149,7 @@ def prepare_parts(config) -> Parts:
                  schedule=sched,
                  loss_fn=denoising_loss(model, sched),
                  sampler=make_sampler(model, sched, config.eval.sample_batch,
-                                      config.diffusion.sample_steps),
+                                      config.diffusion.sample_steps, config.diffusion.ddim_eta),
                  pool=pool,
                  client_train=tr,
                  client_test=te,
@@ -220,8 +223,11 @@ def describe(task: Parts) -> dict:
     }
 
 
-def make_sampler(model: unet.UNet, schedule: diffusion.Schedule, batch: int,
-                 steps: int) -> Callable:
+def make_sampler(model: unet.UNet,
+                 schedule: diffusion.Schedule,
+                 batch: int,
+                 steps: int,
+                 eta: float = 0.0) -> Callable:
     """One jitted DDIM sampler of a fixed batch shape [batch, H, W, C] (the model's image size and
     channels), so every call reuses one compilation."""
     cfg = model.config
@@ -230,7 +236,7 @@ def make_sampler(model: unet.UNet, schedule: diffusion.Schedule, batch: int,
     def draw(variables, key):
         eps_fn = lambda x, t: model.apply(variables, x, t)
         shape = (batch, cfg.image_size, cfg.image_size, cfg.image_channels)
-        return diffusion.ddim_sample(eps_fn, schedule, shape, key, steps)
+        return diffusion.ddim_sample(eps_fn, schedule, shape, key, steps, eta)
 
     return draw
 
