@@ -48,7 +48,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                    groups=4,
                    conv_impl='im2col')  # 'xla' on GPU/TPU (docs/performance.md)
     c.diffusion = dict(schedule='linear', timesteps=1000, sample_steps=10, ddim_eta=0.0)
-    c.lora = dict(rank=2, alpha=16.0, targets=('attn', ))
+    c.lora = dict(rank=2, alpha=16.0, targets=('attn', ), client_ranks='')
     c.pretrain = dict(steps=600, batch_size=16, opt='adam', lr=1e-3, backbone_path='')
     c.fed = dict(
         algorithm='fedgen_edge',

@@ -35,7 +35,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                        local_test_fraction=0.2),
     )
     c.model = dict(name='gpt', n_positions=32, n_embd=128, n_layer=2, n_head=4)
-    c.lora = dict(rank=4, alpha=16.0, targets=('qv_mlp', ))
+    c.lora = dict(rank=4, alpha=16.0, targets=('qv_mlp', ), client_ranks='')
     c.pretrain = dict(steps=500, batch_size=32, opt='adam', lr=3e-3, backbone_path='')
     c.fed = dict(
         algorithm='fedgen_edge',

