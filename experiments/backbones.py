@@ -4,7 +4,9 @@
     <cache>/<aux name>/<recipe hash>/     evaluation networks (e.g. the fd_classifier)
 
 A recipe is what determines the tree (model, pre-training settings, public data, seed); its hash
-is the cache key, so runs with the same recipe share the tree and any change rebuilds it.
+is the cache key, so runs with the same recipe share the tree and any change rebuilds it. Every
+cached tree carries a content checksum (fedgen.checkpoint); a cache that fails it is rebuilt,
+while an explicit ``pretrain.backbone_path`` that fails it is an error.
 """
 import json
 import os
@@ -18,6 +20,20 @@ from fedgen import checkpoint, pretrain
 from fedgen.algorithms import optim
 
 
+def load_cache(path: str, template, field: str):
+    """The cached tree at ``path``, or None when there is none. A cache that fails its content
+    checksum (or cannot be read) is moved aside with one warning line and rebuilt by the caller;
+    it is never deleted."""
+    if not os.path.isdir(path):
+        return None
+    try:
+        return checkpoint.load_tree(path, template, field)
+    except ValueError as e:
+        moved = checkpoint.move_aside(path)
+        log(f'warning: {field} {path} is unusable ({e}); moved to {moved}, rebuilding')
+        return None
+
+
 def pretrained(config, task, workdir: str, rng) -> tuple[dict, dict]:
     """(params, info): config.pretrain.backbone_path, or the workdir cache, or pre-trains the
     task's backbone on its public portion and caches it."""
@@ -26,9 +42,10 @@ def pretrained(config, task, workdir: str, rng) -> tuple[dict, dict]:
         params = checkpoint.load_tree(config.pretrain.backbone_path, init, 'pretrain.backbone_path')
         return params, {'source': config.pretrain.backbone_path}
     path = os.path.join(workdir, 'backbone', pretrain.recipe_hash(task.recipe))
-    if os.path.isdir(path):
+    got = load_cache(path, init, 'backbone cache')
+    if got is not None:
         log(f'backbone: cached {path}')
-        return checkpoint.load_tree(path, init, 'backbone cache'), {'source': path}
+        return got, {'source': path}
     tx = optim.build(config.pretrain.opt, config.pretrain.lr, 'pretrain.opt', 'pretrain.lr')
     t0, params, loss = time.time(), init, float('nan')
     bar = tqdm(total=config.pretrain.steps, desc='pretrain', unit='step', file=sys.stdout)
@@ -47,8 +64,9 @@ def pretrained(config, task, workdir: str, rng) -> tuple[dict, dict]:
 def cached(root: str, name: str, recipe: dict, build) -> dict:
     """A tree built by ``build()`` and cached under root/<name>/<recipe hash>."""
     path = os.path.join(root, name, pretrain.recipe_hash(recipe))
-    if os.path.isdir(path):
-        return checkpoint.load_tree(path, None, f'{name} cache')
+    got = load_cache(path, None, f'{name} cache')
+    if got is not None:
+        return got
     t0 = time.time()
     tree = build()
     checkpoint.save_tree(path, tree)
