@@ -49,6 +49,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
         client_lr=1e-2,
         server_opt='sgd',
         server_lr=1.0,
+        # FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021): momentum, second moment, tau.
+        server_b1=0.9,
+        server_b2=0.99,
+        server_tau=1e-3,
         client_chunk=5,
         client_mem_budget_mb=0.0,
         num_devices=0,
@@ -63,7 +67,24 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
         attack=dict(kind='none', fraction=0.0, scale=1.0, noise_norm=1.0),
         # Server reduction (fedgen.robust): mean (weighted by n_k) or a robust one.
         aggregator='mean',
-        robust=dict(beta=0.1, bound=0.0, f=1, m=0, iters=4, nu=1e-6))
+        robust=dict(beta=0.1, bound=0.0, f=1, m=0, iters=4, nu=1e-6),
+        # LoRA aggregation (fedgen.lora_aggregation); residual_rank: None = dense residual.
+        lora_aggregation='avg_ab',
+        residual_rank=ml_collections.config_dict.placeholder(int),
+        # User-level DP-FedAvg (fedgen.privacy): clip_norm 0 = off; delta 0 = 1/N;
+        # target_epsilon > 0 calibrates the noise multiplier for fed.rounds.
+        dp=dict(clip_norm=0.0,
+                noise_multiplier=0.0,
+                target_epsilon=0.0,
+                delta=0.0,
+                accountant='rdp',
+                sampling='fixed',
+                adaptive=False,
+                target_quantile=0.5,
+                clip_lr=0.2,
+                count_stddev=-1.0),
+        # Simulated secure aggregation (needs fed.dp.clip_norm > 0); scale 0 = largest safe.
+        secagg=dict(enabled=False, bits=32, scale=0.0))
     c.eval = dict(every=5, batch_size=128, num_samples=3, sample_len=20, samples_every_eval=False)
     # Personalization (experiments.personalize): E_p local epochs on each client's own train split.
     c.personalize = dict(epochs=1, opt='adam', lr=1e-3, max_steps=0)

@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedgen import aggregate, client, diffusion, lora, objectives
-from fedgen.algorithms import fedavg
+from fedgen import aggregate, client, diffusion, engine, lora, objectives
 from fedgen.data.batching import RoundData
 from fedgen.models import gpt, unet
+from fedgen.tasks import cifar10
 
 PTB = dict(model='gpt',
            vocab=10000,
@@ -66,15 +66,8 @@ def build(spec: dict):
         cfg = unet.UNetConfig()
         model = unet.UNet(cfg)
         params = unet.init_params(cfg, jax.random.PRNGKey(0))
-        sched = diffusion.linear_schedule()
-
-        def loss_fn(variables, batch, rng):
-            eps = lambda x, t: model.apply(variables, x, t)
-            per = diffusion.eps_loss_terms(eps, sched, batch['images'], rng)
-            w = batch['weight'].astype(jnp.float32)
-            return (per * w).sum() / jnp.maximum(w.sum(), 1.0), w.sum()
-
-        field = ('images', (32, 32, 3), np.float32, None)
+        loss_fn = cifar10.denoising_loss(model, diffusion.make_schedule('linear', 1000))
+        field = ('images', (32, 32, 3), np.uint8, 256)
     adapters = lora.init(jax.random.PRNGKey(1), params, spec['targets'], spec['rank'])
     return loss_fn, params, adapters, field
 
@@ -84,7 +77,7 @@ def round_data(spec: dict, field, c: int) -> RoundData:
     rng = np.random.default_rng(0)
     name, shape, dtype, high = field
     full = (c, spec['S'], spec['B']) + shape
-    x = rng.integers(0, high, full) if high else rng.standard_normal(full)
+    x = rng.integers(0, high, full)
     return RoundData(client_ids=np.arange(c, dtype=np.int32),
                      batches={
                          name: x.astype(dtype),
@@ -113,12 +106,16 @@ def child(job: dict) -> dict:
     else:
         frozen, trainable = {'params': params}, {'lora': adapters}
     client_tx, server_tx = optax.adam(1e-3), optax.sgd(1.0)
-    alg = fedavg.make(loss_fn, client_tx, server_tx, c if variant == 'vmap' else chunk)
+    fed = engine.Federation(client_tx,
+                            server_tx,
+                            num_clients=c,
+                            chunk=chunk if variant in ('chunk', 'full') else c)
+    alg = engine.make(fed, loss_fn)
     state = alg.init(trainable, jax.random.PRNGKey(2))
     t0 = time.perf_counter()
     if variant == 'loop':
         upd = jax.jit(client.make_local_update(loss_fn, client_tx))
-        keys = fedavg.client_keys(state, jnp.asarray(data.client_ids))
+        keys = engine.client_keys(state, jnp.asarray(data.client_ids))
         per = [(jax.tree.map(lambda x, k=k: jnp.asarray(x[k]), {
             'batches': data.batches,
             'mask': data.mask
@@ -127,7 +124,7 @@ def child(job: dict) -> dict:
         @jax.jit
         def finish(state, deltas, n_k):
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *deltas)
-            return fedavg.server_step(state, aggregate.weighted_mean(stacked, n_k), server_tx)
+            return engine.server_step(state, aggregate.weighted_mean(stacked, n_k), server_tx)
 
         def run(state):
             deltas = [upd(frozen, state.trainable, d, k, state.trainable).delta for d, k in per]
@@ -288,10 +285,11 @@ NOTES = """
   C=100). `population.chunk_for_budget(population.client_bytes(...), budget, C_local)` picks the
   chunk from a memory budget; `client_bytes` is XLA's memory analysis of a 2-client minus a
   1-client vmap of the client function (abstract shapes, no compute).
-- Sharding: `fedavg.make(..., mesh=population.client_mesh(n))` runs each device's C / n clients
-  under `jax.shard_map` (backbone and global adapters replicated, client axis P('clients')); the
-  weighted mean over the sharded client axis is a local sum plus an all-reduce. Checked equal to
-  the 1-device round on 4 fake CPU devices (tests/test_sharding.py).
+- Sharding: `engine.make(fed, loss_fn, mesh=population.client_mesh(n))` runs each device's
+  C / n clients under `jax.shard_map` (backbone and global adapters replicated, client axis
+  P('clients')); the weighted mean over the sharded client axis is a local sum plus an
+  all-reduce. Checked equal to the 1-device rounds of every method on 4 fake CPU devices
+  (tests/test_sharding.py).
 - GPU: no GPU was available for this run; nothing in fedgen assumes a CPU. On a GPU run this
   script unchanged and add the card's table here; there chunk = C (full vmap) is expected to win.
 """

@@ -4,19 +4,19 @@
     python -m experiments.compare --task ptb --quick --workdir runs/compare_quick  # ~10-15 min CPU
     python -m experiments.compare --task cifar10 --quick --workdir runs/compare_c10
 
-Each method is configs/<task>_<method>.py, run by experiments.train in <workdir>/<method> (the
-backbone is pre-trained once, by the first method, and shared through pretrain.backbone_path),
-then personalized by experiments.personalize (every client, E_p = 1 local epoch; Ditto, FedSA and
-local-only are evaluated with the personal trees they keep). Writes <workdir>/compare.csv,
-compare.md (also printed), compare.json and convergence.png (the headline metric against rounds,
-every method with a global model). --quick uses fewer clients, rounds and pre-training steps.
+Each method is configs/<task>_<method>.py, run by experiments.train.run in <workdir>/<method>
+(the backbone is pre-trained once, by the first method, and shared through
+pretrain.backbone_path), then personalized by experiments.personalize's functions (the same
+columns for every method: backbone, global (n/a for FedSA and local-only), personal = kept trees
+or the global model fine-tuned E_p epochs). Writes <workdir>/compare.csv, compare.md (also
+printed), compare.json and convergence.png (the headline metric against rounds, every method
+with a global model). --quick uses fewer clients, rounds and pre-training steps.
 """
 import csv
 import importlib
 import json
 import math
 import os
-import sys
 import time
 
 import matplotlib
@@ -24,7 +24,8 @@ from absl import app, flags, logging
 
 from experiments import personalize as personal_exp
 from experiments import train
-from fedgen import pretrain, tasks
+from experiments.console import guarded, log
+from fedgen import pretrain
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
@@ -40,8 +41,6 @@ METHODS = (
     ('fedavg_full', 'full-model FedAvg (+FT)'),
     ('centralized', 'centralized LoRA (pooled)'),
 )
-# Methods whose global tree is not a trained model (FedSA keeps B = 0; local-only never averages).
-NO_GLOBAL = ('fedsa', 'local_only')
 QUICK = {
     'fed.num_clients': 20,
     'fed.clients_per_round': 5,
@@ -51,20 +50,15 @@ QUICK = {
     'personalize.max_steps': 8,  # clients hold ~700 windows here: cap E_p's epoch at 8 steps
 }
 
-FLAGS = flags.FLAGS  # --workdir is experiments.train's flag (imported above)
-
 
 def define_flags() -> None:
     """This command's own flags (defined only when it is the program)."""
+    flags.DEFINE_string('workdir', None, 'Output directory (one sub-directory per method).')
     flags.DEFINE_string('task', 'ptb', 'ptb or cifar10.')
     flags.DEFINE_bool('quick', False, 'Fewer clients, rounds and pre-training steps.')
     flags.DEFINE_list('methods', [m for m, _ in METHODS], 'Subset of methods to run.')
     flags.DEFINE_string('backbone', '', 'A saved backbone to share (skips pre-training).')
     flags.DEFINE_integer('epochs', None, 'Personalization epochs E_p (default: the config\'s).')
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def set_field(config, dotted: str, value) -> None:
@@ -95,7 +89,6 @@ def run(task: str,
         backbone: str = '',
         epochs: int | None = None) -> list[dict]:
     """Runs every method; returns the table rows (also written to workdir)."""
-    task_mod = tasks.get(task)
     names = [m for m, _ in METHODS] if methods is None else list(methods)
     labels = dict(METHODS)
     bad = [m for m in names if m not in labels]
@@ -118,50 +111,74 @@ def run(task: str,
         t0 = time.time()
         summary = train.run(cfg, wd)
         t_train = time.time() - t0
-        if not shared:  # the first method pre-trained it: everyone else loads the same weights
-            shared = os.path.join(wd, 'backbone', pretrain.recipe_hash(task_mod.recipe(cfg)))
         restored = personal_exp.restore(cfg, wd, task=data)
         data = restored['task']  # same data/splits for every method: prepare once here
+        if not shared:  # the first method pre-trained it: everyone else loads the same weights
+            shared = os.path.join(wd, 'backbone', pretrain.recipe_hash(data.recipe))
         t1 = time.time()
         e_p = cfg.personalize.epochs if epochs is None else epochs
-        res, client_rows, psum = personal_exp.run_personalize(cfg, wd, e_p, restored)
+        _, client_rows, psum = personal_exp.run_personalize(cfg, e_p, restored)
         personal_exp.write(wd, client_rows, psum)
         t_pers = time.time() - t1
-        metric = task_mod.METRIC
-        glob = float('nan') if m in NO_GLOBAL else summary.get(f'final_{metric}', float('nan'))
-        rows.append({
-            'method':
-            labels[m],
-            'key':
-            m,
-            f'global_{metric}':
-            glob,
-            f'clients_global_{psum["metric"]}':
-            float('nan') if m in NO_GLOBAL else psum['mean_global'],
-            f'clients_personal_{psum["metric"]}':
-            psum['mean_personal'],
-            'share_improved':
-            psum['share_improved'],
-            'up_MB_round':
-            summary['up_bytes_per_round'] / 1e6,
-            'up_MB_total':
-            summary['up_bytes_total'] / 1e6,
-            'train_s':
-            round(t_train, 1),
-            'personalize_s':
-            round(t_pers, 1),
-            'backbone_metric':
-            summary.get(f'backbone_{metric}', float('nan')),
-        })
+        rows.append(table_row(m, labels[m], data.metric, summary, psum, t_train, t_pers))
         log(f'--- {m}: ' + ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}'
                                      for k, v in rows[-1].items() if k not in ('method', 'key')))
     write_table(workdir, rows)
-    plot(workdir, names, labels, task_mod.METRIC, rows)
+    plot(workdir, rows, data.metric)
     return rows
 
 
+def table_row(key: str, label: str, metric: str, summary: dict, psum: dict, t_train: float,
+              t_pers: float) -> dict:
+    """One method's row: NaN marks a column that does not apply (shown as n/a)."""
+    nan = float('nan')
+    m = psum['metric']
+    has_global = psum['has_global']
+    vs_g, vs_b = psum['vs_global'], psum['vs_backbone']
+    return {
+        'method':
+        label,
+        'key':
+        key,
+        'has_global':
+        has_global,
+        f'global_{metric}':
+        summary.get(f'final_{metric}', nan) if has_global else nan,
+        f'clients_backbone_{m}':
+        psum['mean_backbone'],
+        f'clients_global_{m}':
+        psum['mean_global'] if has_global else nan,
+        f'clients_personal_{m}':
+        psum['mean_personal'],
+        'personal':
+        psum['personal_source'],
+        'finetune_epochs':
+        (float(psum['finetune_epochs']) if psum['finetune_epochs'] is not None else nan),
+        'share_improved_vs_global':
+        vs_g['share_improved'] if vs_g else nan,
+        'share_improved_vs_backbone':
+        vs_b['share_improved'],
+        'shares_over':
+        psum['shares_over'],
+        'up_MB_round':
+        summary['up_bytes_per_round'] / 1e6,
+        'down_MB_client_round':
+        summary['down_bytes_per_client_round'] / 1e6,
+        'up_MB_total':
+        summary['up_bytes_total'] / 1e6,
+        'down_MB_total':
+        summary['down_bytes_total'] / 1e6,
+        'train_s':
+        round(t_train, 1),
+        'personalize_s':
+        round(t_pers, 1),
+        'backbone_metric':
+        summary.get(f'backbone_{metric}', nan),
+    }
+
+
 def markdown(rows: list[dict]) -> str:
-    keys = [k for k in rows[0] if k not in ('key', 'backbone_metric')]
+    keys = [k for k in rows[0] if k not in ('key', 'backbone_metric', 'has_global')]
 
     def cell(v):
         if isinstance(v, float):
@@ -186,17 +203,17 @@ def write_table(workdir: str, rows: list[dict]) -> None:
     log(f'backbone (no training): {rows[0]["backbone_metric"]:.4g}\n{md}')
 
 
-def plot(workdir: str, names: list[str], labels: dict, metric: str, rows: list[dict]) -> None:
+def plot(workdir: str, rows: list[dict], metric: str) -> None:
     """convergence.png: metric vs rounds for every method with a global model."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for m in names:
-        if m in NO_GLOBAL:
+    for r in rows:
+        if not r['has_global']:
             continue
-        with open(os.path.join(workdir, m, 'metrics.jsonl')) as f:
+        with open(os.path.join(workdir, r['key'], 'metrics.jsonl')) as f:
             pts = [json.loads(x) for x in f if x.strip()]
-        pts = [(r['round'], r[metric]) for r in pts if metric in r]
+        pts = [(p['round'], p[metric]) for p in pts if metric in p]
         if pts:
-            ax.plot(*zip(*pts), marker='o', ms=3, label=labels[m])
+            ax.plot(*zip(*pts), marker='o', ms=3, label=r['method'])
     ax.axhline(rows[0]['backbone_metric'], color='gray', ls=':', label='backbone (round 0)')
     ax.set_xlabel('round')
     ax.set_ylabel(metric)
@@ -211,19 +228,12 @@ def plot(workdir: str, names: list[str], labels: dict, metric: str, rows: list[d
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    if FLAGS.workdir is None:
+    f = flags.FLAGS
+    if f.workdir is None:
         raise app.UsageError('--workdir is required')
-    try:
-        run(FLAGS.task,
-            FLAGS.workdir,
-            FLAGS.methods,
-            quick=FLAGS.quick,
-            backbone=FLAGS.backbone,
-            epochs=FLAGS.epochs)
-    except ValueError as e:
-        sys.exit(f'error: {e}')
+    run(f.task, f.workdir, f.methods, quick=f.quick, backbone=f.backbone, epochs=f.epochs)
 
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main)
+    app.run(guarded(main))

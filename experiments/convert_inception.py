@@ -5,9 +5,10 @@ Input: the torch state_dict `pt_inception-2015-12-05-6726825d.pth` released with
 `fedgen.metrics.inception.load_params` (format in that module's docstring); pass its path as
 `metrics.inception_path` to get real FID.
 
-torch is needed only here, only to unpickle the file, and is not a fedgen dependency:
+torch is needed only here, only to unpickle the file, and is not a fedgen runtime dependency
+(it is the `interop` extra, which also runs the torch parity test in tests/test_inception.py):
 
-    pip install torch --index-url https://download.pytorch.org/whl/cpu   # once, anywhere
+    pip install -e .[interop]   # torch; CPU-only wheels: https://download.pytorch.org/whl/cpu
     python3 -m experiments.convert_inception \\
         --torch_weights pt_inception-2015-12-05-6726825d.pth --out inception_fid.npz
 

@@ -1,22 +1,29 @@
-"""Personalize a finished run: every client fine-tunes its own adapter from the global one.
+"""Personalize a finished run and report the same columns for every method.
 
     python -m experiments.personalize --workdir runs/ptb
     python -m experiments.personalize --workdir runs/ptb --config configs/ptb_fedgen_edge.py \
         --epochs 1
 
-Reads the run's config (``<workdir>/config.json``, or ``--config``), restores the final server
-state, fine-tunes all fed.num_clients clients for --epochs local epochs (methods that keep personal
-trees, e.g. Ditto, FedSA, local-only, use those instead), evaluates every client on its local test
-split with the global and the personal tree, and writes into the workdir:
-personal/<round>/ (the stacked personal trees, Orbax), personalization.csv (one row per client),
-personalization_gains.png (histogram of per-client gains) and personalization.json (summary).
-It prints the share of clients improved, the median and 10th/90th-percentile gain, and samples of
-2-3 personalized clients beside the global model (text, or an image grid for image tasks).
+Reads the run's config (``<workdir>/config.json``, or ``--config``) and restores its final server
+state. Each client's personal model is the method's kept tree (Ditto, FedSA, local-only) or the
+global model fine-tuned for E_p = --epochs local epochs (fedgen.personalize). Every client is
+evaluated on its local test split with the backbone alone, the global model (n/a for FedSA and
+local-only, which have none) and its personal model. Writes into the workdir: personal/<round>/
+(the stacked personal trees, Orbax), personalization.csv (one row per client),
+personalization.json (the summary), personalization_gains.png (per-client gains), and prints
+samples of 2-3 personalized clients beside the global model.
+
+Columns (one definition for every method; 'n/a' cells are empty in the CSV, null in the JSON):
+client, n_train, n_test; rounds_sampled (training rounds that sampled the client); trained (it
+was sampled and, for methods that keep per-client trees, its tree moved from the initial one);
+backbone_<m>, global_<m>, personal_<m> (m = ppl for text, denoise_mse for images) and their
+losses; gain_vs_global = global - personal, gain_vs_backbone = backbone - personal. For methods
+that keep trees, untrained clients (still the initial tree) are left out of the shares.
 """
 import csv
 import json
+import math
 import os
-import sys
 import time
 
 import jax
@@ -24,28 +31,26 @@ import matplotlib
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
 
-from experiments import train
-from fedgen import algorithms, checkpoint, personalize, tasks
+from experiments import backbones, settings
+from experiments.console import guarded, log
+from fedgen import algorithms, checkpoint, personalize, plots
 from fedgen.algorithms import optim
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-FLAGS = flags.FLAGS  # --config and --workdir are experiments.train's flags (imported above)
-
 
 def define_flags() -> None:
-    """This command's own flags (defined only when it is the program, so modules importing it
-    do not collide)."""
+    """This command's own flags (defined only when it is the program, so modules importing its
+    functions do not collide)."""
+    config_flags.DEFINE_config_file('config', None, 'Config file; default <workdir>/config.json.')
+    flags.DEFINE_string('workdir', None, 'The finished run (experiments.train --workdir).')
     flags.DEFINE_integer(
         'epochs', None,
         'Local personalization epochs E_p (>= 0); default config.personalize.epochs')
     flags.DEFINE_integer('show', 3, 'Personalized clients to sample from (0 = none).')
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def load_config(workdir: str, config=None):
@@ -59,35 +64,52 @@ def load_config(workdir: str, config=None):
         return ml_collections.ConfigDict(json.load(f))
 
 
-def metric_of(task_mod) -> tuple[str, callable]:
-    """The per-client metric from a mean loss: PPL = exp(L) for text, the loss itself else."""
-    if task_mod.METRIC.endswith('ppl'):
-        return 'ppl', np.exp
-    return 'denoise_mse', lambda x: x
-
-
 def restore(config, workdir: str, task=None) -> dict:
-    """The finished run's task, frozen tree, method and final state (round = latest step)."""
-    task_mod = tasks.get(config.task)
-    task = task_mod.prepare(config) if task is None else task
-    params, _ = train.backbone(config, task, task_mod, workdir)
-    method = algorithms.get(config.fed.algorithm)
+    """The finished run's task, backbone, frozen tree, method, and its initial and final states
+    (round = the latest checkpoint). ``task`` reuses already prepared data."""
+    task = settings.prepare_task(config) if task is None else task
+    p = settings.preflight(config, task)
     rng = jax.random.PRNGKey(config.seed)
-    frozen, trainable = method.variables(params, config, jax.random.fold_in(rng, 1))
-    alg = method.make(config, task.loss_fn)
-    state = alg.init(trainable, jax.random.fold_in(rng, 2))
+    params, _ = backbones.pretrained(config, task, workdir, rng)
+    frozen, trainable = algorithms.variables(p, params, jax.random.fold_in(rng, 1))
+    alg = algorithms.make(p, task.loss_fn)
+    initial = alg.init(trainable, jax.random.fold_in(rng, 2))
     mngr = checkpoint.manager(workdir, config.checkpoint.keep)
     step = checkpoint.latest(mngr)
     if step is None:
         raise ValueError(f'--workdir {workdir} has no checkpoint (run experiments.train first)')
-    state = checkpoint.restore(mngr, step, state=state)['state']
-    return dict(task_mod=task_mod, task=task, method=method, frozen=frozen, state=state, step=step)
+    state = checkpoint.restore(mngr, step, state=initial)['state']
+    return dict(task=task,
+                method=p,
+                alg=alg,
+                backbone={'params': params},
+                frozen=frozen,
+                initial=initial,
+                state=state,
+                step=step)
 
 
-def run_personalize(config, workdir: str, epochs: int, run: dict) -> tuple:
+def rounds_sampled(config, step: int) -> np.ndarray:
+    """[N] int: how many of the training rounds 0..step-1 sampled each client."""
+    count = np.zeros(config.fed.num_clients, np.int64)
+    for rnd in range(step):
+        ids, present = settings.sample_round(config, rnd)
+        ids = np.asarray(ids)
+        if present is not None:
+            ids = ids[np.asarray(present, bool)]
+        np.add.at(count, ids, 1)
+    return count
+
+
+def _cell(v):
+    """A CSV/JSON cell: NaN (a column that does not apply, or no test data) -> None."""
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def run_personalize(config, epochs: int, run: dict) -> tuple:
     """(Personalized, rows, summary) for the restored ``run``; no files written."""
-    fed, task = config.fed, run['task']
-    keep = getattr(run['method'], 'personal', None)
+    fed, task, p, alg = config.fed, run['task'], run['method'], run['alg']
+    kept = alg.personal is not None
     pc = config.personalize
     res = personalize.personalize(
         task.loss_fn,
@@ -103,36 +125,57 @@ def run_personalize(config, workdir: str, epochs: int, run: dict) -> tuple:
         chunk=fed.client_chunk,
         eval_batch_size=fed.batch_size,  # N clients x B examples in memory at once
         max_steps=pc.max_steps,
-        personal=None if keep is None else keep(run['state']))
-    name, fn = metric_of(run['task_mod'])
-    g, p = fn(res.global_loss), fn(res.personal_loss)
+        personal=alg.personal(run['state']) if kept else None,
+        backbone=run['backbone'],
+        has_global=p.has_global)
+    sampled = rounds_sampled(config, run['step'])
+    trained = sampled > 0
+    if kept:  # a sampled client that dropped out every time still holds the initial tree
+        trained &= personalize.moved_rows(run['state'].clients, run['initial'].clients)
+    name, fn = task.client_metric
+    b, g, q = fn(res.backbone_loss), fn(res.global_loss), fn(res.personal_loss)
     rows = [{
         'client': k,
         'n_train': len(task.client_train[k]),
         'n_test': len(task.client_test[k]),
-        'global_loss': float(res.global_loss[k]),
-        'personal_loss': float(res.personal_loss[k]),
-        f'global_{name}': float(g[k]),
-        f'personal_{name}': float(p[k]),
-        'gain': float(g[k] - p[k])
+        'rounds_sampled': int(sampled[k]),
+        'trained': bool(trained[k]),
+        'backbone_loss': _cell(float(res.backbone_loss[k])),
+        'global_loss': _cell(float(res.global_loss[k])),
+        'personal_loss': _cell(float(res.personal_loss[k])),
+        f'backbone_{name}': _cell(float(b[k])),
+        f'global_{name}': _cell(float(g[k])),
+        f'personal_{name}': _cell(float(q[k])),
+        'gain_vs_global': _cell(float(g[k] - q[k])),
+        'gain_vs_backbone': _cell(float(b[k] - q[k]))
     } for k in range(len(task.client_train))]
-    summary = {'metric': name, 'epochs': epochs, 'round': int(run['step'])}
-    summary.update(personalize.gain_summary(g, p))
+    summary = {'method': p.name, 'metric': name, 'round': int(run['step'])}
+    summary.update(personalize.summary(fn, res, trained, kept, epochs))
     return res, rows, summary
 
 
 def histogram(rows: list[dict], summary: dict, path: str) -> None:
-    """Fig. 5-style histogram of per-client gains (global minus personal metric)."""
-    gain = np.array([r['gain'] for r in rows if np.isfinite(r['gain'])])
+    """Fig. 5-style histogram of per-client gains against the global model (or, for methods
+    without one, against the backbone)."""
+    ref = 'global' if summary['has_global'] else 'backbone'
+    col = f'gain_vs_{ref}'
+    use = [
+        r for r in rows
+        if r[col] is not None and (r['trained'] or summary['personal_source'] != 'kept')
+    ]
+    gain = np.array([r[col] for r in use])
+    s = summary[f'vs_{ref}']
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.hist(gain, bins=min(30, max(5, len(gain) // 3)), color='tab:blue', alpha=0.8)
     ax.axvline(0.0, color='k', lw=1)
-    ax.axvline(summary['median_gain'], color='tab:red', ls='--', lw=1.2, label='median')
+    ax.axvline(s['median_gain'], color='tab:red', ls='--', lw=1.2, label='median')
     m = summary['metric'].upper()
-    ax.set_xlabel(f'{m} reduction after personalization (global - personal)')
+    ax.set_xlabel(f'{m} reduction by the personal model ({ref} - personal)')
     ax.set_ylabel('clients')
-    ax.set_title(f'{100 * summary["share_improved"]:.0f}% of {summary["clients"]} clients improve '
-                 f'(E_p={summary["epochs"]})')
+    how = (f'E_p={summary["finetune_epochs"]}'
+           if summary['finetune_epochs'] is not None else summary['personal_source'])
+    ax.set_title(f'{summary["method"]}: {100 * s["share_improved"]:.0f}% of {s["clients"]} '
+                 f'{summary["shares_over"]} improve ({how})')
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -140,23 +183,27 @@ def histogram(rows: list[dict], summary: dict, path: str) -> None:
 
 
 def show_samples(config, run: dict, personal, rows: list[dict], count: int, workdir: str) -> None:
-    """Samples of the global model beside ``count`` personalized clients (same sampling key):
-    the clients with the largest, median and smallest gain."""
-    order = sorted((r for r in rows if np.isfinite(r['gain'])), key=lambda r: -r['gain'])
+    """Samples of the global model (or the backbone, for methods without one) beside ``count``
+    trained clients (same key): those with the largest, median and smallest gain."""
+    col = 'gain_vs_global' if run['method'].has_global else 'gain_vs_backbone'
+    order = sorted((r for r in rows if r[col] is not None and r['trained']), key=lambda r: -r[col])
     if count <= 0 or not order:
         return
+    task = run['task']
     picks = [order[0], order[len(order) // 2], order[-1]][:count]
     key = jax.random.PRNGKey(config.seed + 7)
-    sample = lambda tree: run['task_mod'].samples(run['task'], config, {
-        **run['frozen'],
-        **tree
-    }, key)
-    outs = [('global', sample(run['state'].trainable))]
+    if run['method'].has_global:
+        outs = [('global', task.sample({**run['frozen'], **run['state'].trainable}, key))]
+    else:
+        outs = [('backbone', task.sample(run['backbone'], key))]
     for r in picks:
         tree = jax.tree.map(lambda x, k=r['client']: x[k], personal)
-        outs.append((f'client {r["client"]} (gain {r["gain"]:+.3g})', sample(tree)))
-    if isinstance(outs[0][1], np.ndarray):  # image task: one grid, a row per model
-        from experiments import plots
+        outs.append((f'client {r["client"]} (gain {r[col]:+.3g})',
+                     task.sample({
+                         **run['frozen'],
+                         **tree
+                     }, key)))
+    if task.sample_kind == 'images':  # one grid, a row per model
         path = os.path.join(workdir, 'personal_samples.png')
         plots.image_grid(np.concatenate([o for _, o in outs]), path, cols=len(outs[0][1]))
         log(f'samples (rows: {", ".join(n for n, _ in outs)}): {path}')
@@ -175,23 +222,39 @@ def write(workdir: str, rows: list[dict], summary: dict) -> None:
     histogram(rows, summary, os.path.join(workdir, 'personalization_gains.png'))
 
 
+def describe(summary: dict) -> str:
+    """The summary in two or three lines."""
+    m = summary['metric']
+    out = [
+        f'{summary["method"]} round {summary["round"]}: personal = {summary["personal_source"]}'
+        f' (E_p {summary["finetune_epochs"] if summary["finetune_epochs"] is not None else "n/a"}'
+        f'); {summary["clients_trained"]} of {summary["clients_tested"]} tested clients trained'
+    ]
+    for ref in ('global', 'backbone'):
+        s = summary[f'vs_{ref}']
+        if s is None:
+            out.append(f'  vs {ref}: n/a (the method has no {ref} model)')
+            continue
+        out.append(f'  vs {ref}: {100 * s["share_improved"]:.1f}% of {s["clients"]} '
+                   f'{summary["shares_over"]} improve; {m} gain median {s["median_gain"]:.3f} '
+                   f'(p10 {s["p10_gain"]:.3f}, p90 {s["p90_gain"]:.3f}); mean {m} '
+                   f'{s["mean_reference"]:.3f} -> {s["mean_personal"]:.3f}')
+    return '\n'.join(out)
+
+
 def main_run(config, workdir: str, epochs: int | None, show: int) -> dict:
     t0 = time.time()
     config = load_config(workdir, config)
     epochs = config.personalize.epochs if epochs is None else epochs
     run = restore(config, workdir)
     log(f'restored {config.fed.algorithm} round {run["step"]}; personalizing '
-        f'{len(run["task"].client_train)} clients for {epochs} epoch(s)')
-    res, rows, summary = run_personalize(config, workdir, epochs, run)
+        f'{len(run["task"].client_train)} clients')
+    res, rows, summary = run_personalize(config, epochs, run)
     path = checkpoint.save_personal(workdir, run['step'], res.personal)
     write(workdir, rows, summary)
     summary['wall_s'] = round(time.time() - t0, 1)
-    m = summary['metric']
     log(f'personal trees: {path}')
-    log(f'clients improved: {100 * summary["share_improved"]:.1f}% of {summary["clients"]}; '
-        f'{m} gain median {summary["median_gain"]:.3f} (p10 {summary["p10_gain"]:.3f}, '
-        f'p90 {summary["p90_gain"]:.3f}); mean {m} global {summary["mean_global"]:.3f} -> '
-        f'personal {summary["mean_personal"]:.3f}  ({summary["wall_s"]} s)')
+    log(describe(summary) + f'  ({summary["wall_s"]} s)')
     log(f'wrote {workdir}/personalization.csv, personalization_gains.png, personalization.json')
     show_samples(config, run, res.personal, rows, show, workdir)
     return summary
@@ -200,14 +263,12 @@ def main_run(config, workdir: str, epochs: int | None, show: int) -> dict:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    if FLAGS.workdir is None:
+    f = flags.FLAGS
+    if f.workdir is None:
         raise app.UsageError('--workdir is required')
-    try:
-        main_run(FLAGS.config, FLAGS.workdir, FLAGS.epochs, FLAGS.show)
-    except ValueError as e:
-        sys.exit(f'error: {e}')
+    main_run(f.config, f.workdir, f.epochs, f.show)
 
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main)
+    app.run(guarded(main))

@@ -178,19 +178,25 @@ def sample_round(config, rnd: int) -> tuple[np.ndarray, np.ndarray | None]:
 def method_params(config, chunk: int | None = None) -> algorithms.MethodParams:
     """MethodParams from ``config.fed`` and ``config.lora`` (``chunk`` overrides the config's)."""
     fed = config.fed
+    reduce, aux_init = reducer(config)
+    server = optim.ServerOptSpec(fed.server_opt, fed.server_lr, fed.server_b1, fed.server_b2,
+                                 fed.server_tau)
     return algorithms.MethodParams(name=fed.algorithm,
                                    num_clients=fed.num_clients,
                                    client_tx=optim.build(fed.client_opt, fed.client_lr,
                                                          'fed.client_opt', 'fed.client_lr'),
-                                   server_tx=optim.build(fed.server_opt, fed.server_lr,
-                                                         'fed.server_opt', 'fed.server_lr'),
+                                   server_tx=optim.build_server(server),
                                    lora=lora_spec(config),
                                    chunk=fed.client_chunk if chunk is None else chunk,
                                    prox_mu=float(fed.prox_mu),
                                    prox_target=fed.prox_target,
                                    ditto_lambda=float(fed.ditto_lambda),
-                                   reducer=reducer(config),
-                                   faults=faults(config))
+                                   reducer=reduce,
+                                   aux_init=aux_init,
+                                   faults=faults(config),
+                                   lora_aggregation=fed.lora_aggregation,
+                                   residual_rank=fed.residual_rank,
+                                   client_ranks=client_ranks(config))
 
 
 def mesh(config) -> Mesh | None:

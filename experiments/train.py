@@ -5,9 +5,22 @@
         --config.fed.rounds=5
 
 Writes into the workdir: backbone/<recipe-hash>/ (cached pre-trained backbone), checkpoints/
-(Orbax, step = rounds done, automatic resume), metrics.jsonl (one row per round), summary.json.
-A bad config value, missing data or an unreadable checkpoint prints one line, ``error: ...``, and
-exits with status 2 before any compute.
+(Orbax, step = rounds done, automatic resume), config.json, metrics.jsonl (one row per round),
+TensorBoard event files, summary.json (see experiments/writers.py).
+
+One round t (1-based): sample and pack the round's clients (each process packs only its rows of
+the client axis) -> one jitted apply -> the host copy of the new state -> stop if it is not finite
+or no client was used -> the row (evaluation every eval.every rounds) -> metrics.jsonl and events
+-> the checkpoint of step t. The row is written before its checkpoint, so a kill at any moment
+resumes into exactly the rows and byte totals of an unbroken run (writers.py).
+
+Errors: a bad config value, missing data, an unreadable checkpoint, a workdir holding another
+config's run (unless checkpoint.overwrite), a non-finite global state or a round that used no
+client print one line, ``error: ...``, and exit with status 2; a failing round is never saved.
+
+Multi-host (``--distributed``): every process runs this same program; the client axis is sharded
+over all processes' devices, process 0 alone writes files (Orbax writes the checkpoints, a
+collective save), and every process computes the same rows.
 """
 import json
 import os
@@ -15,24 +28,19 @@ import sys
 import time
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from experiments import backbones, settings
+from experiments import backbones, settings, writers
 from experiments.console import guarded, log
 from fedgen import algorithms, checkpoint, client, comm, plots, population, tasks
 from fedgen.data import batching, images
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, cache and logs.')
-_DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', False, 'Call jax.distributed.initialize() (multi-host; reads the '
-    'coordinator settings from the environment).')
-
 
 def fmt(metrics: dict) -> str:
-    return '  '.join(f'{k} {v:.4g}' for k, v in metrics.items())
+    return '  '.join(f'{k} {v:.4g}' for k, v in metrics.items() if isinstance(v, float))
 
 
 def describe_clients(task: tasks.Task, workdir: str) -> None:
@@ -46,13 +54,12 @@ def describe_clients(task: tasks.Task, workdir: str) -> None:
     plots.label_histograms(hist, task.classes, os.path.join(workdir, 'label_histograms.png'))
 
 
-def write_samples(task: tasks.Task, out, workdir: str, tag: str) -> None:
-    """Image samples -> workdir/samples_<tag>.png; text samples -> printed."""
+def write_samples(task: tasks.Task, out, writer: writers.RunWriter, step: int, tag: str) -> None:
+    """Image samples -> workdir/samples_<tag>.png and TensorBoard; text -> console and TB."""
     if task.sample_kind == 'images':
-        path = os.path.join(workdir, f'samples_{tag}.png')
-        plots.image_grid(out, path)
-        log(f'samples: {path}')
+        log(f'samples: {writer.images(np.asarray(out), step, f"samples_{tag}")}')
     else:
+        writer.texts(list(out), step)
         log(f'samples from the global model ({tag}):\n' + '\n'.join(f'  > {t}' for t in out))
 
 
@@ -83,26 +90,35 @@ def budget_chunk(config, task: tasks.Task, p: algorithms.MethodParams, frozen, t
     return chunk
 
 
-def read_rows(path: str, upto: int) -> list[dict]:
-    """metrics.jsonl rows with round <= upto (rows past the restored round are dropped)."""
+def check_workdir(config, workdir: str) -> None:
+    """Refuses a workdir whose config.json is another run's (a field outside writers.RUN_FREE
+    differs) with one line showing the difference; checkpoint.overwrite=True clears that run's
+    outputs instead (the recipe-keyed caches stay)."""
+    path = os.path.join(workdir, 'config.json')
     if not os.path.exists(path):
-        return []
+        return
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if r['round'] <= upto]
-
-
-def write_rows(path: str, rows: list[dict]) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in rows)
-    os.replace(tmp, path)
+        old = json.load(f)
+    diff = writers.config_conflict(old, json.loads(config.to_json_best_effort()))
+    population.barrier('check_workdir')  # every process has read config.json before any write
+    if not diff:
+        return
+    if not config.checkpoint.overwrite:
+        raise ValueError(f'workdir {workdir} holds a run of another config ({"; ".join(diff)}); '
+                         'use another --workdir or --config.checkpoint.overwrite=True')
+    if population.is_primary():
+        gone = writers.clear_run(workdir)
+        log(f'checkpoint.overwrite: removed the run of another config ({"; ".join(diff)}): '
+            f'{", ".join(gone)}')
+    population.barrier('clear_run')
 
 
 def setup(config, workdir: str) -> dict:
     """Everything a run (or a later personalization of it) needs, from the config, before any
     round: the task, the frozen and trainable trees, the algorithm and its initial state."""
-    task = tasks.get(config.task).prepare(config)
+    settings.check_schedule(config)
+    settings.method_params(config)  # every fed/lora field, before any data is read
+    task = settings.prepare_task(config)
     p = settings.preflight(config, task)
     rng = jax.random.PRNGKey(config.seed)
     params, bb_info = backbones.pretrained(config, task, workdir, rng)
@@ -127,35 +143,96 @@ def setup(config, workdir: str) -> dict:
                 rng=rng)
 
 
+def round_data(config, task: tasks.Task, steps: int, rnd: int, mesh, rows: tuple[int, int],
+               width: int) -> batching.RoundData:
+    """Round ``rnd``'s RoundData, [width, ...] on the client axis (padding clients n_k = 0):
+    this process packs only its rows [lo, hi) and, with a mesh, the global arrays are
+    assembled from every process's rows."""
+    fed = config.fed
+    ids = batching.sample_clients(config.seed, rnd, fed.num_clients, fed.clients_per_round)
+    lo, hi = rows
+    mine = ids[lo:hi]
+    pack = lambda i: batching.pack_clients(task.pool, task.client_train, i, config.seed, rnd, fed.
+                                           batch_size, fed.local_epochs, steps, fed.
+                                           max_steps_per_epoch)
+    data = pack(mine) if len(mine) else jax.tree.map(np.zeros_like, pack(ids[:1]))
+    data = batching.pad_clients(data, hi - lo)  # -> exactly hi - lo rows
+    if mesh is None:
+        return data
+    put = lambda x: population.shard_clients(x, mesh, width)
+    return data.replace(client_ids=put(data.client_ids),
+                        batches=put(data.batches),
+                        mask=put(data.mask),
+                        n_k=put(data.n_k))
+
+
+def round_row(rnd: int, metrics: dict, last_saved: int, state_host) -> dict:
+    """The row of round ``rnd`` (1-based) from its fetched metrics; raises a one-line ValueError
+    (nothing of the round is saved) when no client was used or the global state is not finite."""
+    bad = [int(i) for i in np.ravel(metrics.pop('nonfinite_ids', [])) if i >= 0]
+    if bad:
+        log(f'warning: round {rnd}: clients {bad} sent non-finite updates (weight 0)')
+    used = metrics.get('clients_used', metrics.get('clients'))
+    keep = f'not saved; the latest checkpoint stays round {last_saved}'
+    if used is not None and float(used) == 0:
+        raise ValueError(f'round {rnd}: every sampled client was excluded (clients_used = 0); '
+                         f'{keep}')
+    if not checkpoint.is_finite(state_host):
+        raise ValueError(f'round {rnd}: the global state holds NaN or inf (diverged; lower '
+                         f'fed.client_lr or fed.server_lr); {keep}')
+    row = {'round': rnd}
+    for k, v in metrics.items():
+        v = np.asarray(v)
+        row[k] = float(v) if v.size == 1 else v.tolist()
+    if bad:
+        row['nonfinite_ids'] = bad
+    return row
+
+
 def run(config, workdir: str, stop_after: int | None = None) -> dict:
     """Runs (or resumes) the job; ``stop_after`` ends the process early after that many rounds
-    (as a kill between rounds would). Returns the summary dict."""
+    (as a kill between rounds would). Returns the summary dict (JSON-safe)."""
     t_start = time.time()
-    os.makedirs(workdir, exist_ok=True)
+    primary = population.is_primary()
+    if primary:
+        os.makedirs(workdir, exist_ok=True)
+    population.barrier('workdir')
+    check_workdir(config, workdir)
     r = setup(config, workdir)
     task, alg, state, frozen, mesh, rng = (r['task'], r['alg'], r['state'], r['frozen'], r['mesh'],
                                            r['rng'])
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        f.write(config.to_json_best_effort(indent=1))
+    fed, steps = config.fed, r['steps']
+    mngr = checkpoint.manager(workdir, config.checkpoint.keep)
+    start, items, warnings = checkpoint.restore_latest(mngr, state=jax.device_get(state))
+    for w in warnings:
+        log(f'warning: {w}')
+    start = start or 0
+    if start:
+        state = items['state']
+        log(f'resumed from round {start}')
+    writer = writers.RunWriter(workdir, start, primary)
+    if [row['round'] for row in writer.rows] != list(range(1, start + 1)):
+        log(f'warning: metrics.jsonl does not hold one row for each of rounds 1..{start}; '
+            'its byte totals count only the rounds it holds')
+    writer.config(config.to_json_best_effort(indent=1))
     log(f'data: {json.dumps(task.info)}')
-    describe_clients(task, workdir)
+    if primary:
+        describe_clients(task, workdir)
     aux = backbones.auxiliaries(config, task, workdir)
     evaluate = task.evaluator('valid', aux)
     bb_metrics = evaluate({'params': r['params']})
     log(f'backbone: {fmt(bb_metrics)}  ({r["bb_info"]})')
 
-    fed, steps = config.fed, r['steps']
-    mngr = checkpoint.manager(workdir, config.checkpoint.keep)
-    start = checkpoint.latest(mngr) or 0
-    metrics_path = os.path.join(workdir, 'metrics.jsonl')
-    if start:
-        state = checkpoint.restore(mngr, start, state=state)['state']
-        log(f'resumed from round {start}')
-    rows = read_rows(metrics_path, start)
-    write_rows(metrics_path, rows)
-    if mesh is not None:  # replicated once, so every round sees the same placement
-        state, frozen = population.replicate(state, mesh), population.replicate(frozen, mesh)
-    cost = comm.round_cost(alg, state.trainable, fed.clients_per_round)
+    # Devices: the state and frozen tree replicated once; the evaluator runs on host copies.
+    placed = ((population.replicate(state, mesh),
+               population.replicate(frozen, mesh)) if mesh is not None else
+              (jax.device_put(state), frozen))
+    state, frozen_dev = placed
+    width = fed.clients_per_round + (-fed.clients_per_round) % (mesh.size if mesh else 1)
+    rows = population.process_rows(mesh, width)
+    log(f'client axis: {width} rows over {mesh.size if mesh else 1} device(s) in '
+        f'{jax.process_count()} process(es); this process packs rows {rows[0]}..{rows[1] - 1}')
+    cost = comm.round_cost(alg, r['state'].trainable, fed.clients_per_round)
     full = comm.num_bytes(r['params'])
     adapters = comm.num_bytes(
         algorithms.variables(r['method'], r['params'], jax.random.PRNGKey(0))[1])
@@ -163,9 +240,10 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
         f'({fed.algorithm}); LoRA adapters {adapters:,} B = {100 * adapters / full:.3f}% of the '
         f'full model {full:,} B; local steps S={steps}')
     apply = jax.jit(alg.apply, donate_argnums=0)
+    last = writer.rows[-1] if writer.rows else {}
     totals = {
-        'up_bytes': rows[-1]['up_bytes_total'] if rows else 0,
-        'down_bytes': rows[-1]['down_bytes_total'] if rows else 0
+        'up_bytes': last.get('up_bytes_total', 0),
+        'down_bytes': last.get('down_bytes_total', 0)
     }
     end = fed.rounds if stop_after is None else min(fed.rounds, stop_after)
     bar = tqdm(range(start, end),
@@ -173,58 +251,57 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
                unit='round',
                file=sys.stdout,
                initial=start,
-               total=fed.rounds)
+               total=fed.rounds,
+               disable=not primary)
     sample_key = jax.random.fold_in(rng, 3)
-    for rnd in bar:
-        t0 = time.time()
-        ids = batching.sample_clients(config.seed, rnd, fed.num_clients, fed.clients_per_round)
-        data = batching.pack_clients(task.pool, task.client_train, ids, config.seed, rnd,
-                                     fed.batch_size, fed.local_epochs, steps,
-                                     fed.max_steps_per_epoch)
-        if mesh is not None:
-            data = batching.pad_clients(data, mesh.size)
-            data = population.shard_clients(data, mesh)
-        state, m = apply(state, frozen, data)
-        checkpoint.save(mngr, rnd + 1, state=state)
-        totals = comm.accumulate(totals, cost)
-        row = {
-            'round': rnd + 1,
-            **{
-                k: float(v)
-                for k, v in m.items()
-            }, 'up_bytes_round': cost.up_round,
-            'down_bytes_round': cost.down_round,
-            'up_bytes_total': totals['up_bytes'],
-            'down_bytes_total': totals['down_bytes']
-        }
-        if (rnd + 1) % config.eval.every == 0 or rnd + 1 == fed.rounds:
-            variables = {**frozen, **state.trainable}
-            row.update(evaluate(variables))
-            if config.eval.samples_every_eval:
-                write_samples(task, task.sample(variables, sample_key), workdir,
-                              f'round{rnd + 1:04d}')
-        row['round_s'] = round(time.time() - t0, 3)
-        rows.append(row)
-        write_rows(metrics_path, rows)
-        last = [r[task.metric] for r in rows if task.metric in r]
-        bar.set_postfix({
-            'loss': f'{row["train_loss"]:.3f}',
-            task.metric: f'{last[-1]:.2f}' if last else '-',
-            'up_MB': f'{totals["up_bytes"] / 1e6:.2f}'
-        })
-    bar.close()
-    checkpoint.wait(mngr)
+    host = population.to_host(state)
+    try:
+        for rnd in bar:
+            t0 = time.time()
+            data = round_data(config, task, steps, rnd, mesh, rows, width)
+            state, m = apply(state, frozen_dev, data)
+            host, m = population.to_host((state, m))
+            row = round_row(rnd + 1, m, rnd, host)
+            totals = comm.accumulate(totals, cost)
+            row.update({
+                'up_bytes_round': cost.up_round,
+                'down_bytes_round': cost.down_round,
+                'up_bytes_total': totals['up_bytes'],
+                'down_bytes_total': totals['down_bytes']
+            })
+            if (rnd + 1) % config.eval.every == 0 or rnd + 1 == fed.rounds:
+                variables = {**frozen, **host.trainable}
+                row.update(evaluate(variables))
+                if config.eval.samples_every_eval and primary:
+                    write_samples(task, task.sample(variables, sample_key), writer, rnd + 1,
+                                  f'round{rnd + 1:04d}')
+            row['round_s'] = round(time.time() - t0, 3)
+            row = writer.row(row)  # before the checkpoint: see the module docstring
+            checkpoint.save(mngr, rnd + 1, state=host)
+            seen = [x[task.metric] for x in writer.rows if x.get(task.metric) is not None]
+            bar.set_postfix({
+                'loss': f'{row["train_loss"] or float("nan"):.3f}',
+                task.metric: f'{seen[-1]:.2f}' if seen else '-',
+                'up_MB': f'{totals["up_bytes"] / 1e6:.2f}'
+            })
+    except BaseException:
+        writer.close()
+        raise
+    finally:
+        bar.close()
+        checkpoint.wait(mngr)  # the last good step is committed even when a round failed
     if end < fed.rounds:
+        writer.close()
         return {'stopped_after': end}
 
-    variables = {**frozen, **state.trainable}
+    variables = {**frozen, **host.trainable}
     # The last round was always evaluated; reuse it rather than evaluating again.
-    final = {k: v for k, v in rows[-1].items() if k in bb_metrics} if rows else {}
+    final = {k: v for k, v in writer.rows[-1].items() if k in bb_metrics} if writer.rows else {}
     if len(final) != len(bb_metrics):
         final = evaluate(variables)
     if task.test is not None:
         final.update(task.evaluator('test', aux)(variables))
-    summary = {
+    summary = writer.summary({
         'algorithm': fed.algorithm,
         'rounds': fed.rounds,
         **{
@@ -243,24 +320,43 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
         'local_steps': steps,
         'client_chunk': r['method'].chunk,
         'wall_s': round(time.time() - t_start, 1)
-    }
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-        json.dump(summary, f, indent=1)
+    })
     log('\n' + '\n'.join(f'{k:>28s}  {v:,.4g}' if isinstance(v, float) else f'{k:>28s}  {v}'
                          for k, v in summary.items()))
-    write_samples(task, task.sample(variables, sample_key), workdir, 'final')
+    if primary:
+        write_samples(task, task.sample(variables, sample_key), writer, fed.rounds, 'final')
+    writer.close()
     return summary
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """This command's flags, defined only when it is the program (modules importing
+    experiments.train for its functions define their own)."""
+    config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).')
+    flags.DEFINE_string('workdir', None, 'Directory for checkpoints, cache and logs.')
+    flags.DEFINE_bool(
+        'distributed', False, 'Call jax.distributed.initialize() first (multi-host). Settings '
+        'it is not given come from the cluster environment (SLURM, Open MPI, Cloud TPU, ...).')
+    flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (--distributed).')
+    flags.DEFINE_integer('num_processes', None, 'Processes (--distributed).')
+    flags.DEFINE_integer('process_id', None, 'This process, 0-based (--distributed).')
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
-    if _CONFIG.value is None or _WORKDIR.value is None:
+    if FLAGS.distributed:
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes,
+                                   process_id=FLAGS.process_id)
+    if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError('--config and --workdir are required')
-    run(_CONFIG.value, _WORKDIR.value)
+    run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(guarded(main))

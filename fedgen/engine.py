@@ -327,7 +327,7 @@ def make(fed: Federation, loss_fn: Callable, mesh: Mesh | None = None) -> Algori
                 jax.tree.map(jnp.subtract, new_lora, g['lora'])
             }
             return server_step(state.replace(aux=aux), avg, fed.server_tx), metrics
-        if 'lora' in sent and 'lora' in g and not local:
+        if 'lora' in sent and 'lora' in g and not local and lora_aggregation.has_modules(g['lora']):
             clients = lora_aggregation.client_adapters(g['lora'], sent['lora'])
             err = lora_aggregation.aggregation_error(clients, clients, weights)
             metrics = {'lora_agg_error': err.total, 'lora_agg_error_mean': err.mean}

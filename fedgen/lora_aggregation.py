@@ -232,6 +232,11 @@ def aggregation_error(stacked_a: PyTree,
     return AggError(per, total, jnp.mean(jnp.stack(list(per.values()))))
 
 
+def has_modules(adapters: PyTree) -> bool:
+    """Whether the tree holds at least one adapted module (an 'a' and 'b' pair)."""
+    return bool(_modules(adapters))
+
+
 def client_adapters(global_adapters: PyTree, deltas: PyTree) -> PyTree:
     """The clients' final adapters [C, ...] = global + Delta_k, for the leaves present in deltas."""
     g = traverse_util.flatten_dict(global_adapters)

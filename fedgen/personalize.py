@@ -1,17 +1,22 @@
-"""Personalization: every client fine-tunes its own copy of the global trainable tree, in one map.
+"""Personalization: every client's own model, evaluated beside the same references for every method.
 
-From the global tree w_G (e.g. {'lora': A_G}) each client k = 1..N runs E_p local epochs on its
-local train split,
+Three models per client k, each evaluated on k's local test split (all N clients in one map):
 
-    w_k = LocalUpdate_k(w_G; E_p epochs)          (client.make_local_update, all N clients mapped)
+    backbone   {'params': theta_G}                 the frozen backbone alone (one reference for
+                                                   every method: LoRA with B = 0 equals it)
+    global     {**frozen, **w_G}                   the method's global model; n/a for methods
+                                                   with none (FedSA keeps B = 0 globally,
+                                                   local-only never averages)
+    personal   {**frozen, **v_k}                   the method's kept per-client tree (Ditto, FedSA,
+                                                   local-only), else w_G fine-tuned by client k
+                                                   for E_p local epochs (client.make_local_update)
 
-and is evaluated on its local test split with both trees,
-
-    L_k(w) = sum_i mean_i(w) weight_i / sum_i weight_i     (metrics.dataset_loss per client),
-
-so the per-client gain is metric(L_k(w_G)) - metric(L_k(w_k)) (for text, PPL = exp(L)). The global
-tree is only read, never changed. E_p = 0 skips training: w_k = w_G for every k, and the personal
-metrics equal the global ones exactly (both go through the same stacked evaluation).
+with the dataset loss L_k(w) = sum_i mean_i(w) weight_i / sum_i weight_i (metrics.dataset_loss).
+The gains are metric(L_k(reference)) - metric(L_k(v_k)) for reference in (global, backbone)
+(lower-is-better metrics, so a gain > 0 helps; for text the metric is PPL = exp(L)). Fine-tuning
+only reads w_G. E_p = 0 with no kept trees gives v_k = w_G, and the personal metrics equal the
+global ones exactly (both go through the same stacked evaluation). A client never trained keeps
+its initial tree; :func:`summary` leaves such clients out of the shares of methods that keep trees.
 """
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -33,12 +38,16 @@ class Personalized(NamedTuple):
     """personal: stacked trees [N, ...]; *_loss, test_weight, train_loss: [N] float arrays.
 
     test_weight is the number of loss units (tokens, images) in each local test split; a client
-    with none has NaN losses."""
+    with none has NaN losses; global_loss is NaN everywhere for a method with no global model;
+    train_loss is NaN where no fine-tuning ran; finetuned: whether the personal trees are
+    fine-tuned copies of w_G (False: kept trees, or E_p = 0)."""
     personal: PyTree
+    backbone_loss: np.ndarray
     global_loss: np.ndarray
     personal_loss: np.ndarray
     test_weight: np.ndarray
     train_loss: np.ndarray
+    finetuned: bool
 
 
 def pack_eval(examples: dict, client_indices: Sequence[np.ndarray], batch_size: int) -> dict:
@@ -110,20 +119,29 @@ def personalize(loss_fn: Callable,
                 chunk: int,
                 eval_batch_size: int,
                 max_steps: int = 0,
-                personal: PyTree | None = None) -> Personalized:
-    """Fine-tunes all N = len(client_train) clients for ``epochs`` and evaluates them.
+                personal: PyTree | None = None,
+                backbone: PyTree | None = None,
+                has_global: bool = True) -> Personalized:
+    """Builds every client's personal tree and evaluates backbone, global and personal models.
 
-    ``personal`` optionally gives ready personal trees [N, ...] (Ditto, FedSA, local-only keep
-    them in their state); then no fine-tuning runs and ``epochs`` is ignored.
+    ``personal``: the method's kept per-client trees [N, ...] (Ditto, FedSA, local-only); then no
+    fine-tuning runs and ``epochs`` is ignored. Otherwise all N = len(client_train) clients
+    fine-tune w_G = ``global_w`` for ``epochs``. ``backbone``: the backbone's variables alone
+    ({'params': theta_G}; default ``frozen``). ``has_global`` False: the method has no global model
+    (global_loss is NaN) and must give ``personal``.
     """
     if not (isinstance(epochs, int) and epochs >= 0):
         raise ValueError(f'personalize.epochs must be an int >= 0, got {epochs!r}')
     if len(client_train) != len(client_test):
         raise ValueError('personalize: client_train and client_test must list the same clients')
+    if not has_global and personal is None:
+        raise ValueError('personalize: a method with no global model needs its kept personal '
+                         'trees (there is nothing to fine-tune)')
     n = len(client_train)
     rng = jax.random.PRNGKey(seed)
     train_loss = np.full(n, np.nan, np.float32)
-    if personal is None and epochs > 0:
+    finetuned = personal is None and epochs > 0
+    if finetuned:
         steps = batching.num_local_steps([len(i) for i in client_train], batch_size, epochs,
                                          max_steps)
         data = batching.pack_clients(pool, client_train, np.arange(n), seed, PERSONALIZE_ROUND,
@@ -134,15 +152,29 @@ def personalize(loss_fn: Callable,
     elif personal is None:
         personal = client_state.tile(global_w, n)
     batches = pack_eval(pool, client_test, eval_batch_size)
-    ev = _EVALUATE
-    key = jax.random.fold_in(rng, 2)
-    g_loss, weight = ev(loss_fn, frozen, client_state.tile(global_w, n), batches, key, chunk)
-    p_loss, _ = ev(loss_fn, frozen, personal, batches, key, chunk)
+    key = jax.random.fold_in(rng, 2)  # the same noise for every model (diffusion losses)
+    bb = frozen if backbone is None else backbone
+    b_loss, weight = _EVALUATE(loss_fn, bb, {}, batches, key, chunk)
+    p_loss, _ = _EVALUATE(loss_fn, frozen, personal, batches, key, chunk)
+    if has_global:
+        g_loss = _EVALUATE(loss_fn, frozen, client_state.tile(global_w, n), batches, key, chunk)[0]
+    else:
+        g_loss = np.full(n, np.nan, np.float32)
     weight = np.asarray(weight)
     empty = np.where(weight > 0, 1.0, np.nan).astype(np.float32)
     return Personalized(personal,
+                        np.asarray(b_loss) * empty,
                         np.asarray(g_loss) * empty,
-                        np.asarray(p_loss) * empty, weight, train_loss)
+                        np.asarray(p_loss) * empty, weight, train_loss, finetuned)
+
+
+def moved_rows(clients: PyTree, initial: PyTree) -> np.ndarray:
+    """[N] bool: row k of some [N, ...] leaf differs from its initial value (client k trained)."""
+    rows = [
+        np.asarray(jnp.any((x != y).reshape(x.shape[0], -1), axis=1))
+        for x, y in zip(jax.tree.leaves(clients), jax.tree.leaves(initial))
+    ]
+    return np.any(np.stack(rows), axis=0) if rows else np.zeros(0, bool)
 
 
 # Jitted once per (loss_fn, tx, chunk): repeated calls (compare runs, tests) reuse the compile.
@@ -150,15 +182,19 @@ _FINETUNE = jax.jit(finetune, static_argnums=(0, 1, 6))
 _EVALUATE = jax.jit(evaluate_clients, static_argnums=(0, 5))
 
 
-def gain_summary(global_metric: np.ndarray, personal_metric: np.ndarray) -> dict:
-    """Per-client gain g_k = global_k - personal_k (lower-is-better metrics, so g > 0 helps).
+def gain_summary(reference: np.ndarray,
+                 personal: np.ndarray,
+                 include: np.ndarray | None = None) -> dict:
+    """Per-client gain g_k = reference_k - personal_k (lower-is-better metrics, so g > 0 helps).
 
-    Over clients with a finite metric: share improved (g > 0), median, 10th and 90th percentile
-    gain, and the means of both metrics.
+    Over the clients with both metrics finite (and ``include``-d, when given): their count, the
+    share improved (g > 0), the median, 10th and 90th percentile gain, and both means.
     """
-    g, p = np.asarray(global_metric, np.float64), np.asarray(personal_metric, np.float64)
-    ok = np.isfinite(g) & np.isfinite(p)
-    gain = g[ok] - p[ok]
+    r, p = np.asarray(reference, np.float64), np.asarray(personal, np.float64)
+    ok = np.isfinite(r) & np.isfinite(p)
+    if include is not None:
+        ok &= np.asarray(include, bool)
+    gain = r[ok] - p[ok]
     if gain.size == 0:
         raise ValueError('personalize: no client has a local test example '
                          '(data.partition.local_test_fraction)')
@@ -168,6 +204,34 @@ def gain_summary(global_metric: np.ndarray, personal_metric: np.ndarray) -> dict
         'median_gain': float(np.median(gain)),
         'p10_gain': float(np.percentile(gain, 10)),
         'p90_gain': float(np.percentile(gain, 90)),
-        'mean_global': float(g[ok].mean()),
+        'mean_reference': float(r[ok].mean()),
         'mean_personal': float(p[ok].mean())
+    }
+
+
+def summary(metric: Callable[[np.ndarray], np.ndarray], res: Personalized, trained: np.ndarray,
+            kept: bool, epochs: int) -> dict:
+    """The columns every method reports, each defined once (see the module docstring).
+
+    metric: mean loss -> the client metric; trained [N]: the client's data trained its model in
+    at least one round; kept: the personal trees are the method's own (then untrained clients,
+    which still hold the initial tree, are left out of the shares). Keys that do not apply are
+    None: ``vs_global`` without a global model, ``finetune_epochs`` without fine-tuning.
+    """
+    b, g, p = metric(res.backbone_loss), metric(res.global_loss), metric(res.personal_loss)
+    include = np.asarray(trained, bool) if kept else None
+    has_global = bool(np.isfinite(g).any())
+    tested = np.isfinite(p)
+    return {
+        'personal_source': 'kept' if kept else ('finetuned' if res.finetuned else 'global'),
+        'finetune_epochs': epochs if res.finetuned else None,
+        'has_global': has_global,
+        'clients_tested': int(tested.sum()),
+        'clients_trained': int((tested & np.asarray(trained, bool)).sum()),
+        'shares_over': 'trained clients' if kept else 'all clients',
+        'mean_backbone': float(np.nanmean(b)),
+        'mean_global': float(np.nanmean(g)) if has_global else None,
+        'mean_personal': float(np.nanmean(p)),
+        'vs_global': gain_summary(g, p, include) if has_global else None,
+        'vs_backbone': gain_summary(b, p, include)
     }

@@ -16,6 +16,13 @@ the same chunked map over its C / num_devices local clients. A weighted mean of 
 taken afterwards (aggregate.weighted_mean) is a sharded contraction, i.e. a local sum plus a psum.
 C must be a multiple of the device count (``batching.pad_clients`` adds n_k = 0 clients).
 
+Several processes (``jax.distributed``, one per host): the mesh spans every process's devices and
+each process holds the rows [lo, hi) = ``process_rows(mesh, C)`` of the client axis, the block of
+its own devices. It packs only those clients and ``shard_clients(local, mesh, C)`` assembles the
+global [C, ...] arrays (``jax.make_array_from_process_local_data``); replicated trees must hold the
+same values on every process. ``is_primary`` (process 0) decides who writes files; ``barrier``
+waits for every process.
+
 Chunk from a memory budget: one client of a round costs ``client_bytes`` (XLA's memory analysis of a
 compiled 1- and 2-client vmap: the growth per extra client), and ``chunk_for_budget`` picks
 
@@ -25,6 +32,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 PyTree = Any
@@ -86,19 +94,77 @@ def client_mesh(num_devices: int | None = None) -> Mesh:
 
 
 def mesh_for(num_devices: int) -> Mesh | None:
-    """The config's mesh: fed.num_devices = 0 means every device; None when it is one device."""
+    """The config's mesh: fed.num_devices = 0 means every device; None when it is one device.
+
+    With several processes the mesh must span every process's devices (each process runs its
+    share of the clients), so only 0 or the global device count is allowed."""
     n = jax.device_count() if num_devices == 0 else num_devices
+    if jax.process_count() > 1 and n != jax.device_count():
+        raise ValueError(f'fed.num_devices must be 0 or {jax.device_count()} (every device) in a '
+                         f'run of {jax.process_count()} processes, got {num_devices}')
     return client_mesh(n) if n != 1 else None
 
 
-def shard_clients(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Places every [C, ...] leaf with its client axis split over the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, P('clients')))
+def process_rows(mesh: Mesh | None, num_clients: int) -> tuple[int, int]:
+    """[lo, hi): the rows of a [num_clients, ...] client axis split over ``mesh`` that this
+    process's devices hold (the whole axis without a mesh or with one process)."""
+    if mesh is None:
+        return 0, num_clients
+    index = NamedSharding(mesh, P('clients')).addressable_devices_indices_map((num_clients, ))
+    spans = sorted(s[0].indices(num_clients)[:2] for s in index.values())
+    lo, hi = spans[0][0], spans[-1][1]
+    if sum(b - a for a, b in spans) != hi - lo:  # a 1-D mesh built from jax.devices() never is
+        raise ValueError(f'this process holds non-contiguous client rows {spans}')
+    return lo, hi
+
+
+def shard_clients(tree: PyTree, mesh: Mesh, num_clients: int | None = None) -> PyTree:
+    """Global arrays with the client axis split over the mesh, from this process's rows.
+
+    Every leaf of ``tree`` holds rows ``process_rows(mesh, num_clients)`` of the global
+    [num_clients, ...] leaf; ``num_clients=None`` means the tree is the whole axis (one process).
+    """
+    sharding = NamedSharding(mesh, P('clients'))
+
+    def one(x):
+        x = np.asarray(x)
+        shape = None if num_clients is None else (num_clients, ) + x.shape[1:]
+        return jax.make_array_from_process_local_data(sharding, x, shape)
+
+    return jax.tree.map(one, tree)
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Places every leaf fully replicated on the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """Places every leaf fully replicated on the mesh (every process passes the same values).
+
+    Leaves go through host memory: a process cannot move an array that lives on its own device
+    to other processes' devices, but each can place its identical host copy on its own devices."""
+    sharding = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                        tree)
+
+
+def to_host(tree: PyTree) -> PyTree:
+    """Every leaf as a host numpy array of its global value, on every process (a leaf split
+    over several processes' devices is all-gathered; a replicated one is read locally)."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
+
+
+def is_primary() -> bool:
+    """Whether this is process 0, the one process that writes a run's files."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier ``name`` (a no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def client_bytes(fn: Callable, shared: PyTree, per_client: PyTree) -> int:

@@ -1,23 +1,71 @@
-"""Exact byte accounting from the trees actually sent."""
+"""Exact byte accounting from the trees actually sent, per method, up and down."""
 import jax
 import jax.numpy as jnp
+import optax
+import pytest
 
-from fedgen import comm, lora
+from fedgen import algorithms, comm, lora
+from fedgen.base import Algorithm
+
+SPEC = algorithms.LoraSpec(rank=2, alpha=16.0, targets=('attn', ))
 
 
-def test_round_cost_counts_leaf_bytes():
+def test_counts_from_shapes_and_dtypes():
     tree = {'lora': {'a': jnp.zeros((8, 2)), 'b': jnp.zeros((2, 8), jnp.bfloat16)}}
-    cost = comm.round_cost(lambda d: d, tree, num_clients=10)
-    per = 8 * 2 * 4 + 2 * 8 * 2
-    assert cost == comm.RoundCost(per, per, 10 * per, 10 * per)
-    only_a = comm.round_cost(lambda d: lora.select(d, {'a'}), tree, 10)
-    assert only_a.up_per_client == 8 * 2 * 4 and only_a.down_per_client == per
+    assert comm.num_params(tree) == 32
+    assert comm.num_bytes(tree) == 8 * 2 * 4 + 2 * 8 * 2
+    abstract = jax.eval_shape(lambda: tree)  # ShapeDtypeStructs count the same
+    assert comm.num_bytes(abstract) == comm.num_bytes(tree)
 
 
-def test_accumulate():
-    c = comm.RoundCost(1, 2, 10, 20)
-    tot = comm.accumulate(comm.accumulate({}, c), c)
-    assert tot == {'up_bytes': 20, 'down_bytes': 40}
+def test_round_cost_counts_upload_and_download_separately():
+    tree = {'lora': {'a': jnp.zeros((8, 2)), 'b': jnp.zeros((2, 8), jnp.bfloat16)}}
+    alg = Algorithm(init=None,
+                    apply=None,
+                    upload=lambda d: {'a': d['lora']['a']},
+                    download=lambda w: w)
+    cost = comm.round_cost(alg, tree, num_clients=10)
+    assert cost == comm.RoundCost(64, 96, 640, 960)
+
+
+def _bytes(tree):
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _a_bytes(adapters):
+    flat = jax.tree_util.tree_flatten_with_path(adapters)[0]
+    return sum(x.size * x.dtype.itemsize for path, x in flat if path[-1].key == 'a')
+
+
+@pytest.mark.parametrize('name', algorithms.METHODS)
+def test_bytes_per_method(tiny, name):
+    """Uplink and downlink per client for every method, against the trees counted by hand:
+    adapters both ways (FedGen-Edge, FedProx, Ditto: its personal model never leaves the client),
+    A only both ways (FedSA: B stays local), the whole model (full FedAvg), nothing at all
+    (local-only, centralized)."""
+    extra = {'fedprox': dict(prox_mu=0.1), 'ditto': dict(ditto_lambda=0.1)}.get(name, {})
+    p = algorithms.MethodParams(name=name,
+                                num_clients=6,
+                                client_tx=optax.sgd(0.1),
+                                server_tx=optax.sgd(1.0),
+                                lora=SPEC,
+                                **extra)
+    _, trainable = algorithms.variables(p, tiny.params, jax.random.PRNGKey(0))
+    alg = algorithms.make(p, tiny.loss_fn)
+    adapters = lora.init(jax.random.PRNGKey(0), tiny.params, SPEC.targets, SPEC.rank)
+    per = {
+        'fedgen_edge': _bytes(adapters),
+        'fedprox': _bytes(adapters),
+        'ditto': _bytes(adapters),
+        'fedsa': _a_bytes(adapters),
+        'fedavg_full': _bytes(tiny.params),
+        'local_only': 0,
+        'centralized': 0,
+    }[name]
+    cost = comm.round_cost(alg, trainable, 5)
+    assert cost == comm.RoundCost(per, per, 5 * per, 5 * per)
+    if name == 'fedsa':
+        assert 0 < per < _bytes(adapters)
 
 
 def test_lora_share_of_full_gpt_under_one_percent():
@@ -25,4 +73,10 @@ def test_lora_share_of_full_gpt_under_one_percent():
     cfg = gpt.GPTConfig()  # the PTB default architecture
     params = jax.eval_shape(lambda: gpt.init_params(cfg, jax.random.PRNGKey(0)))
     adapters = jax.eval_shape(lambda p: lora.init(jax.random.PRNGKey(0), p, 'qv', 8), params)
-    assert lora.num_bytes(adapters) / lora.num_bytes(params) < 0.01
+    assert comm.num_bytes(adapters) / comm.num_bytes(params) < 0.01
+
+
+def test_accumulate():
+    c = comm.RoundCost(1, 2, 10, 20)
+    tot = comm.accumulate(comm.accumulate({}, c), c)
+    assert tot == {'up_bytes': 20, 'down_bytes': 40}

@@ -119,3 +119,17 @@ def test_bad_inputs_raise():
         frechet.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
     with pytest.raises(ValueError):
         frechet.frechet_distance(np.zeros(3), np.eye(3) * np.nan, np.zeros(3), np.eye(3))
+
+
+def test_sample_covariances_with_fewer_points_than_dims_by_nuclear_norm():
+    # S_i = X_i^T X_i / (n_i - 1) with centred X_i [n_i, D], n_i << D: the non-zero eigenvalues
+    # of S1 S2 are the squared singular values of X1 X2^T / sqrt((n1 - 1)(n2 - 1)), so
+    # tr((S1 S2)^{1/2}) is that matrix's nuclear norm (an independent, exact reference).
+    rng = np.random.default_rng(7)
+    x1, x2 = rng.normal(size=(12, 300)), rng.normal(loc=0.3, size=(9, 300)) * 2.0
+    (mu1, s1), (mu2, s2) = frechet.gaussian_stats(x1), frechet.gaussian_stats(x2)
+    c1, c2 = x1 - x1.mean(axis=0), x2 - x2.mean(axis=0)
+    nuclear = np.linalg.svd(c1 @ c2.T / np.sqrt(11 * 8), compute_uv=False).sum()
+    want = np.sum((mu1 - mu2)**2) + np.trace(s1) + np.trace(s2) - 2 * nuclear
+    assert frechet.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-10)
+    assert frechet.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(want, rel=1e-10)

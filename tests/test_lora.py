@@ -3,8 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
-from fedgen import lora
+from fedgen import client_state, lora
 from fedgen.models import gpt
 
 CFG = gpt.GPTConfig(vocab_size=37, n_positions=12, n_embd=16, n_layer=2, n_head=2, lora_alpha=8.0)
@@ -28,8 +29,9 @@ def test_targets_follow_rules(setup):
 def test_zero_b_is_base_model(setup):
     model, params, tokens = setup
     adapters = lora.init(jax.random.PRNGKey(2), params, 'attn_mlp', 4)
-    assert all(np.all(b == 0) for b in jax.tree.leaves(lora.select(adapters, {'b'})))
-    assert any(np.any(a != 0) for a in jax.tree.leaves(lora.select(adapters, {'a'})))
+    a_part, b_part = client_state.split(adapters, {'b'})
+    assert all(np.all(b == 0) for b in jax.tree.leaves(b_part))
+    assert all(np.all(a != 0) for a in jax.tree.leaves(a_part))
     base = model.apply({'params': params}, tokens)
     with_lora = model.apply({'params': params, 'lora': adapters}, tokens)
     np.testing.assert_array_equal(np.asarray(base), np.asarray(with_lora))
@@ -51,14 +53,20 @@ def test_delta_is_scaled_product():
     a = jnp.arange(6.0).reshape(3, 2)
     b = jnp.arange(8.0).reshape(2, 4)
     np.testing.assert_allclose(lora.delta(a, b, alpha=4.0), 2.0 * (np.asarray(a) @ np.asarray(b)))
+    assert lora.scale(4.0, a) == 2.0 and lora.scale(4.0, jnp.zeros((5, 8))) == 0.5
 
 
-def test_counts(setup):
+def test_adapter_shapes(setup):
     _, params, _ = setup
     adapters = lora.init(jax.random.PRNGKey(0), params, 'qv', 2)
     # 2 layers x {q, v} x (A [16, 2] + B [2, 16]).
-    assert lora.num_params(adapters) == 2 * 2 * (16 * 2 + 2 * 16)
-    assert lora.num_bytes(adapters) == 4 * lora.num_params(adapters)
+    shapes = {'/'.join(p): x.shape for p, x in traverse_util.flatten_dict(adapters).items()}
+    assert shapes == {
+        f'h_{i}/attn/{n}/{ab}': ((16, 2) if ab == 'a' else (2, 16))
+        for i in (0, 1)
+        for n in 'qv'
+        for ab in 'ab'
+    }
 
 
 @pytest.mark.parametrize('rank', [0, -1, 17, 2.5])

@@ -24,7 +24,8 @@ CASES = {
     'iid': dict(),
     'shards': dict(),
     'quantity': dict(alpha=0.3),
-    'dirichlet': dict(labels=LABELS, alpha=0.3),
+    'dirichlet_label': dict(labels=LABELS, alpha=0.3),
+    'dirichlet_client': dict(labels=LABELS, alpha=0.3),
     'k_classes': dict(labels=LABELS, k=2),
 }
 
@@ -57,9 +58,10 @@ def _mean_label_entropy(parts, labels):
     return float(np.mean(ent))
 
 
-def test_dirichlet_reacts_to_alpha():
-    skewed = partition.dirichlet(LABELS, K, alpha=0.1, seed=0)
-    flat = partition.dirichlet(LABELS, K, alpha=100.0, seed=0)
+@pytest.mark.parametrize('scheme', [partition.dirichlet_label, partition.dirichlet_client])
+def test_dirichlet_schemes_react_to_alpha(scheme):
+    skewed = scheme(LABELS, K, alpha=0.1, seed=0)
+    flat = scheme(LABELS, K, alpha=100.0, seed=0)
     h_skewed = _mean_label_entropy(skewed, LABELS)
     h_flat = _mean_label_entropy(flat, LABELS)
     assert h_skewed < h_flat
@@ -67,13 +69,13 @@ def test_dirichlet_reacts_to_alpha():
     assert h_skewed < 0.6 * np.log(6)
 
 
-def test_dirichlet_min_size_and_failure():
-    parts = partition.dirichlet(LABELS, 40, alpha=0.5, seed=0, min_size=3)
+def test_dirichlet_label_min_size_and_failure():
+    parts = partition.dirichlet_label(LABELS, 40, alpha=0.5, seed=0, min_size=3)
     _assert_partition(parts, N, 40)
     assert min(p.size for p in parts) >= 3
     # 300 clients with >= 2 examples each out of 600 under a tiny alpha: never happens.
     with pytest.raises(ValueError, match='data.partition.alpha'):
-        partition.dirichlet(LABELS, 300, alpha=0.01, seed=0, min_size=2, max_tries=3)
+        partition.dirichlet_label(LABELS, 300, alpha=0.01, seed=0, min_size=2, max_tries=3)
 
 
 def test_quantity_skew_sizes():
@@ -94,7 +96,8 @@ def test_k_classes_exactly_k_labels():
 
 
 def test_local_split():
-    parts = partition.dirichlet(LABELS, K, alpha=0.5, seed=0) + [np.array([7]), np.array([3, 9])]
+    parts = partition.dirichlet_label(LABELS, K, alpha=0.5,
+                                      seed=0) + [np.array([7]), np.array([3, 9])]
     train, test = partition.local_split(parts, 0.2, seed=0)
     for p, tr, te in zip(parts, train, test):
         assert np.intersect1d(tr, te).size == 0
@@ -113,8 +116,11 @@ def test_local_split():
     (lambda: partition.iid(10, 0, 0), 'fed.num_clients'),
     (lambda: partition.shards(10, 11), 'fed.num_clients'),
     (lambda: partition.quantity_skew(10, 2, 0.0, 0), 'data.partition.alpha'),
-    (lambda: partition.dirichlet(LABELS, K, -1.0, 0), 'data.partition.alpha'),
-    (lambda: partition.dirichlet(LABELS, N + 1, 1.0, 0), 'fed.num_clients'),
+    (lambda: partition.dirichlet_label(LABELS, K, -1.0, 0), 'data.partition.alpha'),
+    (lambda: partition.dirichlet_label(LABELS, N + 1, 1.0, 0), 'fed.num_clients'),
+    (lambda: partition.dirichlet_client(LABELS, K, 0.0, 0), 'data.partition.alpha'),
+    (lambda: partition.dirichlet_client(LABELS, N + 1, 1.0, 0), 'fed.num_clients'),
+    (lambda: partition.dirichlet_client(LABELS.astype(float), K, 1.0, 0), 'data.partition'),
     (lambda: partition.quantity_skew(10, 5, 1.0, 0, min_size=3), 'data.partition.min_size'),
     (lambda: partition.k_classes(LABELS, K, 0, 0), 'data.partition.k'),
     (lambda: partition.k_classes(LABELS, K, 7, 0), 'data.partition.k'),
@@ -122,9 +128,114 @@ def test_local_split():
     (lambda: partition.local_split([np.arange(4)], 1.0, 0), 'data.partition.local_test_fraction'),
     (lambda: partition.local_split([np.arange(4)], -0.1, 0), 'data.partition.local_test_fraction'),
     (lambda: partition.make('zipf', N, K, 0), 'data.partition.kind'),
-    (lambda: partition.make('dirichlet', N, K, 0), 'data.partition.kind'),
+    (lambda: partition.make('dirichlet_label', N, K, 0), 'data.partition.kind'),
+    (lambda: partition.make('dirichlet_client', N, K, 0, labels=LABELS[:-1]),
+     'data.partition.kind'),
+    (lambda: partition.make('dirichlet', N, K, 0, labels=LABELS), 'data.partition.kind'),
 ])
 def test_validation(call, field):
     with pytest.raises(ValueError, match=field.replace('.', r'\.')) as err:
         call()
     assert '\n' not in str(err.value)
+
+
+# --- Defining statistics of each scheme --------------------------------------------------------
+# Large pools so that sampling noise is a few percent; tolerances are a few standard errors.
+
+
+def _dir_marginal_var(mean, concentration):
+    """Var of one coordinate of a Dirichlet with that mean and total concentration a0."""
+    return mean * (1 - mean) / (concentration + 1)
+
+
+@pytest.mark.parametrize('alpha', [0.3, 3.0])
+def test_dirichlet_label_each_label_split_over_clients_is_dir_alpha(alpha):
+    # 100 labels x 1000 examples, 10 clients: the share s_ck of label c held by client k is
+    # p_ck ~ Dir(alpha 1_K) up to rounding: mean 1/K, variance (1/K)(1 - 1/K)/(K alpha + 1).
+    num_labels, per_label, k = 100, 1000, 10
+    labels = np.repeat(np.arange(num_labels), per_label)
+    parts = partition.dirichlet_label(labels, k, alpha, seed=0)
+    _assert_partition(parts, labels.size, k)
+    shares = np.stack([np.bincount(labels[p], minlength=num_labels) for p in parts]) / per_label
+    np.testing.assert_allclose(shares.sum(axis=0), 1.0)
+    want = _dir_marginal_var(1 / k, k * alpha)
+    # Over 15 seeds this variance is within 6% (1 sd) of `want`.
+    assert shares.var() == pytest.approx(want, rel=0.2)
+
+
+@pytest.mark.parametrize('alpha', [0.3, 3.0])
+def test_dirichlet_label_size_skew(alpha):
+    # |client k| = sum_c p_ck |I_c|, independent over labels: Var = L |I_c|^2 Var(p_ck), with
+    # Var(p_ck) = (1/K)(1 - 1/K)/(K alpha + 1). 50 labels x 2000 examples, 100 clients, the
+    # unbiased size variance averaged over 3 seeds (its relative sd: 13% at alpha = 0.3, 5% at 3).
+    num_labels, per_label, k = 50, 2000, 100
+    labels = np.repeat(np.arange(num_labels), per_label)
+    var = [
+        np.var([p.size for p in partition.dirichlet_label(labels, k, alpha, seed)], ddof=1)
+        for seed in range(3)
+    ]
+    want = num_labels * per_label**2 * _dir_marginal_var(1 / k, k * alpha)
+    assert np.mean(var) == pytest.approx(want, rel=0.4)
+
+
+@pytest.mark.parametrize('alpha', [0.1, 1.0, 10.0])
+def test_dirichlet_client_equal_sizes_and_class_mix_concentration(alpha):
+    # Hsu et al.: q_k ~ Dir(alpha * p), p uniform over L = 10 labels, n_k = 200. The label
+    # histogram q^_k of a client is Multinomial(n_k, q_k) / n_k, so
+    # E[sum_c q^_kc^2] = sum_c [p_c^2 + Var q_kc + E q_kc(1 - q_kc) / n_k], with
+    # Var q_kc = p_c(1 - p_c)/(alpha + 1). Checked on the first 40 of 100 clients, who draw
+    # from a pool that is not yet exhausted (the last clients take what is left).
+    num_labels, k, n_k = 10, 100, 200
+    labels = np.random.default_rng(1).permutation(
+        np.repeat(np.arange(num_labels), k * n_k // num_labels))
+    parts = partition.dirichlet_client(labels, k, alpha, seed=0)
+    _assert_partition(parts, labels.size, k)
+    assert {p.size for p in parts} == {n_k}
+    p = np.full(num_labels, 1 / num_labels)
+    var_q = p * (1 - p) / (alpha + 1)
+    want = np.sum(p**2 + var_q + (p * (1 - p) - var_q) / n_k)
+    hist = np.stack([np.bincount(labels[i], minlength=num_labels) / n_k for i in parts[:40]])
+    # Over 20 seeds this mean is within 7% (1 sd) of `want` at alpha = 1, 3% at 0.1 and 10.
+    assert np.mean(np.sum(hist**2, axis=1)) == pytest.approx(want, rel=0.2)
+    # E[q^_kc] = p_c: no label is favoured (4.5 standard errors of a 40-client mean).
+    se = np.sqrt((var_q + (p * (1 - p) - var_q) / n_k) / 40)
+    np.testing.assert_allclose(hist.mean(axis=0), p, atol=4.5 * se.max())
+
+
+def test_dirichlet_client_uses_the_global_prior_and_handles_exhaustion():
+    # Skewed global label frequencies (60% / 30% / 10%) and a tiny alpha: clients are nearly
+    # pure, pools run out, and yet every example is placed once with equal client sizes.
+    labels = np.random.default_rng(2).permutation(np.repeat([0, 1, 2], [360, 180, 60]))
+    for alpha in (0.01, 1.0, 1e4):
+        parts = partition.dirichlet_client(labels, 12, alpha, seed=3)
+        _assert_partition(parts, labels.size, 12)
+        assert {p.size for p in parts} == {50}
+    # With alpha -> inf, q_k -> p: every client's mix is the global one (hypergeometric noise).
+    hist = np.stack([np.bincount(labels[i], minlength=3) / 50 for i in parts])
+    np.testing.assert_allclose(hist.mean(axis=0), [0.6, 0.3, 0.1], atol=1e-12)  # all used
+    assert np.abs(hist - [0.6, 0.3, 0.1]).max() < 0.25
+
+
+@pytest.mark.parametrize('alpha', [0.5, 5.0])
+def test_quantity_skew_size_dispersion_and_global_label_mix(alpha):
+    # Sizes: n_k - m = Dir(alpha 1_K) share of (n - K m), so sd(n_k) = (n - K m) *
+    # sqrt((1/K)(1 - 1/K)/(K alpha + 1)). Labels: membership is uniformly random, so client k's
+    # label counts are hypergeometric around the global mix: the Pearson statistic
+    # n_k sum_c (q^_kc - p_c)^2 / p_c has mean (L - 1)(n - n_k)/(n - 1).
+    num_labels, n, k, m = 10, 40_000, 50, 20
+    labels = np.random.default_rng(4).permutation(np.repeat(np.arange(num_labels), n // num_labels))
+    sds, chi = [], []
+    for seed in range(4):
+        parts = partition.quantity_skew(n, k, alpha, seed, min_size=m)
+        _assert_partition(parts, n, k)
+        sizes = np.array([p.size for p in parts])
+        assert sizes.min() >= m
+        sds.append(sizes.std(ddof=1))
+        for part in parts:
+            q = np.bincount(labels[part], minlength=num_labels) / part.size
+            stat = part.size * np.sum((q - 0.1)**2 / 0.1)
+            chi.append(stat / ((num_labels - 1) * (n - part.size) / (n - 1)))
+    want_sd = (n - k * m) * np.sqrt(_dir_marginal_var(1 / k, k * alpha))
+    # Over 8 repeats both ratios below are 1.00 +- 0.05 (1 sd).
+    assert np.mean(sds) == pytest.approx(want_sd, rel=0.15)
+    assert np.mean(chi) == pytest.approx(1.0, rel=0.15)

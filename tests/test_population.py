@@ -4,8 +4,8 @@ import numpy as np
 import optax
 import pytest
 
-from fedgen import client, population
-from fedgen.algorithms import fedavg
+from fedgen import client, engine, population
+from fedgen.base import ServerState
 
 
 def _run(tiny, mode, chunk=None):
@@ -54,10 +54,11 @@ def test_bad_chunk(tiny):
 
 
 def test_client_keys_independent_of_order():
-    state = fedavg.ServerState(round=np.int32(2),
-                               trainable={},
-                               opt_state=(),
-                               rng=jax.random.PRNGKey(0))
-    a = fedavg.client_keys(state, np.array([3, 9], np.int32))
-    b = fedavg.client_keys(state, np.array([9, 3], np.int32))
+    rng = jax.random.PRNGKey(0)
+    state = ServerState(round=np.int32(2), trainable={}, opt_state=(), rng=rng)
+    a = engine.client_keys(state, np.array([3, 9], np.int32))
+    b = engine.client_keys(state, np.array([9, 3], np.int32))
     np.testing.assert_array_equal(a[0], b[1])
+    # key_k = fold_in(fold_in(rng, round), k): the same key whatever else is sampled
+    np.testing.assert_array_equal(a[1], jax.random.fold_in(jax.random.fold_in(rng, 2), 9))
+    assert not np.array_equal(a[0], a[1])

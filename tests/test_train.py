@@ -11,7 +11,6 @@ import pytest
 from configs import ptb_fedavg_full, ptb_fedgen_edge
 from experiments import train
 from fedgen import checkpoint
-from fedgen.algorithms import fedavg
 
 
 def _config(corpus, module=ptb_fedgen_edge):
@@ -89,7 +88,3 @@ def test_bad_config_fails_before_compute(corpus, tmp_path, field, value, match):
     with pytest.raises(ValueError, match=match):
         train.run(cfg, str(tmp_path / 'bad'))
     assert not os.path.exists(tmp_path / 'bad' / 'backbone')  # nothing was pre-trained
-
-
-def test_server_state_is_a_pytree_dataclass():
-    assert hasattr(fedavg.ServerState, 'replace')

@@ -14,6 +14,7 @@ from PIL import Image
 from configs import cifar10_fedavg_full, cifar10_fedgen_edge
 from experiments import train
 from fedgen import checkpoint
+from fedgen.metrics import inception
 
 
 @pytest.fixture(scope='module')
@@ -70,7 +71,6 @@ def test_tiny_cifar_run_resume_and_outputs(folder, unbroken, tmp_path):
     grid = np.asarray(Image.open(os.path.join(full, 'samples_final.png')))
     assert grid.ndim == 3 and grid.shape[2] == 3 and grid.std() > 0
     assert np.isfinite(summary['final_fd_classifier']) and summary['final_fd_classifier'] > 0
-    assert 'fid' not in summary and 'final_fid' not in summary  # no Inception weights given
     # Kill after round 1, resume (reusing the cached backbone and classifier).
     resumed = _with_caches(full, str(tmp_path / 'resumed'))
     assert train.run(cfg, resumed, stop_after=1) == {'stopped_after': 1}
@@ -89,3 +89,33 @@ def test_tiny_cifar_full_model_uplink(folder, unbroken, tmp_path):
     assert s['algorithm'] == 'fedavg_full'
     assert s['up_bytes_per_client_round'] * s['lora_share_of_full_uplink'] < \
         s['up_bytes_per_client_round'] / 10
+
+
+def _random_inception(path):
+    """Random InceptionV3 weights (He-scaled kernels), as the .npz of metrics.inception_path."""
+    rng = np.random.default_rng(0)
+    flat = {}
+    for key, shape in inception.expected_shapes().items():
+        if key.endswith('kernel'):
+            flat[key] = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
+        elif key.endswith(('scale', 'var')):
+            flat[key] = rng.uniform(0.5, 1.5, size=shape)
+        else:
+            flat[key] = 0.1 * rng.normal(size=shape)
+    with open(path, 'wb') as f:
+        np.savez(f, **{k: v.astype(np.float32) for k, v in flat.items()})
+    return path
+
+
+def test_tiny_cifar_fid_with_inception_weights(folder, unbroken, tmp_path):
+    cfg = _config(folder)
+    cfg.fed.rounds = 1
+    cfg.eval.samples_every_eval = False
+    cfg.eval.fd_samples = cfg.eval.sample_batch  # one sampler call per evaluation
+    cfg.metrics.inception_path = _random_inception(str(tmp_path / 'inception.npz'))
+    s = train.run(cfg, _with_caches(unbroken[0], str(tmp_path / 'fid')))
+    for key in ('backbone_fid', 'final_fid'):
+        assert np.isfinite(s[key]) and s[key] > 0, key
+    assert 'fid' in _rows(str(tmp_path / 'fid'))[-1]
+    # The same run without weights reports the classifier distance only, never an FID.
+    assert 'fid' not in unbroken[1] and 'final_fid' not in unbroken[1]

@@ -84,6 +84,12 @@ class MethodParams:
                              f'start from the global adapter), not fed.algorithm={self.name!r}')
 
     @property
+    def has_global(self) -> bool:
+        """Whether the method trains a global model: FedSA's global B stays 0 (only A is
+        shared) and local-only never averages, so neither has a model to evaluate globally."""
+        return self.name not in ('fedsa', 'local_only')
+
+    @property
     def full_model(self) -> bool:
         """Whether every backbone leaf is trainable (no adapters)."""
         return self.name == 'fedavg_full' or (self.name == 'fedprox' and self.prox_target == 'full')

@@ -2,19 +2,27 @@
 
 Every split returns a list of ``num_clients`` sorted int64 index arrays that together cover
 ``range(n)`` exactly once, and is a deterministic function of its arguments (``seed`` feeds one
-``np.random.default_rng``).
+``np.random.default_rng``). K = num_clients, L = number of distinct labels (or topics).
 
 * ``iid``: a random permutation cut into near-equal parts (sizes differ by at most 1).
 * ``shards``: contiguous blocks in the original order (for text: each client owns a stretch).
-* ``quantity_skew``: random membership, client sizes ~ min_size + Dirichlet(alpha) share of rest.
-* ``dirichlet``: label (or topic) skew of Hsu et al. 2019: for each label c, its examples are
-  dealt to clients by proportions p_c ~ Dir(alpha * 1_K). Small alpha -> few labels per client.
+* ``quantity`` (quantity skew only): random membership, so every client's label mix is the
+  global one up to sampling noise; sizes n_k = min_size + Dirichlet(alpha * 1_K) share of the rest.
+* ``dirichlet_label`` (per label, over clients; Yurochkin et al. 2019, the scheme of Flower
+  Datasets' ``DirichletPartitioner``): for each label c, p_c ~ Dir(alpha * 1_K) splits that
+  label's examples over the clients. Label skew AND strong size skew (client k's size is
+  sum_c p_ck |I_c|): small alpha -> few labels per client and very uneven sizes.
+* ``dirichlet_client`` (per client, over labels; Hsu, Qi & Brown 2019): every client has the
+  same size n/K and its own class mix q_k ~ Dir(alpha * prior), prior = the global label
+  frequencies; its examples are drawn from the remaining pool by q_k without replacement.
+  Label skew only: small alpha -> each client concentrated on few labels.
 * ``k_classes``: pathological split: every client holds examples of exactly k labels.
 * ``local_split``: each client's own train/test split, for personalization metrics.
 """
 import numpy as np
 
-KINDS = ('iid', 'shards', 'quantity', 'dirichlet', 'k_classes')
+KINDS = ('iid', 'shards', 'quantity', 'dirichlet_label', 'dirichlet_client', 'k_classes')
+LABELED_KINDS = ('dirichlet_label', 'dirichlet_client', 'k_classes')  # these need labels
 
 
 def _check_clients(n, num_clients):
@@ -80,18 +88,20 @@ def quantity_skew(n: int, num_clients: int, alpha: float, seed: int, min_size: i
     return _finish(np.split(perm, np.cumsum(sizes)[:-1]))
 
 
-def dirichlet(labels,
-              num_clients: int,
-              alpha: float,
-              seed: int,
-              min_size: int = 1,
-              max_tries: int = 100) -> list:
-    """Label (or topic) skew after Hsu et al. 2019.
+def dirichlet_label(labels,
+                    num_clients: int,
+                    alpha: float,
+                    seed: int,
+                    min_size: int = 1,
+                    max_tries: int = 100) -> list:
+    """Per-label Dirichlet split over clients (Yurochkin et al. 2019; Flower's
+    DirichletPartitioner): label skew with strong size skew.
 
     For each label c (shuffled examples I_c), draw p_c ~ Dir(alpha * 1_K) and give client k the
-    slice I_c[floor(P_{k-1} |I_c|) : floor(P_k |I_c|)], P_k = sum_{j<=k} p_cj. If some client ends
-    with fewer than ``min_size`` examples, redraw everything from the same generator, up to
-    ``max_tries`` times, then raise ``ValueError``.
+    slice I_c[floor(P_{k-1} |I_c|) : floor(P_k |I_c|)], P_k = sum_{j<=k} p_cj, so the share of
+    label c held by client k is p_ck up to rounding. If some client ends with fewer than
+    ``min_size`` examples, redraw everything from the same generator, up to ``max_tries``
+    times, then raise ``ValueError``.
     """
     labels = _labels(labels)
     n = labels.shape[0]
@@ -116,6 +126,58 @@ def dirichlet(labels,
     raise ValueError(f"data.partition.alpha={alpha!r}: no Dirichlet draw in {max_tries} tries "
                      f"gave every one of fed.num_clients={num_clients} clients >= "
                      f"data.partition.min_size={min_size} examples; raise alpha or lower them")
+
+
+def _fill_counts(rng, size: int, q: np.ndarray, left: np.ndarray) -> np.ndarray:
+    """Per-label counts [L] of ``size`` draws by q, none beyond what is ``left`` of each label.
+
+    counts ~ Multinomial(size, q); the draws that overflow a label's remaining examples are
+    drawn again from q renormalised over the labels that still have examples, until all fit.
+    """
+    counts = np.zeros_like(left)
+    todo, q = size, q.copy()
+    while todo:
+        room = left - counts
+        q = np.where(room > 0, q, 0.0)
+        if q.sum() <= 0:  # q_k put no mass on any label that is left: take the prior over them
+            q = (room > 0).astype(np.float64)
+        counts += np.minimum(rng.multinomial(todo, q / q.sum()), room)
+        todo = size - counts.sum()
+    return counts
+
+
+def dirichlet_client(labels, num_clients: int, alpha: float, seed: int) -> list:
+    """Per-client Dirichlet class mix with equal client sizes (Hsu, Qi & Brown 2019).
+
+    prior p_c = (examples of label c) / n. Clients in order k = 0..K-1 each draw
+    q_k ~ Dir(alpha * p) and take n_k in {floor(n/K), ceil(n/K)} examples (sum_k n_k = n): the
+    per-label counts are Multinomial(n_k, q_k), and each label's examples are taken without
+    replacement from that label's shuffled remaining pool.
+    Exhaustion: draws that would need more examples of a label than remain are re-drawn from q_k
+    renormalised over the labels still available (uniformly over them if q_k has no mass
+    there). So the first clients follow q_k exactly and the last ones take what is left:
+    every example is used once and every client has its n_k.
+    Concentration: E[q_kc] = p_c, Var[q_kc] = p_c (1 - p_c) / (alpha + 1).
+    """
+    labels = _labels(labels)
+    n = labels.shape[0]
+    _check_clients(n, num_clients)
+    _check_alpha(alpha)
+    rng = np.random.default_rng(seed)
+    values, inverse = np.unique(labels, return_inverse=True)
+    pools = [rng.permutation(np.flatnonzero(inverse == c)) for c in range(values.size)]
+    left = np.array([p.size for p in pools], np.int64)
+    prior = left / n
+    sizes = [part.size for part in np.array_split(np.arange(n), num_clients)]
+    taken = np.zeros_like(left)
+    parts = []
+    for size in sizes:
+        q = rng.dirichlet(float(alpha) * prior)
+        counts = _fill_counts(rng, size, q, left - taken)
+        parts.append(
+            np.concatenate([pools[c][taken[c]:taken[c] + counts[c]] for c in range(values.size)]))
+        taken += counts
+    return _finish(parts)
 
 
 def k_classes(labels, num_clients: int, k: int, seed: int) -> list:
@@ -189,11 +251,16 @@ def make(kind: str,
          min_size: int = 1) -> list:
     """Dispatch on ``kind`` (``data.partition.kind``), one of KINDS.
 
-    'dirichlet' and 'k_classes' need ``labels`` (int [n], e.g. topic_labels for text).
+    The LABELED_KINDS need ``labels`` (int [n], e.g. topic_labels for text). ``min_size``
+    applies to 'quantity' and 'dirichlet_label' (the kinds with random sizes).
     """
+    if kind == 'dirichlet':
+        raise ValueError("data.partition.kind='dirichlet' is ambiguous: use 'dirichlet_label' "
+                         "(per-label shares over clients, size skew) or 'dirichlet_client' "
+                         "(Hsu et al. 2019: per-client class mix, equal sizes)")
     if kind not in KINDS:
         raise ValueError(f"data.partition.kind={kind!r}: must be one of {KINDS}")
-    if kind in ('dirichlet', 'k_classes'):
+    if kind in LABELED_KINDS:
         if labels is None:
             raise ValueError(f"data.partition.kind={kind!r}: needs labels (int [n])")
         if np.shape(labels) != (n, ):
@@ -205,6 +272,8 @@ def make(kind: str,
         return shards(n, num_clients)
     if kind == 'quantity':
         return quantity_skew(n, num_clients, alpha, seed, min_size)
-    if kind == 'dirichlet':
-        return dirichlet(labels, num_clients, alpha, seed, min_size)
+    if kind == 'dirichlet_label':
+        return dirichlet_label(labels, num_clients, alpha, seed, min_size)
+    if kind == 'dirichlet_client':
+        return dirichlet_client(labels, num_clients, alpha, seed)
     return k_classes(labels, num_clients, k, seed)

@@ -92,10 +92,13 @@ def _psd_eigvals(w: np.ndarray) -> np.ndarray:
     return np.where(w > tol, w, 0.0)
 
 
-def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
-    """Symmetric square root V diag(sqrt(w)) V^T of a symmetric PSD matrix."""
+def _range_root(sigma: np.ndarray) -> np.ndarray:
+    """R [D, r] with R R^T = sigma and orthogonal columns: V_r diag(sqrt(w_r)) over the r
+    eigenvalues of the symmetric PSD sigma that are not round-off zeros."""
     w, v = np.linalg.eigh(0.5 * (sigma + sigma.T))
-    return (v * np.sqrt(_psd_eigvals(w))) @ v.T
+    w = _psd_eigvals(w)
+    keep = w > 0
+    return v[:, keep] * np.sqrt(w[keep])
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
@@ -106,8 +109,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     Numerics (the choice made here): tr((S1 S2)^{1/2}) is the sum of the square roots of the
     eigenvalues of S1 S2. For PSD S1, S2 these equal the eigenvalues of the *symmetric* PSD matrix
     M = S1^{1/2} S2 S1^{1/2} (similar to S1 S2 when S1 is invertible; equal non-zero spectra of
-    AB and BA in general). So we take S1^{1/2} by a symmetric eigendecomposition, form M, and sum
-    sqrt(eigvalsh(M)), zeroing eigenvalues below the round-off level (negatives included).
+    AB and BA in general). With S1 = V_r diag(w_r) V_r^T over its r non-zero eigenvalues and
+    R = V_r diag(sqrt(w_r)), M = V_r (R^T S2 R) V_r^T, so the non-zero eigenvalues of M are those
+    of the r x r matrix K = R^T S2 R. We sum sqrt(eigvalsh(K)), zeroing eigenvalues below the
+    round-off level (negatives included). One D x D eigendecomposition, and for sample
+    covariances of N < D points (rank N - 1) the second one is only N x N.
     Unlike scipy.linalg.sqrtm of the non-symmetric S1 S2, this never produces complex parts or
     NaN and is exact for singular (rank-deficient, e.g. fewer samples than features)
     covariances, so no eps*I ridge is needed in the normal case.
@@ -125,9 +131,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         raise ValueError(f'eps must be >= 0, got {eps}')
 
     def trace_sqrt_product(s1, s2):
-        root1 = _psd_sqrt(s1)
-        m = root1 @ s2 @ root1
-        return float(np.sum(np.sqrt(_psd_eigvals(np.linalg.eigvalsh(0.5 * (m + m.T))))))
+        root1 = _range_root(s1)
+        if root1.shape[1] == 0:  # S1 = 0
+            return 0.0
+        k = root1.T @ s2 @ root1
+        return float(np.sum(np.sqrt(_psd_eigvals(np.linalg.eigvalsh(0.5 * (k + k.T))))))
 
     try:
         tr_covmean = trace_sqrt_product(sigma1, sigma2)

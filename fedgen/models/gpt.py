@@ -16,12 +16,10 @@ the projections (:func:`from_hf` / :func:`to_hf` are exact inverses). The block 
 with causal softmax attention scaled by 1/sqrt(D / n_head) and GELU (tanh approximation).
 """
 import dataclasses
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 
 from fedgen.models import layers
@@ -168,39 +166,6 @@ def from_hf(hf_params: dict) -> dict:
         else:
             out[(blk, ) + rest] = v
     return traverse_util.unflatten_dict(out)
-
-
-def load_hf_dir(path: str) -> tuple[GPTConfig, dict]:
-    """Loads a local HF GPT-2 directory (config.json + model.safetensors, PyTorch layout).
-
-    PyTorch's Conv1D weights are [in, out], i.e. already the transpose of HF Flax's [out, in].
-    """
-    import json
-    from safetensors.numpy import load_file
-    cfg_file, st_file = os.path.join(path, 'config.json'), os.path.join(path, 'model.safetensors')
-    if not (os.path.isfile(cfg_file) and os.path.isfile(st_file)):
-        raise ValueError(f'model.hf_dir: {path} must hold config.json and model.safetensors')
-    hf = json.load(open(cfg_file))
-    cfg = GPTConfig(vocab_size=hf['vocab_size'],
-                    n_positions=hf['n_positions'],
-                    n_embd=hf['n_embd'],
-                    n_layer=hf['n_layer'],
-                    n_head=hf['n_head'],
-                    layer_norm_epsilon=hf.get('layer_norm_epsilon', 1e-5))
-    flat = {}
-    for k, v in load_file(st_file).items():
-        k = k.removeprefix('transformer.')
-        if k.endswith('.attn.bias') or k.endswith('.attn.masked_bias') or k.startswith('lm_head'):
-            continue  # causal-mask buffers and the tied head are not parameters
-        parts = k.split('.')
-        leaf = {'weight': 'kernel', 'bias': 'bias'}[parts[-1]]
-        if parts[0] in ('wte', 'wpe'):
-            flat[(parts[0], 'embedding')] = v
-        elif parts[0].startswith('ln_') or parts[-2].startswith('ln_'):
-            flat[tuple(parts[:-1]) + ({'weight': 'scale'}.get(parts[-1], 'bias'), )] = v
-        else:
-            flat[tuple(parts[:-1]) + (leaf, )] = np.asarray(v).T  # [in,out] -> HF Flax [out,in]
-    return cfg, from_hf(traverse_util.unflatten_dict(flat))
 
 
 def generate(model: GPT,

@@ -1,0 +1,163 @@
+"""Memory and speed of one federated LoRA round on a big backbone: dtype, remat, chunked CE.
+
+    python -m experiments.bench_backbone                  # CPU: a small round, 8 rows
+    python -m experiments.bench_backbone --clients 8 --steps 4 --batch 8 --seq 256   # a GPU
+
+Every row is one FedGen-Edge round (engine.make; C clients x S local Adam steps of B sequences
+of T tokens, LoRA r=8 on q and v) over a Llama decoder with SmolLM2-135M's geometry (30 blocks,
+d 576, 9/3 heads, FFN 1536, vocab 49,152, tied head; random weights), with:
+
+- ``model.dtype``: float32, or bfloat16 frozen weights and compute (adapters, optimizer state and
+  logits stay float32);
+- ``model.remat``: ``jax.checkpoint`` around each block (activations recomputed backward);
+- ``model.ce_chunk``: the cross-entropy over chunks of tokens (objectives.chunked_next_token_loss),
+  so the [B T, 49152] logits never exist for a whole batch; 0 = one [B T, V] block.
+
+Each row runs in its own process. Reported: the median round time over --repeats rounds after a
+compile, XLA's compiled memory (arguments + temporaries, from memory_analysis: what the round
+needs, independent of allocator and load), and the measured peak (GPU: the device allocator's
+peak_bytes_in_use; CPU: the process's peak RSS, which includes compilation). It writes
+docs/results/bench_backbone_<platform>.md (generated) and prints the table with the machine.
+"""
+import itertools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+_CLIENTS = flags.DEFINE_integer('clients', 2, 'Clients per round C.')
+_STEPS = flags.DEFINE_integer('steps', 2, 'Local steps S.')
+_BATCH = flags.DEFINE_integer('batch', 2, 'Sequences per step B.')
+_SEQ = flags.DEFINE_integer('seq', 64, 'Tokens per sequence T.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed rounds per row.')
+_CHUNK = flags.DEFINE_integer('ce_chunk', 256, 'Tokens per cross-entropy chunk when chunked.')
+_ROW = flags.DEFINE_string('row', '', 'Internal: run one row (dtype,remat,chunk) and print JSON.')
+_OUT = flags.DEFINE_string('out', 'docs/results', 'Where the generated table goes.')
+
+
+def one_row(dtype: str, remat: bool, chunk: int, c: int, s: int, b: int, t: int,
+            repeats: int) -> dict:
+    import jax
+    import optax
+
+    from fedgen import algorithms, objectives
+    from fedgen.data.batching import RoundData
+    from fedgen.models import llama
+    cfg = llama.LlamaConfig(n_positions=max(t + 1, 64), dtype=dtype, remat=remat)
+    model = llama.Llama(cfg)
+    params = llama.cast_frozen(llama.init_params(cfg, jax.random.PRNGKey(0)), dtype)
+    loss = (objectives.chunked_next_token_loss(model, chunk)
+            if chunk else objectives.next_token_loss(model))
+    p = algorithms.MethodParams(name='fedgen_edge',
+                                num_clients=c,
+                                client_tx=optax.adam(1e-4),
+                                server_tx=optax.sgd(1.0),
+                                lora=algorithms.LoraSpec(8, 16.0, ('llama_qv', )),
+                                chunk=c)
+    frozen, trainable = algorithms.variables(p, params, jax.random.PRNGKey(1))
+    alg = algorithms.make(p, loss)
+    state = alg.init(trainable, jax.random.PRNGKey(2))
+    rng = np.random.default_rng(0)
+    data = RoundData(client_ids=np.arange(c, dtype=np.int32),
+                     batches={
+                         'tokens': rng.integers(0, cfg.vocab_size,
+                                                (c, s, b, t + 1)).astype(np.int32),
+                         'weight': np.ones((c, s, b), np.float32)
+                     },
+                     mask=np.ones((c, s), np.float32),
+                     n_k=np.full((c, ), 10.0, np.float32))
+    step = jax.jit(alg.apply)
+    compiled = step.lower(state, frozen, data).compile()
+    mem = compiled.memory_analysis()
+    xla_bytes = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+    state, m = step(state, frozen, data)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, m = step(state, frozen, data)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() or {}
+    peak = stats.get('peak_bytes_in_use') or resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        'dtype': dtype,
+        'remat': remat,
+        'ce_chunk': chunk,
+        'round_s': statistics.median(times),
+        'xla_MiB': xla_bytes / 2**20,
+        'peak_MiB': peak / 2**20,
+        'peak_kind': 'device' if 'peak_bytes_in_use' in stats else 'RSS',
+        'loss': float(m['train_loss']),
+        'device': dev.device_kind,
+        'platform': dev.platform
+    }
+
+
+def machine() -> str:
+    import jax
+    dev = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists('/proc/cpuinfo'):
+        with open('/proc/cpuinfo') as f:
+            names = [ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')]
+        cpu = f'{names[0]} x{len(names)}' if names else cpu
+    return f'{dev.platform}: {dev.device_kind}; host {cpu}; jax {jax.__version__}'
+
+
+def main(argv):
+    del argv
+    shape = (_CLIENTS.value, _STEPS.value, _BATCH.value, _SEQ.value)
+    if _ROW.value:
+        dtype, remat, chunk = _ROW.value.split(',')
+        print(json.dumps(one_row(dtype, remat == '1', int(chunk), *shape, _REPEATS.value)))
+        return
+    rows = []
+    for dtype, remat, chunk in itertools.product(('float32', 'bfloat16'), (0, 1),
+                                                 (0, _CHUNK.value)):
+        args = [
+            sys.executable, '-m', 'experiments.bench_backbone', f'--row={dtype},{remat},{chunk}',
+            f'--clients={shape[0]}', f'--steps={shape[1]}', f'--batch={shape[2]}',
+            f'--seq={shape[3]}', f'--repeats={_REPEATS.value}'
+        ]
+        out = subprocess.run(args, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f'row {dtype},{remat},{chunk} failed:\n{out.stderr[-3000:]}')
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    base = rows[0]
+    c, s, b, t = shape
+    lines = [
+        '<!-- generated by: python -m experiments.bench_backbone '
+        f'--clients {c} --steps {s} --batch {b} --seq {t}; do not edit -->',
+        f'# One FedGen-Edge round on SmolLM2-135M geometry ({rows[0]["platform"]})', '',
+        f'Machine: {machine()}.', f'Round: C={c} clients x S={s} steps x B={b} x T={t} tokens, '
+        'LoRA r=8 on q, v; random weights. Times are medians of '
+        f'{_REPEATS.value} rounds after compilation; ratios are against the first row, '
+        'measured in the same run.', '',
+        '| dtype | remat | ce_chunk | round s | x f32 | XLA MiB | x f32 | peak MiB '
+        f'({rows[0]["peak_kind"]}) |', '|---|---|---|---|---|---|---|---|'
+    ]
+    for r in rows:
+        lines.append(f'| {r["dtype"]} | {"on" if r["remat"] else "off"} | {r["ce_chunk"] or "off"}'
+                     f' | {r["round_s"]:.3f} | {r["round_s"] / base["round_s"]:.2f} | '
+                     f'{r["xla_MiB"]:.0f} | {r["xla_MiB"] / base["xla_MiB"]:.2f} | '
+                     f'{r["peak_MiB"]:.0f} |')
+    text = '\n'.join(lines) + '\n'
+    print(text)
+    os.makedirs(_OUT.value, exist_ok=True)
+    with open(os.path.join(_OUT.value, f'bench_backbone_{rows[0]["platform"]}.md'), 'w') as f:
+        f.write(text)
+
+
+if __name__ == '__main__':
+    app.run(main)

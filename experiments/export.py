@@ -1,0 +1,121 @@
+"""Exports a run's LoRA adapter in Hugging Face PEFT format, or the merged full weights.
+
+    python -m experiments.export --workdir runs/smollm2 --out runs/smollm2/peft
+    python -m experiments.export --workdir runs/smollm2 --out DIR --client 7   # client 7's own
+    python -m experiments.export --workdir runs/smollm2 --out DIR --merged     # W0 + (alpha/r) AB
+
+Reads <workdir>/config.json and the newest (or --step) server state in <workdir>/checkpoints; the
+global adapter is state.trainable['lora']. --client K takes row K of the stacked personal trees that
+experiments.personalize saved under <workdir>/personal/<step>. The backbone comes from
+model.source ('local': the run's cached pre-trained backbone under <workdir>/backbone, or
+pretrain.backbone_path). Writes adapter_config.json + adapter_model.safetensors (PEFT), or
+config.json + model.safetensors (--merged, Hugging Face PyTorch layout, float32).
+"""
+import json
+import os
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from fedgen import checkpoint, peft
+from fedgen.models import gpt, llama, weights
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory (config.json, checkpoints/).')
+_OUT = flags.DEFINE_string('out', None, 'Output directory.')
+_CLIENT = flags.DEFINE_integer('client', -1, 'Export client K\'s personal adapter (-1: global).')
+_MERGED = flags.DEFINE_bool('merged', False, 'Write merged full weights instead of an adapter.')
+_STEP = flags.DEFINE_integer('step', 0, 'Checkpoint / personalization round (0: the newest).')
+
+HUB_NAMES = {'smollm2-135m': 'HuggingFaceTB/SmolLM2-135M-Instruct'}
+
+
+def _local_backbone(config: dict, workdir: str) -> dict:
+    path = config['pretrain'].get('backbone_path') or ''
+    if not path:
+        root = os.path.join(workdir, 'backbone')
+        dirs = sorted(
+            (os.path.join(root, d) for d in os.listdir(root)) if os.path.isdir(root) else [],
+            key=os.path.getmtime)
+        if not dirs:
+            raise ValueError(f'--workdir: no pre-trained backbone under {root}')
+        path = dirs[-1]
+    return checkpoint.load_tree(path, None, 'backbone')
+
+
+def backbone(config: dict, workdir: str) -> tuple[str, object, dict, str]:
+    """(arch, model config, float params, base model name) of the run's frozen backbone."""
+    m, alpha = config['model'], float(config['lora']['alpha'])
+    source = m.get('source', 'local')
+    if source != 'local':
+        bb = weights.load(source, lora_alpha=alpha)
+        return bb.arch, bb.config, bb.params, HUB_NAMES.get(source, source.partition(':')[2])
+    params = _local_backbone(config, workdir)
+    if m.get('name', 'gpt') == 'gpt':  # fedgen's GPT is the GPT-2 architecture
+        cfg = gpt.GPTConfig(vocab_size=params['wte']['embedding'].shape[0],
+                            n_positions=params['wpe']['embedding'].shape[0],
+                            n_embd=params['wte']['embedding'].shape[1],
+                            n_layer=sum(k.startswith('h_') for k in params),
+                            n_head=m['n_head'],
+                            lora_alpha=alpha)
+        return 'gpt2', cfg, params, ''
+    fields = {
+        f: m[f]
+        for f in ('n_positions', 'n_head', 'n_kv_head', 'n_inner', 'rope_theta', 'rms_norm_eps',
+                  'tie_word_embeddings')
+    }
+    emb = params['embed_tokens']['embedding']
+    cfg = llama.LlamaConfig(vocab_size=emb.shape[0],
+                            n_embd=emb.shape[1],
+                            n_layer=sum(k.startswith('layers_') for k in params),
+                            lora_alpha=alpha,
+                            **fields)
+    return 'llama', cfg, params, ''
+
+
+def adapters(config: dict, workdir: str, client: int, step: int) -> tuple[dict, int]:
+    """(one adapter tree, its round): the global one, or row ``client`` of the personal trees."""
+    if client < 0:
+        mngr = checkpoint.manager(workdir, int(config['checkpoint']['keep']))
+        step = step or checkpoint.latest(mngr)
+        if not step:
+            raise ValueError(f'--workdir: no checkpoint under {workdir}/checkpoints')
+        state = checkpoint.restore(mngr, step, state=None)['state']
+        return state['trainable']['lora'], step
+    root = os.path.join(os.path.abspath(workdir), 'personal')
+    rounds = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+    if not rounds:
+        raise ValueError(f'--client: no personal trees under {root} (run experiments.personalize)')
+    step = step or rounds[-1]
+    personal = checkpoint.load_personal(workdir, step, None)
+    tree = personal.get('lora', personal)
+    n = jax.tree.leaves(tree)[0].shape[0]
+    if not 0 <= client < n:
+        raise ValueError(f'--client must be in [0, {n}), got {client}')
+    return jax.tree.map(lambda x: np.asarray(x[client]), tree), step
+
+
+def export(workdir: str, out: str, client: int = -1, merged: bool = False, step: int = 0) -> str:
+    """Writes the export into ``out``; returns a one-line description."""
+    with open(os.path.join(workdir, 'config.json')) as f:
+        config = json.load(f)
+    arch, cfg, params, base = backbone(config, workdir)
+    tree, step = adapters(config, workdir, client, step)
+    alpha = float(config['lora']['alpha'])
+    who = 'global' if client < 0 else f'client {client}'
+    if merged:
+        peft.export_merged(out, arch, cfg, params, tree, alpha)
+        return f'merged {arch} weights ({who} adapter, round {step}) -> {out}'
+    pc = peft.export_adapter(out, arch, params, tree, alpha, base)
+    return (f'PEFT LoRA ({who}, round {step}; r={pc["r"]}, alpha={pc["lora_alpha"]}, '
+            f'targets {pc["target_modules"]}) -> {out}')
+
+
+def main(argv):
+    del argv
+    print(export(_WORKDIR.value, _OUT.value, _CLIENT.value, _MERGED.value, _STEP.value))
+
+
+if __name__ == '__main__':
+    flags.mark_flags_as_required(['workdir', 'out'])
+    app.run(main)

@@ -1,0 +1,192 @@
+"""The Llama decoder: logits vs FlaxLlamaForCausalLM, KV-cache decoding, bf16 and remat."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from fedgen import lora
+from fedgen.models import llama, weights
+
+transformers = pytest.importorskip('transformers')
+
+# GQA (4 query heads over 2 KV heads). FlaxLlama hard-codes RoPE theta 10000 (it ignores
+# config.rope_theta), so the Flax parity runs at theta 1e4; test_weights checks theta 1e5 against
+# torch's LlamaForCausalLM, which honours it.
+CFG = llama.LlamaConfig(vocab_size=61,
+                        n_positions=32,
+                        n_embd=32,
+                        n_layer=2,
+                        n_head=4,
+                        n_kv_head=2,
+                        n_inner=48,
+                        rope_theta=1e4,
+                        rms_norm_eps=1e-6,
+                        tie_word_embeddings=False)
+
+
+def _hf_flax(tie: bool):
+    """A random FlaxLlama with weights large enough (std 0.2, norms != 1) that all leaves matter."""
+    hc = transformers.LlamaConfig(vocab_size=CFG.vocab_size,
+                                  hidden_size=CFG.n_embd,
+                                  intermediate_size=CFG.n_inner,
+                                  num_hidden_layers=CFG.n_layer,
+                                  num_attention_heads=CFG.n_head,
+                                  num_key_value_heads=CFG.n_kv_head,
+                                  max_position_embeddings=CFG.n_positions,
+                                  rms_norm_eps=CFG.rms_norm_eps,
+                                  initializer_range=0.2,
+                                  tie_word_embeddings=tie)
+    hf = transformers.FlaxLlamaForCausalLM(hc, seed=0)
+    flat = traverse_util.flatten_dict(hf.params)
+    rng = np.random.default_rng(0)
+    for k in flat:
+        if k[-1] == 'weight':  # RMSNorm gains
+            flat[k] = flat[k] + 0.3 * rng.standard_normal(flat[k].shape).astype(np.float32)
+    if tie:  # FlaxLlama always applies lm_head; tie it by hand to the embedding
+        flat[('lm_head', 'kernel')] = flat[('model', 'embed_tokens', 'embedding')].T
+    return hf, traverse_util.unflatten_dict(flat)
+
+
+@pytest.mark.parametrize('tie', [True, False])
+def test_logits_match_hf_flax_llama(tie):
+    hf, hf_params = _hf_flax(tie)
+    flat = {'.'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(hf_params).items()}
+    params = weights.llama_from_hf_tensors(flat, tie)  # the Flax-layout loader
+    assert ('lm_head' in params) == (not tie)
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=tie)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (3, 20), 0, CFG.vocab_size)
+    ours = jax.jit(llama.Llama(cfg).apply)({'params': params}, tokens)
+    ref = hf(tokens, params=hf_params).logits
+    assert float(jnp.abs(ref).max()) > 1.0  # non-trivial logits
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_init_param_layout_matches_hf_names():
+    params = llama.init_params(CFG, jax.random.PRNGKey(0))
+    paths = {'/'.join(p) for p in traverse_util.flatten_dict(params)}
+    assert 'layers_1/self_attn/k_proj/kernel' in paths and 'lm_head/kernel' in paths
+    assert params['layers_0']['self_attn']['k_proj']['kernel'].shape == (32, 16)
+    assert params['layers_0']['mlp']['down_proj']['kernel'].shape == (48, 32)
+
+
+@pytest.fixture(scope='module')
+def tiny():
+    params = llama.init_params(CFG, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: x * 8.0 if x.ndim == 2 else x, params)  # peaky logits
+    return llama.Llama(CFG), params
+
+
+def test_kv_cache_decode_equals_full_forward(tiny):
+    model, params = tiny
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, CFG.vocab_size)
+    full = jax.jit(model.apply)({'params': params}, tokens)
+    decode = jax.jit(
+        lambda x, c, t: model.apply({'params': params}, x, c, t, method=llama.Llama.decode))
+    first, cache = decode(tokens[:, :7], llama.init_cache(CFG, 2, 16), 0)
+    outs = [first]
+    for t in range(7, 12):
+        lg, cache = decode(tokens[:, t:t + 1], cache, t)
+        outs.append(lg)
+    np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_and_sampled_generation_match_uncached_reference(tiny):
+    model, params = tiny
+    prompt = np.array([[3, 5, 7], [11, 2, 9]], np.int32)
+    steps, rng = 6, jax.random.PRNGKey(7)
+    gen = jax.jit(lambda p, r, temp: llama.generate(model, {'params': p}, prompt, steps, r, temp),
+                  static_argnums=2)
+    keys = jax.random.split(rng, steps)
+    fwd = jax.jit(lambda x: model.apply({'params': params}, x))
+    for temp in (0.0, 0.7):
+        # Rerun the whole (zero-padded, causal so padding is invisible) sequence each step.
+        ref = np.zeros((2, 3 + steps), np.int32)
+        ref[:, :3] = prompt
+        for i in range(steps):
+            lg = fwd(ref)[:, 2 + i]
+            nxt = (jnp.argmax(lg, -1) if temp == 0 else jax.random.categorical(keys[i], lg / temp))
+            ref[:, 3 + i] = np.asarray(nxt)
+        got = np.asarray(gen(params, rng, temp))
+        np.testing.assert_array_equal(got, ref)
+    assert not np.array_equal(gen(params, rng, 0.0), gen(params, rng, 0.7))
+
+
+def test_lora_presets_zero_b_is_base_and_grads_flow(tiny):
+    model, params = tiny
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 9), 0, CFG.vocab_size)
+    ad = lora.init(jax.random.PRNGKey(5), params, 'llama_qv', 4)
+    paths = {'/'.join(p) for p in traverse_util.flatten_dict(ad)}
+    assert paths == {
+        f'layers_{i}/self_attn/{m}_proj/{x}'
+        for i in range(2)
+        for m in 'qv'
+        for x in 'ab'
+    }
+    fwd = jax.jit(model.apply)
+    base = fwd({'params': params}, tokens)
+    np.testing.assert_array_equal(fwd({'params': params, 'lora': ad}, tokens), base)
+    full = lora.init(jax.random.PRNGKey(5), params, 'llama_attn_mlp', 2)
+    assert len(traverse_util.flatten_dict(full)) == 2 * 2 * 7
+    loss = lambda a: model.apply({'params': params, 'lora': a}, tokens).sum()
+    g = jax.jit(jax.grad(loss))(ad)
+    assert float(jnp.abs(g['layers_0']['self_attn']['q_proj']['b']).max()) > 0
+
+
+def test_bf16_and_remat(tiny):
+    model, params = tiny
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 9), 0, CFG.vocab_size)
+    ad = lora.init(jax.random.PRNGKey(5), params, 'llama_qv', 4)
+    ad = jax.tree.map(lambda x: x + 0.01, ad)  # B != 0
+    loss = lambda m, p, a: jnp.mean(m.apply({'params': p, 'lora': a}, tokens)**2)
+    vg = jax.jit(jax.value_and_grad(loss, argnums=2), static_argnums=0)
+    ref_l, ref_g = vg(model, params, ad)
+    rm = llama.Llama(dataclasses.replace(CFG, remat=True))
+    l, g = vg(rm, params, ad)
+    np.testing.assert_allclose(l, ref_l, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    bm = llama.Llama(dataclasses.replace(CFG, dtype='bfloat16'))
+    bp = llama.cast_frozen(params, 'bfloat16')
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bp))
+    logits = jax.jit(bm.apply)({'params': bp, 'lora': ad}, tokens)
+    assert logits.dtype == jnp.float32
+    ref_logits = jax.jit(model.apply)({'params': params, 'lora': ad}, tokens)
+    err = float(jnp.abs(logits - ref_logits).max() / jnp.abs(ref_logits).max())
+    assert 0 < err < 0.05, err  # bf16 rounding, not a different function
+    l, g = vg(bm, bp, ad)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(g))  # adapters stay f32
+    np.testing.assert_allclose(l, ref_l, rtol=0.05)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match='model.n_kv_head'):
+        llama.validate(dataclasses.replace(CFG, n_kv_head=3))
+    with pytest.raises(ValueError, match='model.dtype'):
+        llama.validate(dataclasses.replace(CFG, dtype='float16'))
+    with pytest.raises(ValueError, match='model.n_positions'):
+        llama.generate(llama.Llama(CFG), {}, np.zeros((1, 30), np.int32), 5, jax.random.PRNGKey(0))
+
+
+def test_chunked_cross_entropy_equals_plain_loss_and_gradient(tiny):
+    from fedgen import objectives
+    model, params = tiny
+    tokens = jax.random.randint(jax.random.PRNGKey(8), (3, 10), 0, CFG.vocab_size)
+    batch = {'tokens': tokens, 'weight': jnp.array([1.0, 0.0, 2.0])}
+    ad = jax.tree.map(lambda x: x + 0.05, lora.init(jax.random.PRNGKey(5), params, 'llama_qv', 2))
+    plain, chunked = objectives.next_token_loss(model), objectives.chunked_next_token_loss(model, 7)
+
+    def vg(loss_fn):
+        f = lambda a: loss_fn({'params': params, 'lora': a}, batch, None)
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(ad)
+
+    (l0, n0), g0 = vg(plain)
+    (l1, n1), g1 = vg(chunked)  # 27 tokens in chunks of 7: the last chunk is padded
+    assert float(n0) == float(n1) == 27.0
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match='model.ce_chunk'):
+        objectives.chunked_next_token_loss(model, 0)
