@@ -260,3 +260,25 @@ def privacy_notes(config) -> list[str]:
         raise ValueError(f'fed.dp cannot make fed.algorithm={fed.algorithm!r} private: it '
                          'uploads no model updates (local_only) or pools raw data (centralized)')
     return notes
+
+
+def client_bytes(config, alg, trainable: dict) -> tuple:
+    """(up, down) bytes per client: plain ints, or [N] arrays when clients differ (true ranks
+    r_k) or the protocol adds to them (the frozen delta of FedEx-LoRA / FLoRA, SecAgg)."""
+    from fedgen import comm, lora_aggregation
+    fed = config.fed
+    cost = comm.round_cost(alg, trainable, 1)
+    up, down = cost.up_per_client, cost.down_per_client
+    ranks = client_ranks(config)
+    method = fed.lora_aggregation
+    if 'lora' in trainable and (ranks is not None or method != 'avg_ab'):
+        r = np.asarray(ranks if ranks is not None else [config.lora.rank] * fed.num_clients)
+        up = lora_aggregation.upload_bytes(method, trainable['lora'], r)
+        down = lora_aggregation.download_bytes(method,
+                                               trainable['lora'],
+                                               r,
+                                               residual_rank=fed.residual_rank)['total']
+    if dp_enabled(config) and fed.secagg.enabled:
+        up = secagg.protocol_bytes(comm.num_params(alg.upload(trainable)), dp_capacity(config),
+                                   fed.secagg.bits)['total']
+    return up, down

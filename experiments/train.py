@@ -149,13 +149,15 @@ def round_data(config, task: tasks.Task, steps: int, rnd: int, mesh, rows: tuple
     this process packs only its rows [lo, hi) and, with a mesh, the global arrays are
     assembled from every process's rows."""
     fed = config.fed
-    ids = batching.sample_clients(config.seed, rnd, fed.num_clients, fed.clients_per_round)
+    ids, present = settings.sample_round(config, rnd)
     lo, hi = rows
     mine = ids[lo:hi]
     pack = lambda i: batching.pack_clients(task.pool, task.client_train, i, config.seed, rnd, fed.
                                            batch_size, fed.local_epochs, steps, fed.
                                            max_steps_per_epoch)
     data = pack(mine) if len(mine) else jax.tree.map(np.zeros_like, pack(ids[:1]))
+    if present is not None:  # Poisson sampling: the slots beyond the draw carry nothing
+        data = batching.drop_absent(data, present[lo:hi] if len(mine) else present[:1] * 0)
     data = batching.pad_clients(data, hi - lo)  # -> exactly hi - lo rows
     if mesh is None:
         return data
@@ -164,6 +166,11 @@ def round_data(config, task: tasks.Task, steps: int, rnd: int, mesh, rows: tuple
                         batches=put(data.batches),
                         mask=put(data.mask),
                         n_k=put(data.n_k))
+
+
+def host_sampled(data: batching.RoundData) -> np.ndarray:
+    """[C] 1 where the slot holds a sampled client (n_k > 0), gathered to the host."""
+    return np.asarray(population.to_host(data.n_k)) > 0
 
 
 def round_row(rnd: int, metrics: dict, last_saved: int, state_host) -> dict:
@@ -228,7 +235,8 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
                population.replicate(frozen, mesh)) if mesh is not None else
               (jax.device_put(state), frozen))
     state, frozen_dev = placed
-    width = fed.clients_per_round + (-fed.clients_per_round) % (mesh.size if mesh else 1)
+    per_round = settings.dp_capacity(config)  # C, ceil(C (1 + over_select)), or the DP capacity
+    width = per_round + (-per_round) % (mesh.size if mesh else 1)
     rows = population.process_rows(mesh, width)
     log(f'client axis: {width} rows over {mesh.size if mesh else 1} device(s) in '
         f'{jax.process_count()} process(es); this process packs rows {rows[0]}..{rows[1] - 1}')
@@ -239,6 +247,10 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
     log(f'per client per round: up {cost.up_per_client:,} B, down {cost.down_per_client:,} B '
         f'({fed.algorithm}); LoRA adapters {adapters:,} B = {100 * adapters / full:.3f}% of the '
         f'full model {full:,} B; local steps S={steps}')
+    up_client, down_client = settings.client_bytes(config, alg, r['state'].trainable)
+    acct = settings.accountant(config)
+    for note in settings.privacy_notes(config):
+        log(note)
     apply = jax.jit(alg.apply, donate_argnums=0)
     last = writer.rows[-1] if writer.rows else {}
     totals = {
@@ -260,17 +272,24 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
             t0 = time.time()
             data = round_data(config, task, steps, rnd, mesh, rows, width)
             state, m = apply(state, frozen_dev, data)
-            host, m = population.to_host((state, m))
+            host, m, ids = population.to_host((state, m, data.client_ids))
+            live = m.pop('live')
             row = round_row(rnd + 1, m, rnd, host)
-            totals = comm.accumulate(totals, cost)
+            up, down = comm.round_bytes(up_client, down_client, ids, host_sampled(data), live)
+            totals = {
+                'up_bytes': totals['up_bytes'] + up,
+                'down_bytes': totals['down_bytes'] + down
+            }
+            if acct is not None:
+                row['dp_epsilon'] = acct.epsilon_after(rnd + 1)
             row.update({
-                'up_bytes_round': cost.up_round,
-                'down_bytes_round': cost.down_round,
+                'up_bytes_round': up,
+                'down_bytes_round': down,
                 'up_bytes_total': totals['up_bytes'],
                 'down_bytes_total': totals['down_bytes']
             })
             if (rnd + 1) % config.eval.every == 0 or rnd + 1 == fed.rounds:
-                variables = {**frozen, **host.trainable}
+                variables = {**alg.effective_frozen(host, frozen), **host.trainable}
                 row.update(evaluate(variables))
                 if config.eval.samples_every_eval and primary:
                     write_samples(task, task.sample(variables, sample_key), writer, rnd + 1,
@@ -282,7 +301,10 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
             bar.set_postfix({
                 'loss': f'{row["train_loss"] or float("nan"):.3f}',
                 task.metric: f'{seen[-1]:.2f}' if seen else '-',
-                'up_MB': f'{totals["up_bytes"] / 1e6:.2f}'
+                'up_MB': f'{totals["up_bytes"] / 1e6:.2f}',
+                **({
+                    'eps': f'{row["dp_epsilon"]:.3g}'
+                } if acct is not None else {})
             })
     except BaseException:
         writer.close()
@@ -294,7 +316,7 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
         writer.close()
         return {'stopped_after': end}
 
-    variables = {**frozen, **host.trainable}
+    variables = {**alg.effective_frozen(host, frozen), **host.trainable}
     # The last round was always evaluated; reuse it rather than evaluating again.
     final = {k: v for k, v in writer.rows[-1].items() if k in bb_metrics} if writer.rows else {}
     if len(final) != len(bb_metrics):
@@ -302,8 +324,10 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
     if task.test is not None:
         final.update(task.evaluator('test', aux)(variables))
     summary = writer.summary({
-        'algorithm': fed.algorithm,
-        'rounds': fed.rounds,
+        'algorithm':
+        fed.algorithm,
+        'rounds':
+        fed.rounds,
         **{
             f'backbone_{k}': v
             for k, v in bb_metrics.items()
@@ -311,15 +335,27 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
         **{
             f'final_{k}': v
             for k, v in final.items()
-        }, 'up_bytes_per_client_round': cost.up_per_client,
-        'down_bytes_per_client_round': cost.down_per_client,
-        'up_bytes_per_round': cost.up_round,
-        'up_bytes_total': totals['up_bytes'],
-        'down_bytes_total': totals['down_bytes'],
-        'lora_share_of_full_uplink': adapters / full,
-        'local_steps': steps,
-        'client_chunk': r['method'].chunk,
-        'wall_s': round(time.time() - t_start, 1)
+        }, 'up_bytes_per_client_round':
+        cost.up_per_client,
+        'down_bytes_per_client_round':
+        cost.down_per_client,
+        'up_bytes_per_round':
+        cost.up_round,
+        'up_bytes_total':
+        totals['up_bytes'],
+        'down_bytes_total':
+        totals['down_bytes'],
+        'lora_share_of_full_uplink':
+        adapters / full,
+        'local_steps':
+        steps,
+        'client_chunk':
+        r['method'].chunk,
+        **({
+            'dp_epsilon': writer.rows[-1].get('dp_epsilon'),
+            'dp_delta': settings.dp_delta(config)
+        } if acct is not None else {}), 'wall_s':
+        round(time.time() - t_start, 1)
     })
     log('\n' + '\n'.join(f'{k:>28s}  {v:,.4g}' if isinstance(v, float) else f'{k:>28s}  {v}'
                          for k, v in summary.items()))

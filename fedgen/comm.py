@@ -4,7 +4,9 @@ Per round with C participating clients:
     uplink   = C * bytes(upload(Delta_k))     what one client sends (e.g. Delta A_k for FedSA)
     downlink = C * bytes(download(w_G))       what the server broadcasts to one client
 Bytes are counted from leaf shapes and dtypes (no compression, no headers). Both views come from
-the method's :class:`~fedgen.base.Algorithm`, evaluated on abstract shapes (nothing runs).
+the method's :class:`~fedgen.base.Algorithm`, evaluated on abstract shapes (nothing runs). A
+round's bytes (``round_bytes``) count the clients that actually took part: every sampled client
+downloads, only those whose upload arrived (not dropped) count for the uplink.
 """
 from typing import Any, NamedTuple
 
@@ -47,3 +49,16 @@ def accumulate(totals: dict, cost: RoundCost) -> dict:
         'up_bytes': totals.get('up_bytes', 0) + cost.up_round,
         'down_bytes': totals.get('down_bytes', 0) + cost.down_round
     }
+
+
+def round_bytes(up_per_client, down_per_client, ids, sampled, reported) -> tuple[int, int]:
+    """(uplink, downlink) bytes of one round, exact integers: every sampled client downloads,
+    only the clients whose upload arrived count for the uplink.
+
+    up_per_client / down_per_client: a number (every client alike) or [N] per client id (true
+    ranks, SecAgg payloads); ids, sampled, reported: [C] for the round's padded client axis."""
+    ids = np.asarray(ids)
+    up = np.broadcast_to(np.asarray(up_per_client, np.int64), (int(ids.max()) + 1, ))
+    down = np.broadcast_to(np.asarray(down_per_client, np.int64), (int(ids.max()) + 1, ))
+    s, r = np.asarray(sampled) > 0, np.asarray(reported) > 0
+    return int(up[ids[r]].sum()), int(down[ids[s]].sum())
