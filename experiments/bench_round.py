@@ -1,4 +1,6 @@
-"""One federated round, run five ways side by side; writes docs/performance.md.
+"""One federated round, run five ways side by side; writes docs/results/bench_round.md.
+
+The table is generated (docs/performance.md holds the hand-written reading of it).
 
     python -m experiments.bench_round            # C in {8, 32, 100} (PTB), {4, 8} (U-Net)
     python -m experiments.bench_round --quick    # a few minutes on a 2-core CPU
@@ -230,7 +232,7 @@ def table(rows: list[dict], peak: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--quick', action='store_true', help='fewer C values and rounds')
-    ap.add_argument('--out', default='docs/performance.md')
+    ap.add_argument('--out', default='docs/results/bench_round.md')
     ap.add_argument('--child', default='', help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
