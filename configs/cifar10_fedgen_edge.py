@@ -24,6 +24,8 @@ every 5 rounds, plus a 10x10 sample grid; the final numbers are also taken on th
 """
 import ml_collections
 
+from configs import federation
+
 SHARED_CIFAR = '../shared/data/cifar10-jpeg.tar.gz'
 
 
@@ -50,54 +52,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.diffusion = dict(schedule='linear', timesteps=1000, sample_steps=10, ddim_eta=0.0)
     c.lora = dict(rank=2, alpha=16.0, targets=('attn', ), client_ranks='')
     c.pretrain = dict(steps=600, batch_size=16, opt='adam', lr=1e-3, backbone_path='')
-    c.fed = dict(
-        algorithm='fedgen_edge',
-        num_clients=100,
-        clients_per_round=10,
-        rounds=20,
-        local_epochs=1,
-        batch_size=16,
-        max_steps_per_epoch=4,
-        client_opt='adam',
-        client_lr=1e-3,
-        server_opt='sgd',
-        server_lr=1.0,
-        # FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021): momentum, second moment, tau.
-        server_b1=0.9,
-        server_b2=0.99,
-        server_tau=1e-3,
-        client_chunk=5,
-        client_mem_budget_mb=0.0,
-        num_devices=0,
-        prox_mu=0.0,
-        prox_target='lora',
-        ditto_lambda=0.0,
-        # Faults (fedgen.fates, fedgen.attacks): rates in [0, 1); none by default.
-        dropout_rate=0.0,
-        straggler_rate=0.0,
-        straggler_min_frac=1.0,
-        over_select=0.0,
-        attack=dict(kind='none', fraction=0.0, scale=1.0, noise_norm=1.0),
-        # Server reduction (fedgen.robust): mean (weighted by n_k) or a robust one.
-        aggregator='mean',
-        robust=dict(beta=0.1, bound=0.0, f=1, m=0, iters=4, nu=1e-6),
-        # LoRA aggregation (fedgen.lora_aggregation); residual_rank: None = dense residual.
-        lora_aggregation='avg_ab',
-        residual_rank=ml_collections.config_dict.placeholder(int),
-        # User-level DP-FedAvg (fedgen.privacy): clip_norm 0 = off; delta 0 = 1/N;
-        # target_epsilon > 0 calibrates the noise multiplier for fed.rounds.
-        dp=dict(clip_norm=0.0,
-                noise_multiplier=0.0,
-                target_epsilon=0.0,
-                delta=0.0,
-                accountant='rdp',
-                sampling='fixed',
-                adaptive=False,
-                target_quantile=0.5,
-                clip_lr=0.2,
-                count_stddev=-1.0),
-        # Simulated secure aggregation (needs fed.dp.clip_norm > 0); scale 0 = largest safe.
-        secagg=dict(enabled=False, bits=32, scale=0.0))
+    c.fed = federation.fed(rounds=20, max_steps_per_epoch=4, client_lr=1e-3)
     c.eval = dict(every=5,
                   batch_size=64,
                   loss_images=512,

@@ -17,6 +17,8 @@ server averages adapters weighted by n_k and applies sgd(1.0) (plain FedAvg). 60
 """
 import ml_collections
 
+from configs import federation
+
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -37,54 +39,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.model = dict(name='gpt', n_positions=32, n_embd=128, n_layer=2, n_head=4)
     c.lora = dict(rank=4, alpha=16.0, targets=('qv_mlp', ), client_ranks='')
     c.pretrain = dict(steps=500, batch_size=32, opt='adam', lr=3e-3, backbone_path='')
-    c.fed = dict(
-        algorithm='fedgen_edge',
-        num_clients=100,
-        clients_per_round=10,
-        rounds=60,
-        local_epochs=1,
-        batch_size=16,
-        max_steps_per_epoch=8,
-        client_opt='adam',
-        client_lr=1e-2,
-        server_opt='sgd',
-        server_lr=1.0,
-        # FedAdam / FedYogi / FedAdagrad (Reddi et al. 2021): momentum, second moment, tau.
-        server_b1=0.9,
-        server_b2=0.99,
-        server_tau=1e-3,
-        client_chunk=5,
-        client_mem_budget_mb=0.0,
-        num_devices=0,
-        prox_mu=0.0,
-        prox_target='lora',
-        ditto_lambda=0.0,
-        # Faults (fedgen.fates, fedgen.attacks): rates in [0, 1); none by default.
-        dropout_rate=0.0,
-        straggler_rate=0.0,
-        straggler_min_frac=1.0,
-        over_select=0.0,
-        attack=dict(kind='none', fraction=0.0, scale=1.0, noise_norm=1.0),
-        # Server reduction (fedgen.robust): mean (weighted by n_k) or a robust one.
-        aggregator='mean',
-        robust=dict(beta=0.1, bound=0.0, f=1, m=0, iters=4, nu=1e-6),
-        # LoRA aggregation (fedgen.lora_aggregation); residual_rank: None = dense residual.
-        lora_aggregation='avg_ab',
-        residual_rank=ml_collections.config_dict.placeholder(int),
-        # User-level DP-FedAvg (fedgen.privacy): clip_norm 0 = off; delta 0 = 1/N;
-        # target_epsilon > 0 calibrates the noise multiplier for fed.rounds.
-        dp=dict(clip_norm=0.0,
-                noise_multiplier=0.0,
-                target_epsilon=0.0,
-                delta=0.0,
-                accountant='rdp',
-                sampling='fixed',
-                adaptive=False,
-                target_quantile=0.5,
-                clip_lr=0.2,
-                count_stddev=-1.0),
-        # Simulated secure aggregation (needs fed.dp.clip_norm > 0); scale 0 = largest safe.
-        secagg=dict(enabled=False, bits=32, scale=0.0))
+    c.fed = federation.fed(rounds=60, max_steps_per_epoch=8, client_lr=1e-2)
     c.eval = dict(every=5, batch_size=128, num_samples=3, sample_len=20, samples_every_eval=False)
     # Personalization (experiments.personalize): E_p local epochs on each client's own train split.
     c.personalize = dict(epochs=1, opt='adam', lr=1e-3, max_steps=0)
