@@ -99,6 +99,11 @@ def count_words(text: str) -> int:
     return len(text.split()) + text.count('\n')
 
 
+def from_mean_nll(mean_nll):
+    """exp(mean NLL per word): the perplexity of a word-level model whose tokens are the words."""
+    return np.exp(mean_nll)
+
+
 def word_perplexity(nll_sum: float, num_words: int) -> float:
     """exp(total NLL / number of words)."""
     if num_words < 1:

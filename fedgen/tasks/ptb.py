@@ -16,7 +16,7 @@ import numpy as np
 from fedgen import objectives, tasks
 from fedgen.algorithms import LoraSpec
 from fedgen.data import batching
-from fedgen.metrics import dataset_loss
+from fedgen.metrics import dataset_loss, perplexity
 from fedgen.data import partition, ptb, topics
 from fedgen.models import gpt
 
@@ -164,7 +164,7 @@ def prepare(settings: Settings) -> tasks.Task:
                                                batch_size),
         sample=lambda variables, rng: samples(model, data.vocab, settings.eval, variables, rng),
         sample_kind='text',
-        client_metric=('ppl', np.exp))
+        client_metric=('ppl', perplexity.from_mean_nll))
 
 
 def recipe(settings: Settings) -> dict:
@@ -199,6 +199,6 @@ def evaluator(loss_fn, examples: dict, split: str, batch_size: int):
 
     def evaluate(variables) -> dict:
         value = float(loss(variables))
-        return {f'{split}_loss': value, f'{split}_ppl': float(np.exp(value))}
+        return {f'{split}_loss': value, f'{split}_ppl': float(perplexity.from_mean_nll(value))}
 
     return evaluate
