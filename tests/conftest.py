@@ -54,3 +54,13 @@ def write_ptb_corpus(directory) -> str:
 def corpus(tmp_path_factory):
     """A tiny PTB-format corpus directory (synthetic; tests never read the real data)."""
     return write_ptb_corpus(tmp_path_factory.mktemp('ptb'))
+
+
+@pytest.fixture(scope='session', autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the session: the many tiny runs compile the same
+    evaluation and client programs again (new closures, same HLO); the cache serves them."""
+    jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla_cache')))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+    yield
