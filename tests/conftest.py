@@ -3,6 +3,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 from fedgen import engine, lora, objectives
 from fedgen.data import batching
@@ -48,6 +49,20 @@ def write_ptb_corpus(directory) -> str:
                  for s in range(n))
         (directory / f'ptb.{split}.txt').write_text('\n'.join(lines) + '\n')
     return str(directory)
+
+
+def write_image_folder(root) -> str:
+    """10 classes of flat-colour 32x32 PNGs with noise: 10 train and 3 test images each."""
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 10), ('test', 3)):
+        for k in range(10):
+            d = root / split / f'class{k}'
+            d.mkdir(parents=True)
+            color = np.array([25 * k, 255 - 25 * k, (70 * k) % 255])
+            for i in range(n):
+                img = np.clip(color + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f'{i:04d}.png')
+    return str(root)
 
 
 @pytest.fixture(scope='module')

@@ -17,9 +17,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from PIL import Image
 
-from conftest import write_ptb_corpus
+from conftest import write_image_folder, write_ptb_corpus
 from experiments import personalize as personal_exp
 from experiments import train
 from fedgen import checkpoint, lora
@@ -27,20 +26,6 @@ from fedgen import checkpoint, lora
 METHODS = ('fedgen_edge', 'fedavg_full', 'fedprox', 'ditto', 'fedsa', 'local_only', 'centralized',
            'fedadam')
 TASKS = ('ptb', 'cifar10')
-
-
-def write_image_folder(root) -> str:
-    """10 classes of flat-colour 32x32 PNGs with noise: 10 train and 3 test images each."""
-    rng = np.random.default_rng(0)
-    for split, n in (('train', 10), ('test', 3)):
-        for k in range(10):
-            d = root / split / f'class{k}'
-            d.mkdir(parents=True)
-            color = np.array([25 * k, 255 - 25 * k, (70 * k) % 255])
-            for i in range(n):
-                img = np.clip(color + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f'{i:04d}.png')
-    return str(root)
 
 
 class Runs:

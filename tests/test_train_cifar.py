@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from configs import cifar10_fedavg_full, cifar10_fedgen_edge
+from conftest import write_image_folder
 from experiments import train
 from fedgen import checkpoint
 from fedgen.metrics import inception
@@ -19,17 +20,7 @@ from fedgen.metrics import inception
 
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp('cifar')
-    rng = np.random.default_rng(0)
-    for split, n in (('train', 10), ('test', 3)):
-        for k in range(10):
-            d = root / split / f'class{k}'
-            d.mkdir(parents=True)
-            color = np.array([25 * k, 255 - 25 * k, (70 * k) % 255])
-            for i in range(n):
-                img = np.clip(color + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f'{i:04d}.png')
-    return str(root)
+    return write_image_folder(tmp_path_factory.mktemp('cifar'))
 
 
 def _config(folder, module=cifar10_fedgen_edge):
