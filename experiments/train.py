@@ -22,6 +22,7 @@ Multi-host (``--distributed``): every process runs this same program; the client
 over all processes' devices, process 0 alone writes files (Orbax writes the checkpoints, a
 collective save), and every process computes the same rows.
 """
+import dataclasses
 import json
 import os
 import sys
@@ -242,8 +243,12 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
         f'{jax.process_count()} process(es); this process packs rows {rows[0]}..{rows[1] - 1}')
     cost = comm.round_cost(alg, r['state'].trainable, fed.clients_per_round)
     full = comm.num_bytes(r['params'])
+    # The LoRA adapters this config's lora.* would train (also for full-model methods: the
+    # uplink comparison is against them).
+    as_lora = dataclasses.replace(r['method'], name='fedgen_edge', prox_target='lora')
     adapters = comm.num_bytes(
-        algorithms.variables(r['method'], r['params'], jax.random.PRNGKey(0))[1])
+        jax.eval_shape(lambda p: algorithms.variables(as_lora, p, jax.random.PRNGKey(0))[1],
+                       r['params']))
     log(f'per client per round: up {cost.up_per_client:,} B, down {cost.down_per_client:,} B '
         f'({fed.algorithm}); LoRA adapters {adapters:,} B = {100 * adapters / full:.3f}% of the '
         f'full model {full:,} B; local steps S={steps}')
