@@ -304,11 +304,14 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
             checkpoint.save(mngr, rnd + 1, state=host)
             seen = [x[task.metric] for x in writer.rows if x.get(task.metric) is not None]
             bar.set_postfix({
-                'loss': f'{row["train_loss"] or float("nan"):.3f}',
-                task.metric: f'{seen[-1]:.2f}' if seen else '-',
-                'up_MB': f'{totals["up_bytes"] / 1e6:.2f}',
+                'loss':
+                f'{row["train_loss"] or float("nan"):.3f}',
+                task.metric:
+                f'{seen[-1]:.2f}' if seen else '-',
+                'up_MB':
+                f'{totals["up_bytes"] / 1e6:.2f}',
                 **({
-                    'eps': f'{row["dp_epsilon"]:.3g}'
+                    'eps': f'{acct.epsilon_after(rnd + 1):.3g}'  # the row holds null for inf
                 } if acct is not None else {})
             })
     except BaseException:
