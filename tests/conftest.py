@@ -65,6 +65,22 @@ def write_image_folder(root) -> str:
     return str(root)
 
 
+def random_inception_flat() -> dict:
+    """Random FID-InceptionV3 variables {'/'-joined path: float32 array}: He-scaled kernels and
+    near-identity BatchNorm, so pool3 activations stay O(1)."""
+    from fedgen.metrics import inception
+    rng = np.random.default_rng(0)
+    flat = {}
+    for key, shape in inception.expected_shapes().items():
+        if key.endswith('kernel'):
+            flat[key] = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
+        elif key.endswith(('scale', 'var')):
+            flat[key] = rng.uniform(0.5, 1.5, size=shape)
+        else:
+            flat[key] = 0.1 * rng.normal(size=shape)
+    return {k: v.astype(np.float32) for k, v in flat.items()}
+
+
 @pytest.fixture(scope='module')
 def corpus(tmp_path_factory):
     """A tiny PTB-format corpus directory (synthetic; tests never read the real data)."""

@@ -6,22 +6,13 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from conftest import random_inception_flat
 from fedgen.metrics import fid, frechet, inception
 
 
 @pytest.fixture(scope='module')
 def variables():
-    """He-scaled kernels and near-identity BatchNorm, so pool3 activations stay O(1)."""
-    rng = np.random.default_rng(0)
-    flat = {}
-    for key, shape in inception.expected_shapes().items():
-        if key.endswith('kernel'):
-            flat[key] = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-        elif key.endswith(('scale', 'var')):
-            flat[key] = rng.uniform(0.5, 1.5, size=shape)
-        else:
-            flat[key] = 0.1 * rng.normal(size=shape)
-    return traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in flat.items()}, sep='/')
+    return traverse_util.unflatten_dict(random_inception_flat(), sep='/')
 
 
 @pytest.fixture(scope='module')

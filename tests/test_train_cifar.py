@@ -12,10 +12,9 @@ import pytest
 from PIL import Image
 
 from configs import cifar10_fedavg_full, cifar10_fedgen_edge
-from conftest import write_image_folder
+from conftest import random_inception_flat, write_image_folder
 from experiments import train
 from fedgen import checkpoint
-from fedgen.metrics import inception
 
 
 @pytest.fixture(scope='module')
@@ -83,18 +82,9 @@ def test_tiny_cifar_full_model_uplink(folder, unbroken, tmp_path):
 
 
 def _random_inception(path):
-    """Random InceptionV3 weights (He-scaled kernels), as the .npz of metrics.inception_path."""
-    rng = np.random.default_rng(0)
-    flat = {}
-    for key, shape in inception.expected_shapes().items():
-        if key.endswith('kernel'):
-            flat[key] = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-        elif key.endswith(('scale', 'var')):
-            flat[key] = rng.uniform(0.5, 1.5, size=shape)
-        else:
-            flat[key] = 0.1 * rng.normal(size=shape)
+    """Random InceptionV3 weights, as the .npz of metrics.inception_path."""
     with open(path, 'wb') as f:
-        np.savez(f, **{k: v.astype(np.float32) for k, v in flat.items()})
+        np.savez(f, **random_inception_flat())
     return path
 
 
