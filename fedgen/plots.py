@@ -1,4 +1,4 @@
-"""Figures written by the experiments: sample grids and per-client label histograms (PNG)."""
+"""Figures written by the experiments: sample grids, label histograms and grid comparisons (PNG)."""
 import matplotlib
 
 matplotlib.use('Agg')
@@ -37,6 +37,45 @@ def label_histograms(hist: np.ndarray, class_names, path: str, max_clients: int 
     ax.set_ylabel('local train examples')
     ax.set_title('per-client label histogram')
     ax.legend(fontsize=7, ncol=5, loc='upper right')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def grouped_bars(labels, series: dict, path: str, ylabel: str, title: str) -> None:
+    """One bar per (label, group): ``series[group]`` holds a value per label (None = no bar)."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(labels) * max(1, len(series)) / 2 + 2), 4))
+    width = 0.8 / max(1, len(series))
+    for g, (group, values) in enumerate(series.items()):
+        x = np.arange(len(labels)) + (g - (len(series) - 1) / 2) * width
+        v = np.array([np.nan if y is None else y for y in values], np.float64)
+        ax.bar(x, v, width=width, label=str(group))
+    ax.set_xticks(np.arange(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha='right', fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    finite = [y for values in series.values() for y in values if y is not None and np.isfinite(y)]
+    if finite:  # zoom to the spread: differences between rows are the result
+        lo, hi = min(finite), max(finite)
+        pad = 0.15 * (hi - lo) + 1e-3 * abs(hi)
+        ax.set_ylim(max(0.0, lo - pad), hi + pad)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curves(series: dict, path: str, xlabel: str, ylabel: str, title: str) -> None:
+    """One line per name: ``series[name]`` is a list of (x, y) points."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in series.items():
+        if points:
+            x, y = zip(*points)
+            ax.plot(x, y, label=name, marker='.')
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
