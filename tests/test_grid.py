@@ -9,7 +9,7 @@ def test_rows_cover_every_issue_cell():
     assert len(robust) == 3 * len(grid.AGGREGATORS)
     assert {o.get('fed.attack.fraction', 0.0) for _, _, o in robust} == {0.0, 0.1, 0.3}
     lora = grid.rows('lora')
-    assert len(lora) == 16
+    assert len(lora) == 18
     assert {o['data.partition.alpha'] for _, _, o in lora} == {0.1, 1.0}
     names = [n for n, _, _ in grid.rows('privacy')]
     assert names == ['eps_inf', 'clip_only', 'eps_8', 'eps_2']
@@ -62,3 +62,16 @@ def test_figures_write_pngs(tmp_path):
     for p in paths:
         with open(p, 'rb') as f:
             assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_finished_reuses_only_an_identical_finished_run(tmp_path):
+    config = grid.config_for('tiny', {'fed.aggregator': 'median'}, '')
+    assert grid.finished(config, str(tmp_path)) is None  # nothing there
+    (tmp_path / 'config.json').write_text(config.to_json_best_effort())
+    assert grid.finished(config, str(tmp_path)) is None  # not finished: no summary
+    (tmp_path / 'summary.json').write_text('{"final_valid_ppl": 123.0}')
+    assert grid.finished(config, str(tmp_path)) == {'final_valid_ppl': 123.0}
+    other = grid.config_for('tiny', {'fed.aggregator': 'mean'}, '')
+    assert grid.finished(other, str(tmp_path)) is None
+    rounds = grid.config_for('tiny', {'fed.aggregator': 'median', 'fed.rounds': 7}, '')
+    assert grid.finished(rounds, str(tmp_path)) is None  # more rounds: train.run resumes it
