@@ -232,9 +232,12 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
     log(f'backbone: {fmt(bb_metrics)}  ({r["bb_info"]})')
 
     # Devices: the state and frozen tree replicated once; the evaluator runs on host copies.
+    # Without a mesh both are committed to one device: a round's output state is committed, so
+    # an uncommitted first input would compile the round a second time in round 2.
+    device = jax.local_devices()[0]
     placed = ((population.replicate(state, mesh),
                population.replicate(frozen, mesh)) if mesh is not None else
-              (jax.device_put(state), frozen))
+              (jax.device_put(state, device), jax.device_put(frozen, device)))
     state, frozen_dev = placed
     per_round = settings.dp_capacity(config)  # C, ceil(C (1 + over_select)), or the DP capacity
     width = per_round + (-per_round) % (mesh.size if mesh else 1)

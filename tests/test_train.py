@@ -32,10 +32,25 @@ def _final_state(workdir, config):
     return step, m.restore(step, args=args)['state']
 
 
-def test_run_then_kill_and_resume_equals_unbroken(corpus, tmp_path):
+def _recording_jit(monkeypatch) -> list:
+    """Patches train's jax.jit to record every jitted round program (the function 'apply')."""
+    rounds, jit = [], jax.jit
+
+    def record(fun, *args, **kwargs):
+        out = jit(fun, *args, **kwargs)
+        if getattr(fun, '__name__', '') == 'apply':
+            rounds.append(out)
+        return out
+
+    monkeypatch.setattr(train.jax, 'jit', record)
+    return rounds
+
+
+def test_run_then_kill_and_resume_equals_unbroken(corpus, tmp_path, monkeypatch):
     cfg = _config(corpus)
     cfg.fed.rounds = 3
     full = str(tmp_path / 'full')
+    rounds = _recording_jit(monkeypatch)
     summary = train.run(cfg, full)
     assert summary['rounds'] == 3 and np.isfinite(summary['final_valid_ppl'])
     assert summary['final_valid_ppl'] < summary['backbone_valid_ppl']
@@ -43,6 +58,8 @@ def test_run_then_kill_and_resume_equals_unbroken(corpus, tmp_path):
     assert train.run(cfg, resumed, stop_after=1) == {'stopped_after': 1}
     assert len(_rows(resumed)) == 1
     summary2 = train.run(cfg, resumed)
+    # One compiled round per run, also when the state starts from a restored checkpoint.
+    assert len(rounds) == 3 and [r._cache_size() for r in rounds] == [1, 1, 1]
     assert _rows(resumed) == _rows(full)
     (s1, a), (s2, b) = _final_state(full, cfg), _final_state(resumed, cfg)
     assert s1 == s2 == 3
