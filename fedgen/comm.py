@@ -58,7 +58,11 @@ def round_bytes(up_per_client, down_per_client, ids, sampled, reported) -> tuple
     up_per_client / down_per_client: a number (every client alike) or [N] per client id (true
     ranks, SecAgg payloads); ids, sampled, reported: [C] for the round's padded client axis."""
     ids = np.asarray(ids)
-    up = np.broadcast_to(np.asarray(up_per_client, np.int64), (int(ids.max()) + 1, ))
-    down = np.broadcast_to(np.asarray(down_per_client, np.int64), (int(ids.max()) + 1, ))
     s, r = np.asarray(sampled) > 0, np.asarray(reported) > 0
-    return int(up[ids[r]].sum()), int(down[ids[s]].sum())
+    return int(_per_id(up_per_client, ids[r]).sum()), int(_per_id(down_per_client, ids[s]).sum())
+
+
+def _per_id(per_client, ids: np.ndarray) -> np.ndarray:
+    """The bytes of each client in ``ids``: a number for all, or an [N] array indexed by id."""
+    per_client = np.asarray(per_client, np.int64)
+    return per_client[ids] if per_client.ndim else np.full(ids.shape, per_client)

@@ -1,6 +1,7 @@
 """Exact byte accounting from the trees actually sent, per method, up and down."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -80,3 +81,15 @@ def test_accumulate():
     c = comm.RoundCost(1, 2, 10, 20)
     tot = comm.accumulate(comm.accumulate({}, c), c)
     assert tot == {'up_bytes': 20, 'down_bytes': 40}
+
+
+def test_round_bytes_by_hand():
+    ids = np.array([3, 0, 5, 1])  # client 9, the last of N = 10, is not in this round
+    sampled = np.array([1, 1, 1, 0])  # slot 3 is padding
+    reported = np.array([1, 0, 1, 0])  # client 0 dropped after download
+    assert comm.round_bytes(7, 11, ids, sampled, reported) == (2 * 7, 3 * 11)
+    per_up = np.arange(10) * 100  # per client id, e.g. true ranks r_k
+    per_down = np.arange(10) + 1000
+    up, down = comm.round_bytes(per_up, per_down, ids, sampled, reported)
+    assert up == 300 + 500
+    assert down == 1003 + 1000 + 1005
