@@ -13,11 +13,12 @@ to completion. The moments:
 
     pretrain      a random instant of backbone pre-training (timed from its stdout bar)
     cache_save    while Orbax writes the backbone cache (its tmp directory exists)
-    round         a random instant after the rounds loop starts (compute, evaluation, rows)
+    round         a random instant after the rounds loop starts (compute, evaluation, rows),
+                  within a 1/kills share of the unbroken run's rounds phase
     async_save    while an asynchronous round checkpoint is being written (tmp directory)
     after_commit  right after a round checkpoint commits (before the next round's row)
     after_row     after a round's row is in metrics.jsonl, before its checkpoint commits
-    random        a random instant of the whole run
+    random        a random instant from the start (start-up, then that share of the rounds)
 
 Then it checks, against the unbroken run: the final checkpoint's state bit for bit, the backbone
 cache digest, metrics.jsonl (exactly one row per round, equal values apart from wall-clock keys
@@ -155,10 +156,14 @@ def chaos(cmd: list[str], workdir: str, env: dict, kills: int, ref: Attempt, see
     for moment in plan(kills, rng):
         if moment in ('pretrain', 'cache_save') and _backbone_done(workdir):
             moment = 'round'  # pre-training is over for this run
+        # Timed kills draw from a 1/kills share of the rounds phase, so that the run outlives
+        # all of them instead of finishing after the first few long draws.
+        share = rounds / max(1, kills)
         param = {
             'pretrain': rng.uniform(0.0, 0.25 * pre),
-            'round': rng.uniform(0.0, 0.5 * rounds),
-            'random': rng.uniform(0.0, 0.8 * ref.seconds)
+            'round': rng.uniform(0.0, share),
+            'random': rng.uniform(0.0,
+                                  ref.marks.get('rounds', 0.0) + share)
         }.get(moment, 0.0)
         log = os.path.join(os.path.dirname(workdir), f'attempt{len(out):02d}_{moment}.log')
         a = attempt(cmd, workdir, log, env, moment, param, timeout)

@@ -277,7 +277,8 @@ def client_bytes(config, alg, trainable: dict) -> tuple:
         down = lora_aggregation.download_bytes(method,
                                                trainable['lora'],
                                                r,
-                                               residual_rank=fed.residual_rank)['total']
+                                               residual_rank=fed.residual_rank,
+                                               round_clients=fed.clients_per_round)['total']
     if dp_enabled(config) and fed.secagg.enabled:
         up = secagg.protocol_bytes(comm.num_params(alg.upload(trainable)), dp_capacity(config),
                                    fed.secagg.bits)['total']

@@ -435,14 +435,19 @@ def download_bytes(method: str,
                    adapters: PyTree,
                    ranks: np.ndarray,
                    present: np.ndarray | None = None,
-                   residual_rank: int | None = None) -> dict[str, np.ndarray]:
+                   residual_rank: int | None = None,
+                   round_clients: int | None = None) -> dict[str, np.ndarray]:
     """Bytes [C] each client receives this round, by part.
 
     adapter: the global (A, B) at r_k (ffa: B only); delta_round: the dW increment as sent (dense
     fan_in out for exact_residual, k (fan_in + out) with residual_rank k, stack: FLoRA's stacked
     factors, (sum of present clients' r_k)(fan_in + out)); delta_dense: the accumulated dW a client
     that missed rounds needs (fan_in out); total = adapter + delta_round.
-    ranks: [C] true ranks; present: [C] bool (default all).
+    ranks: [C] true ranks; present: [C] bool (default all). round_clients: how many clients a
+    round stacks when ``ranks`` covers the whole population (N > C): stack then counts
+    round(round_clients * mean of the present r_k) stacked rank slices, the expected size.
+    delta_round is what a client present in the previous round needs; a client that missed rounds
+    needs the sum of the missed increments, at most delta_dense.
     """
     ranks = np.asarray(ranks, np.int64)
     present = np.ones(ranks.shape, bool) if present is None else np.asarray(present, bool)
@@ -452,7 +457,9 @@ def download_bytes(method: str,
     if method == 'exact_residual' and residual_rank is not None:
         rnd = sum(residual_rank * (fi + fo) * n for fi, fo, n in shapes)
     elif method == 'stack':
-        rnd = int(ranks[present].sum()) * sum((fi + fo) * n for fi, fo, n in shapes)
+        stacked = int(ranks[present].sum()) if round_clients is None else int(
+            round(round_clients * ranks[present].mean()))
+        rnd = stacked * sum((fi + fo) * n for fi, fo, n in shapes)
     else:
         rnd = dense
     full = np.full(ranks.shape, rnd, np.int64)

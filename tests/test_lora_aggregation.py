@@ -363,6 +363,10 @@ def test_byte_counts():
     np.testing.assert_array_equal(d['delta_dense'], [dense, dense])
     d = la.download_bytes('stack', g, np.array([1, 3, 2]), present=np.array([1, 1, 0]))
     np.testing.assert_array_equal(d['delta_round'], [4 * per_rank] * 3)
+    # The whole population's ranks, of which a round stacks 4 clients: 4 * mean(r) = 8 slices.
+    population = np.array([1, 3, 2, 2, 1, 3])
+    d = la.download_bytes('stack', g, population, round_clients=4)
+    np.testing.assert_array_equal(d['delta_round'], [8 * per_rank] * 6)
     d = la.download_bytes('svd_refactor', g, ranks)
     np.testing.assert_array_equal(d['total'], ranks * per_rank)
     assert d['delta_dense'].sum() == 0

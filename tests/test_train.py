@@ -105,3 +105,17 @@ def test_bad_config_fails_before_compute(corpus, tmp_path, field, value, match):
     with pytest.raises(ValueError, match=match):
         train.run(cfg, str(tmp_path / 'bad'))
     assert not os.path.exists(tmp_path / 'bad' / 'backbone')  # nothing was pre-trained
+
+
+def test_flora_stack_downlink_counts_the_rounds_stacked_factors(corpus, tmp_path):
+    """FLoRA by hand: a client uploads its rank-r (A, B), u bytes; it downloads the global adapter
+    (u) plus the C clients' stacked factors folded last round (C r slices of u / r bytes), so
+    a round costs C u up and C (1 + C) u down, with C = 2 of N = 4 clients."""
+    cfg = _config(corpus)
+    cfg.fed.lora_aggregation = 'stack'
+    summary = train.run(cfg, str(tmp_path / 'stack'))
+    u, c = summary['up_bytes_per_client_round'], cfg.fed.clients_per_round
+    rows = _rows(str(tmp_path / 'stack'))
+    assert [r['up_bytes_round'] for r in rows] == [c * u] * cfg.fed.rounds
+    assert [r['down_bytes_round'] for r in rows] == [c * (1 + c) * u] * cfg.fed.rounds
+    assert np.isfinite(summary['final_valid_ppl'])
