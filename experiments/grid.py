@@ -120,6 +120,7 @@ def summarize(name: str, group: str, overrides: dict, summary: dict, workdir: st
         'group': group,
         'overrides': overrides,
         'final_valid_ppl': summary.get('final_valid_ppl'),
+        'backbone_valid_ppl': summary.get('backbone_valid_ppl'),
         'round_s_median': statistics.median(m['round_s'] for m in metrics),
         'up_MB_per_round': summary['up_bytes_total'] / rounds / 1e6,
         'down_MB_per_round': summary['down_bytes_total'] / rounds / 1e6,
@@ -181,8 +182,13 @@ def figures(grid: str, table: list[dict], docs: str) -> list[str]:
         for g in groups
     }
     paths = [os.path.join(docs, f'{grid}.png')]
-    plots.grouped_bars(labels, series, paths[0], 'final valid PPL (lower is better)',
-                       f'PTB {grid} grid')
+    bb = table[0].get('backbone_valid_ppl')
+    plots.grouped_bars(labels,
+                       series,
+                       paths[0],
+                       'final valid PPL (lower is better)',
+                       f'PTB {grid} grid',
+                       reference=None if bb is None else ('frozen backbone', bb))
     if grid == 'lora':
         paths.append(os.path.join(docs, f'{grid}_error.png'))
         plots.curves({r['row']: r['lora_agg_error_curve']

@@ -42,8 +42,14 @@ def label_histograms(hist: np.ndarray, class_names, path: str, max_clients: int 
     plt.close(fig)
 
 
-def grouped_bars(labels, series: dict, path: str, ylabel: str, title: str) -> None:
-    """One bar per (label, group): ``series[group]`` holds a value per label (None = no bar)."""
+def grouped_bars(labels,
+                 series: dict,
+                 path: str,
+                 ylabel: str,
+                 title: str,
+                 reference: tuple[str, float] | None = None) -> None:
+    """One bar per (label, group): ``series[group]`` holds a value per label (None = no bar);
+    ``reference`` (name, value) draws a dashed horizontal line."""
     fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(labels) * max(1, len(series)) / 2 + 2), 4))
     width = 0.8 / max(1, len(series))
     for g, (group, values) in enumerate(series.items()):
@@ -55,6 +61,9 @@ def grouped_bars(labels, series: dict, path: str, ylabel: str, title: str) -> No
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     finite = [y for values in series.values() for y in values if y is not None and np.isfinite(y)]
+    if reference is not None:
+        ax.axhline(reference[1], color='k', linestyle='--', linewidth=1, label=reference[0])
+        finite.append(reference[1])
     if finite:  # zoom to the spread: differences between rows are the result
         lo, hi = min(finite), max(finite)
         pad = 0.15 * (hi - lo) + 1e-3 * abs(hi)

@@ -29,6 +29,7 @@ def _row(name, group, ppl, round_s, err=None):
         'row': name,
         'group': group,
         'final_valid_ppl': ppl,
+        'backbone_valid_ppl': 320.0,
         'round_s_median': round_s,
         'up_MB_per_round': 1.0,
         'down_MB_per_round': 2.0,
