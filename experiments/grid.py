@@ -3,13 +3,14 @@
     python -m experiments.grid --grid robust --workdir runs/grid_robust
     python -m experiments.grid --grid privacy --workdir runs/grid_privacy
     python -m experiments.grid --grid lora --workdir runs/grid_lora
-    python -m experiments.grid --grid robust --scale tiny --workdir /tmp/g   # a minute, for CI
+    python -m experiments.grid --grid robust --scale tiny --source DIR --workdir /tmp/g  # smoke
 
 Every row is experiments.train on configs/ptb_fedgen_edge.py at the grid scale below, with the
 same seed, data, split and (pre-trained once, then shared) backbone; only the row's overrides
 differ. Each run lives in <workdir>/<row>, so a killed grid resumes where it stopped. The table
-is written to docs/results/<grid>.md (generated; docs/*.md hold the analysis that links it) and to
-<workdir>/<grid>.json.
+is written to docs/results/<grid>.md with its figures beside it (<grid>.png; lora_error.png) and
+to <workdir>/<grid>.json; docs/robustness.md, privacy.md and lora_aggregation.md hold the analysis.
+A row whose run already finished with the same config is read back, not re-evaluated.
 
 Grid scale ('cpu'): the default PTB setting (100 clients, topic split, 2-layer GPT, rank-4 LoRA)
 with 20 clients per round, 20 rounds and at most 4 local steps, evaluated at the end on ptb.valid;
