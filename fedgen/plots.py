@@ -77,10 +77,10 @@ def grouped_bars(labels,
 def curves(series: dict, path: str, xlabel: str, ylabel: str, title: str) -> None:
     """One line per name: ``series[name]`` is a list of (x, y) points."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, points in series.items():
-        if points:
+    for i, (name, points) in enumerate(series.items()):
+        if points:  # the colour cycle has 10 entries: later lines are dashed
             x, y = zip(*points)
-            ax.plot(x, y, label=name, marker='.')
+            ax.plot(x, y, label=name, marker='.', linestyle='-' if i < 10 else '--')
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
