@@ -32,14 +32,19 @@ import time
 import numpy as np
 from absl import app, flags
 
-_CLIENTS = flags.DEFINE_integer('clients', 2, 'Clients per round C.')
-_STEPS = flags.DEFINE_integer('steps', 2, 'Local steps S.')
-_BATCH = flags.DEFINE_integer('batch', 2, 'Sequences per step B.')
-_SEQ = flags.DEFINE_integer('seq', 64, 'Tokens per sequence T.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed rounds per row.')
-_CHUNK = flags.DEFINE_integer('ce_chunk', 256, 'Tokens per cross-entropy chunk when chunked.')
-_ROW = flags.DEFINE_string('row', '', 'Internal: run one row (dtype,remat,chunk) and print JSON.')
-_OUT = flags.DEFINE_string('out', 'docs/results', 'Where the generated table goes.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """This command's flags, defined only when it is the program."""
+    flags.DEFINE_integer('clients', 2, 'Clients per round C.')
+    flags.DEFINE_integer('steps', 2, 'Local steps S.')
+    flags.DEFINE_integer('batch', 2, 'Sequences per step B.')
+    flags.DEFINE_integer('seq', 64, 'Tokens per sequence T.')
+    flags.DEFINE_integer('repeats', 3, 'Timed rounds per row.')
+    flags.DEFINE_integer('ce_chunk', 256, 'Tokens per cross-entropy chunk when chunked.')
+    flags.DEFINE_string('row', '', 'Internal: run one row (dtype,remat,chunk) and print JSON.')
+    flags.DEFINE_string('out', 'docs/results', 'Where the generated table goes.')
 
 
 def one_row(dtype: str, remat: bool, chunk: int, c: int, s: int, b: int, t: int,
@@ -116,18 +121,18 @@ def machine() -> str:
 
 def main(argv):
     del argv
-    shape = (_CLIENTS.value, _STEPS.value, _BATCH.value, _SEQ.value)
-    if _ROW.value:
-        dtype, remat, chunk = _ROW.value.split(',')
-        print(json.dumps(one_row(dtype, remat == '1', int(chunk), *shape, _REPEATS.value)))
+    shape = (FLAGS.clients, FLAGS.steps, FLAGS.batch, FLAGS.seq)
+    if FLAGS.row:
+        dtype, remat, chunk = FLAGS.row.split(',')
+        print(json.dumps(one_row(dtype, remat == '1', int(chunk), *shape, FLAGS.repeats)))
         return
     rows = []
     for dtype, remat, chunk in itertools.product(('float32', 'bfloat16'), (0, 1),
-                                                 (0, _CHUNK.value)):
+                                                 (0, FLAGS.ce_chunk)):
         args = [
             sys.executable, '-m', 'experiments.bench_backbone', f'--row={dtype},{remat},{chunk}',
             f'--clients={shape[0]}', f'--steps={shape[1]}', f'--batch={shape[2]}',
-            f'--seq={shape[3]}', f'--repeats={_REPEATS.value}'
+            f'--seq={shape[3]}', f'--repeats={FLAGS.repeats}'
         ]
         out = subprocess.run(args, capture_output=True, text=True)
         if out.returncode:
@@ -142,7 +147,7 @@ def main(argv):
         f'# One FedGen-Edge round on SmolLM2-135M geometry ({rows[0]["platform"]})', '',
         f'Machine: {machine()}.', f'Round: C={c} clients x S={s} steps x B={b} x T={t} tokens, '
         'LoRA r=8 on q, v; random weights. Times are medians of '
-        f'{_REPEATS.value} rounds after compilation; ratios are against the first row, '
+        f'{FLAGS.repeats} rounds after compilation; ratios are against the first row, '
         'measured in the same run.', '',
         '| dtype | remat | ce_chunk | round s | x f32 | XLA MiB | x f32 | peak MiB '
         f'({rows[0]["peak_kind"]}) |', '|---|---|---|---|---|---|---|---|'
@@ -154,10 +159,11 @@ def main(argv):
                      f'{r["peak_MiB"]:.0f} |')
     text = '\n'.join(lines) + '\n'
     print(text)
-    os.makedirs(_OUT.value, exist_ok=True)
-    with open(os.path.join(_OUT.value, f'bench_backbone_{rows[0]["platform"]}.md'), 'w') as f:
+    os.makedirs(FLAGS.out, exist_ok=True)
+    with open(os.path.join(FLAGS.out, f'bench_backbone_{rows[0]["platform"]}.md'), 'w') as f:
         f.write(text)
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(main)

@@ -21,11 +21,17 @@ from absl import app, flags
 from fedgen import checkpoint, peft
 from fedgen.models import gpt, llama, weights
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory (config.json, checkpoints/).')
-_OUT = flags.DEFINE_string('out', None, 'Output directory.')
-_CLIENT = flags.DEFINE_integer('client', -1, 'Export client K\'s personal adapter (-1: global).')
-_MERGED = flags.DEFINE_bool('merged', False, 'Write merged full weights instead of an adapter.')
-_STEP = flags.DEFINE_integer('step', 0, 'Checkpoint / personalization round (0: the newest).')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """This command's flags, defined only when it is the program (tests import the module)."""
+    flags.DEFINE_string('workdir', None, 'The run directory (config.json, checkpoints/).')
+    flags.DEFINE_string('out', None, 'Output directory.')
+    flags.DEFINE_integer('client', -1, 'Export client K\'s personal adapter (-1: global).')
+    flags.DEFINE_bool('merged', False, 'Write merged full weights instead of an adapter.')
+    flags.DEFINE_integer('step', 0, 'Checkpoint / personalization round (0: the newest).')
+
 
 HUB_NAMES = {'smollm2-135m': 'HuggingFaceTB/SmolLM2-135M-Instruct'}
 
@@ -113,9 +119,10 @@ def export(workdir: str, out: str, client: int = -1, merged: bool = False, step:
 
 def main(argv):
     del argv
-    print(export(_WORKDIR.value, _OUT.value, _CLIENT.value, _MERGED.value, _STEP.value))
+    print(export(FLAGS.workdir, FLAGS.out, FLAGS.client, FLAGS.merged, FLAGS.step))
 
 
 if __name__ == '__main__':
+    define_flags()
     flags.mark_flags_as_required(['workdir', 'out'])
     app.run(main)

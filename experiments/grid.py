@@ -240,19 +240,26 @@ def run_grid(grid: str, scale: str, workdir: str, source: str = '', docs: str = 
     return table
 
 
-_GRID = flags.DEFINE_enum('grid', None, GRIDS, 'Which comparison to run.')
-_SCALE = flags.DEFINE_enum('scale', 'cpu', SCALES, 'Grid scale.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Parent directory of the runs.')
-_SOURCE = flags.DEFINE_string('source', '', 'PTB source override (a directory for tiny).')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """This command's flags, defined only when it is the program, so that modules and tests
+    importing experiments.grid for its functions share the flag registry with other commands."""
+    flags.DEFINE_enum('grid', None, GRIDS, 'Which comparison to run.')
+    flags.DEFINE_enum('scale', 'cpu', SCALES, 'Grid scale.')
+    flags.DEFINE_string('workdir', None, 'Parent directory of the runs.')
+    flags.DEFINE_string('source', '', 'PTB source override (a directory for tiny).')
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    if _GRID.value is None or _WORKDIR.value is None:
+    if FLAGS.grid is None or FLAGS.workdir is None:
         raise app.UsageError('--grid and --workdir are required')
-    run_grid(_GRID.value, _SCALE.value, _WORKDIR.value, _SOURCE.value)
+    run_grid(FLAGS.grid, FLAGS.scale, FLAGS.workdir, FLAGS.source)
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(guarded(main))
