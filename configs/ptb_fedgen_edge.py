@@ -36,11 +36,31 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                        min_size=20,
                        local_test_fraction=0.2),
     )
-    c.model = dict(name='gpt', n_positions=32, n_embd=128, n_layer=2, n_head=4)
-    c.lora = dict(rank=4, alpha=16.0, targets=('qv_mlp', ), client_ranks='')
+    # source 'local': fedgen pre-trains this geometry (see configs/ptb_smollm2_fedgen_edge.py for
+    # a pretrained checkpoint).
+    c.model = dict(source='local',
+                   name='gpt',
+                   n_positions=32,
+                   n_embd=128,
+                   n_layer=2,
+                   n_head=4,
+                   dtype='float32',
+                   remat=False,
+                   ce_chunk=0)
+    # init_from: a PEFT LoRA directory to start the global adapter from ('' = fresh, B = 0).
+    c.lora = dict(rank=4, alpha=16.0, targets=('qv_mlp', ), client_ranks='', init_from='')
     c.pretrain = dict(steps=500, batch_size=32, opt='adam', lr=3e-3, backbone_path='')
     c.fed = federation.fed(rounds=60, max_steps_per_epoch=8, client_lr=1e-2)
-    c.eval = dict(every=5, batch_size=128, num_samples=3, sample_len=20, samples_every_eval=False)
+    # Word-level PPL of the whole valid/test text with a sliding window of 32 words, stride 16:
+    # every scored word after the first window sees at least 17 words of context.
+    c.eval = dict(every=5,
+                  batch_size=128,
+                  num_samples=3,
+                  sample_len=20,
+                  samples_every_eval=False,
+                  window=32,
+                  stride=16,
+                  subset_lines=0)
     # Personalization (experiments.personalize): E_p local epochs on each client's own train split.
     c.personalize = dict(epochs=1, opt='adam', lr=1e-3, max_steps=0)
     c.checkpoint = dict(keep=3, overwrite=False)  # True: replace a run of another config
@@ -57,7 +77,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                      batch_size=4,
                      client_chunk=1,
                      max_steps_per_epoch=3)
-        c.eval.update(every=1, batch_size=16, num_samples=1, sample_len=4)
+        c.eval.update(every=1, batch_size=16, num_samples=1, sample_len=4, window=16, stride=8)
     elif arg:
         raise ValueError(f'config argument must be "" or "tiny", got {arg!r}')
     c.lock()

@@ -6,7 +6,8 @@
 A recipe is what determines the tree (model, pre-training settings, public data, seed); its hash
 is the cache key, so runs with the same recipe share the tree and any change rebuilds it. Every
 cached tree carries a content checksum (fedgen.checkpoint); a cache that fails it is rebuilt,
-while an explicit ``pretrain.backbone_path`` that fails it is an error.
+while an explicit ``pretrain.backbone_path`` that fails it is an error. With ``pretrain.steps`` 0
+the task's initial backbone (a loaded checkpoint such as SmolLM2) is used as is and not copied.
 """
 import json
 import os
@@ -41,6 +42,8 @@ def pretrained(config, task, workdir: str, rng) -> tuple[dict, dict]:
     if config.pretrain.backbone_path:
         params = checkpoint.load_tree(config.pretrain.backbone_path, init, 'pretrain.backbone_path')
         return params, {'source': config.pretrain.backbone_path}
+    if config.pretrain.steps == 0:  # a loaded checkpoint (or a random init): nothing to cache
+        return init, {'source': task.info.get('model', {}).get('source', 'init'), 'pretrain': 0}
     path = os.path.join(workdir, 'backbone', pretrain.recipe_hash(task.recipe))
     got = load_cache(path, init, 'backbone cache')
     if got is not None:

