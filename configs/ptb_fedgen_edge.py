@@ -60,7 +60,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                   samples_every_eval=False,
                   window=32,
                   stride=16,
-                  subset_lines=0)
+                  subset_lines=0,
+                  zero_shot_test=True)  # the summary also holds the frozen backbone's test PPL
     # Personalization (experiments.personalize): E_p local epochs on each client's own train split.
     c.personalize = dict(epochs=1, opt='adam', lr=1e-3, max_steps=0)
     c.checkpoint = dict(keep=3, overwrite=False)  # True: replace a run of another config

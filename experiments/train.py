@@ -350,7 +350,10 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
     if len(final) != len(bb_metrics):
         final = evaluate(variables)
     if task.test is not None:
-        final.update(task.evaluator('test', aux)(variables))
+        evaluate_test = task.evaluator('test', aux)
+        final.update(evaluate_test(variables))
+        if config.eval.get('zero_shot_test', False):  # the frozen backbone on test, too
+            bb_metrics = {**bb_metrics, **evaluate_test({'params': r['params']})}
     summary = writer.summary({
         'algorithm':
         fed.algorithm,

@@ -201,3 +201,17 @@ def test_bf16_backbone_trains_float32_adapters():
                                np.zeros((1, 3), np.int32),
                                method='hidden')
     assert h.dtype == jax.numpy.bfloat16
+
+
+def test_smollm2_tiny_config_trains_a_local_llama(corpus, tmp_path, capsys):
+    """configs/ptb_smollm2_fedgen_edge.py:tiny end to end: a random 2-layer Llama pre-trained here
+    on PTB words, federated LoRA on q and v, word-level PPL with its window and stride, samples
+    through the KV-cache sampler."""
+    summary = train.run(_config(corpus, 'tiny', smollm2_config), str(tmp_path / 'run'))
+    assert summary['final_valid_ppl'] < summary['backbone_valid_ppl']
+    for split in ('valid', 'test'):
+        assert (summary[f'final_{split}_window'], summary[f'final_{split}_stride']) == (16, 8)
+    assert summary['backbone_test_ppl'] > 0  # the zero-shot test PPL is in the summary
+    out = capsys.readouterr().out
+    lines = out.split('samples from the global model (final):\n')[1].splitlines()
+    assert lines[0].startswith('  > ') and len(lines[0].split()) >= 2
