@@ -1,0 +1,346 @@
+"""Many federated runs as one compiled program: seeds vmapped, shape-changing settings looped.
+
+    python -m experiments.sweep --config configs/ptb_fedgen_edge.py:tiny --seeds 0,1,2 \
+        --workdir runs/sweep --config.data.source=DIR --config.data.verify_md5=False
+    python -m experiments.sweep --config configs/ptb_fedgen_edge.py --seeds 0,1,2 \
+        --vary lora.rank=2,4,8 --vary fed.clients_per_round=5,10 --workdir runs/sweep_rank
+
+A group is the base config with one combination of the --vary values, over every seed. Its R runs
+differ only in the seed (anything else is a one-line ValueError), so they share every shape and
+compiled constant and run as one jitted round, ``vmap(apply, in_axes=(0, None, 0))`` over states
+[R, ...] and round data [R, C, S, ...] (fedgen/sweep.py), the frozen backbone passed once (in_axes
+None). Groups (other ranks, clients per round, models, learning rates) are a Python loop.
+
+Run r is the run ``experiments.train`` makes with that seed (train.setup and train.round_data per
+run: its own partition, client sampling, batch order, adapter init and rng), with one choice: the
+backbone. Pre-training is seeded; a group pre-trains once, from its first seed (cached in
+<workdir>/backbone/<recipe hash>), and every run names it in pretrain.backbone_path, so each run's
+config.json reproduces it with experiments.train. A given pretrain.backbone_path is used as is;
+runs whose backbones still differ (pretrain.steps 0: a seeded init) are refused. S is the largest
+of the group's local step counts; a run with fewer gets masked padding steps (exact no-ops).
+
+Writes <workdir>/<group>/seed<k>/ as train.py would: config.json, metrics.jsonl (train.py's row
+keys; round_s is the whole vmapped round; validation metrics on eval rounds from the run's own
+evaluator), summary.json, checkpoints/ (the final state only); and <workdir>/summary.{md,json}: per
+group the final validation metric's mean ± std (n - 1) over seeds. A diverged run stops writing
+rows and is reported as failed; the others go on. A sweep does not resume (it recomputes its runs;
+a run dir of another config is refused unless checkpoint.overwrite) and draws no text samples. The
+command enables the persistent XLA cache (<workdir>/xla_cache): every run's evaluator is a new
+function with the same program.
+"""
+import ast
+import dataclasses
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import backbones, settings, train, writers
+from experiments.console import guarded, log
+from fedgen import checkpoint, comm, population
+from fedgen import sweep as fsweep
+
+
+def parse_vary(spec: str) -> tuple[str, list]:
+    """'lora.rank=2,4' -> ('lora.rank', [2, 4]); values are Python literals, else strings."""
+    field, sep, values = spec.partition('=')
+    if not sep or not field or not values:
+        raise ValueError(f'--vary must be FIELD=V1,V2,..., got {spec!r}')
+    if field == 'seed':
+        raise ValueError('--vary cannot vary the seed: use --seeds (seeds are vmapped)')
+
+    def value(text):
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+
+    return field, [value(v.strip()) for v in values.split(',')]
+
+
+def with_overrides(config, overrides: dict, seed: int | None = None):
+    """A copy of ``config`` with dotted-field ``overrides`` (and ``seed``) set."""
+    c = config.copy_and_resolve_references()
+    for dotted, value in overrides.items():
+        *path, last = dotted.split('.')
+        node = c
+        for p in path:
+            node = node.get(p) if hasattr(node, 'get') else None
+        if node is None or not hasattr(node, 'keys') or last not in node:
+            raise ValueError(f'--vary: the config has no field {dotted}')
+        node[last] = value
+    if seed is not None:
+        c.seed = seed
+    return c
+
+
+def groups(config, seeds: list[int], vary: list[tuple[str, list]]) -> list[tuple[str, dict, list]]:
+    """(name, overrides, one config per seed) for every combination of the --vary values."""
+    out = []
+    for combo in itertools.product(*[[(f, v) for v in vs] for f, vs in vary]):
+        overrides = dict(combo)
+        name = '__'.join(f'{f}={v}' for f, v in combo) or 'base'
+        out.append((name, overrides, [with_overrides(config, overrides, s) for s in seeds]))
+    return out
+
+
+def check_group(name: str, configs: list) -> None:
+    """One-line ValueErrors: runs of one vmapped group may differ in the seed only."""
+    seeds = [c.seed for c in configs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f'group {name}: repeated seeds {seeds}')
+    ref = json.loads(configs[0].to_json_best_effort())
+    for c in configs[1:]:
+        diff = writers.config_conflict(ref, json.loads(c.to_json_best_effort()), free=('seed', ))
+        if diff:
+            raise ValueError(f'group {name}: seed {c.seed} differs from seed {seeds[0]} in '
+                             f'{"; ".join(diff)}; only the seed is vmapped (settings that change '
+                             'shapes or compiled constants are separate groups: --vary)')
+    c0 = configs[0]
+    if len(configs) > 1 and c0.fed.attack.kind != 'none':
+        raise ValueError(f'group {name}: fed.attack draws its attackers from the seed when the '
+                         'round is compiled; sweep attacks one seed per group')
+    if len({settings.client_ranks(c) for c in configs}) > 1:
+        raise ValueError(f'group {name}: lora.client_ranks draws the ranks from the seed when the '
+                         'round is compiled; sweep heterogeneous ranks one seed per group')
+    if settings.mesh(c0) is not None:
+        raise ValueError(f'a sweep runs on one device; set fed.num_devices=1 (got '
+                         f'{c0.fed.num_devices} of {jax.device_count()} devices)')
+
+
+@dataclasses.dataclass
+class Run:
+    """One run of a group: its config, train.setup dict, directory, writer, evaluators and
+    running byte totals; ``error`` is set when it diverged (it then writes no more rows)."""
+    config: Any
+    setup: dict
+    dir: str
+    workdir: str
+    error: str | None = None
+    up_total: int = 0
+    down_total: int = 0
+
+    def open(self) -> None:
+        """Writer, config.json, evaluator (and the backbone's metrics), byte costs, accountant."""
+        c, task = self.config, self.setup['task']
+        self.writer = writers.RunWriter(self.dir, 0, True)
+        self.writer.config(c.to_json_best_effort(indent=1))
+        self.aux = backbones.auxiliaries(c, task, self.workdir)
+        self.evaluate = task.evaluator('valid', self.aux)
+        self.backbone = self.evaluate({'params': self.setup['params']})
+        self.up, self.down = settings.client_bytes(c, self.setup['alg'],
+                                                   self.setup['state'].trainable)
+        self.acct = settings.accountant(c)
+
+    def variables(self, host, frozen) -> dict:
+        return {**self.setup['alg'].effective_frozen(host, frozen), **host.trainable}
+
+    def row(self, rnd: int, host, m: dict, data, frozen, round_s: float) -> None:
+        """The row of round rnd + 1, written as train.run writes it, or the run's failure."""
+        c, live = self.config, m.pop('live')
+        try:
+            row = train.round_row(rnd + 1, m, rnd, host)
+        except ValueError as e:
+            self.error = str(e)
+            log(f'seed {c.seed}: {e}; this run stops')
+            return
+        up, down = comm.round_bytes(self.up, self.down, data.client_ids, data.n_k > 0, live)
+        self.up_total, self.down_total = self.up_total + up, self.down_total + down
+        if self.acct is not None:
+            row['dp_epsilon'] = self.acct.epsilon_after(rnd + 1)
+        row.update(up_bytes_round=up,
+                   down_bytes_round=down,
+                   up_bytes_total=self.up_total,
+                   down_bytes_total=self.down_total)
+        if (rnd + 1) % c.eval.every == 0 or rnd + 1 == c.fed.rounds:
+            row.update(self.evaluate(self.variables(host, frozen)))
+        row['round_s'] = round(round_s, 3)
+        self.writer.row(row)
+
+    def finish(self, host, frozen, n: int) -> dict:
+        """The final checkpoint (step fed.rounds) and summary.json (train.run's keys)."""
+        c, task = self.config, self.setup['task']
+        if self.error is not None or host is None:
+            return {'error': self.error}
+        final = {k: v for k, v in self.writer.rows[-1].items() if k in self.backbone}
+        bb = dict(self.backbone)
+        if task.test is not None:
+            evaluate_test = task.evaluator('test', self.aux)
+            final.update(evaluate_test(self.variables(host, frozen)))
+            if c.eval.get('zero_shot_test', False):
+                bb.update(evaluate_test({'params': self.setup['params']}))
+        mngr = checkpoint.manager(self.dir, c.checkpoint.keep)
+        checkpoint.save(mngr, c.fed.rounds, state=host)
+        checkpoint.wait(mngr)
+        summary = {'algorithm': c.fed.algorithm, 'rounds': c.fed.rounds, 'seed': c.seed}
+        summary.update({f'backbone_{k}': v for k, v in bb.items()})
+        summary.update({f'final_{k}': v for k, v in final.items()})
+        summary.update(up_bytes_total=self.up_total,
+                       down_bytes_total=self.down_total,
+                       local_steps=self.setup['steps'],
+                       client_chunk=self.setup['method'].chunk,
+                       vmapped_runs=n)
+        return self.writer.summary(summary)
+
+
+def setup_runs(name: str, configs: list, workdir: str) -> list[Run]:
+    """train.setup for every run; the first one pre-trains (or loads) the shared backbone and
+    every run's pretrain.backbone_path names it (module docstring)."""
+    c0 = configs[0]
+    r0 = train.setup(c0, workdir)
+    if not c0.pretrain.backbone_path and c0.pretrain.steps > 0:
+        for c in configs:
+            c.pretrain.backbone_path = os.path.abspath(r0['bb_info']['source'])
+    dirs = [os.path.join(workdir, name, f'seed{c.seed}') for c in configs]
+    for c, d in zip(configs, dirs):
+        os.makedirs(d, exist_ok=True)
+        train.check_workdir(c, d)
+        writers.clear_run(d)  # a sweep recomputes its runs
+    runs = [Run(c0, r0, dirs[0], workdir)]
+    for c, d in zip(configs[1:], dirs[1:]):
+        r = train.setup(c, workdir)
+        if not fsweep.same_tree(r['frozen'], r0['frozen']):
+            raise ValueError(f'group {name}: seed {c.seed} has another frozen backbone than seed '
+                             f'{c0.seed}; give the group one pretrain.backbone_path')
+        runs.append(Run(c, {**r, 'params': r0['params'], 'frozen': r0['frozen']}, d, workdir))
+    return runs
+
+
+def run_group(name: str, configs: list, workdir: str) -> dict:
+    """Runs one vmapped group; returns its record for summary.json (see the module docstring)."""
+    t_start = time.time()
+    check_group(name, configs)
+    runs = setup_runs(name, configs, workdir)
+    c0, r0, n = configs[0], runs[0].setup, len(runs)
+    frozen, metric = r0['frozen'], r0['task'].metric
+    steps, width = max(r.setup['steps'] for r in runs), settings.dp_capacity(c0)
+    times, host = [], None
+    try:
+        for r in runs:
+            r.open()
+        log(f'group {name}: {n} runs (seeds {[c.seed for c in configs]}) vmapped; C={width}, '
+            f'S={steps}')
+        device = jax.local_devices()[0]
+        state = jax.device_put(fsweep.stack([r.setup['state'] for r in runs]), device)
+        frozen_dev = jax.device_put(frozen, device)
+        apply = jax.jit(fsweep.vmap_round(r0['alg'].apply), donate_argnums=0)
+        for rnd in range(c0.fed.rounds):
+            t0 = time.time()
+            data = fsweep.stack([
+                train.round_data(r.config, r.setup['task'], steps, rnd, None, (0, width), width)
+                for r in runs
+            ])
+            state, m = apply(state, frozen_dev, data)
+            host, m = population.to_host((state, m))
+            times.append(time.time() - t0)
+            for i, r in enumerate(runs):
+                if r.error is None:
+                    r.row(rnd, fsweep.take(host, i), fsweep.take(m, i), fsweep.take(data, i),
+                          frozen, times[-1])
+            if all(r.error is not None for r in runs):
+                break
+        finals = [
+            r.finish(None if host is None else fsweep.take(host, i), frozen, n)
+            for i, r in enumerate(runs)
+        ]
+    finally:
+        for r in runs:
+            if hasattr(r, 'writer'):
+                r.writer.close()
+    ok = [f[f'final_{metric}'] for f in finals if f.get(f'final_{metric}') is not None]
+    return {
+        'group': name,
+        'metric': metric,
+        'seeds': [c.seed for c in configs],
+        'dirs': [r.dir for r in runs],
+        f'final_{metric}': [f.get(f'final_{metric}') for f in finals],
+        'mean': statistics.fmean(ok) if ok else None,
+        'std': statistics.stdev(ok) if len(ok) > 1 else (0.0 if ok else None),
+        'failed': {
+            r.config.seed: r.error
+            for r in runs if r.error
+        },
+        'first_round_s': round(times[0], 3) if times else None,
+        'round_s_median': round(statistics.median(times[1:] or times), 3) if times else None,
+        'wall_s': round(time.time() - t_start, 1)
+    }
+
+
+def _num(v) -> str:
+    return 'n/a' if v is None else f'{v:.4g}'
+
+
+def markdown(records: list[dict], command: str) -> str:
+    """summary.md: one row per group, the final validation metric's mean ± std over seeds."""
+    cols = [
+        'group', 'seeds', 'final (mean ± std)', 'per seed', 'failed', 'round s (median)',
+        'first round s', 'wall s'
+    ]
+    lines = [
+        f'# Sweep\n\n`{command}`\n', f'jax {jax.__version__}, {jax.default_backend()}; '
+        'std over seeds with n - 1; round s: one vmapped round of all the group\'s runs.\n',
+        '| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)
+    ]
+    for g in records:
+        per = ', '.join(_num(v) for v in g[f'final_{g["metric"]}'])
+        lines.append(f'| {g["group"]} | {g["seeds"]} | {g["metric"]} {_num(g["mean"])} ± '
+                     f'{_num(g["std"])} | {per} | {len(g["failed"])} | {g["round_s_median"]} | '
+                     f'{g["first_round_s"]} | {g["wall_s"]} |')
+    return '\n'.join(lines) + '\n'
+
+
+def run_sweep(config, seeds: list[int], workdir: str, vary=(), command: str = '') -> list[dict]:
+    """Every group of (config, --vary) over ``seeds``; writes <workdir>/summary.{json,md}."""
+    if not seeds:
+        raise ValueError('--seeds must name at least one seed')
+    plan = groups(config, list(seeds), list(vary))
+    for name, _, configs in plan:  # every group's errors before any compute
+        check_group(name, configs)
+    os.makedirs(workdir, exist_ok=True)
+    records = []
+    for name, overrides, configs in plan:
+        records.append({**run_group(name, configs, workdir), 'overrides': overrides})
+        g = records[-1]
+        log(f'group {name}: final {g["metric"]} {g["mean"]} ± {g["std"]} over seeds {g["seeds"]}')
+    writers.write_atomic(os.path.join(workdir, 'summary.json'), json.dumps(records, indent=1))
+    writers.write_atomic(os.path.join(workdir, 'summary.md'), markdown(records, command))
+    return records
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """This command's flags, defined only when it is the program."""
+    config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).')
+    flags.DEFINE_list('seeds', ['0'], 'Seeds, vmapped inside every group.')
+    flags.DEFINE_multi_string('vary', [], 'FIELD=V1,V2,...: one group per value (looped).')
+    flags.DEFINE_string('workdir', None, 'Parent directory of the runs.')
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    if FLAGS.config is None or FLAGS.workdir is None:
+        raise app.UsageError('--config and --workdir are required')
+    try:
+        seeds = [int(s) for s in FLAGS.seeds]
+    except ValueError:
+        raise ValueError(f'--seeds must be integers, got {FLAGS.seeds}') from None
+    if not jax.config.jax_compilation_cache_dir:  # each run's evaluator compiles the same HLO
+        jax.config.update('jax_compilation_cache_dir', os.path.join(FLAGS.workdir, 'xla_cache'))
+        jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+    run_sweep(FLAGS.config, seeds, FLAGS.workdir, [parse_vary(v) for v in FLAGS.vary],
+              ' '.join(['python -m experiments.sweep'] + sys.argv[1:]))
+
+
+if __name__ == '__main__':
+    define_flags()
+    app.run(guarded(main))
