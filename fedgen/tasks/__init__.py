@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 PyTree = Any
-TASKS = ('ptb', 'cifar10')
+TASKS = ('ptb', 'cifar10', 'brown')
 SAMPLE_KINDS = ('text', 'images')
 
 

@@ -97,6 +97,12 @@ def validate(settings: Settings) -> None:
     """One-line ValueErrors for the fields this task reads, before any loading (the limits
     that depend on a loaded checkpoint are checked by :func:`validate_lengths`)."""
     tasks.validate_split(settings, PARTITIONS)
+    validate_model(settings)
+
+
+def validate_model(settings) -> None:
+    """The model.*, data.seq_len and eval.* checks of any task with PTB's Model and Eval
+    sections (PTB, Brown), before any loading."""
     m, d, e = settings.model, settings.data, settings.eval
     kind = ptb_model.check_name(m)
     if not (isinstance(m.ce_chunk, int) and m.ce_chunk >= 0):
@@ -161,8 +167,33 @@ def prepare(settings: Settings) -> tasks.Task:
     if len(pool) < settings.fed.num_clients:
         raise ValueError(f'fed.num_clients={settings.fed.num_clients} exceeds the {len(pool)} '
                          f'client windows (lower it or data.public_fraction)')
-    vocab_size = lm.config.vocab_size
-    train, test, labels = split_clients(settings, pool, vocab_size)
+    train, test, labels = split_clients(settings, pool, lm.config.vocab_size)
+    lines = settings.eval.subset_lines
+    splits = {s: ptb.first_lines(texts[s], lines) for s in ('valid', 'test')}
+    info = {'public_windows': len(public), 'pool_windows': len(pool)}
+    return text_task('ptb', settings, lm, splits, public, pool, (train, test, labels),
+                     recipe(settings), info)
+
+
+def text_task(name: str,
+              settings,
+              lm: ptb_model.LM,
+              splits: dict,
+              public: np.ndarray,
+              pool: np.ndarray,
+              clients: tuple,
+              task_recipe: dict,
+              info: dict,
+              classes: tuple | None = None) -> tasks.Task:
+    """The Task of a text corpus (PTB, Brown) once its data is cut: loss, evaluators, samples.
+
+    settings: a task's Settings with PTB's sections (data.seq_len, model, eval); splits
+    {'valid', 'test'}: the evaluation texts (one line per sentence); public [P, T+1] and pool
+    [M, T+1]: token windows; clients: (client_train, client_test, labels [M]), index arrays into
+    ``pool``; info: task-specific sizes for the log (client sizes, model and eval are added).
+    """
+    train, test, labels = clients
+    t = settings.data.seq_len
     chunk = settings.model.ce_chunk
     loss_fn = (objectives.chunked_next_token_loss(lm.module, chunk)
                if chunk else objectives.next_token_loss(lm.module))
@@ -170,11 +201,9 @@ def prepare(settings: Settings) -> tasks.Task:
     e = settings.eval
     window, stride = e.protocol(t)
     lines = e.subset_lines
-    splits = {s: ptb.first_lines(texts[s], lines) for s in ('valid', 'test')}
     info = {
-        **tasks.client_sizes(train), 'public_windows': len(public),
-        'pool_windows': len(pool),
-        'model': {
+        **tasks.client_sizes(train),
+        **info, 'model': {
             **lm.describe, 'config': dataclasses.asdict(lm.config)
         },
         'eval': {
@@ -193,7 +222,7 @@ def prepare(settings: Settings) -> tasks.Task:
         return [lm.decode(row[1:]).replace('\n', ' / ') for row in np.asarray(out)]
 
     word_metric = ('ppl', perplexity.from_mean_nll)
-    return tasks.Task(name='ptb',
+    return tasks.Task(name=name,
                       metric='valid_ppl',
                       loss_fn=loss_fn,
                       pool={'tokens': pool},
@@ -203,7 +232,7 @@ def prepare(settings: Settings) -> tasks.Task:
                       valid={'tokens': ptb.windows(ptb_model.stream(lm, splits['valid']), t)},
                       test={'tokens': ptb.windows(ptb_model.stream(lm, splits['test']), t)},
                       labels=labels,
-                      recipe=recipe(settings),
+                      recipe=task_recipe,
                       info=info,
                       init_backbone=lm.init,
                       backbone_shapes=lambda: jax.eval_shape(lm.init, jax.random.PRNGKey(0)),
@@ -212,7 +241,8 @@ def prepare(settings: Settings) -> tasks.Task:
                       sample=sample,
                       sample_kind='text',
                       client_metric=word_metric if lm.word_level else
-                      ('token_ppl', perplexity.from_mean_nll))
+                      ('token_ppl', perplexity.from_mean_nll),
+                      classes=classes)
 
 
 def recipe(settings: Settings) -> dict:

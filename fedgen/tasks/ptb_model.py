@@ -102,11 +102,34 @@ def check_name(m) -> str:
     return weights.parse_source(m.source)[0]
 
 
-def build(m, texts: dict, lora_alpha: float) -> LM:
-    """The LM that settings ``m`` (model.*) names, with PTB ``texts`` {split: text}."""
+def word_vocab(text: str, max_vocab: int = 0) -> tuple:
+    """The word vocabulary of ``text``: :func:`fedgen.data.ptb.build_vocab` (by descending count,
+    ties alphabetical) when ``max_vocab`` is 0 (PTB: its own 10k words, ``<unk>`` included).
+
+    ``max_vocab`` > 0 caps it at ``max_vocab`` entries and makes sure it holds ``<unk>`` (for words
+    never seen in ``text``): ``<eos>`` and the ``max_vocab - 2`` most frequent other words are
+    kept, every other word counts as ``<unk>``, and the result is ranked again by count (``<unk>``
+    last when nothing was mapped to it).
+    """
+    tokens = ptb.words(text)
+    if max_vocab == 0:
+        return ptb.build_vocab(tokens)
+    if not (isinstance(max_vocab, int) and max_vocab >= 2):
+        raise ValueError(f'data.vocab_size must be 0 or an int >= 2 (<eos> and <unk>), got '
+                         f'{max_vocab!r}')
+    ranked = [w for w in ptb.build_vocab(tokens) if w not in (ptb.UNK, ptb.EOS)]
+    keep = set(ranked[:max_vocab - 2]) | {ptb.EOS}
+    vocab = ptb.build_vocab(w if w in keep else ptb.UNK for w in tokens)
+    return vocab if ptb.UNK in vocab else vocab + (ptb.UNK, )
+
+
+def build(m, texts: dict, lora_alpha: float, max_vocab: int = 0) -> LM:
+    """The LM that settings ``m`` (model.*) names, with ``texts`` {split: text}: a 'local'
+    model's word vocabulary comes from ``texts['train']`` (capped at ``max_vocab`` words when
+    > 0, see :func:`word_vocab`); a checkpoint brings its own tokenizer."""
     kind = check_name(m)
     if kind == 'local':
-        vocab = ptb.build_vocab(ptb.words(texts['train']))
+        vocab = word_vocab(texts['train'], max_vocab)
         index = {w: i for i, w in enumerate(vocab)}
         cfg = local_config(m, len(vocab), lora_alpha)
         module = llama.Llama(cfg) if m.name == 'llama' else gpt.GPT(cfg)
