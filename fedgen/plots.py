@@ -88,3 +88,55 @@ def curves(series: dict, path: str, xlabel: str, ylabel: str, title: str) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def panels(specs: list[dict], path: str, title: str = '') -> None:
+    """One row of line panels with optional ±std bands. Each spec is a dict with 'series'
+    {name: (x [n], mean [n], std [n] or None, point labels [n] or None)}, 'xlabel', 'ylabel'
+    and optionally 'title', 'logx', 'logy' and 'reference' (name, y) for a dotted line."""
+    fig, axes = plt.subplots(1, len(specs), figsize=(6.2 * len(specs), 4.2), squeeze=False)
+    for ax, spec in zip(axes[0], specs):
+        for i, (name, (x, y, std, labels)) in enumerate(spec['series'].items()):
+            x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+            if not len(x):
+                continue
+            line, = ax.plot(x, y, marker='o', ms=3, label=name, linestyle='-' if i < 10 else '--')
+            if std is not None:  # mean ± std over seeds
+                s = np.asarray(std, np.float64)
+                ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.2, lw=0)
+            for xi, yi, lab in zip(x, y, labels or ()):
+                ax.annotate(str(lab), (xi, yi),
+                            textcoords='offset points',
+                            xytext=(4, 4),
+                            fontsize=7)
+        if spec.get('reference') is not None:
+            name, y = spec['reference']
+            ax.axhline(y, color='gray', ls=':', label=name)
+        ax.set_xscale('log' if spec.get('logx') else 'linear')
+        ax.set_yscale('log' if spec.get('logy') else 'linear')
+        ax.set_xlabel(spec['xlabel'])
+        ax.set_ylabel(spec['ylabel'])
+        ax.set_title(spec.get('title', ''), fontsize=9)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def gain_histogram(gains, path: str, xlabel: str, title: str) -> None:
+    """Histogram of per-client gains [K] (> 0: the client improved), a line at 0 and the median."""
+    gains = np.asarray(gains, np.float64)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.hist(gains, bins=min(30, max(5, len(gains) // 3)), color='tab:blue', alpha=0.8)
+    ax.axvline(0.0, color='k', lw=1)
+    if len(gains):
+        ax.axvline(float(np.median(gains)), color='tab:red', ls='--', lw=1.2, label='median')
+        ax.legend()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel('clients')
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

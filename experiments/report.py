@@ -1,0 +1,434 @@
+"""The reproduction report: claim rules, the bootstrap CI, REPORT.md and its figures.
+
+experiments/reproduce.py launches the runs and hands their summaries and metrics.jsonl rows here;
+``write`` turns them into numbers (``measure``), verdicts (the ``claim_*`` rules below, one per
+claim, each a pure function of measured numbers) and files. Verdicts: 'holds', 'does not hold',
+'inconclusive' (the direction agrees but the gap is inside the seed spread / the CI covers 50%)
+and 'not testable here'.
+"""
+import os
+import platform
+import statistics
+import sys
+
+import flax
+import jax
+import numpy as np
+import optax
+
+from fedgen import plots
+
+HOLDS, FAILS, UNSURE, UNTESTABLE = 'holds', 'does not hold', 'inconclusive', 'not testable here'
+CUTS = {
+    'smoke': ('tiny models on tiny synthetic data written by the command (a pipeline check: '
+              'its numbers say nothing about the paper); 2 rounds; one baseline (FedSA) beside '
+              'full FedAvg; 2 values per ablation (the base value reuses the main runs), so the '
+              'rank and epoch rules are not testable.'),
+    'cpu': ('paper: 100 clients for 500 rounds, a pre-trained generator, FID with Inception-v3. '
+            'Here: 100 PTB clients with 10 sampled per round for 20 rounds of at most 4 local '
+            'steps; a 2-layer, 128-wide GPT pre-trained here (no GPT-2 weights offline); '
+            'baselines other than full FedAvg and the local-epoch ablation: one seed; non-IID '
+            'alpha: two seeds; CIFAR-10: '
+            'a 16-channel U-Net, 10 rounds, one seed, fd_classifier on 200 DDIM samples instead '
+            'of FID (no Inception weights offline); SmolLM2 not run.'),
+    'gpu': ('paper: 500 rounds; here 200 (PTB) and 100 (CIFAR-10) rounds of 10 of 100 clients; '
+            'fd_classifier instead of FID unless Inception weights are given; SmolLM2 not run.')
+}
+
+
+def param_bytes(params) -> dict:
+    """Bytes of the backbone tree: whole model, embedding leaves (any path through a key named
+    wte / wpe / embed*), and the rest ('blocks': the transformer blocks and the final norm)."""
+    whole = emb = 0
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        n = int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+        keys = [str(getattr(k, 'key', k)) for k in path]
+        whole += n
+        emb += n if any(k in ('wte', 'wpe') or k.startswith('embed') for k in keys) else 0
+    return {'whole': whole, 'embedding': emb, 'blocks': whole - emb}
+
+
+def bootstrap_share(improved, reps: int = 2000, seed: int = 0, level: float = 0.95) -> tuple:
+    """(share, lo, hi): share = mean(improved [K] bool) and its percentile bootstrap CI from
+    ``reps`` resamples of the K clients with replacement (numpy, seeded)."""
+    x = np.asarray(improved, np.float64)
+    if not len(x):
+        return float('nan'), float('nan'), float('nan')
+    idx = np.random.default_rng(seed).integers(0, len(x), (reps, len(x)))
+    shares = x[idx].mean(1)
+    q = (1 - level) / 2
+    return float(x.mean()), float(np.quantile(shares, q)), float(np.quantile(shares, 1 - q))
+
+
+def claim_uplink(whole: float, blocks: float) -> tuple[str, str]:
+    """Claim 1 holds when the whole-model uplink reduction exceeds 99%."""
+    if not np.isfinite(whole):
+        return UNTESTABLE, 'no uplink measured'
+    verdict = HOLDS if whole > 0.99 else FAILS
+    return verdict, (f'reduction {100 * whole:.2f}% whole model (rule: > 99%); '
+                     f'{100 * blocks:.2f}% against the transformer blocks alone')
+
+
+def claim_lower(ours: list, base: list, metric: str) -> tuple[str, str]:
+    """Claims 2/3: FedGen-Edge's final ``metric`` is lower than full FedAvg's. Holds when the
+    mean is lower by more than the larger seed std (with one seed: when it is lower); the
+    same direction inside the spread is inconclusive."""
+    ours = [v for v in ours if v is not None and np.isfinite(v)]
+    base = [v for v in base if v is not None and np.isfinite(v)]
+    if not ours or not base:
+        return UNTESTABLE, 'a run is missing or failed'
+    mo, mb = statistics.fmean(ours), statistics.fmean(base)
+    spread = max(_std(ours), _std(base))
+    why = (f'{metric} {mo:.4g} vs {mb:.4g} (mean of {len(ours)}/{len(base)} seeds, '
+           f'larger std {spread:.3g})')
+    if mo >= mb:
+        return FAILS, why
+    return (HOLDS if mb - mo > spread else UNSURE), why
+
+
+def claim_personal(share: float, lo: float, hi: float) -> tuple[str, str]:
+    """Claim 4 ('most clients gain'): holds when the CI's lower end is above 50%; does not hold
+    when the share is at most 50%; inconclusive otherwise."""
+    if not np.isfinite(share):
+        return UNTESTABLE, 'no client was evaluated'
+    why = f'{100 * share:.1f}% of clients improve, 95% CI [{100 * lo:.1f}, {100 * hi:.1f}]%'
+    return (HOLDS if lo > 0.5 else FAILS if share <= 0.5 else UNSURE), why
+
+
+def claim_rank(ranks: list, ppl: list) -> tuple[str, str]:
+    """Claim 5: with gains g_i = ppl(r_i) - ppl(r_{i+1}) between consecutive ranks, it holds when
+    the total gain is positive and the mean gain of the later half of the steps is smaller than
+    that of the earlier half. Needs at least 3 ranks."""
+    pts = [(r, p) for r, p in sorted(zip(ranks, ppl)) if p is not None and np.isfinite(p)]
+    if len(pts) < 3:
+        return UNTESTABLE, f'{len(pts)} ranks measured (the rule needs 3 or more)'
+    g = [a[1] - b[1] for a, b in zip(pts, pts[1:])]
+    h = len(g) // 2
+    early, late = statistics.fmean(g[:max(h, 1)]), statistics.fmean(g[h:])
+    why = (f'PPL {", ".join(f"r{r}: {p:.4g}" for r, p in pts)}; mean gain per step '
+           f'{early:.3g} (lower ranks) vs {late:.3g} (higher)')
+    return (HOLDS if sum(g) > 0 and late < early else FAILS), why
+
+
+def claim_epochs(epochs: list, ppl: list, drift: list) -> tuple[str, str]:
+    """Claim 6: holds when drift grows with E (drift at the largest E above the smallest) while
+    the PPL does not keep improving at the same pace (best E below the largest, or the last
+    step's gain below the first's). Needs at least 3 values of E with drift measured."""
+    pts = [(e, p, d) for e, p, d in sorted(zip(epochs, ppl, drift))
+           if p is not None and d is not None and np.isfinite(p) and np.isfinite(d)]
+    if len(pts) < 3:
+        return UNTESTABLE, f'{len(pts)} values of E with PPL and drift (the rule needs 3)'
+    e, p, d = map(list, zip(*pts))
+    rises = d[-1] > d[0]
+    gains = [a - b for a, b in zip(p, p[1:])]
+    diminishing = int(np.argmin(p)) < len(p) - 1 or gains[-1] < gains[0]
+    why = (f'E {e}: PPL {[round(x, 4) for x in p]}, drift {[round(x, 4) for x in d]}; drift '
+           f'{"rises" if rises else "does not rise"}, PPL gains '
+           f'{"diminish" if diminishing else "do not diminish"}')
+    return (HOLDS if rises and diminishing else FAILS), why
+
+
+def _std(v: list) -> float:
+    return statistics.stdev(v) if len(v) > 1 else 0.0
+
+
+def _finals(g: dict, metric: str) -> list:
+    return [r['summary'].get(f'final_{metric}') for r in g['runs']]
+
+
+def _stats(g: dict, metric: str) -> dict:
+    v = [x for x in _finals(g, metric) if x is not None]
+    return {
+        'per_seed': _finals(g, metric),
+        'mean': statistics.fmean(v) if v else None,
+        'std': _std(v) if v else None
+    }
+
+
+def _curve(runs: list, key: str) -> tuple:
+    """(rounds, mean, std) of ``key`` over runs, at the rounds every run logged it."""
+    per = [{r['round']: r[key] for r in run['rows'] if r.get(key) is not None} for run in runs]
+    per = [p for p in per if p]
+    if not per:
+        return [], [], None
+    xs = sorted(set.intersection(*[set(p) for p in per]))
+    vals = np.array([[p[x] for x in xs] for p in per], np.float64)
+    std = vals.std(0, ddof=1).tolist() if len(per) > 1 else None
+    return xs, vals.mean(0).tolist(), std
+
+
+def measure(res: dict) -> dict:
+    """Every number the report states, from reproduce's results (JSON-safe)."""
+    p, m = res['ptb'], {}
+    edge, full = p['main']['fedgen_edge'], p['main']['fedavg_full']
+    e_up = edge['runs'][0]['summary'].get('up_bytes_total', float('nan'))
+    f_up = full['runs'][0]['summary'].get('up_bytes_total', float('nan'))
+    pb = p['param_bytes']
+    m['uplink'] = {
+        'fedgen_edge': e_up,
+        'fedavg_full': f_up,
+        'param_bytes': pb,
+        'fedavg_blocks': f_up * pb['blocks'] / pb['whole'],
+        'reduction_whole': 1 - e_up / f_up,
+        'reduction_blocks': 1 - e_up / (f_up * pb['blocks'] / pb['whole'])
+    }
+    m['ptb'] = {k: _stats(g, 'valid_ppl') for k, g in p['main'].items()}
+    m['ptb'].update({k: _stats({'runs': [r]}, 'valid_ppl') for k, r in p['baselines'].items()})
+    m['ptb_backbone'] = edge['runs'][0]['summary'].get('backbone_valid_ppl')
+    rows = [r for r in p['personal']['rows'] if r['gain_vs_global'] is not None]
+    share, lo, hi = bootstrap_share([r['gain_vs_global'] > 0 for r in rows])
+    m['personal'] = {
+        'clients': len(rows),
+        'share': share,
+        'ci': [lo, hi],
+        'median_gain': float(np.median([r['gain_vs_global'] for r in rows])) if rows else None
+    }
+    m['rank'] = {
+        r: {
+            **_stats(g, 'valid_ppl'), 'up_bytes_per_round':
+            g['runs'][0]['summary'].get('up_bytes_total', 0) / max(1, p['setup']['rounds'])
+        }
+        for r, g in p['rank'].items()
+    }
+    m['epochs'] = {}
+    for e, g in p['epochs'].items():
+        d = [
+            statistics.fmean(x)
+            for x in ([r['client_drift'] for r in run['rows'] if r.get('client_drift') is not None]
+                      for run in g['runs']) if x
+        ]
+        m['epochs'][e] = {**_stats(g, 'valid_ppl'), 'drift': statistics.fmean(d) if d else None}
+    m['noniid'] = {
+        a: {
+            k: _stats(g, 'valid_ppl')
+            for k, g in v.items()
+        }
+        for a, v in p['noniid'].items()
+    }
+    c = res['cifar10']
+    m['cifar10'] = ({
+        'skipped': c['skipped']
+    } if 'skipped' in c else {
+        k: _stats({'runs': [r]}, 'fd_classifier')
+        for k, r in c.items()
+    })
+    b = res['brown']
+    m['brown'] = ({
+        'skipped': b['skipped']
+    } if 'skipped' in b else {
+        k: _stats({'runs': [r]}, 'valid_ppl')
+        for k, r in b.items()
+    })
+    return m
+
+
+def claims(m: dict) -> list[tuple]:
+    """(claim, paper, ours, verdict, why) for the six claims."""
+    u, ptb, c10 = m['uplink'], m['ptb'], m['cifar10']
+    out = [('1. uplink', '> 99% less uplink than full FedAvg (Fig. 2)',
+            f'{100 * u["reduction_whole"]:.2f}% (blocks only {100 * u["reduction_blocks"]:.2f}%)',
+            *claim_uplink(u['reduction_whole'], u['reduction_blocks']))]
+    v = claim_lower(ptb['fedgen_edge']['per_seed'], ptb['fedavg_full']['per_seed'], 'valid PPL')
+    out.append(('2. PTB perplexity', 'lower PPL than full FedAvg, non-IID PTB (Fig. 3)',
+                f'{_n(ptb["fedgen_edge"]["mean"])} vs {_n(ptb["fedavg_full"]["mean"])}', *v))
+    if 'skipped' in c10:
+        out.append(('3. CIFAR-10 quality', 'lower FID (Fig. 4)', 'n/a', UNTESTABLE, c10['skipped']))
+    else:
+        v = claim_lower(c10['fedgen_edge']['per_seed'], c10['fedavg_full']['per_seed'],
+                        'fd_classifier')
+        out.append(('3. CIFAR-10 quality', 'lower FID (Fig. 4)', 'fd_classifier (not FID) '
+                    f'{_n(c10["fedgen_edge"]["mean"])} vs {_n(c10["fedavg_full"]["mean"])}', *v))
+    pe = m['personal']
+    out.append(('4. personalization', 'most clients gain (Fig. 5)',
+                f'{100 * pe["share"]:.1f}% improve', *claim_personal(pe['share'], *pe['ci'])))
+    ranks = sorted(m['rank'])
+    out.append(('5. LoRA rank', 'diminishing returns in r', f'ranks {ranks}',
+                *claim_rank(ranks, [m['rank'][r]['mean'] for r in ranks])))
+    es = sorted(m['epochs'])
+    out.append(('6. local epochs', 'local epochs vs client drift trade-off', f'E {es}',
+                *claim_epochs(es, [m['epochs'][e]['mean']
+                                   for e in es], [m['epochs'][e]['drift'] for e in es])))
+    return out
+
+
+def _n(v) -> str:
+    return 'n/a' if v is None or (isinstance(v, float) and not np.isfinite(v)) else f'{v:.4g}'
+
+
+def _ms(s: dict) -> str:
+    return f'{_n(s["mean"])} ± {_n(s["std"])}' if s['mean'] is not None else 'failed'
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next((ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')),
+                       cpu)
+    except OSError:
+        pass
+    return (f'{cpu}, {os.cpu_count()} cores, jax devices {jax.devices()}; python '
+            f'{sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}, optax '
+            f'{optax.__version__}')
+
+
+def figures(res: dict, m: dict, out: str) -> dict:
+    """Writes every figure into ``out``; {name: file}. A panel's series are (x, y, std, labels)."""
+    p, f, pb = res['ptb'], {}, m['uplink']['param_bytes']
+    main = p['main']
+    cum = {
+        n: (*_curve(main[k]['runs'][:1], 'up_bytes_total')[:2], None, None)
+        for n, k in (('FedGen-Edge', 'fedgen_edge'), ('full FedAvg', 'fedavg_full'))
+    }
+    x, y = cum['full FedAvg'][:2]
+    blocks = {**cum, 'full FedAvg': (x, [pb['blocks'] / pb['whole'] * v for v in y], None, None)}
+    ppl = {f'{n} (mean ± std)': (*_curve(main[n]['runs'], 'valid_ppl'), None) for n in main}
+    ppl.update({n: (*_curve([r], 'valid_ppl'), None) for n, r in p['baselines'].items()})
+    rk, es, al = sorted(m['rank']), sorted(m['epochs']), sorted(m['noniid'])
+    rank = ([m['rank'][r]['up_bytes_per_round'] for r in rk], [m['rank'][r]['mean'] for r in rk],
+            [m['rank'][r]['std'] or 0 for r in rk], [f'r={r}' for r in rk])
+    ep = lambda key: {'FedGen-Edge': (es, [m['epochs'][e][key] for e in es], None, None)}
+    alpha = {
+        k: (al, [m['noniid'][a][k]['mean']
+                 for a in al], [m['noniid'][a][k]['std'] or 0 for a in al], None)
+        for k in ('fedgen_edge', 'fedavg_full')
+    }
+    up = dict(xlabel='round', ylabel='cumulative uplink bytes', logy=True)
+    todo = [('fig2', 'fig2_uplink.png', 'Fig. 2: uplink, FedGen-Edge vs full FedAvg', [
+        dict(series=cum, title='whole model', **up),
+        dict(series=blocks, title='full FedAvg counted on the transformer blocks only', **up)
+    ]),
+            ('fig3', 'fig3_ptb_ppl.png', 'Fig. 3: PTB validation perplexity', [
+                dict(series=ppl,
+                     xlabel='round',
+                     ylabel='valid PPL',
+                     logy=True,
+                     reference=('backbone', m['ptb_backbone']))
+            ]),
+            ('rank', 'rank_ablation.png', f'LoRA rank (alpha/r = {p["alpha_over_rank"]:g} fixed)', [
+                dict(series={'FedGen-Edge': rank},
+                     xlabel='uplink bytes per round',
+                     ylabel='final valid PPL',
+                     logx=True)
+            ]),
+            ('epochs', 'epoch_ablation.png', 'Local epochs vs client drift', [
+                dict(series=ep('mean'), xlabel='local epochs E', ylabel='final valid PPL'),
+                dict(series=ep('drift'),
+                     xlabel='local epochs E',
+                     ylabel='client drift (round mean)')
+            ]),
+            ('noniid', 'noniid_alpha.png', 'Non-IID strength', [
+                dict(series=alpha,
+                     xlabel='Dirichlet alpha (smaller = more non-IID)',
+                     ylabel='final valid PPL',
+                     logx=True)
+            ])]
+    if 'skipped' not in res['cifar10']:
+        fd = {k: (*_curve([r], 'fd_classifier'), None) for k, r in res['cifar10'].items()}
+        todo.append(('fig4', 'fig4_cifar_fd.png', 'Fig. 4: CIFAR-10-style data, Fréchet '
+                     'distance in a home-trained classifier (not FID)',
+                     [dict(series=fd, xlabel='round', ylabel='fd_classifier')]))
+    for name, file, title, specs in todo:
+        f[name] = file
+        plots.panels(specs, os.path.join(out, file), title)
+    pe, f['fig5'] = m['personal'], 'fig5_personalization.png'
+    plots.gain_histogram(
+        [r['gain_vs_global'] for r in p['personal']['rows'] if r['gain_vs_global'] is not None],
+        os.path.join(out, f['fig5']), 'PPL(global) - PPL(personal)',
+        f'Fig. 5: {100 * pe["share"]:.0f}% of {pe["clients"]} clients improve '
+        f'(95% CI {100 * pe["ci"][0]:.0f}-{100 * pe["ci"][1]:.0f}%)')
+    return f
+
+
+def markdown(res: dict, m: dict, figs: dict) -> str:
+    s, sc = res['ptb']['setup'], res['settings']
+    lines = [
+        f'<!-- generated by: {res["command"]}; do not edit -->',
+        f'# FedGen-Edge reproduction report ({res["scale"]} scale)', '',
+        '| claim | paper | ours | verdict | why |', '|---|---|---|---|---|'
+    ]
+    lines += ['| ' + ' | '.join(c) + ' |' for c in claims(m)]
+    u = m['uplink']
+    lines += [
+        '', f'Hardware: {machine()}. This invocation: {res["wall_s"] / 60:.1f} min (finished runs '
+        'in the workdir are read back, not rerun).', '',
+        f'Scale: PTB {s["num_clients"]} clients, {s["clients_per_round"]} per round, '
+        f'{s["rounds"]} rounds, E={s["local_epochs"]} of at most {s["max_steps_per_epoch"]} '
+        f'steps of {s["batch_size"]} windows; GPT {s["model"]["n_layer"]} layers x '
+        f'{s["model"]["n_embd"]} pre-trained {s["pretrain_steps"]} steps; LoRA r={s["lora_rank"]}, '
+        f'alpha={s["lora_alpha"]:g}. Seeds {list(sc["seeds"])} (local-epoch ablation '
+        f'{list(sc["epoch_seeds"])}, non-IID {list(sc["alpha_seeds"])}; other baselines seed 0). '
+        'Std over seeds with n - 1.', '', f'Cut to fit the budget: {CUTS[res["scale"]]}', '',
+        f'Command: `{res["command"]}`', '', '## Fig. 2: uplink', '',
+        f'Measured cumulative uplink after {s["rounds"]} rounds: FedGen-Edge {u["fedgen_edge"]:,} '
+        f'B, full FedAvg {u["fedavg_full"]:,} B. The backbone is {u["param_bytes"]["whole"]:,} B, '
+        f'of which the embedding leaves (wte, wpe) are {u["param_bytes"]["embedding"]:,} B '
+        f'({100 * u["param_bytes"]["embedding"] / u["param_bytes"]["whole"]:.0f}%); the '
+        'blocks-only panel counts full FedAvg as if it sent only the rest (the blocks and final '
+        'norm).', '', f'![uplink]({figs["fig2"]})', '', '## Fig. 3: PTB', '',
+        '| method | final valid PPL (mean ± std) | per seed |', '|---|---|---|'
+    ]
+    lines += [
+        f'| {k} | {_ms(v)} | {", ".join(_n(x) for x in v["per_seed"])} |'
+        for k, v in m['ptb'].items()
+    ]
+    lines += [
+        '', f'Backbone (no federated training): {_n(m["ptb_backbone"])}.', '',
+        f'![ppl]({figs["fig3"]})', '', '## Fig. 4: CIFAR-10 (fd_classifier, not FID)', ''
+    ]
+    if 'fig4' in figs:
+        lines += ['| method | final fd_classifier (seed 0) |', '|---|---|']
+        lines += [f'| {k} | {_ms(v)} |' for k, v in m['cifar10'].items()]
+        lines += [
+            '', 'fd_classifier: Fréchet distance in the features of a small classifier '
+            'trained here; not comparable to published FID.', '', f'![fd]({figs["fig4"]})'
+        ]
+    else:
+        lines.append(f'Not run: {m["cifar10"]["skipped"]}.')
+    pe = m['personal']
+    lines += [
+        '', '## Fig. 5: personalization', '',
+        f'The FedGen-Edge seed-0 global adapter fine-tuned E_p={s["personalize_epochs"]} '
+        f'epoch(s) on each client: {100 * pe["share"]:.1f}% of {pe["clients"]} clients '
+        f'improve their local test PPL (bootstrap 95% CI {100 * pe["ci"][0]:.1f}-'
+        f'{100 * pe["ci"][1]:.1f}%, 2000 resamples, seed 0); median gain '
+        f'{_n(pe["median_gain"])}.', '', f'![gains]({figs["fig5"]})', '', '## LoRA rank', '',
+        f'lora.alpha = {res["ptb"]["alpha_over_rank"]:g} r, so alpha / r (the effective '
+        'step) is the same at every rank.', '', '| r | uplink B / round | final valid PPL |',
+        '|---|---|---|'
+    ]
+    lines += [
+        f'| {r} | {v["up_bytes_per_round"]:,.0f} | {_ms(v)} |' for r, v in sorted(m['rank'].items())
+    ]
+    lines += [
+        '', f'![rank]({figs["rank"]})', '', '## Local epochs and client drift', '',
+        'client drift = mean_k ||Delta_k - mean Delta|| / ||mean Delta|| over the clients '
+        'of a round, averaged over rounds and seeds.', '', '| E | final valid PPL | client drift |',
+        '|---|---|---|'
+    ]
+    lines += [f'| {e} | {_ms(v)} | {_n(v["drift"])} |' for e, v in sorted(m['epochs'].items())]
+    lines += [
+        '', f'![epochs]({figs["epochs"]})', '', '## Non-IID strength', '',
+        '| alpha | FedGen-Edge | full FedAvg |', '|---|---|---|'
+    ]
+    lines += [
+        f'| {a} | {_ms(v["fedgen_edge"])} | {_ms(v["fedavg_full"])} |'
+        for a, v in sorted(m['noniid'].items())
+    ]
+    lines += ['', f'![alpha]({figs["noniid"]})', '', '## Other datasets', '']
+    b = m['brown']
+    lines.append(f'- Brown: not run ({b["skipped"]}).' if 'skipped' in
+                 b else '- Brown (seed 0, final valid PPL): ' + ', '.join(f'{k} {_ms(v)}'
+                                                                          for k, v in b.items()))
+    lines.append('- SmolLM2-135M (configs/ptb_smollm2_fedgen_edge.py): not run at this scale.')
+    return '\n'.join(lines) + '\n'
+
+
+def write(res: dict, out: str) -> dict:
+    """REPORT.md and the figures into ``out``; returns the measured numbers and verdicts."""
+    os.makedirs(out, exist_ok=True)
+    m = measure(res)
+    figs = figures(res, m, out)
+    with open(os.path.join(out, 'REPORT.md'), 'w') as f:
+        f.write(markdown(res, m, figs))
+    return {**m, 'claims': claims(m), 'figures': figs, 'wall_s': res['wall_s']}

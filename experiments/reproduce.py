@@ -1,0 +1,388 @@
+"""One command that regenerates the reproduction report of FedGen-Edge's six claims.
+
+    python -m experiments.reproduce --scale smoke --workdir runs/reproduce_smoke  # minutes
+    python -m experiments.reproduce --scale cpu --workdir runs/reproduce  # 2.5-3 h on 2 cores
+    python -m experiments.reproduce --scale gpu --workdir runs/reproduce_gpu  # paper-like
+
+Writes REPORT.md and its PNG figures into --out (default docs/results/reproduce for cpu/gpu,
+<workdir>/report for smoke, so a smoke run never overwrites the checked-in report) and every
+measured number into <workdir>/results.json. experiments/report.py holds the claim rules, the
+markdown and the figures; this module launches the runs:
+
+- PTB, FedGen-Edge and full-model FedAvg: one experiments.sweep group each (the scale's seeds
+  vmapped); every other method of experiments.compare: one seed-0 run (experiments.train).
+- Personalization (Fig. 5): the FedGen-Edge seed-0 run, fine-tuned E_p epochs per client.
+- Ablations as sweep groups: LoRA rank r with lora.alpha = c r (alpha / r = c, the base config's
+  ratio, held fixed so the effective step does not grow with r), local epochs E, and the
+  Dirichlet concentration alpha of the split for FedGen-Edge and full FedAvg.
+- CIFAR-10 (Fig. 4): FedGen-Edge and full FedAvg, one seed, fd_classifier (not FID).
+- Brown (cpu/gpu, when configs/brown_fedgen_edge.py and its corpus exist): both methods, seed 0.
+
+Client drift, mean_k ||Delta_k - mean Delta|| / ||mean Delta|| over the clients that reported, is
+added to every mean-reduced run's metrics (key client_drift) by wrapping the server reducer that
+experiments.settings builds: the engine is untouched and every other number is unchanged.
+
+Resume and reuse: every run lives in its own directory under --workdir with the exact config it
+was given (one pre-trained backbone per task, named by pretrain.backbone_path). A run whose
+summary.json exists with the same config is read back (grid.finished), a partial single run
+resumes from its checkpoint (train.run), and a sweep group with any unfinished seed is
+recomputed (sweeps do not resume). A killed reproduce, rerun, picks up where it stopped.
+"""
+import contextlib
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from PIL import Image
+
+from configs import cifar10_fedgen_edge
+from experiments import backbones, compare, grid, report, settings, sweep, train
+from experiments import personalize as personal_exp
+from experiments.console import guarded, log
+from fedgen import engine
+
+# every method of experiments.compare besides the two compared head to head
+compare_baselines = tuple(m for m, _ in compare.METHODS if m not in ('fedgen_edge', 'fedavg_full'))
+SCALES = {
+    # smoke: the base values (rank 2, E 1, alpha 0.3) reuse the main group's runs.
+    'smoke':
+    dict(arg='tiny',
+         seeds=(0, 1),
+         epoch_seeds=(0, 1),
+         alpha_seeds=(0, 1),
+         ranks=(1, 2),
+         epochs=(1, 2),
+         alphas=(0.3, 10.0),
+         min_size=2,
+         ptb={'fed.rounds': 2},
+         cifar_arg='tiny',
+         cifar={'fed.rounds': 2},
+         brown=False,
+         baselines=('fedsa', )),
+    'cpu':
+    dict(arg='',
+         seeds=(0, 1, 2),
+         epoch_seeds=(0, ),
+         alpha_seeds=(0, 1),
+         ranks=(1, 2, 4, 8, 16, 32),
+         epochs=(1, 2, 5, 10),
+         alphas=(0.1, 0.3, 1.0, 10.0),
+         min_size=10,
+         ptb={
+             'fed.rounds': 20,
+             'fed.clients_per_round': 10,
+             'fed.max_steps_per_epoch': 4,
+             'eval.every': 5
+         },
+         cifar_arg='',
+         cifar={
+             'fed.rounds': 10,
+             'eval.every': 2
+         },
+         brown=True,
+         baselines=compare_baselines),
+    'gpu':
+    dict(arg='',
+         seeds=(0, 1, 2),
+         epoch_seeds=(0, 1, 2),
+         alpha_seeds=(0, 1, 2),
+         ranks=(1, 2, 4, 8, 16, 32),
+         epochs=(1, 2, 5, 10),
+         alphas=(0.1, 0.3, 1.0, 10.0),
+         min_size=10,
+         ptb={
+             'fed.rounds': 200,
+             'fed.clients_per_round': 10,
+             'eval.every': 10,
+             'fed.client_chunk': 10
+         },
+         cifar_arg='',
+         cifar={
+             'fed.rounds': 100,
+             'eval.every': 10,
+             'fed.client_chunk': 10,
+             'model.conv_impl': 'xla'
+         },
+         brown=True,
+         baselines=compare_baselines),
+}
+
+
+def write_corpus(directory: str) -> str:
+    """A tiny two-topic PTB-format corpus, ptb.{train,valid,test}.txt (tests/conftest.py's)."""
+    rng = np.random.default_rng(0)
+    topics = [[f'w{i}' for i in range(30)], [f'v{i}' for i in range(30)]]
+    os.makedirs(directory, exist_ok=True)
+    for split, n in (('train', 700), ('valid', 60), ('test', 60)):
+        lines = (' '.join(rng.choice(topics[(s // 20) % 2], size=rng.integers(4, 10)))
+                 for s in range(n))
+        with open(os.path.join(directory, f'ptb.{split}.txt'), 'w') as f:
+            f.write('\n'.join(lines) + '\n')
+    return directory
+
+
+def write_images(root: str) -> str:
+    """10 classes of noisy flat-colour 32x32 PNGs, 10 train and 3 test each (conftest's)."""
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 10), ('test', 3)):
+        for k in range(10):
+            d = os.path.join(root, split, f'class{k}')
+            os.makedirs(d, exist_ok=True)
+            color = np.array([25 * k, 255 - 25 * k, (70 * k) % 255])
+            for i in range(n):
+                img = np.clip(color + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(os.path.join(d, f'{i:04d}.png'))
+    return root
+
+
+def drift_reducer(uploads, weights, key, aux, info):
+    """FedAvg's weighted mean, plus client_drift = mean_{k: w_k > 0} ||u_k - u_bar|| / ||u_bar||
+    (uploads [C, ...], weights [C] = n_k * live; u_bar is the weighted mean the server applies)."""
+    mean, aux, metrics = engine.weighted_mean_reducer(uploads, weights, key, aux, info)
+    sq = sum(
+        jnp.sum((u - m[None])**2, axis=tuple(range(1, u.ndim)))
+        for u, m in zip(jax.tree.leaves(uploads), jax.tree.leaves(mean)))
+    ref = jnp.sqrt(sum(jnp.sum(m**2) for m in jax.tree.leaves(mean)))
+    present = (weights > 0).astype(jnp.float32)
+    spread = (present * jnp.sqrt(sq)).sum() / jnp.maximum(present.sum(), 1.0)
+    return mean, aux, {**metrics, 'client_drift': spread / jnp.maximum(ref, 1e-12)}
+
+
+@contextlib.contextmanager
+def measuring_drift():
+    """settings.reducer returns drift_reducer where it would return the plain weighted mean."""
+    original = settings.reducer
+
+    def reducer(config):
+        reduce, aux = original(config)
+        return (drift_reducer if reduce is engine.weighted_mean_reducer else reduce), aux
+
+    settings.reducer = reducer
+    try:
+        yield
+    finally:
+        settings.reducer = original
+
+
+def read_rows(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def single(config, run_dir: str) -> dict:
+    """A finished run's {summary, rows, dir}; runs (or resumes) it first unless finished."""
+    summary = grid.finished(config, run_dir)
+    if summary is None:
+        log(f'--- run {run_dir}')
+        summary = train.run(config, run_dir)
+    return {'summary': summary, 'rows': read_rows(run_dir), 'dir': run_dir}
+
+
+def group(base, seeds, overrides: dict, workdir: str, name: str, cache: dict) -> dict:
+    """One sweep group (seeds vmapped): {'runs': [single()-like per seed], 'overrides'}; read
+    back when every seed finished with the same config, else recomputed. ``cache`` (config json
+    -> record) merges groups of identical configs (e.g. the rank ablation's base rank)."""
+    configs = [sweep.with_overrides(base, overrides, s) for s in seeds]
+    key = configs[0].to_json_best_effort(sort_keys=True) + str(list(seeds))
+    if key in cache:
+        return {**cache[key], 'overrides': overrides}
+    dirs = [os.path.join(workdir, name, f'seed{s}') for s in seeds]
+    if any(grid.finished(c, d) is None for c, d in zip(configs, dirs)):
+        log(f'--- sweep group {name} {overrides} seeds {list(seeds)}')
+        sweep.run_group(name, configs, workdir)
+    runs = []
+    for c, d in zip(configs, dirs):
+        summary = grid.finished(c, d)
+        runs.append({'summary': summary or {}, 'rows': read_rows(d) if summary else [], 'dir': d})
+    cache[key] = {'runs': runs, 'overrides': overrides}
+    return cache[key]
+
+
+def ptb_backbone(config, workdir: str) -> tuple[str, dict]:
+    """Pre-trains (or finds) the base config's PTB backbone once: (its absolute path, the
+    tree's byte counts, report.param_bytes)."""
+    task = settings.prepare_task(config)
+    params, info = backbones.pretrained(config, task, workdir, jax.random.PRNGKey(config.seed))
+    return os.path.abspath(info['source']), report.param_bytes(params)
+
+
+def personalization(config, run_dir: str) -> dict:
+    """Per-client gains of the FedGen-Edge run (cached in <run_dir>/gains.json)."""
+    path = os.path.join(run_dir, 'gains.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    restored = personal_exp.restore(config, run_dir)
+    _, rows, summary = personal_exp.run_personalize(config, config.personalize.epochs, restored)
+    personal_exp.write(run_dir, rows, summary)
+    out = {'rows': rows, 'summary': summary}
+    with open(path, 'w') as f:
+        json.dump(out, f)
+    return out
+
+
+def ptb_section(sc: dict, workdir: str, corpus: str) -> dict:
+    """Main comparison, personalization and the three ablations on PTB."""
+    over = dict(sc['ptb'])
+    if corpus:
+        over.update({'data.source': corpus, 'data.verify_md5': False})
+    edge = compare.method_config('ptb', 'fedgen_edge', sc['arg'], over)
+    wd = os.path.join(workdir, 'ptb')
+    os.makedirs(wd, exist_ok=True)
+    over['pretrain.backbone_path'], param_bytes = ptb_backbone(edge, wd)
+    edge = compare.method_config('ptb', 'fedgen_edge', sc['arg'], over)
+    full = compare.method_config('ptb', 'fedavg_full', sc['arg'], over)
+    seeds, cache = sc['seeds'], {}
+    out = {'main': {}, 'baselines': {}}
+    out['main']['fedgen_edge'] = group(edge, seeds, {}, wd, 'fedgen_edge', cache)
+    out['main']['fedavg_full'] = group(full, seeds, {}, wd, 'fedavg_full', cache)
+    for m in sc['baselines']:
+        c = compare.method_config('ptb', m, sc['arg'], over)
+        try:
+            out['baselines'][m] = single(c, os.path.join(wd, m))
+        except ValueError as e:  # e.g. diverged: the report shows 'failed', the rest goes on
+            log(f'baseline {m} failed: {e}')
+            out['baselines'][m] = {'summary': {}, 'rows': [], 'dir': '', 'error': str(e)}
+    out['personal'] = personalization(edge, out['main']['fedgen_edge']['runs'][0]['dir'])
+    ratio = edge.lora.alpha / edge.lora.rank
+    out['alpha_over_rank'] = ratio
+    out['rank'] = {
+        r: group(edge, seeds, {
+            'lora.rank': r,
+            'lora.alpha': ratio * r
+        }, wd, f'rank{r}', cache)
+        for r in sc['ranks']
+    }
+    out['epochs'] = {
+        e: group(edge, sc['epoch_seeds'], {'fed.local_epochs': e}, wd, f'epochs{e}', cache)
+        for e in sc['epochs']
+    }
+    out['noniid'] = {}
+    for a in sc['alphas']:
+        split = {'data.partition.alpha': a, 'data.partition.min_size': sc['min_size']}
+        out['noniid'][a] = {
+            m: group(c, sc['alpha_seeds'], split, wd, f'{m}_alpha{a}', cache)
+            for m, c in (('fedgen_edge', edge), ('fedavg_full', full))
+        }
+    out['param_bytes'] = param_bytes
+    fed = edge.fed
+    out['setup'] = dict(num_clients=fed.num_clients,
+                        clients_per_round=fed.clients_per_round,
+                        rounds=fed.rounds,
+                        local_epochs=fed.local_epochs,
+                        max_steps_per_epoch=fed.max_steps_per_epoch,
+                        batch_size=fed.batch_size,
+                        lora_rank=edge.lora.rank,
+                        lora_alpha=edge.lora.alpha,
+                        model=edge.model.to_dict(),
+                        pretrain_steps=edge.pretrain.steps,
+                        personalize_epochs=edge.personalize.epochs)
+    return out
+
+
+def cifar_section(sc: dict, workdir: str, images: str) -> dict:
+    """FedGen-Edge then full FedAvg on CIFAR-10-style data, sharing one backbone/classifier."""
+    wd = os.path.join(workdir, 'cifar10')
+    over = {**sc['cifar'], 'metrics.cache_dir': os.path.abspath(wd)}
+    if images:
+        over['data.source'] = images
+    elif not os.path.exists(cifar10_fedgen_edge.SHARED_CIFAR):
+        return {'skipped': f'{cifar10_fedgen_edge.SHARED_CIFAR} not found'}
+    out = {}
+    for m in ('fedgen_edge', 'fedavg_full'):
+        c = compare.method_config('cifar10', m, sc['cifar_arg'], over)
+        out[m] = single(c, os.path.join(wd, m))
+        if 'pretrain.backbone_path' not in over:  # every later run loads the same weights
+            cache = os.path.join(wd, m, 'backbone')
+            over['pretrain.backbone_path'] = os.path.join(cache, sorted(os.listdir(cache))[0])
+    return out
+
+
+def brown_section(sc: dict, workdir: str) -> dict:
+    """Brown corpus, FedGen-Edge vs full FedAvg (seed 0), when its config and corpus exist."""
+    if not sc['brown']:
+        return {'skipped': 'not run at this scale'}
+    try:
+        from configs import brown_fedgen_edge
+    except ImportError:
+        return {'skipped': 'configs/brown_fedgen_edge.py does not exist'}
+    out, over = {}, dict(sc['ptb'])
+    try:
+        for m, lr in (('fedgen_edge', None), ('fedavg_full', 1e-3)):
+            c = brown_fedgen_edge.get_config(sc['arg'])
+            for k, v in {
+                    **over,
+                    **({
+                        'fed.algorithm': m,
+                        'fed.client_lr': lr
+                    } if lr else {})
+            }.items():
+                compare.set_field(c, k, v)
+            out[m] = single(c, os.path.join(workdir, 'brown', m))
+            if 'pretrain.backbone_path' not in over:
+                cache = os.path.join(workdir, 'brown', m, 'backbone')
+                over['pretrain.backbone_path'] = os.path.join(cache, sorted(os.listdir(cache))[0])
+    except (ValueError, OSError) as e:  # e.g. the corpus is not installed
+        return {'skipped': f'failed: {str(e)[:200]}'}
+    return out
+
+
+def run(scale: str, workdir: str, out: str | None = None, command: str = '') -> dict:
+    """Runs (or reuses) every experiment of ``scale`` and writes the report; returns results."""
+    if scale not in SCALES:
+        raise ValueError(f'--scale must be one of {list(SCALES)}, got {scale!r}')
+    sc, t0 = SCALES[scale], time.time()
+    out = out or (os.path.join(workdir, 'report') if scale == 'smoke' else os.path.join(
+        'docs', 'results', 'reproduce'))
+    os.makedirs(workdir, exist_ok=True)
+    corpus = images = ''
+    if scale == 'smoke':
+        corpus = write_corpus(os.path.abspath(os.path.join(workdir, 'data', 'ptb')))
+        images = os.path.join(workdir, 'data', 'images')
+        if not os.path.isdir(images):
+            write_images(images)
+        images = os.path.abspath(images)
+    with measuring_drift():
+        results = {'ptb': ptb_section(sc, workdir, corpus)}
+        results['cifar10'] = cifar_section(sc, workdir, images)
+        results['brown'] = brown_section(sc, workdir)
+    results.update(scale=scale,
+                   settings={
+                       k: v
+                       for k, v in sc.items()
+                   },
+                   wall_s=round(time.time() - t0, 1),
+                   command=command or f'python -m experiments.reproduce --scale {scale} '
+                   f'--workdir {workdir}')
+    measured = report.write(results, out)
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+        json.dump(measured, f, indent=1, default=str)
+    log(f'wrote {out}/REPORT.md ({time.time() - t0:.0f} s)')
+    return measured
+
+
+def define_flags() -> None:
+    """This command's flags, defined only when it is the program."""
+    flags.DEFINE_enum('scale', 'smoke', list(SCALES), 'Experiment scale.')
+    flags.DEFINE_string('workdir', 'runs/reproduce', 'Parent directory of every run.')
+    flags.DEFINE_string('out', None, 'Report directory (default: see the module docstring).')
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
+    if not jax.config.jax_compilation_cache_dir:  # many runs compile the same programs
+        jax.config.update('jax_compilation_cache_dir', os.path.join(f.workdir, 'xla_cache'))
+        jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+    cmd = f'python -m experiments.reproduce --scale {f.scale} --workdir {f.workdir}'
+    run(f.scale, f.workdir, f.out, cmd + (f' --out {f.out}' if f.out else ''))
+
+
+if __name__ == '__main__':
+    define_flags()
+    app.run(guarded(main))

@@ -1,0 +1,123 @@
+"""experiments.reproduce at smoke scale (report, figures, reuse) and the report's rules."""
+import os
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import report, reproduce
+from fedgen import aggregate
+
+CLAIMS = ('1. uplink', '2. PTB perplexity', '3. CIFAR-10 quality', '4. personalization',
+          '5. LoRA rank', '6. local epochs')
+VERDICTS = (report.HOLDS, report.FAILS, report.UNSURE, report.UNTESTABLE)
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+    """Two invocations of the smoke scale into one workdir, timed."""
+    wd = str(tmp_path_factory.mktemp('reproduce'))
+    t0 = time.time()
+    first = reproduce.run('smoke', wd)
+    t1 = time.time()
+    summary = os.path.join(wd, 'ptb', 'fedgen_edge', 'seed0', 'summary.json')
+    stamp = os.path.getmtime(summary)
+    second = reproduce.run('smoke', wd)
+    return dict(wd=wd,
+                first=first,
+                second=second,
+                t_first=t1 - t0,
+                t_second=time.time() - t1,
+                stamp=stamp,
+                summary=summary)
+
+
+def _table(path):
+    with open(path) as f:
+        return [ln for ln in f.read().splitlines() if ln.startswith('| ')]
+
+
+def test_smoke_report_has_every_claim_and_figure(smoke):
+    out = os.path.join(smoke['wd'], 'report')
+    rows = _table(os.path.join(out, 'REPORT.md'))
+    for claim in CLAIMS:
+        row = next(r for r in rows if r.startswith(f'| {claim} |'))
+        assert any(f'| {v} |' in row for v in VERDICTS), row
+    assert len(smoke['first']['figures']) == 7
+    for name in smoke['first']['figures'].values():
+        assert os.path.getsize(os.path.join(out, name)) > 1000, name
+    m = smoke['first']
+    assert 0 < m['uplink']['reduction_blocks'] < m['uplink']['reduction_whole'] < 1
+    assert m['uplink']['param_bytes']['embedding'] > 0
+    assert all(m['epochs'][e]['drift'] > 0 for e in m['epochs'])  # measured, not missing
+    assert m['ptb']['fedgen_edge']['std'] is not None and len(
+        m['ptb']['fedgen_edge']['per_seed']) == 2
+    assert os.path.exists(os.path.join(smoke['wd'], 'results.json'))
+
+
+def test_second_invocation_reuses_the_finished_runs(smoke):
+    assert os.path.getmtime(smoke['summary']) == smoke['stamp']  # not rerun
+    assert smoke['t_second'] < 0.5 * smoke['t_first']
+    a, b = smoke['first'], smoke['second']
+    assert a['claims'] == b['claims']
+    assert a['ptb'] == b['ptb'] and a['rank'] == b['rank'] and a['personal'] == b['personal']
+
+
+def test_bootstrap_share_on_hand_examples():
+    assert report.bootstrap_share([True] * 10) == (1.0, 1.0, 1.0)
+    share, lo, hi = report.bootstrap_share([True, False] * 50, seed=3)
+    assert share == 0.5 and 0.35 < lo < 0.5 < hi < 0.65
+    assert report.bootstrap_share([True, False] * 50, seed=3) == (share, lo, hi)  # seeded
+    _, lo2, hi2 = report.bootstrap_share([True, False] * 5, seed=3)
+    assert hi2 - lo2 > hi - lo  # fewer clients, wider interval
+    assert np.isnan(report.bootstrap_share([])[0])
+
+
+def test_claim_rules_on_hand_examples():
+    assert report.claim_uplink(0.995, 0.98)[0] == report.HOLDS
+    assert report.claim_uplink(0.98, 0.9)[0] == report.FAILS
+    assert report.claim_lower([10, 11, 12], [20, 21, 22], 'ppl')[0] == report.HOLDS
+    assert report.claim_lower([10, 14], [11, 15], 'ppl')[0] == report.UNSURE  # inside the spread
+    assert report.claim_lower([12], [11], 'ppl')[0] == report.FAILS
+    assert report.claim_lower([None], [11], 'ppl')[0] == report.UNTESTABLE
+    assert report.claim_personal(0.8, 0.7, 0.9)[0] == report.HOLDS
+    assert report.claim_personal(0.6, 0.45, 0.75)[0] == report.UNSURE
+    assert report.claim_personal(0.4, 0.3, 0.5)[0] == report.FAILS
+    assert report.claim_rank([1, 2, 4, 8], [100, 80, 75, 74])[0] == report.HOLDS
+    assert report.claim_rank([1, 2, 4, 8], [100, 99, 90, 70])[0] == report.FAILS  # accelerating
+    assert report.claim_rank([8, 1, 4], [74, 100, 75])[0] == report.HOLDS  # sorted by rank
+    assert report.claim_rank([1, 2], [100, 90])[0] == report.UNTESTABLE
+    assert report.claim_epochs([1, 2, 5], [100, 90, 95], [0.1, 0.2, 0.4])[0] == report.HOLDS
+    assert report.claim_epochs([1, 2, 5], [100, 90, 80], [0.1, 0.2, 0.4])[0] == report.FAILS
+    assert report.claim_epochs([1, 2, 5], [100, 90, 95], [0.4, 0.2, 0.1])[0] == report.FAILS
+    assert report.claim_epochs([1, 2, 5], [100, 90, 95], [0.1, None, 0.4])[0] == (report.UNTESTABLE)
+
+
+def test_drift_reducer_is_the_weighted_mean_plus_drift():
+    u = {'a': jnp.array([[2.0, 0.0], [0.0, 0.0], [100.0, 100.0]])}
+    w = jnp.array([1.0, 1.0, 0.0])  # the third client did not report
+    mean, aux, m = reproduce.drift_reducer(u, w, None, 'aux', {})
+    np.testing.assert_allclose(mean['a'], aggregate.weighted_mean(u, w)['a'])
+    np.testing.assert_allclose(mean['a'], [1.0, 0.0])
+    assert aux == 'aux'
+    np.testing.assert_allclose(m['client_drift'], 1.0, rtol=1e-6)  # (1 + 1) / 2 / ||[1, 0]||
+
+
+def test_param_bytes_splits_embeddings():
+    tree = {
+        'wte': {
+            'embedding': np.zeros((10, 4), np.float32)
+        },
+        'h_0': {
+            'attn': {
+                'q': {
+                    'kernel': np.zeros((4, 4), np.float32)
+                }
+            }
+        },
+        'wpe': {
+            'embedding': np.zeros((2, 4), np.float16)
+        }
+    }
+    assert report.param_bytes(tree) == {'whole': 160 + 64 + 16, 'embedding': 176, 'blocks': 64}
