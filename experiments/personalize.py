@@ -35,7 +35,7 @@ from ml_collections import config_flags
 
 from experiments import backbones, settings
 from experiments.console import guarded, log
-from fedgen import algorithms, checkpoint, personalize, plots
+from fedgen import algorithms, base, checkpoint, personalize, plots
 from fedgen.algorithms import optim
 
 matplotlib.use('Agg')
@@ -72,7 +72,7 @@ def restore(config, workdir: str, task=None) -> dict:
     rng = jax.random.PRNGKey(config.seed)
     params, _ = backbones.pretrained(config, task, workdir, rng)
     frozen, trainable = algorithms.variables(p, params, jax.random.fold_in(rng, 1))
-    alg = algorithms.make(p, task.loss_fn)
+    alg = base.with_ema(algorithms.make(p, task.loss_fn), config.fed.get('ema_decay', 0.0))
     initial = alg.init(trainable, jax.random.fold_in(rng, 2))
     mngr = checkpoint.manager(workdir, config.checkpoint.keep)
     step = checkpoint.latest(mngr)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from experiments import backbones, settings, writers
 from experiments.console import guarded, log
-from fedgen import algorithms, checkpoint, client, comm, peft, plots, population, tasks
+from fedgen import algorithms, base, checkpoint, client, comm, peft, plots, population, tasks
 from fedgen.data import batching, images
 
 
@@ -122,6 +122,7 @@ def setup(config, workdir: str) -> dict:
     round: the task, the frozen and trainable trees, the algorithm and its initial state."""
     settings.check_schedule(config)
     settings.method_params(config)  # every fed/lora field, before any data is read
+    base.check_ema_decay(config.fed.get('ema_decay', 0.0))
     init_from = config.lora.get('init_from', '')
     if init_from and not os.path.isfile(os.path.join(init_from, 'adapter_config.json')):
         raise ValueError(f'lora.init_from: {init_from} holds no adapter_config.json (expected a '
@@ -144,7 +145,7 @@ def setup(config, workdir: str) -> dict:
     chunk = budget_chunk(config, task, p, frozen, trainable, steps)
     p = settings.method_params(config, chunk)
     mesh = settings.mesh(config)
-    alg = algorithms.make(p, task.loss_fn, mesh)
+    alg = base.with_ema(algorithms.make(p, task.loss_fn, mesh), config.fed.get('ema_decay', 0.0))
     state = alg.init(trainable, jax.random.fold_in(rng, 2))
     return dict(task=task,
                 params=params,
@@ -156,6 +157,21 @@ def setup(config, workdir: str) -> dict:
                 steps=steps,
                 mesh=mesh,
                 rng=rng)
+
+
+def eval_variables(alg, host, frozen) -> tuple[dict, dict | None]:
+    """The global model's variables and, with fed.ema_decay > 0, the EMA model's (else None)."""
+    frz = alg.effective_frozen(host, frozen)
+    ema = base.ema_of(host)
+    return {**frz, **host.trainable}, (None if ema is None else {**frz, **ema})
+
+
+def evaluate_both(evaluate, variables: dict, ema_variables: dict | None) -> dict:
+    """evaluate(variables), plus evaluate(ema_variables) with keys suffixed '_ema' when given."""
+    out = evaluate(variables)
+    if ema_variables is not None:
+        out.update({f'{k}_ema': v for k, v in evaluate(ema_variables).items()})
+    return out
 
 
 def round_data(config, task: tasks.Task, steps: int, rnd: int, mesh, rows: tuple[int, int],
@@ -311,11 +327,11 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
                 'down_bytes_total': totals['down_bytes']
             })
             if (rnd + 1) % config.eval.every == 0 or rnd + 1 == fed.rounds:
-                variables = {**alg.effective_frozen(host, frozen), **host.trainable}
-                row.update(evaluate(variables))
-                if config.eval.samples_every_eval and primary:
-                    write_samples(task, task.sample(variables, sample_key), writer, rnd + 1,
-                                  f'round{rnd + 1:04d}')
+                variables, ema_vars = eval_variables(alg, host, frozen)
+                row.update(evaluate_both(evaluate, variables, ema_vars))
+                if config.eval.samples_every_eval and primary:  # from the EMA model, if any
+                    write_samples(task, task.sample(ema_vars or variables, sample_key), writer,
+                                  rnd + 1, f'round{rnd + 1:04d}')
             row['round_s'] = round(time.time() - t0, 3)
             row = writer.row(row)  # before the checkpoint: see the module docstring
             checkpoint.save(mngr, rnd + 1, state=host)
@@ -344,14 +360,17 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
         writer.close()
         return {'stopped_after': end}
 
-    variables = {**alg.effective_frozen(host, frozen), **host.trainable}
+    variables, ema_vars = eval_variables(alg, host, frozen)
     # The last round was always evaluated; reuse it rather than evaluating again.
-    final = {k: v for k, v in writer.rows[-1].items() if k in bb_metrics} if writer.rows else {}
-    if len(final) != len(bb_metrics):
-        final = evaluate(variables)
+    final = {
+        k: v
+        for k, v in writer.rows[-1].items() if k.removesuffix('_ema') in bb_metrics
+    } if writer.rows else {}
+    if len(final) != len(bb_metrics) * (1 if ema_vars is None else 2):
+        final = evaluate_both(evaluate, variables, ema_vars)
     if task.test is not None:
         evaluate_test = task.evaluator('test', aux)
-        final.update(evaluate_test(variables))
+        final.update(evaluate_both(evaluate_test, variables, ema_vars))
         if config.eval.get('zero_shot_test', False):  # the frozen backbone on test, too
             bb_metrics = {**bb_metrics, **evaluate_test({'params': r['params']})}
     summary = writer.summary({
@@ -391,7 +410,8 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
     log('\n' + '\n'.join(f'{k:>28s}  {v:,.4g}' if isinstance(v, float) else f'{k:>28s}  {v}'
                          for k, v in summary.items()))
     if primary:
-        write_samples(task, task.sample(variables, sample_key), writer, fed.rounds, 'final')
+        write_samples(task, task.sample(ema_vars or variables, sample_key), writer, fed.rounds,
+                      'final')
     writer.close()
     return summary
 

@@ -6,6 +6,7 @@ import pickle
 import sys
 import tarfile
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -299,3 +300,16 @@ def test_label_histogram():
         im.label_histogram(labels, [np.array([0])], 2)
     with pytest.raises(ValueError):
         im.label_histogram(labels, [np.array([7])], 3)
+
+
+def test_random_flip_mirrors_about_half_exactly():
+    images = RNG.integers(0, 256, (400, 6, 5, 3)).astype(np.uint8)
+    out, flipped = im.random_flip(images, jax.random.PRNGKey(7))
+    out, flipped = np.asarray(out), np.asarray(flipped)
+    assert out.dtype == np.uint8 and out.shape == images.shape
+    assert 160 < flipped.sum() < 240  # Binomial(400, 1/2): mean 200, sd 10
+    np.testing.assert_array_equal(out[flipped], images[flipped][:, :, ::-1, :])
+    np.testing.assert_array_equal(out[~flipped], images[~flipped])
+    again, _ = im.random_flip(images, jax.random.PRNGKey(7))
+    np.testing.assert_array_equal(np.asarray(again), out)  # a function of the key
+    assert not np.array_equal(np.asarray(im.random_flip(images, jax.random.PRNGKey(8))[1]), flipped)

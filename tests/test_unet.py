@@ -175,7 +175,8 @@ def test_bad_input_shape_raises(tiny):
     ('num_res_blocks', 0),
     ('attn_resolutions', (12, )),
     ('num_heads', 3),
-    ('dropout', 0.1),
+    ('dropout', 1.0),
+    ('dropout', -0.1),
     ('groups', 5),
     ('lora_alpha', 0.0),
     ('image_channels', 0),
@@ -190,3 +191,25 @@ def test_config_accepts_lists_and_is_hashable():
     cfg = unet.UNetConfig(channel_mult=[1, 2], attn_resolutions=[16])
     assert cfg.channel_mult == (1, 2) and cfg.resolutions() == (32, 16)
     hash(cfg)
+
+
+def test_dropout_zero_is_today_and_positive_is_train_only(tiny):
+    """p = 0: train=True is the very same output (no op added). p > 0: same params (dropout has
+    none); training outputs change, are fixed by the dropout key; evaluation is deterministic and
+    equals the p = 0 model."""
+    params, apply = tiny
+    x, t = _inputs(TINY, n=3)
+    want = np.asarray(apply({'params': params}, x, t))
+    m0 = unet.UNet(TINY)
+    train0 = jax.jit(lambda v: m0.apply(v, x, t, train=True))
+    np.testing.assert_array_equal(np.asarray(train0({'params': params})), want)
+    cfg = unet.UNetConfig(**{**TINY.__dict__, 'dropout': 0.3})
+    assert jax.tree.structure(unet.param_shapes(cfg)) == jax.tree.structure(params)
+    model = unet.UNet(cfg)
+    drop = jax.jit(
+        lambda key: model.apply({'params': params}, x, t, train=True, rngs={'dropout': key}))
+    a, b, c = (np.asarray(drop(jax.random.key(k))) for k in (0, 0, 1))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - want).max() > 1e-3 and np.abs(a - c).max() > 1e-3
+    ev = jax.jit(lambda v: model.apply(v, x, t))
+    np.testing.assert_array_equal(np.asarray(ev({'params': params})), want)

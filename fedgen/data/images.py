@@ -27,7 +27,6 @@ Diffusion models work in x in [-1, 1]: x = u / 127.5 - 1 (`to_float`), u = round
 clipped to [0, 255] (`to_uint8`).
 """
 import dataclasses
-import gzip
 import io
 import os
 import pathlib
@@ -35,15 +34,18 @@ import pickle
 import tarfile
 import zlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+
+from fedgen.data import idx
 
 SPLITS = ('train', 'test')
 SIZE = 32
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
                    'truck')
-FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
-                         'Sneaker', 'Bag', 'Ankle boot')
+FASHION_MNIST_CLASSES = idx.FASHION_MNIST_CLASSES
 FORMATS = ("accepted formats: 'tfds:cifar10'; a directory holding cifar-10-batches-bin/ "
            "(binary) or cifar-10-batches-py/ (pickle); an image folder "
            "<root>/{train,test}/<class>/*.png|*.jpg|*.jpeg as a directory or .tar.gz/.tgz; "
@@ -94,7 +96,9 @@ def load(source: str, split: str, *, limit_per_class=None, resize: bool = False)
     elif source.startswith('fashion_mnist:'):
         path = os.path.expanduser(source[len('fashion_mnist:'):])
         if not os.path.isdir(path):
-            raise _fail(source, f'no such directory {path!r}')
+            raise _fail(
+                source, f'no such directory {path!r} (Debian/Ubuntu: '
+                f'{idx.FASHION_MNIST_APT} installs {idx.FASHION_MNIST_DIR})')
         data = _load_idx(source, path, split)
     else:
         path = os.path.expanduser(source)
@@ -108,7 +112,7 @@ def load(source: str, split: str, *, limit_per_class=None, resize: bool = False)
             data = _load_cifar_bin(source, bin_dir, split)
         elif py_dir:
             data = _load_cifar_py(source, py_dir, split)
-        elif _find_idx(path, 'train', 'images', 3) or _find_idx(path, 't10k', 'images', 3):
+        elif idx.find(path, 'train', 'images', 3) or idx.find(path, 't10k', 'images', 3):
             data = _load_idx(source, path, split)
         elif _folder_root(path):
             return _load_folder_dir(source, _folder_root(path), split, limit_per_class, resize)
@@ -238,46 +242,24 @@ def _load_cifar_py(source, d, split) -> ImageData:
     return _checked(source, np.concatenate(images), np.concatenate(labels), names)
 
 
-def _find_idx(d, prefix, kind, ndim):
-    for ext in ('', '.gz'):
-        f = os.path.join(d, f'{prefix}-{kind}-idx{ndim}-ubyte{ext}')
-        if os.path.isfile(f):
-            return f
-    return None
-
-
-def _read_idx(source, f, ndim) -> np.ndarray:
-    """IDX: bytes 0,0, type 0x08 (uint8), ndim; then ndim big-endian uint32 dims; then data."""
-    try:
-        with (gzip.open if f.endswith('.gz') else open)(f, 'rb') as fh:
-            raw = fh.read()
-    except (OSError, EOFError, zlib.error) as e:
-        raise _fail(source, f'cannot read {f!r}: {e}')
-    if len(raw) < 4 + 4 * ndim or raw[:3] != b'\x00\x00\x08' or raw[3] != ndim:
-        raise _fail(source, f'{f!r} is not a {ndim}-d uint8 IDX file (bad header)')
-    dims = tuple(int(v) for v in np.frombuffer(raw, '>u4', ndim, 4))
-    body = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise _fail(source, f'{f!r} holds {body.size} bytes of data, header says {dims}')
-    return body.reshape(dims)
-
-
 def _load_idx(source, d, split) -> ImageData:
-    """Fashion-MNIST IDX: [n, h, w] grayscale, h, w <= 32, centred in 32x32 zeros, gray -> RGB."""
-    prefix = 'train' if split == 'train' else 't10k'
-    fi, fl = _find_idx(d, prefix, 'images', 3), _find_idx(d, prefix, 'labels', 1)
-    if not fi or not fl:
-        raise _fail(
-            source, f'missing {prefix}-images-idx3-ubyte[.gz] or '
-            f'{prefix}-labels-idx1-ubyte[.gz] in {d!r}')
-    gray, labels = _read_idx(source, fi, 3), _read_idx(source, fl, 1)
+    """Fashion-MNIST IDX: [n, h, w] grayscale, h, w <= 32, centred in 32x32 zeros, gray -> RGB.
+
+    28x28 images get 2 zero pixels on each side (the U-Net needs sizes divisible by 2**levels,
+    and zero is Fashion-MNIST's background); the gray value is repeated over R, G and B.
+    """
+    try:
+        gray, labels = idx.load_split(d, split)
+    except idx.IdxError as e:
+        raise _fail(source, e)
     n, h, w = gray.shape
+    prefix = idx.PREFIXES[split]
     if h > SIZE or w > SIZE:
-        raise _fail(source, f'{fi!r} images are {h}x{w}, larger than {SIZE}x{SIZE}')
+        raise _fail(source, f'{prefix} images in {d!r} are {h}x{w}, larger than {SIZE}x{SIZE}')
     top, left = (SIZE - h) // 2, (SIZE - w) // 2
     images = np.zeros((n, SIZE, SIZE, 3), np.uint8)
     images[:, top:top + h, left:left + w, :] = gray[..., None]
-    return _checked(source, images, labels, FASHION_MNIST_CLASSES)
+    return _checked(source, images, labels, idx.FASHION_MNIST_CLASSES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,6 +376,16 @@ def to_uint8(x) -> np.ndarray:
     return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def random_flip(images, key) -> tuple:
+    """Mirrors each image left-right with probability 1/2: (out, flipped bool [N]).
+
+    images [N, H, W, C] (any dtype, jax or numpy); out[n] = images[n, :, ::-1, :] where
+    flipped[n], else images[n]; flipped ~ Bernoulli(1/2) i.i.d. from ``key``.
+    """
+    flipped = jax.random.bernoulli(key, 0.5, (images.shape[0], ))
+    return jnp.where(flipped[:, None, None, None], images[:, :, ::-1, :], images), flipped
+
+
 def label_histogram(labels, client_indices, num_classes: int) -> np.ndarray:
     """Per-client label counts.
 
@@ -410,9 +402,9 @@ def label_histogram(labels, client_indices, num_classes: int) -> np.ndarray:
     if labels.ndim != 1 or (labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
         raise ValueError(f'label_histogram: labels must be 1-d in [0, {num_classes})')
     hist = np.zeros((len(client_indices), int(num_classes)), np.int64)
-    for k, idx in enumerate(client_indices):
-        idx = np.asarray(idx, np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= labels.size):
+    for k, ix in enumerate(client_indices):
+        ix = np.asarray(ix, np.int64).reshape(-1)
+        if ix.size and (ix.min() < 0 or ix.max() >= labels.size):
             raise ValueError(f'label_histogram: client {k} has indices outside [0, {labels.size})')
-        hist[k] = np.bincount(labels[idx], minlength=num_classes)
+        hist[k] = np.bincount(labels[ix], minlength=num_classes)
     return hist

@@ -63,7 +63,9 @@ class UNetConfig:
     num_res_blocks: residual blocks per level on the way down (one more on the way up).
     attn_resolutions: spatial sizes (e.g. 16) whose blocks are followed by self-attention.
     num_heads: attention heads; must divide ``channels``.
-    dropout: must be 0.0 (the model is deterministic, so apply needs no rng).
+    dropout: rate p in [0, 1) of the dropout in every residual block (DDPM: before conv2);
+        active only with ``train=True`` (then apply needs ``rngs={'dropout': key}``).
+        0.0 adds no op at all.
     groups: GroupNorm groups; must divide ``channels``.
     lora_alpha: LoRA scale numerator passed to every Dense/Conv (update = alpha / r * A B).
     image_channels: channels of the input and output images.
@@ -105,9 +107,9 @@ class UNetConfig:
         if not pos_int(self.num_heads) or self.channels % self.num_heads:
             raise ValueError(f'model.num_heads must be an int >= 1 dividing model.channels '
                              f'({self.channels}), got {self.num_heads!r}')
-        if self.dropout != 0.0:
-            raise ValueError(
-                f'model.dropout must be 0.0 (deterministic U-Net), got {self.dropout!r}')
+        d = self.dropout
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+            raise ValueError(f'model.dropout must be a number in [0, 1), got {d!r}')
         if not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
             raise ValueError(f'model.lora_alpha must be a number > 0, got {self.lora_alpha!r}')
         if not pos_int(self.image_channels):
@@ -142,17 +144,19 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
 
 
 class ResBlock(nn.Module):
-    """h = conv1(silu(gn(x))) + temb(silu(emb)); out = skip(x) + conv2(silu(gn(h))).
+    """h = conv1(silu(gn(x))) + temb(silu(emb)); out = skip(x) + conv2(drop(silu(gn(h)))).
 
-    Shapes: x [N, H, W, in], emb [N, E] -> [N, H, W, features].
+    drop: inverted dropout of rate p (kept units scaled by 1 / (1 - p)) when ``train`` and p > 0,
+    else the identity. Shapes: x [N, H, W, in], emb [N, E] -> [N, H, W, features].
     """
     features: int
     groups: int
     lora_alpha: float
     conv_impl: str = 'xla'
+    dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
         conv = lambda f, k, name: layers.Conv(f, (k, k),
                                               lora_alpha=self.lora_alpha,
                                               impl=self.conv_impl,
@@ -165,6 +169,8 @@ class ResBlock(nn.Module):
                          name='temb')(nn.silu(emb))
         h = h + t[:, None, None, :]
         h = nn.silu(nn.GroupNorm(self.groups, epsilon=1e-6, name='norm2')(h))
+        if self.dropout > 0:  # no op at all for p = 0: the same program as without dropout
+            h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = conv(self.features, 3, 'conv2')(h)
         if x.shape[-1] != self.features:
             x = conv(self.features, 1, 'skip')(x)
@@ -199,12 +205,15 @@ class UNet(nn.Module):
     """eps_hat = UNet(x_t, t). Shapes: x [N, S, S, image_channels] float32, t [N] int -> like x.
 
     Frozen weights live in ``params``; optional adapters in ``lora`` (same module paths):
-    ``model.apply({'params': frozen, 'lora': adapters}, x, t)``.
+    ``model.apply({'params': frozen, 'lora': adapters}, x, t)``. ``train=True`` turns on the
+    residual blocks' dropout (config.dropout > 0), drawn from the ``'dropout'`` rng collection:
+    ``model.apply(variables, x, t, train=True, rngs={'dropout': key})``; evaluation and sampling
+    use the default ``train=False`` and are deterministic.
     """
     config: UNetConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
         cfg = self.config
         want = (cfg.image_size, cfg.image_size, cfg.image_channels)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
@@ -215,7 +224,8 @@ class UNet(nn.Module):
         alpha, groups = cfg.lora_alpha, cfg.groups
 
         def res(f, name):
-            return ResBlock(f, groups, alpha, cfg.conv_impl, name=name)
+            block = ResBlock(f, groups, alpha, cfg.conv_impl, cfg.dropout, name=name)
+            return lambda h, emb: block(h, emb, train)
 
         def attn(name):
             return AttnBlock(cfg.num_heads, groups, alpha, name=name)

@@ -38,7 +38,8 @@ class Parts(NamedTuple):
     model: unet.UNet
     model_cfg: unet.UNetConfig
     schedule: diffusion.Schedule
-    loss_fn: Callable
+    loss_fn: Callable  # training: flips (data.flip) and dropout (model.dropout) when enabled
+    eval_loss_fn: Callable  # evaluation: neither (deterministic given its rng)
     pool: dict  # {'images': uint8 [M, 32, 32, 3], 'labels': int32 [M]}
     client_train: list
     client_test: list
@@ -50,16 +51,40 @@ class Parts(NamedTuple):
     sampler: Callable  # jitted (variables, rng) -> float [eval.sample_batch, 32, 32, 3]
 
 
-def denoising_loss(model: unet.UNet, schedule: diffusion.Schedule) -> Callable:
+# Key streams of the training loss besides t and eps (which use the step's rng itself, so they
+# do not change when flips or dropout are turned on).
+FLIP_STREAM = 0xF11B
+DROPOUT_STREAM = 0xD20B
+
+
+def denoising_loss(model: unet.UNet,
+                   schedule: diffusion.Schedule,
+                   flip: bool = False,
+                   train: bool = False) -> Callable:
     """Masked epsilon-MSE: batch['images'] uint8 [B, 32, 32, 3], batch['weight'] [B].
 
     L = sum_b w_b ||eps_theta(x_t, t) - eps||^2 / (D sum_b w_b), with t ~ U{0..T-1} and
     eps ~ N(0, I) drawn from the step's rng; the weight returned is sum_b w_b (images).
+    With ``train``: ``flip`` mirrors each image left-right with probability 1/2
+    (images.random_flip, key fold_in(rng, FLIP_STREAM)), and the U-Net's dropout
+    (model.dropout > 0) draws from fold_in(rng, DROPOUT_STREAM). The step's rng comes from
+    (seed, round, client, step), so both are reproducible and a resumed run is exact.
     """
+    flip = flip and train
+    kw = {'train': True} if train and model.config.dropout > 0 else None
 
     def loss_fn(variables, batch, rng):
+        if flip:
+            batch = {
+                **batch, 'images':
+                images.random_flip(batch['images'], jax.random.fold_in(rng, FLIP_STREAM))[0]
+            }
         x0 = batch['images'].astype(jnp.float32) / 127.5 - 1.0  # uint8 -> [-1, 1]
-        eps_fn = lambda x, t: model.apply(variables, x, t)
+        if kw is None:
+            eps_fn = lambda x, t: model.apply(variables, x, t)
+        else:
+            drop = {'dropout': jax.random.fold_in(rng, DROPOUT_STREAM)}
+            eps_fn = lambda x, t: model.apply(variables, x, t, rngs=drop, **kw)
         per = diffusion.eps_loss_terms(eps_fn, schedule, x0, rng)
         w = batch['weight'].astype(jnp.float32)
         return (per * w).sum() / jnp.maximum(w.sum(), 1.0), w.sum()
@@ -70,13 +95,15 @@ def denoising_loss(model: unet.UNet, schedule: diffusion.Schedule) -> Callable:
 @dataclasses.dataclass(frozen=True)
 class Data:
     """data.*: image source (any fedgen.data.images layout), per-class limits (0 = all), the
-    public and validation shares of train, and the client partition."""
+    public and validation shares of train, the client partition, and random horizontal flips of
+    training images (pre-training and clients; never evaluation)."""
     source: str
     limit_per_class: int
     test_limit_per_class: int
     public_fraction: float
     valid_fraction: float
     partition: tasks.Partition
+    flip: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +116,7 @@ class Model:
     num_heads: int
     groups: int
     conv_impl: str
+    dropout: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +181,9 @@ def validate(settings: Settings) -> None:
     v = settings.data.valid_fraction
     if not 0.0 < v < 1.0 - settings.data.public_fraction:
         raise ValueError(f'data.valid_fraction must be in (0, 1 - data.public_fraction), got {v}')
+    if not isinstance(settings.data.flip, bool):
+        raise ValueError(f'data.flip must be True or False, got {settings.data.flip!r}')
+    model_config(settings)  # model.* errors (e.g. model.dropout) before any data is read
 
 
 def model_config(settings: Settings) -> unet.UNetConfig:
@@ -164,6 +195,7 @@ def model_config(settings: Settings) -> unet.UNetConfig:
                            num_heads=m.num_heads,
                            groups=m.groups,
                            conv_impl=m.conv_impl,
+                           dropout=m.dropout,
                            lora_alpha=float(settings.lora.alpha))
 
 
@@ -208,7 +240,8 @@ def prepare_parts(settings: Settings) -> Parts:
     n_val = int(round(d.valid_fraction * len(order)))
     pub, val = order[:n_pub], order[n_pub:n_pub + n_val]
     rest = np.sort(order[n_pub + n_val:])
-    pool = {'images': train.images[rest], 'labels': train.labels[rest]}
+    of = lambda i: {'images': train.images[i], 'labels': train.labels[i]}
+    pool = of(rest)
     p = d.partition
     parts = partition.make(p.kind,
                            len(rest),
@@ -225,40 +258,40 @@ def prepare_parts(settings: Settings) -> Parts:
     return Parts(model=model,
                  model_cfg=cfg,
                  schedule=sched,
-                 loss_fn=denoising_loss(model, sched),
+                 loss_fn=denoising_loss(model, sched, settings.data.flip, train=True),
+                 eval_loss_fn=denoising_loss(model, sched),
                  sampler=make_sampler(model, sched, settings.eval.sample_batch,
                                       settings.diffusion.sample_steps, settings.diffusion.ddim_eta),
                  pool=pool,
                  client_train=tr,
                  client_test=te,
-                 public={
-                     'images': train.images[pub],
-                     'labels': train.labels[pub]
-                 },
-                 valid={
-                     'images': train.images[val],
-                     'labels': train.labels[val]
-                 },
-                 test={
-                     'images': test.images,
-                     'labels': test.labels
-                 },
+                 public=of(pub),
+                 valid=of(val),
+                 test=dict(images=test.images, labels=test.labels),
                  labels=pool['labels'],
                  class_names=train.class_names)
 
 
 def recipe(settings: Settings) -> dict:
+    """What determines the pre-trained backbone (its cache key). Dropout and flips enter only
+    when on, so the recipes (cached backbones) of runs without them stay as they were."""
+    model = dataclasses.asdict(settings.model)
+    if not model['dropout']:
+        del model['dropout']
+    public = {
+        'source': settings.data.source,
+        'limit': settings.data.limit_per_class,
+        'public_fraction': settings.data.public_fraction
+    }
+    if settings.data.flip:
+        public['flip'] = True
     return {
         'task': 'cifar10',
         'seed': settings.seed,
-        'model': dataclasses.asdict(settings.model),
+        'model': model,
         'diffusion': dataclasses.asdict(settings.diffusion),
         'pretrain': settings.pretrain.recipe(),
-        'public': {
-            'source': settings.data.source,
-            'limit': settings.data.limit_per_class,
-            'public_fraction': settings.data.public_fraction
-        }
+        'public': public
     }
 
 
@@ -351,7 +384,7 @@ def evaluator(task: Parts, settings: Settings, split: str = 'valid', aux: dict |
     n = min(settings.eval.loss_images, len(data['labels']))
     batches = batching.batch_all({'images': data['images'][:n]}, settings.eval.batch_size)
     key = jax.random.PRNGKey(settings.seed + 17)  # the same noise every evaluation
-    loss = jax.jit(lambda v: dataset_loss.dataset_loss(task.loss_fn, v, batches, key)[0])
+    loss = jax.jit(lambda v: dataset_loss.dataset_loss(task.eval_loss_fn, v, batches, key)[0])
     clf, inc = (aux or {}).get('classifier'), (aux or {}).get('inception')
     real = classifier.feature_stats(clf, data['images']) if clf is not None else None
     if inc is not None:

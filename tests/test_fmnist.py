@@ -1,0 +1,151 @@
+"""The image-diffusion task on Fashion-MNIST IDX files written here (never the apt package):
+the config, the missing-data error, the training loss's flips and dropout, and a 2-round run of
+configs/fmnist_fedgen_edge.py:tiny (flips + EMA) killed after round 1 and resumed (that
+resume equals an unbroken run is tests/test_ema.py's engine-level check)."""
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import fmnist_fedgen_edge
+from experiments import settings, train
+from fedgen import checkpoint
+from fedgen.data import idx
+from fedgen.data import images as im
+from fedgen.models import unet
+from fedgen.tasks import cifar10
+
+
+def write_fashion_idx(root, per_class=(10, 3)) -> str:
+    """10 classes of 28x28 'garments': a left-leaning bright bar whose column and height depend
+    on the class (so a mirror image differs), plus noise; gzipped IDX files like the package's."""
+    rng = np.random.default_rng(0)
+    for prefix, n in zip(('train', 't10k'), per_class):
+        labels = np.repeat(np.arange(10), n).astype(np.uint8)
+        gray = rng.integers(0, 40, (len(labels), 28, 28)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            gray[i, 4:8 + 2 * k, 2 + k:6 + k] = 200
+        idx.write(gray, os.path.join(root, f'{prefix}-images-idx3-ubyte.gz'))
+        idx.write(labels, os.path.join(root, f'{prefix}-labels-idx1-ubyte.gz'))
+    return f'fashion_mnist:{root}'
+
+
+@pytest.fixture(scope='module')
+def source(tmp_path_factory):
+    return write_fashion_idx(str(tmp_path_factory.mktemp('fmnist')))
+
+
+def _config(source, arg='tiny'):
+    c = fmnist_fedgen_edge.get_config(arg)
+    c.data.source = source
+    return c
+
+
+def test_configs_and_missing_data_names_field_and_apt():
+    for arg in ('', 'tiny', 'ci', 'full'):
+        c = fmnist_fedgen_edge.get_config(arg)
+        assert c.data.source == fmnist_fedgen_edge.FASHION_MNIST and c.data.flip
+        assert 0 < c.fed.ema_decay < 1
+    with pytest.raises(ValueError, match='config argument'):
+        fmnist_fedgen_edge.get_config('huge')
+    with pytest.raises(ValueError) as e:
+        im.load('fashion_mnist:/nonexistent/fashion-mnist', 'train')
+    msg = str(e.value)
+    assert 'data.source' in msg and idx.FASHION_MNIST_APT in msg and '\n' not in msg
+
+
+def test_loader_pads_28_to_32(source):
+    data = im.load(source, 'test')
+    assert data.images.shape == (30, 32, 32, 3) and data.class_names[-1] == 'Ankle boot'
+    assert not data.images[:, :2].any() and not data.images[:, :, 30:].any()
+    np.testing.assert_array_equal(data.images[..., 0], data.images[..., 2])
+
+
+def test_training_loss_flips_and_dropout():
+    """flip=False, dropout=0: the training loss is the evaluation loss (today's) exactly. Flips
+    and dropout change the training loss only, deterministically given the step's rng. A U-Net
+    on 8x8 images and one jit for every loss keep the compilation short."""
+    from fedgen import diffusion
+    sched = diffusion.make_schedule('linear', 50)
+    cfg = unet.UNetConfig(channels=4,
+                          channel_mult=(1, ),
+                          num_res_blocks=1,
+                          attn_resolutions=(),
+                          groups=2,
+                          image_size=8)
+    m0, m1 = unet.UNet(cfg), unet.UNet(dataclasses.replace(cfg, dropout=0.5))
+    fns = [
+        cifar10.denoising_loss(m0, sched),
+        cifar10.denoising_loss(m0, sched, train=True),
+        cifar10.denoising_loss(m0, sched, flip=True, train=True),
+        cifar10.denoising_loss(m1, sched, train=True),
+        cifar10.denoising_loss(m1, sched)
+    ]
+    v = {'params': unet.init_params(cfg, jax.random.PRNGKey(0))}
+    img = np.random.default_rng(1).integers(0, 256, (4, 8, 8, 3)).astype(np.uint8)
+    batch = {'images': img, 'weight': np.ones(4, np.float32)}
+    keys = jnp.stack([jax.random.PRNGKey(5), jax.random.PRNGKey(6)])
+    run = jax.jit(
+        lambda keys: jnp.stack([jnp.stack([f(v, batch, k)[0] for k in keys]) for f in fns]))
+    out = np.asarray(run(keys))
+    np.testing.assert_array_equal(np.asarray(run(keys)), out)  # deterministic given the rng
+    base, plain, flip, drop, drop_eval = out
+    np.testing.assert_array_equal(plain, base)
+    np.testing.assert_array_equal(drop_eval, base)  # evaluation: no dropout
+    for got in (flip, drop):
+        assert got[0] != base[0] and got[1] != got[0]
+
+
+def test_task_wires_flip_and_dropout(source):
+    """data.flip / model.dropout reach the task (its training loss and model) and are checked
+    before any data is read."""
+    c = _config(source)
+    c.model.dropout = 0.25
+    s = settings.task_settings(c)
+    assert s.data.flip and cifar10.model_config(s).dropout == 0.25
+    parts = cifar10.prepare_parts(s)
+    assert parts.model_cfg.dropout == 0.25 and parts.eval_loss_fn is not parts.loss_fn
+    assert cifar10.recipe(s)['public']['flip'] and cifar10.recipe(s)['model']['dropout'] == 0.25
+    c.model.dropout = 1.0
+    with pytest.raises(ValueError, match=r'model\.dropout'):
+        cifar10.validate(settings.task_settings(c))
+    bad = dataclasses.replace(s, data=dataclasses.replace(s.data, flip=1))
+    with pytest.raises(ValueError, match=r'data\.flip'):
+        cifar10.validate(bad)
+
+
+def _state(workdir, config, step):
+    m = checkpoint.manager(workdir, config.checkpoint.keep)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore())
+    return m.restore(step, args=args)['state']
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        return [{k: v for k, v in json.loads(x).items() if k != 'round_s'} for x in f]
+
+
+def test_tiny_fmnist_run_with_ema(source, tmp_path):
+    """A 2-round run: the checkpointed EMA follows ema_2 = d_1 ema_1 + (1 - d_1) w_2 with
+    d_1 = min(0.9, 2/11), and the summary reports the raw and the EMA model (resume of the EMA
+    state: tests/test_ema.py)."""
+    cfg = _config(source)
+    cfg.eval.samples_every_eval = False
+    work = str(tmp_path / 'run')
+    summary = train.run(cfg, work)
+    for key in ('final_fd_classifier', 'final_fd_classifier_ema', 'final_test_eps_mse_ema'):
+        assert np.isfinite(summary[key]), key
+    assert os.path.isfile(os.path.join(work, 'samples_final.png'))
+    rows = _rows(work)
+    assert [r['round'] for r in rows] == [1, 2] and 'fd_classifier_ema' in rows[-1]
+    s1, s2 = _state(work, cfg, 1), _state(work, cfg, 2)
+    d = min(0.9, 2 / 11)
+    for e1, w2, e2 in zip(*(jax.tree.leaves(x)
+                            for x in (s1['aux']['ema'], s2['trainable'], s2['aux']['ema']))):
+        np.testing.assert_allclose(e2, d * e1 + (1 - d) * w2, rtol=1e-5, atol=1e-7)
+    assert jax.tree.structure(s2['aux']['ema']) == jax.tree.structure(s2['trainable'])
