@@ -22,7 +22,7 @@ windows), FedAvg, 60 rounds; word-level PPL with a sliding window of 32 words, s
 """
 import ml_collections
 
-from configs import federation
+from configs import ptb_fedgen_edge
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -41,29 +41,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
         vocab_size=10000,  # 'local' model: most frequent words + <eos> + <unk>; the rest <unk>
         partition=dict(kind='document', local_test_fraction=0.2),
     )
-    c.model = dict(source='local',
-                   name='gpt',
-                   n_positions=32,
-                   n_embd=128,
-                   n_layer=2,
-                   n_head=4,
-                   dtype='float32',
-                   remat=False,
-                   ce_chunk=0)
-    c.lora = dict(rank=4, alpha=16.0, targets=('qv_mlp', ), client_ranks='', init_from='')
-    c.pretrain = dict(steps=500, batch_size=32, opt='adam', lr=3e-3, backbone_path='')
-    c.fed = federation.fed(rounds=60, max_steps_per_epoch=8, client_lr=1e-2)
-    c.eval = dict(every=5,
-                  batch_size=128,
-                  num_samples=3,
-                  sample_len=20,
-                  samples_every_eval=False,
-                  window=32,
-                  stride=16,
-                  subset_lines=0,
-                  zero_shot_test=True)
-    c.personalize = dict(epochs=1, opt='adam', lr=1e-3, max_steps=0)
-    c.checkpoint = dict(keep=3, overwrite=False)
+    # The model, LoRA, pre-training, federation, evaluation, personalization and checkpoint
+    # sections are configs/ptb_fedgen_edge.py's defaults.
+    ptb = ptb_fedgen_edge.get_config()
+    for section in ('model', 'lora', 'pretrain', 'fed', 'eval', 'personalize', 'checkpoint'):
+        c[section] = ptb[section].to_dict()
     if arg == 'tiny':
         c.data.seq_len = 8
         c.data.update(verify=False, public_fraction=0.2, valid_fraction=0.15, test_fraction=0.15)

@@ -20,7 +20,6 @@ sequential: one call's program; its R states and data add (R - 1) x its argument
 """
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ from absl import app, flags
 
 from configs import ptb_fedgen_edge
 from experiments import settings
+from experiments.bench_round import machine
 from fedgen import algorithms, objectives
 from fedgen import sweep as fsweep
 from fedgen.data.batching import RoundData
@@ -111,17 +111,6 @@ def run_child(job: dict) -> dict:
     if proc.returncode:
         return {'error': (proc.stderr.strip().splitlines() or ['?'])[-1][:120]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def machine() -> str:
-    cpu = platform.processor() or 'unknown CPU'
-    if os.path.exists('/proc/cpuinfo'):
-        with open('/proc/cpuinfo') as f:
-            names = [ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')]
-        cpu = names[0] if names else cpu
-    dev = jax.devices()[0]
-    return (f'{cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}, jax '
-            f'{jax.__version__}, {jax.device_count()} x {dev.platform} ({dev.device_kind})')
 
 
 def table(rows: list[dict]) -> str:

@@ -7,15 +7,14 @@ claim, each a pure function of measured numbers) and files. Verdicts: 'holds', '
 and 'not testable here'.
 """
 import os
-import platform
 import statistics
-import sys
 
 import flax
 import jax
 import numpy as np
 import optax
 
+from experiments import bench_round
 from fedgen import plots
 
 HOLDS, FAILS, UNSURE, UNTESTABLE = 'holds', 'does not hold', 'inconclusive', 'not testable here'
@@ -260,16 +259,8 @@ def _ms(s: dict) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next((ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')),
-                       cpu)
-    except OSError:
-        pass
-    return (f'{cpu}, {os.cpu_count()} cores, jax devices {jax.devices()}; python '
-            f'{sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}, optax '
-            f'{optax.__version__}')
+    """bench_round's machine line plus the library versions the report depends on."""
+    return (f'{bench_round.machine()}; flax {flax.__version__}, optax {optax.__version__}')
 
 
 def figures(res: dict, m: dict, out: str) -> dict:

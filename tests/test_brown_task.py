@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from experiments import compare
 from experiments import settings as settings_lib
 from experiments import train
 from fedgen.data import brown, ptb
@@ -59,11 +60,7 @@ def _config(source, arg='tiny', **fields):
     c = base_config.get_config(arg)
     c.data.source = source
     for path, value in fields.items():
-        *parents, leaf = path.split('.')
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        compare.set_field(c, path, value)
     return c
 
 

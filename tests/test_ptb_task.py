@@ -1,11 +1,14 @@
 """The PTB task over any backbone: model.source 'local' (word-level GPT or Llama pre-trained here)
 and 'hf_dir:' (a pretrained checkpoint with its own subword tokenizer); the word-level
 sliding-window perplexity; the chunked cross-entropy; lora.init_from; and the one-line errors."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 from tokenizers import pre_tokenizers
 
+from experiments import compare
 from experiments import settings as settings_lib
 from experiments import train
 from fedgen import lora, objectives, peft, tokenizer
@@ -26,11 +29,7 @@ def _config(corpus, arg='tiny', module=base_config, **fields):
     c.data.source = corpus
     c.data.verify_md5 = False
     for path, value in fields.items():
-        *parents, leaf = path.split('.')
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        compare.set_field(c, path, value)
     return c
 
 
@@ -167,14 +166,18 @@ def test_one_line_errors_before_loading(corpus, hf_llama):
         settings_lib.prepare_task(_hf_config(corpus, hf_llama, **{'eval.window': 65}))
 
 
+# A one-block Llama with GQA, for the LoRA rule and dtype tests.
+TINY_LLAMA = llama.LlamaConfig(vocab_size=11,
+                               n_positions=8,
+                               n_embd=8,
+                               n_layer=1,
+                               n_head=2,
+                               n_kv_head=1,
+                               n_inner=8)
+
+
 def test_a_target_rule_that_misses_lists_the_module_names():
-    cfg = llama.LlamaConfig(vocab_size=11,
-                            n_positions=8,
-                            n_embd=8,
-                            n_layer=1,
-                            n_head=2,
-                            n_kv_head=1,
-                            n_inner=8)
+    cfg = TINY_LLAMA
     params = llama.init_params(cfg, jax.random.PRNGKey(0))
     with pytest.raises(ValueError,
                        match='down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, '
@@ -183,14 +186,7 @@ def test_a_target_rule_that_misses_lists_the_module_names():
 
 
 def test_bf16_backbone_trains_float32_adapters():
-    cfg = llama.LlamaConfig(vocab_size=11,
-                            n_positions=8,
-                            n_embd=8,
-                            n_layer=1,
-                            n_head=2,
-                            n_kv_head=1,
-                            n_inner=8,
-                            dtype='bfloat16')
+    cfg = dataclasses.replace(TINY_LLAMA, dtype='bfloat16')
     params = llama.cast_frozen(llama.init_params(cfg, jax.random.PRNGKey(0)), 'bfloat16')
     ad = lora.init(jax.random.PRNGKey(1), params, 'llama_qv', 2)
     assert {x.dtype for x in jax.tree.leaves(ad)} == {np.dtype('float32')}
