@@ -1,15 +1,19 @@
-"""Many federated runs as one compiled program: seeds vmapped, shape-changing settings looped.
+"""Many federated runs as one compiled program: seeds and traced settings vmapped, the rest looped.
 
     python -m experiments.sweep --config configs/ptb_fedgen_edge.py:tiny --seeds 0,1,2 \
         --workdir runs/sweep --config.data.source=DIR --config.data.verify_md5=False
     python -m experiments.sweep --config configs/ptb_fedgen_edge.py --seeds 0,1,2 \
         --vary lora.rank=2,4,8 --vary fed.clients_per_round=5,10 --workdir runs/sweep_rank
 
-A group is the base config with one combination of the --vary values, over every seed. Its R runs
-differ only in the seed (anything else is a one-line ValueError), so they share every shape and
-compiled constant and run as one jitted round, ``vmap(apply, in_axes=(0, None, 0))`` over states
-[R, ...] and round data [R, C, S, ...] (fedgen/sweep.py), the frozen backbone passed once (in_axes
-None). Groups (other ranks, clients per round, models, learning rates) are a Python loop.
+Settings that change no shape and no compiled constant of the round are vmapped (VMAPPED): the
+seed, the client and server learning rates and FedProx's mu (traced per run through
+RoundData.hparams, fedgen/hparams.py: the compiled optimizers' updates scaled by lr / lr_0 of the
+group's first run), the Dirichlet alpha of the partition (each run packs its own clients) and the
+fate rates (RoundData.rates). A group is the base config with one combination of the other --vary
+values (ranks, clients per round, models, LoRA alpha: looped), and its R runs are every
+combination of the vmapped --vary values and the seeds. They share every shape and compiled
+constant and run as one jitted round, ``vmap(apply, in_axes=(0, None, 0))`` over states [R, ...]
+and round data [R, C, S, ...] (fedgen/sweep.py), the frozen backbone passed once (in_axes None).
 
 Run r is the run ``experiments.train`` makes with that seed (train.setup and train.round_data per
 run: its own partition, client sampling, batch order, adapter init and rng), with one choice: the
@@ -19,7 +23,8 @@ config.json reproduces it with experiments.train. A given pretrain.backbone_path
 runs whose backbones still differ (pretrain.steps 0: a seeded init) are refused. S is the largest
 of the group's local step counts; a run with fewer gets masked padding steps (exact no-ops).
 
-Writes <workdir>/<group>/seed<k>/ as train.py would: config.json, metrics.jsonl (train.py's row
+Writes <workdir>/<group>/<run>/ (run: seed<k>, after field=value__ for each vmapped setting that
+differs inside the group) as train.py would: config.json, metrics.jsonl (train.py's row
 keys; round_s is the whole vmapped round; validation metrics on eval rounds from the run's own
 evaluator), summary.json, checkpoints/ (the final state only); and <workdir>/summary.{md,json}: per
 group the final validation metric's mean ± std (n - 1) over seeds. A diverged run stops writing
@@ -44,8 +49,13 @@ from ml_collections import config_flags
 
 from experiments import backbones, settings, train, writers
 from experiments.console import guarded, log
-from fedgen import checkpoint, comm, population
+from fedgen import checkpoint, comm, fates, hparams, population
 from fedgen import sweep as fsweep
+
+# Settings a vmapped group may vary per run (everything else is compiled into the round).
+HPARAM_FIELDS = ('fed.client_lr', 'fed.server_lr', 'fed.prox_mu')
+RATE_FIELDS = ('fed.dropout_rate', 'fed.straggler_rate', 'fed.straggler_min_frac')
+VMAPPED = ('seed', 'data.partition.alpha') + HPARAM_FIELDS + RATE_FIELDS
 
 
 def parse_vary(spec: str) -> tuple[str, list]:
@@ -82,28 +92,76 @@ def with_overrides(config, overrides: dict, seed: int | None = None):
 
 
 def groups(config, seeds: list[int], vary: list[tuple[str, list]]) -> list[tuple[str, dict, list]]:
-    """(name, overrides, one config per seed) for every combination of the --vary values."""
+    """(name, overrides, one config per run) for every combination of the looped --vary values;
+    a group's runs are every combination of the vmapped --vary values (VMAPPED) and the seeds."""
+    looped = [(f, vs) for f, vs in vary if f not in VMAPPED]
+    vmapped = [[(f, v) for v in vs] for f, vs in vary if f in VMAPPED]
     out = []
-    for combo in itertools.product(*[[(f, v) for v in vs] for f, vs in vary]):
+    for combo in itertools.product(*[[(f, v) for v in vs] for f, vs in looped]):
         overrides = dict(combo)
         name = '__'.join(f'{f}={v}' for f, v in combo) or 'base'
-        out.append((name, overrides, [with_overrides(config, overrides, s) for s in seeds]))
+        configs = [
+            with_overrides(config, {
+                **overrides,
+                **dict(per_run)
+            }, s) for per_run in itertools.product(*vmapped) for s in seeds
+        ]
+        out.append((name, overrides, configs))
+    return out
+
+
+def _get(config, dotted: str):
+    node = config
+    for p in dotted.split('.'):
+        node = node[p]
+    return node
+
+
+def varied(configs: list) -> list[str]:
+    """The VMAPPED fields (seed excluded) whose values differ between the runs of a group."""
+    return [f for f in VMAPPED[1:] if len({_get(c, f) for c in configs}) > 1]
+
+
+def run_name(config, fields: list[str]) -> str:
+    """A run's directory in its group: 'seed<k>', after 'field=value__' per varied field."""
+    return '__'.join([f'{f}={_get(config, f)}' for f in fields] + [f'seed{config.seed}'])
+
+
+def traced(configs: list) -> list[dict]:
+    """Per run, the RoundData fields that carry its vmapped settings: hparams (learning rates as
+    multiples of the first run's, and mu) when a group varies one of HPARAM_FIELDS, rates when it
+    varies one of RATE_FIELDS; {} when the group varies only seeds and partitions."""
+    fields, c0 = varied(configs), configs[0]
+    out = [{} for _ in configs]
+    if any(f in HPARAM_FIELDS for f in fields):
+        for o, c in zip(out, configs):
+            o['hparams'] = hparams.HParams.of(c.fed.client_lr / c0.fed.client_lr,
+                                              c.fed.server_lr / c0.fed.server_lr, c.fed.prox_mu)
+    if any(f in RATE_FIELDS for f in fields):
+        for o, c in zip(out, configs):
+            o['rates'] = fates.FateRates.of(c.fed.dropout_rate, c.fed.straggler_rate,
+                                            c.fed.straggler_min_frac)
     return out
 
 
 def check_group(name: str, configs: list) -> None:
-    """One-line ValueErrors: runs of one vmapped group may differ in the seed only."""
-    seeds = [c.seed for c in configs]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f'group {name}: repeated seeds {seeds}')
+    """One-line ValueErrors: runs of one vmapped group may differ in VMAPPED settings only."""
+    names = [run_name(c, varied(configs)) for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f'group {name}: repeated runs {names}')
     ref = json.loads(configs[0].to_json_best_effort())
-    for c in configs[1:]:
-        diff = writers.config_conflict(ref, json.loads(c.to_json_best_effort()), free=('seed', ))
+    for n, c in zip(names[1:], configs[1:]):
+        diff = writers.config_conflict(ref, json.loads(c.to_json_best_effort()), free=VMAPPED)
         if diff:
-            raise ValueError(f'group {name}: seed {c.seed} differs from seed {seeds[0]} in '
-                             f'{"; ".join(diff)}; only the seed is vmapped (settings that change '
-                             'shapes or compiled constants are separate groups: --vary)')
+            raise ValueError(
+                f'group {name}: run {n} differs from run {names[0]} in '
+                f'{"; ".join(diff)}; only {", ".join(VMAPPED)} are vmapped (settings '
+                'that change shapes or compiled constants are separate groups: --vary)')
     c0 = configs[0]
+    for f in ('fed.client_lr', 'fed.server_lr'):
+        if f in varied(configs) and not _get(c0, f) > 0:
+            raise ValueError(f'group {name}: {f} of its first run must be > 0 to vary it (the '
+                             f'others run as multiples of it), got {_get(c0, f)}')
     if len(configs) > 1 and c0.fed.attack.kind != 'none':
         raise ValueError(f'group {name}: fed.attack draws its attackers from the seed when the '
                          'round is compiled; sweep attacks one seed per group')
@@ -198,7 +256,8 @@ def setup_runs(name: str, configs: list, workdir: str) -> list[Run]:
     if not c0.pretrain.backbone_path and c0.pretrain.steps > 0:
         for c in configs:
             c.pretrain.backbone_path = os.path.abspath(r0['bb_info']['source'])
-    dirs = [os.path.join(workdir, name, f'seed{c.seed}') for c in configs]
+    fields = varied(configs)
+    dirs = [os.path.join(workdir, name, run_name(c, fields)) for c in configs]
     for c, d in zip(configs, dirs):
         os.makedirs(d, exist_ok=True)
         train.check_workdir(c, d)
@@ -213,20 +272,21 @@ def setup_runs(name: str, configs: list, workdir: str) -> list[Run]:
     return runs
 
 
-def run_group(name: str, configs: list, workdir: str) -> dict:
-    """Runs one vmapped group; returns its record for summary.json (see the module docstring)."""
+def run_group(name: str, configs: list, workdir: str) -> list[dict]:
+    """Runs one vmapped group; returns its records for summary.json, one per setting of the
+    varied VMAPPED fields (the final metric's mean ± std over that setting's seeds)."""
     t_start = time.time()
     check_group(name, configs)
     runs = setup_runs(name, configs, workdir)
     c0, r0, n = configs[0], runs[0].setup, len(runs)
     frozen, metric = r0['frozen'], r0['task'].metric
     steps, width = max(r.setup['steps'] for r in runs), settings.dp_capacity(c0)
-    times, host = [], None
+    times, host, per_run = [], None, traced(configs)
     try:
         for r in runs:
             r.open()
-        log(f'group {name}: {n} runs (seeds {[c.seed for c in configs]}) vmapped; C={width}, '
-            f'S={steps}')
+        names = [os.path.basename(r.dir) for r in runs]
+        log(f'group {name}: {n} runs ({", ".join(names)}) vmapped; C={width}, S={steps}')
         device = jax.local_devices()[0]
         state = jax.device_put(fsweep.stack([r.setup['state'] for r in runs]), device)
         frozen_dev = jax.device_put(frozen, device)
@@ -234,8 +294,8 @@ def run_group(name: str, configs: list, workdir: str) -> dict:
         for rnd in range(c0.fed.rounds):
             t0 = time.time()
             data = fsweep.stack([
-                train.round_data(r.config, r.setup['task'], steps, rnd, None, (0, width), width)
-                for r in runs
+                train.round_data(r.config, r.setup['task'], steps, rnd, None, (0, width),
+                                 width).replace(**t) for r, t in zip(runs, per_run)
             ])
             state, m = apply(state, frozen_dev, data)
             host, m = population.to_host((state, m))
@@ -254,23 +314,35 @@ def run_group(name: str, configs: list, workdir: str) -> dict:
         for r in runs:
             if hasattr(r, 'writer'):
                 r.writer.close()
-    ok = [f[f'final_{metric}'] for f in finals if f.get(f'final_{metric}') is not None]
-    return {
-        'group': name,
-        'metric': metric,
-        'seeds': [c.seed for c in configs],
-        'dirs': [r.dir for r in runs],
-        f'final_{metric}': [f.get(f'final_{metric}') for f in finals],
-        'mean': statistics.fmean(ok) if ok else None,
-        'std': statistics.stdev(ok) if len(ok) > 1 else (0.0 if ok else None),
-        'failed': {
-            r.config.seed: r.error
-            for r in runs if r.error
-        },
+    timing = {
         'first_round_s': round(times[0], 3) if times else None,
         'round_s_median': round(statistics.median(times[1:] or times), 3) if times else None,
         'wall_s': round(time.time() - t_start, 1)
     }
+    fields, settings_of = varied(configs), {}
+    for r, f in zip(runs, finals):
+        key = '__'.join(f'{x}={_get(r.config, x)}' for x in fields)
+        settings_of.setdefault(key, []).append((r, f))
+    records = []
+    for key, members in settings_of.items():
+        vals = [f.get(f'final_{metric}') for _, f in members]
+        ok = [v for v in vals if v is not None]
+        records.append({
+            'group': f'{name}__{key}' if key else name,
+            'metric': metric,
+            'seeds': [r.config.seed for r, _ in members],
+            'dirs': [r.dir for r, _ in members],
+            f'final_{metric}': vals,
+            'mean': statistics.fmean(ok) if ok else None,
+            'std': statistics.stdev(ok) if len(ok) > 1 else (0.0 if ok else None),
+            'failed': {
+                r.config.seed: r.error
+                for r, _ in members if r.error
+            },
+            'vmapped_runs': n,
+            **timing
+        })
+    return records
 
 
 def _num(v) -> str:
@@ -306,9 +378,10 @@ def run_sweep(config, seeds: list[int], workdir: str, vary=(), command: str = ''
     os.makedirs(workdir, exist_ok=True)
     records = []
     for name, overrides, configs in plan:
-        records.append({**run_group(name, configs, workdir), 'overrides': overrides})
-        g = records[-1]
-        log(f'group {name}: final {g["metric"]} {g["mean"]} ± {g["std"]} over seeds {g["seeds"]}')
+        for g in run_group(name, configs, workdir):
+            records.append({**g, 'overrides': overrides})
+            log(f'{g["group"]}: final {g["metric"]} {g["mean"]} ± {g["std"]} over seeds '
+                f'{g["seeds"]}')
     writers.write_atomic(os.path.join(workdir, 'summary.json'), json.dumps(records, indent=1))
     writers.write_atomic(os.path.join(workdir, 'summary.md'), markdown(records, command))
     return records
@@ -321,7 +394,9 @@ def define_flags() -> None:
     """This command's flags, defined only when it is the program."""
     config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).')
     flags.DEFINE_list('seeds', ['0'], 'Seeds, vmapped inside every group.')
-    flags.DEFINE_multi_string('vary', [], 'FIELD=V1,V2,...: one group per value (looped).')
+    flags.DEFINE_multi_string(
+        'vary', [], 'FIELD=V1,V2,...: vmapped inside a group for the VMAPPED fields, else one '
+        'group per value (looped).')
     flags.DEFINE_string('workdir', None, 'Parent directory of the runs.')
 
 

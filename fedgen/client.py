@@ -8,12 +8,17 @@ are carried through unchanged). With a proximal weight mu > 0 the objective is F
 
 where the anchor defaults to w_G (Ditto uses the same term with its own lambda). Frozen and
 trainable variables are separate pytrees of linen collections; the model sees {**frozen, **w}.
+
+Traced hyper-parameters (``hp``, fedgen/hparams.py): the step's update scaled (a learning rate
+multiple) and the proximal weight mu as a traced scalar instead of the compile-time ``prox_mu``.
 """
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from fedgen import hparams
 
 PyTree = Any
 
@@ -40,30 +45,38 @@ def _select(m: jax.Array, new: PyTree, old: PyTree) -> PyTree:
 def make_local_update(loss_fn: Callable,
                       tx: optax.GradientTransformation,
                       prox_mu: float = 0.0) -> Callable:
-    """Returns update(frozen, w_start, data, rng, anchor=None, opt_state=None) -> LocalResult.
+    """Returns update(frozen, w_start, data, rng, anchor=None, opt_state=None, hp=None) ->
+    LocalResult.
 
     data = {'batches': field -> [S, B, ...], 'mask': [S]}; rng is this client's key, split per step.
     Gradients flow only into w (the trainable tree); ``frozen`` is read-only. The optimizer starts
-    fresh (tx.init) unless ``opt_state`` is given (central pre-training continues it).
+    fresh (tx.init) unless ``opt_state`` is given (central pre-training continues it). ``hp``:
+    None (the compile-time values), or (lr_scale, mu): traced [] scalars, the step's update scaled
+    by lr_scale and, unless mu is None, the proximal weight mu in place of ``prox_mu``.
     """
 
-    def objective(w, frozen, batch, key, anchor):
+    def objective(w, frozen, batch, key, anchor, mu):
         loss, weight = loss_fn({**frozen, **w}, batch, key)
-        reg = proximal(w, anchor, prox_mu) if prox_mu > 0 else 0.0
+        if mu is not None:
+            reg = proximal(w, anchor, mu)
+        else:
+            reg = proximal(w, anchor, prox_mu) if prox_mu > 0 else 0.0
         return loss + reg, (loss, weight)
 
     grad_fn = jax.grad(objective, has_aux=True)
 
-    def update(frozen, w_start, data, rng, anchor=None, opt_state=None):
+    def update(frozen, w_start, data, rng, anchor=None, opt_state=None, hp=None):
         anchor = w_start if anchor is None else anchor
         opt_state = tx.init(w_start) if opt_state is None else opt_state
         steps = data['mask'].shape[0]
+        lr_scale, mu = (None, None) if hp is None else hp
 
         def step(carry, xs):
             w, opt_state = carry
             batch, m, key = xs
-            grads, (loss, weight) = grad_fn(w, frozen, batch, key, anchor)
+            grads, (loss, weight) = grad_fn(w, frozen, batch, key, anchor, mu)
             updates, new_opt = tx.update(grads, opt_state, w)
+            updates = hparams.scale(updates, lr_scale)
             new_w = optax.apply_updates(w, updates)
             carry = (_select(m, new_w, w), _select(m, new_opt, opt_state))
             return carry, (loss * weight * m, weight * m)

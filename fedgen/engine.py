@@ -29,6 +29,10 @@ The variants are fields of :class:`Federation`, not code paths of their own:
   from the global adapter with A's columns and B's rows beyond r_k zeroed, so they get exactly
   zero gradient and one program serves every rank.
 
+A round may carry traced values that override compile-time ones, so changing them never
+recompiles: fate rates (``RoundData.rates``) and learning-rate multiples and the proximal mu
+(``RoundData.hparams``, fedgen/hparams.py); a vmapped sweep gives each run its own.
+
 Who counts. A sampled client k with n_k > 0 either reports (fate report_k = 1) or drops after the
 download; a straggler's step mask keeps only its first ceil(f_k S_k) real steps. An upload with a
 NaN or inf anywhere gets weight 0 (and is zeroed, since 0 * NaN = NaN). The reduction weights are
@@ -43,6 +47,7 @@ Client keys are fold_in(fold_in(rng, round), client id), so results do not depen
 device count or client order; the mesh (population.client_mesh) shards the client axis.
 """
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -50,8 +55,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from fedgen import (aggregate, attacks, client, client_state, fates, lora_aggregation, lora_ranks,
-                    population, robust)
+from fedgen import (aggregate, attacks, client, client_state, fates, hparams, lora_aggregation,
+                    lora_ranks, population, robust)
 from fedgen.base import Algorithm, ServerState
 from fedgen.data.batching import RoundData
 
@@ -172,11 +177,15 @@ def run_clients(local_update: Callable,
     return population.map_clients(one, (frozen, state.trainable), per_client, chunk, mesh=mesh)
 
 
-def server_step(state: ServerState, avg_delta: PyTree,
-                server_tx: optax.GradientTransformation) -> ServerState:
-    """w_G <- w_G + ServerOpt(-avg_delta): the server optimizer sees the pseudo-gradient."""
+def server_step(state: ServerState,
+                avg_delta: PyTree,
+                server_tx: optax.GradientTransformation,
+                lr_scale=None) -> ServerState:
+    """w_G <- w_G + s ServerOpt(-avg_delta): the server optimizer sees the pseudo-gradient; s is
+    a traced learning-rate multiple (fedgen/hparams.py), None for 1."""
     neg = jax.tree.map(jnp.negative, avg_delta)
     updates, opt_state = server_tx.update(neg, state.opt_state, state.trainable)
+    updates = hparams.scale(updates, lr_scale)
     return state.replace(trainable=optax.apply_updates(state.trainable, updates),
                          opt_state=opt_state)
 
@@ -280,10 +289,14 @@ def make(fed: Federation, loss_fn: Callable, mesh: Mesh | None = None) -> Algori
                            aux=aux)
 
     def centralized(state, frozen, data):
-        key = jax.random.fold_in(state.rng, state.round)
+        key, hp = jax.random.fold_in(state.rng, state.round), data.hparams
         pooled = pool_round(data.batches, jax.random.fold_in(key, 0))
-        res = update(frozen, state.trainable, pooled, jax.random.fold_in(key, 1))
-        new = server_step(state, res.delta, fed.server_tx)
+        res = update(frozen,
+                     state.trainable,
+                     pooled,
+                     jax.random.fold_in(key, 1),
+                     hp=hparams.client(hp, proximal=False))
+        new = server_step(state, res.delta, fed.server_tx, hparams.server(hp))
         sampled = (data.n_k > 0).astype(jnp.float32)
         finite = all_finite(jax.tree.map(lambda x: x[None], res.delta), 1)[0]
         return new.replace(round=state.round + 1), {
@@ -310,7 +323,7 @@ def make(fed: Federation, loss_fn: Callable, mesh: Mesh | None = None) -> Algori
             return {**tiled, 'lora': lora_ranks.mask_adapters(tiled['lora'], rank_mask)}
         return None
 
-    def server_update(state, sent, weights, rank_mask, info):
+    def server_update(state, sent, weights, rank_mask, info, lr_scale):
         """(new state, metrics) from the live clients' uploads [C, ...] and weights [C]."""
         key, g = stream_key(state, SERVER_STREAM), state.trainable
         metrics = {}
@@ -326,7 +339,7 @@ def make(fed: Federation, loss_fn: Callable, mesh: Mesh | None = None) -> Algori
                 **jax.tree.map(jnp.zeros_like, g), 'lora':
                 jax.tree.map(jnp.subtract, new_lora, g['lora'])
             }
-            return server_step(state.replace(aux=aux), avg, fed.server_tx), metrics
+            return server_step(state.replace(aux=aux), avg, fed.server_tx, lr_scale), metrics
         if 'lora' in sent and 'lora' in g and not local and lora_aggregation.has_modules(g['lora']):
             clients = lora_aggregation.client_adapters(g['lora'], sent['lora'])
             err = lora_aggregation.aggregation_error(clients, clients, weights)
@@ -336,19 +349,20 @@ def make(fed: Federation, loss_fn: Callable, mesh: Mesh | None = None) -> Algori
             avg = client_state.join(avg,
                                     jax.tree.map(jnp.zeros_like,
                                                  client_state.split(g, local)[1]))
-        return server_step(state, avg, fed.server_tx).replace(aux=aux), {**metrics, **extra}
+        new = server_step(state, avg, fed.server_tx, lr_scale)
+        return new.replace(aux=aux), {**metrics, **extra}
 
     def apply(state: ServerState, frozen: PyTree, data: RoundData):
         if fed.pooled:
             return centralized(state, frozen, data)
-        ids = data.client_ids
+        ids, hp = data.client_ids, data.hparams
         frozen = effective_frozen(state, frozen)
         rates = faults.rates() if data.rates is None else data.rates
         fate = fates.draw(stream_key(state, FATE_STREAM), ids, rates)
         data = data.replace(mask=fates.apply_steps(data.mask, fate.step_frac))
         r_max = lora_ranks.adapter_rank(state.trainable['lora']) if ranks is not None else 0
         rank_mask = None if ranks is None else lora_ranks.rank_mask(ranks[ids], r_max)
-        res = run_clients(update,
+        res = run_clients(functools.partial(update, hp=hparams.client(hp)),
                           state,
                           frozen,
                           data,
@@ -376,14 +390,15 @@ def make(fed: Federation, loss_fn: Callable, mesh: Mesh | None = None) -> Algori
         else:
             info = {'ids': ids, 'sampled': (data.n_k > 0).astype(jnp.float32), 'live': live}
             new, extra = server_update(state, zero_where(sent, live), data.n_k * live, rank_mask,
-                                       info)
+                                       info, hparams.server(hp))
             metrics.update(extra)
             if local:
                 new = new.replace(
                     clients=client_state.scatter_add(state.clients, ids, zero_where(kept, live)))
         if personal_update is not None:
             # Ditto: personal steps draw their own keys; their anchor is the pre-round w_G^t.
-            p = run_clients(personal_update,
+            p = run_clients(functools.partial(personal_update,
+                                              hp=hparams.client(hp, proximal=False)),
                             state.replace(rng=jax.random.fold_in(state.rng, 1)),
                             frozen,
                             data,

@@ -2,7 +2,8 @@
 
 R runs of one method that share every shape and every compile-time setting (model, LoRA rank,
 clients per round C, local steps S, optimizers) and differ only in values the round traces (the
-seed: client sampling, batch order, adapter init and the state's rng) run as
+seed: client sampling, batch order, adapter init and the state's rng; the round data's packed
+clients, fate rates and hyper-parameters, RoundData.rates / .hparams) run as
 
     states', metrics = vmap(apply, in_axes=(0, None, 0))(states, frozen, data)
 

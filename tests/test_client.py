@@ -1,5 +1,6 @@
 """One client's local training: masked steps are no-ops, gradients reach only the trainable tree,
-and the proximal term adds mu (w - w_anchor) to the gradient."""
+the proximal term adds mu (w - w_anchor) to the gradient, and traced hyper-parameters equal
+compiled ones."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,3 +75,25 @@ def test_proximal_gradient_is_plain_plus_mu_times_distance():
     # One SGD step: the prox step differs by exactly -lr * mu * (w0 - anchor).
     expected = -lr * mu * (np.array([0.3, -0.2]) - np.array([1.0, 1.0]))
     np.testing.assert_allclose(b.params['lora']['w'] - a.params['lora']['w'], expected, rtol=1e-5)
+
+
+def test_traced_hparams_equal_the_compiled_learning_rate_and_mu():
+    """hp = (s, mu): Adam with its update scaled by s equals Adam at s * lr, and a traced mu
+    equals the compiled prox_mu; one jitted function serves every value (no recompile)."""
+    lr, s, mu = 0.05, 3.0, 0.7
+    anchor = {'lora': {'w': jnp.array([1.0, 1.0])}}
+    data = _data([1, 1, 1])
+    traced = jax.jit(client.make_local_update(quad_loss, optax.adam(lr)))
+    for scale, m in ((s, 0.0), (1.0, mu), (s, mu)):
+        got = traced(FROZEN,
+                     W0,
+                     data,
+                     jax.random.PRNGKey(0),
+                     anchor,
+                     hp=(jnp.float32(scale), jnp.float32(m)))
+        ref = client.make_local_update(quad_loss, optax.adam(lr * scale), prox_mu=m)
+        want = ref(FROZEN, W0, data, jax.random.PRNGKey(0), anchor)
+        np.testing.assert_allclose(got.params['lora']['w'], want.params['lora']['w'], rtol=1e-6)
+    assert traced._cache_size() == 1
+    plain = traced(FROZEN, W0, data, jax.random.PRNGKey(0), anchor)
+    assert not np.allclose(plain.params['lora']['w'], got.params['lora']['w'])

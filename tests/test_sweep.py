@@ -1,5 +1,6 @@
 """experiments.sweep: a 3-seed vmapped sweep of the tiny PTB config equals three separate
-experiments.train runs with the same seeds and backbone; shape-changing groups are refused."""
+experiments.train runs with the same seeds and backbone, and so does a group whose runs differ in
+learning rates, mu, partition alpha and fate rates; shape-changing groups are refused."""
 import json
 import os
 
@@ -80,13 +81,67 @@ def test_vmapped_seeds_equal_separate_runs(corpus, backbone, tmp_path):
     assert '| base | [0, 1, 2] |' in text
 
 
+def test_vmapped_hyperparameters_equal_separate_runs(corpus, backbone, tmp_path):
+    """One group of three runs that differ in every kind of vmapped setting: traced learning
+    rates and mu (RoundData.hparams), fate rates (RoundData.rates) and the partition's alpha."""
+    base = _config(corpus, backbone)
+    settings = [{}, {
+        'fed.client_lr': 2 * base.fed.client_lr,
+        'fed.server_lr': 0.5,
+        'fed.prox_mu': 0.1,
+        'fed.straggler_rate': 0.5,
+        'fed.straggler_min_frac': 0.25
+    }, {
+        'data.partition.alpha': 10.0,
+        'fed.dropout_rate': 0.2
+    }]
+    configs = [sweep.with_overrides(base, o, seed) for o, seed in zip(settings, (0, 0, 1))]
+    sweep.check_group('hp', configs)
+    records = sweep.run_group('hp', configs, str(tmp_path / 'sweep'))
+    assert len(records) == 3 and all(r['vmapped_runs'] == 3 for r in records)
+    finals = []
+    for i, (c, rec) in enumerate(zip(configs, records)):
+        (run_dir, ) = rec['dirs']
+        alone = str(tmp_path / f'alone{i}')
+        summary = train.run(c.copy_and_resolve_references(), alone)
+        with open(os.path.join(run_dir, 'summary.json')) as f:
+            got = json.load(f)
+        np.testing.assert_allclose(got['final_valid_ppl'], summary['final_valid_ppl'], rtol=1e-5)
+        for x, y in zip(_rows(run_dir), _rows(alone)):
+            np.testing.assert_allclose(x['train_loss'], y['train_loss'], rtol=1e-5)
+            for k in ('clients_reported', 'clients_used', 'up_bytes_total'):
+                assert x[k] == y[k], (i, k)
+        (_, x), (_, y) = _state(run_dir), _state(alone)
+        for u, v in zip(jax.tree.leaves(x['trainable']), jax.tree.leaves(y['trainable'])):
+            np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-7)
+        finals.append(got['final_valid_ppl'])
+    assert len(set(finals)) == 3  # the settings really change the runs
+    dropped = _rows(records[2]['dirs'][0])  # and a client of the dropout run did drop
+    assert sum(r['clients_reported'] for r in dropped) < sum(r['clients_sampled'] for r in dropped)
+    assert os.path.basename(records[1]['dirs'][0]) == (
+        'data.partition.alpha=0.3__fed.client_lr=0.02__fed.server_lr=0.5__fed.prox_mu=0.1__'
+        'fed.dropout_rate=0.0__fed.straggler_rate=0.5__fed.straggler_min_frac=0.25__seed0')
+
+
+def test_vmapped_fields_stay_in_one_group():
+    c = ptb_fedgen_edge.get_config('tiny')
+    plan = sweep.groups(c, [0, 1], [('fed.client_lr', [0.01, 0.02]), ('lora.rank', [2, 4])])
+    assert [name for name, _, _ in plan] == ['lora.rank=2', 'lora.rank=4']
+    assert [(x.fed.client_lr, x.seed) for x in plan[0][2]] == [(0.01, 0), (0.01, 1), (0.02, 0),
+                                                               (0.02, 1)]
+    a, b = c.copy_and_resolve_references(), c.copy_and_resolve_references()
+    a.fed.client_lr, b.fed.client_lr = 0.0, 0.01
+    with pytest.raises(ValueError, match='fed.client_lr of its first run must be > 0'):
+        sweep.check_group('g', [a, b])
+
+
 def test_shape_changing_field_in_a_group_is_one_line_error(corpus):
     a, b = _config(corpus), _config(corpus)
     b.seed, b.lora.rank = 1, 4
     with pytest.raises(ValueError, match='lora.rank: 2 -> 4') as e:
         sweep.check_group('g', [a, b])
     assert '\n' not in str(e.value)
-    with pytest.raises(ValueError, match='repeated seeds'):
+    with pytest.raises(ValueError, match='repeated runs'):
         sweep.check_group('g', [a, _config(corpus)])
 
 

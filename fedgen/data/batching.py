@@ -24,6 +24,8 @@ class RoundData:
     n_k: np.ndarray  # [C] float32
     # Traced fate rates (fates.FateRates) for this round, or None for the method's own rates.
     rates: Any = None
+    # Traced hyper-parameters (hparams.HParams) for this round, or None for the compiled ones.
+    hparams: Any = None
 
 
 def sample_clients(seed: int, rnd: int, num_clients: int, per_round: int) -> np.ndarray:
