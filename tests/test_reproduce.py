@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import report, reproduce
+from experiments import claims, report, reproduce
 from fedgen import aggregate
 
 CLAIMS = ('1. uplink', '2. PTB perplexity', '3. CIFAR-10 quality', '4. personalization',
           '5. LoRA rank', '6. local epochs')
-VERDICTS = (report.HOLDS, report.FAILS, report.UNSURE, report.UNTESTABLE)
+VERDICTS = (claims.HOLDS, claims.FAILS, claims.UNSURE, claims.UNTESTABLE)
 
 
 @pytest.fixture(scope='module')
@@ -65,33 +65,33 @@ def test_second_invocation_reuses_the_finished_runs(smoke):
 
 
 def test_bootstrap_share_on_hand_examples():
-    assert report.bootstrap_share([True] * 10) == (1.0, 1.0, 1.0)
-    share, lo, hi = report.bootstrap_share([True, False] * 50, seed=3)
+    assert claims.bootstrap_share([True] * 10) == (1.0, 1.0, 1.0)
+    share, lo, hi = claims.bootstrap_share([True, False] * 50, seed=3)
     assert share == 0.5 and 0.35 < lo < 0.5 < hi < 0.65
-    assert report.bootstrap_share([True, False] * 50, seed=3) == (share, lo, hi)  # seeded
-    _, lo2, hi2 = report.bootstrap_share([True, False] * 5, seed=3)
+    assert claims.bootstrap_share([True, False] * 50, seed=3) == (share, lo, hi)  # seeded
+    _, lo2, hi2 = claims.bootstrap_share([True, False] * 5, seed=3)
     assert hi2 - lo2 > hi - lo  # fewer clients, wider interval
-    assert np.isnan(report.bootstrap_share([])[0])
+    assert np.isnan(claims.bootstrap_share([])[0])
 
 
 def test_claim_rules_on_hand_examples():
-    assert report.claim_uplink(0.995, 0.98)[0] == report.HOLDS
-    assert report.claim_uplink(0.98, 0.9)[0] == report.FAILS
-    assert report.claim_lower([10, 11, 12], [20, 21, 22], 'ppl')[0] == report.HOLDS
-    assert report.claim_lower([10, 14], [11, 15], 'ppl')[0] == report.UNSURE  # inside the spread
-    assert report.claim_lower([12], [11], 'ppl')[0] == report.FAILS
-    assert report.claim_lower([None], [11], 'ppl')[0] == report.UNTESTABLE
-    assert report.claim_personal(0.8, 0.7, 0.9)[0] == report.HOLDS
-    assert report.claim_personal(0.6, 0.45, 0.75)[0] == report.UNSURE
-    assert report.claim_personal(0.4, 0.3, 0.5)[0] == report.FAILS
-    assert report.claim_rank([1, 2, 4, 8], [100, 80, 75, 74])[0] == report.HOLDS
-    assert report.claim_rank([1, 2, 4, 8], [100, 99, 90, 70])[0] == report.FAILS  # accelerating
-    assert report.claim_rank([8, 1, 4], [74, 100, 75])[0] == report.HOLDS  # sorted by rank
-    assert report.claim_rank([1, 2], [100, 90])[0] == report.UNTESTABLE
-    assert report.claim_epochs([1, 2, 5], [100, 90, 95], [0.1, 0.2, 0.4])[0] == report.HOLDS
-    assert report.claim_epochs([1, 2, 5], [100, 90, 80], [0.1, 0.2, 0.4])[0] == report.FAILS
-    assert report.claim_epochs([1, 2, 5], [100, 90, 95], [0.4, 0.2, 0.1])[0] == report.FAILS
-    assert report.claim_epochs([1, 2, 5], [100, 90, 95], [0.1, None, 0.4])[0] == (report.UNTESTABLE)
+    assert claims.claim_uplink(0.995, 0.98)[0] == claims.HOLDS
+    assert claims.claim_uplink(0.98, 0.9)[0] == claims.FAILS
+    assert claims.claim_lower([10, 11, 12], [20, 21, 22], 'ppl')[0] == claims.HOLDS
+    assert claims.claim_lower([10, 14], [11, 15], 'ppl')[0] == claims.UNSURE  # inside the spread
+    assert claims.claim_lower([12], [11], 'ppl')[0] == claims.FAILS
+    assert claims.claim_lower([None], [11], 'ppl')[0] == claims.UNTESTABLE
+    assert claims.claim_personal(0.8, 0.7, 0.9)[0] == claims.HOLDS
+    assert claims.claim_personal(0.6, 0.45, 0.75)[0] == claims.UNSURE
+    assert claims.claim_personal(0.4, 0.3, 0.5)[0] == claims.FAILS
+    assert claims.claim_rank([1, 2, 4, 8], [100, 80, 75, 74])[0] == claims.HOLDS
+    assert claims.claim_rank([1, 2, 4, 8], [100, 99, 90, 70])[0] == claims.FAILS  # accelerating
+    assert claims.claim_rank([8, 1, 4], [74, 100, 75])[0] == claims.HOLDS  # sorted by rank
+    assert claims.claim_rank([1, 2], [100, 90])[0] == claims.UNTESTABLE
+    assert claims.claim_epochs([1, 2, 5], [100, 90, 95], [0.1, 0.2, 0.4])[0] == claims.HOLDS
+    assert claims.claim_epochs([1, 2, 5], [100, 90, 80], [0.1, 0.2, 0.4])[0] == claims.FAILS
+    assert claims.claim_epochs([1, 2, 5], [100, 90, 95], [0.4, 0.2, 0.1])[0] == claims.FAILS
+    assert claims.claim_epochs([1, 2, 5], [100, 90, 95], [0.1, None, 0.4])[0] == (claims.UNTESTABLE)
 
 
 def test_drift_reducer_is_the_weighted_mean_plus_drift():
