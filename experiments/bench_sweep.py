@@ -128,7 +128,7 @@ def table(rows: list[dict]) -> str:
             seq[job['runs']] = m['round_s']
         ref = seq.get(job['runs'])
         speed = f"{ref / m['round_s']:.2f}x" if ref else '-'
-        out.append(lead + f" {m['round_s']:.2f} | {m['round_s'] / job['runs']:.2f} | {speed} | "
+        out.append(lead + f" {m['round_s']:.4g} | {m['round_s'] / job['runs']:.4g} | {speed} | "
                    f"{m['compile_s']:.1f} | {m['temp_mb']:.0f} | {m['io_mb']:.1f} | "
                    f"{m['rss_mb']:.0f} |")
     return '\n'.join(out)
