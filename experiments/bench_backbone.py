@@ -1,7 +1,16 @@
-"""Memory and speed of one federated LoRA round on a big backbone: dtype, remat, chunked CE.
+"""Memory and speed of one federated LoRA round on a big backbone: dtype, remat, chunked CE; and
+the same work against the Hugging Face transformers + peft way.
 
     python -m experiments.bench_backbone                  # CPU: a small round, 8 rows
     python -m experiments.bench_backbone --clients 8 --steps 4 --batch 8 --seq 256   # a GPU
+    python -m experiments.bench_backbone --peer           # fedgen vs HF + peft, 2 passes
+    python -m experiments.bench_backbone --peer --quick   # the same, 2 blocks, seconds
+
+``--peer`` (needs the ``interop`` extra): C = 10 clients x K = 2 steps x B = 2 x T = 128 tokens
+(``--clients/--steps/--batch/--seq`` when given), float32, LoRA r = 8, alpha 16 on q, v, a fresh
+AdamW(1e-3) per client, the mean of the adapters, 1 warm-up round and the median of
+``--repeats``; each side in its own process per pass (:mod:`experiments.bench_peer`). Printed:
+tokens/s, the ratio fedgen / peer, model FLOP/s against the machine's FP32 peak, and peak RSS.
 
 Every row is one FedGen-Edge round (engine.make; C clients x S local Adam steps of B sequences
 of T tokens, LoRA r=8 on q and v) over a Llama decoder with SmolLM2-135M's geometry (30 blocks,
@@ -45,6 +54,12 @@ def define_flags() -> None:
     flags.DEFINE_integer('ce_chunk', 256, 'Tokens per cross-entropy chunk when chunked.')
     flags.DEFINE_string('row', '', 'Internal: run one row (dtype,remat,chunk) and print JSON.')
     flags.DEFINE_string('out', 'docs/results', 'Where the generated table goes.')
+    flags.DEFINE_bool('peer', False, 'Same work: fedgen against HF transformers + peft.')
+    flags.DEFINE_bool('quick', False, 'With --peer: 2 blocks, 2 clients x 1 step x 1 x 32.')
+    flags.DEFINE_integer('passes', 2, 'With --peer: passes of both sides.')
+    flags.DEFINE_integer('chunk', 1, 'With --peer: fedgen clients per map (1 = one at a time).')
+    flags.DEFINE_string('side', '', 'Internal: run one --peer side (fedgen|peer) on --inputs.')
+    flags.DEFINE_string('inputs', '', 'Internal: the directory bench_peer.write_inputs wrote.')
 
 
 def one_row(dtype: str, remat: bool, chunk: int, c: int, s: int, b: int, t: int,
@@ -119,8 +134,90 @@ def machine() -> str:
     return f'{dev.platform}: {dev.device_kind}; host {cpu}; jax {jax.__version__}'
 
 
+def peer_table(argv_shape: dict) -> None:
+    """fedgen vs the HF + peft loop on the same work, ``--passes`` passes (module docstring)."""
+    import shutil
+    import tempfile
+
+    from experiments import bench_peer
+    quick = FLAGS.quick
+    shape = {
+        'clients': 2,
+        'steps': 1,
+        'batch': 1,
+        'seq': 32
+    } if quick else {
+        'clients': 10,
+        'steps': 2,
+        'batch': 2,
+        'seq': 128
+    }
+    shape.update(argv_shape)
+    c, k, b, t = (shape[n] for n in ('clients', 'steps', 'batch', 'seq'))
+    repeats = 1 if quick else FLAGS.repeats
+    tmp = tempfile.mkdtemp(prefix='bench_peer_')
+    cfg = bench_peer.write_inputs(tmp, c, k, b, t, n_layer=2 if quick else 30)
+    tokens = c * k * b * t
+    flop = bench_peer.flops_per_token(cfg, t) * tokens
+    peak, machine_line = bench_peer.fp32_peak()
+    rows = []
+    for n in range(FLAGS.passes):
+        for side in ('peer', 'fedgen'):
+            load = os.getloadavg()[0]
+            args = [
+                sys.executable, '-m', 'experiments.bench_backbone', f'--side={side}',
+                f'--inputs={tmp}', f'--repeats={repeats}', f'--chunk={FLAGS.chunk}'
+            ]
+            out = subprocess.run(args, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f'{side} failed:\n{out.stderr[-3000:]}')
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r.update(n_pass=n + 1, load=load, tokens_s=tokens / r['round_s'])
+            rows.append(r)
+            print(r, flush=True)
+    shutil.rmtree(tmp)  # the 538 MB weights directory
+    lines = [
+        f'Machine: {machine_line}; jax {_jax_version()}, torch {rows[0].get("torch", "?")}.',
+        f'Work: SmolLM2-135M geometry ({cfg.n_layer} blocks), float32, C={c} clients x K={k} steps '
+        f'x B={b} x T={t} = {tokens} tokens per round, LoRA r=8 alpha 16 on q, v, AdamW(1e-3) per '
+        f'client; {flop / 1e12:.2f} TFLOP per round (model FLOPs). Median of {repeats} rounds '
+        'after 1 warm-up; fedgen chunk '
+        f'{FLAGS.chunk}; each side in its own process; load = 1-min load average at its start; '
+        'tokens / CPU s counts both cores\' seconds (what a shared machine distorts least).', '',
+        '| pass | side | tokens/s | fedgen / peer | GFLOP/s | % FP32 peak | tokens / CPU s | '
+        'peak RSS MiB | x peer RSS | load |', '|---|---|---|---|---|---|---|---|---|---|'
+    ]
+    for n in range(FLAGS.passes):
+        peer, ours = rows[2 * n], rows[2 * n + 1]
+        for r in (peer, ours):
+            gflops = flop / r['round_s'] / 1e9
+            ratio = f'{ours["tokens_s"] / peer["tokens_s"]:.2f}' if r is ours else ''
+            lines.append(f'| {n + 1} | {"fedgen" if r is ours else "HF + peft"} | '
+                         f'{r["tokens_s"]:.1f} | {ratio} | {gflops:.1f} | '
+                         f'{100 * gflops * 1e9 / peak:.0f}% | {tokens / r["cpu_s"]:.1f} | '
+                         f'{r["peak_rss_MiB"]:.0f} | '
+                         f'{r["peak_rss_MiB"] / peer["peak_rss_MiB"]:.2f} | {r["load"]:.1f} |')
+    print('\n'.join(lines))
+
+
+def _jax_version() -> str:
+    import jax
+    return jax.__version__
+
+
 def main(argv):
     del argv
+    if FLAGS.side:
+        from experiments import bench_peer
+        bench_peer.main_side(FLAGS.side, FLAGS.inputs, FLAGS.repeats, FLAGS.chunk)
+        return
+    if FLAGS.peer:
+        given = {
+            n: FLAGS[n].value
+            for n in ('clients', 'steps', 'batch', 'seq') if FLAGS[n].present
+        }
+        peer_table(given)
+        return
     shape = (FLAGS.clients, FLAGS.steps, FLAGS.batch, FLAGS.seq)
     if FLAGS.row:
         dtype, remat, chunk = FLAGS.row.split(',')

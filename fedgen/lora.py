@@ -1,15 +1,22 @@
 """Pure-function LoRA over plain param dicts.
 
-For a frozen kernel W0 with shape [..., in, out] (dense: [in, out]; conv: [kh, kw, in, out]) the
-adapter is A with shape [..., in, r] and B with shape [r, out], and the adapted kernel is
+A frozen kernel W0 gets an adapter (A, B) whose shapes follow the kernel's:
 
-    W = W0 + (alpha / r) * A B        (contraction over r).
+    dense  W0 [in, out]             A [in, r]             B [r, out]
+    stack  W0 [L, in, out]          A [L, in, r]          B [L, r, out]    (L layer-stacked blocks)
+    conv   W0 [kh, kw, in, out]     A [kh, kw, in, r]     B [r, out]
 
-A is drawn from N(0, 1/fan_in) and B = 0, so a fresh adapter leaves the backbone unchanged.
-Which kernels get adapters is decided by regex *path rules* matched against the '/'-joined param
-path of every leaf named ``kernel`` (for example ``h_0/attn/q/kernel``). The adapter tree mirrors
-the module paths of its targets: ``{'h_0': {'attn': {'q': {'a': A, 'b': B}}}}``, and it is passed
-to a model as the ``lora`` variable collection (see :mod:`fedgen.models.layers`).
+and the adapted kernel is W = W0 + (alpha / r) A B, contracted over r (per layer l for a stacked
+kernel: W_l = W0_l + (alpha / r) A_l B_l). A 3-d kernel is a layer-stack of dense kernels (the
+models scan their blocks, :func:`fedgen.models.layers.scan_blocks`), so ``B.ndim == 3`` marks a
+stacked module: L independent adapters that share a path.
+
+A is drawn from N(0, 1/fan_in) (fan_in = in for dense and stacked, kh kw in for conv) and B = 0, so
+a fresh adapter leaves the backbone unchanged. Which kernels get adapters is decided by regex
+*path rules* matched against the '/'-joined param path of every leaf named ``kernel`` (for example
+``h/attn/q/kernel``). The adapter tree mirrors the module paths of its targets:
+``{'h': {'attn': {'q': {'a': A, 'b': B}}}}``, and it is passed to a model as the ``lora`` variable
+collection (see :mod:`fedgen.models.layers`).
 """
 import math
 import re
@@ -72,7 +79,7 @@ def target_paths(params: PyTree, rules: str | Sequence[str]) -> list[tuple[str, 
 
 
 def init(rng: jax.Array, params: PyTree, rules: str | Sequence[str], rank: int) -> PyTree:
-    """Creates adapters {path: {'a': A [..., in, r], 'b': B [r, out]=0}} for the target kernels.
+    """Creates adapters {path: {'a': A, 'b': B = 0}} for the target kernels (shapes: module doc).
 
     Adapters are float32 whatever the frozen kernel's dtype (a bf16 backbone trains f32 adapters
     and keeps f32 optimizer state; the layers cast them to the compute dtype).
@@ -84,7 +91,9 @@ def init(rng: jax.Array, params: PyTree, rules: str | Sequence[str], rank: int) 
     out = {}
     for i, path in enumerate(paths):
         w = flat[path]
-        fan_in, fan_out = int(np.prod(w.shape[:-1])), w.shape[-1]
+        stacked = w.ndim == 3  # [L, in, out]
+        fan_in = w.shape[-2] if stacked else int(np.prod(w.shape[:-1]))
+        fan_out = w.shape[-1]
         limit = min(w.shape[-2], fan_out)
         if not isinstance(rank, (int, np.integer)) or not 1 <= rank <= limit:
             raise ValueError(f'lora.rank must be an int in [1, {limit}] for kernel '
@@ -92,7 +101,8 @@ def init(rng: jax.Array, params: PyTree, rules: str | Sequence[str], rank: int) 
         key = jax.random.fold_in(rng, i)
         a = jax.random.normal(key, w.shape[:-1] + (rank, ), jnp.float32) / math.sqrt(fan_in)
         out[path[:-1] + ('a', )] = a
-        out[path[:-1] + ('b', )] = jnp.zeros((rank, fan_out), jnp.float32)
+        layer_axis = w.shape[:1] if stacked else ()
+        out[path[:-1] + ('b', )] = jnp.zeros(layer_axis + (rank, fan_out), jnp.float32)
     return traverse_util.unflatten_dict(out)
 
 
@@ -102,7 +112,10 @@ def scale(alpha: float, a: jax.Array) -> float:
 
 
 def delta(a: jax.Array, b: jax.Array, alpha: float) -> jax.Array:
-    """(alpha / r) A B with shape [..., in, out]."""
+    """(alpha / r) A B with the kernel's shape: [in, out], [L, in, out] (per layer) or
+    [kh, kw, in, out]."""
+    if b.ndim == 3:  # layer-stacked: one product per layer
+        return scale(alpha, a) * jnp.matmul(a, b)
     return scale(alpha, a) * jnp.tensordot(a, b, axes=1)
 
 

@@ -1,6 +1,7 @@
 """Heterogeneous client LoRA ranks in one compiled program: a mask on the rank axis.
 
-Every client's adapter is stored at the program's rank r_max (A [..., in, r_max], B [r_max, out]);
+Every client's adapter is stored at the program's rank r_max (A [..., in, r_max], B [r_max, out], or
+B [L, r_max, out] for a layer-stacked module, see :mod:`fedgen.lora`);
 client k owns the first r_k <= r_max rank slices. Its rank mask m_k [r_max], m_kj = 1[j < r_k],
 zeros the columns of A and the rows of B beyond r_k:
 
@@ -91,14 +92,16 @@ def _mask_leaf(name: str, x: jax.Array, mask: jax.Array) -> jax.Array:
     m = mask.astype(x.dtype)
     if name == 'a':  # [lead..., ..., in, r]: broadcast over the kernel axes
         return x * m.reshape(m.shape[:-1] + (1, ) * (x.ndim - lead - 1) + m.shape[-1:])
-    return x * m[..., :, None]  # 'b': [lead..., r, out]
+    # 'b': [lead..., r, out] or, layer-stacked, [lead..., L, r, out]
+    return x * m.reshape(m.shape[:-1] + (1, ) * (x.ndim - lead - 2) + m.shape[-1:] + (1, ))
 
 
 def mask_adapters(adapters: PyTree, mask: jax.Array) -> PyTree:
     """Zeros the columns of every A and the rows of every B beyond each client's rank.
 
-    adapters: a tree with leaves named 'a' ([L..., ..., in, r]) and 'b' ([L..., r, out]); other
-    leaves pass through. mask: [L..., r] where L... are the adapters' leading client axes: [C, r]
+    adapters: a tree with leaves named 'a' ([K..., ..., in, r]) and 'b' ([K..., r, out] or
+    [K..., L, r, out]); other leaves pass through. mask: [K..., r] where K... are the adapters'
+    leading client axes: [C, r]
     for a stacked tree, [r] for one client's tree. Used inside the loss, the masked slots get
     exactly zero gradient (the product with a 0 mask is a constant 0 in them).
     """
@@ -125,8 +128,9 @@ def sliced_mean(stacked: PyTree,
                 previous: PyTree | None = None) -> PyTree:
     """HetLoRA zero-padding mean of stacked adapters, slice j weighted by the clients owning it.
 
-    stacked: leaves 'a' [C, ..., in, r], 'b' [C, r, out]; previous: the global tree (unstacked),
-    whose value a slice keeps when no participating client owns it (None: zeros). The mean is taken
+    stacked: leaves 'a' [C, ..., in, r], 'b' [C, r, out] or [C, L, r, out]; previous: the global
+    tree (no client axis), whose value a slice keeps when no participating client owns it (None:
+    zeros). The mean is taken
     as ref + sum_k q_kj (x_k - ref) with ref the heaviest client, so owners identical to it give
     their common value bit for bit.
     """
@@ -144,7 +148,7 @@ def sliced_mean(stacked: PyTree,
             mean = r0 + jnp.einsum('k...r,kr->...r', x - r0, qq)
             out[p] = jnp.where(owned, mean, prev[p] if prev else 0.0)
         else:
-            mean = r0 + jnp.einsum('kro,kr->ro', x - r0, qq)
+            mean = r0 + jnp.einsum('k...ro,kr->...ro', x - r0, qq)
             out[p] = jnp.where(owned[:, None], mean, prev[p] if prev else 0.0)
     return traverse_util.unflatten_dict(out)
 
@@ -161,7 +165,7 @@ def rank_bytes(adapters: PyTree, ranks: np.ndarray,
     for p, x in traverse_util.flatten_dict(adapters).items():
         if p[-1] not in leaves:
             continue
-        r_max = x.shape[-1] if p[-1] == 'a' else x.shape[0]
+        r_max = x.shape[-1] if p[-1] == 'a' else x.shape[-2]
         per_rank += int(np.prod(x.shape)) // r_max * np.dtype(x.dtype).itemsize
     return ranks * per_rank
 

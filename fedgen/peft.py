@@ -12,6 +12,11 @@ columns, zeros elsewhere) and alpha_M = m alpha, so alpha_M / (m r) = alpha / r.
 or alpha differs from the config's ``r`` / ``lora_alpha`` are listed in ``rank_pattern`` /
 ``alpha_pattern``. Import inverts this (a c_attn adapter of rank R becomes q, k, v adapters of rank
 R) and folds the file's scale into b so the model's own ``lora_alpha`` reproduces it exactly.
+
+fedgen's block adapters are layer-stacked (a [L, in, r], b [L, r, out] under ``layers/`` or ``h/``,
+see :mod:`fedgen.lora`); the files keep one module per layer (``model.layers.{i}.self_attn.q_proj``,
+``transformer.h.{i}.attn.c_attn``), so real PEFT loads them. Export splits the stack, import stacks
+the layers again and needs every layer 0..L-1 of a module at one rank.
 """
 import collections
 import json
@@ -24,7 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from fedgen import lora
-from fedgen.models import weights
+from fedgen.models import layers, weights_hf
 
 PREFIX = 'base_model.model.'
 GPT2_NAMES = {
@@ -33,6 +38,13 @@ GPT2_NAMES = {
     ('mlp', 'proj'): 'mlp.c_proj'
 }
 QKV = ('q', 'k', 'v')
+# arch -> (the stacked blocks' module name, the per-layer prefix of the unstacked tree).
+BLOCKS = {'llama': ('layers', 'layers_'), 'gpt2': ('h', 'h_')}
+
+
+def _per_layer(arch: str, tree: dict) -> dict:
+    """A layer-stacked tree -> {layers_0: ..., layers_1: ...} (``h_{i}`` for GPT-2)."""
+    return layers.unstack_blocks(tree, *BLOCKS[arch])
 
 
 def hf_module(arch: str, path: tuple) -> str:
@@ -46,8 +58,9 @@ def hf_module(arch: str, path: tuple) -> str:
 
 
 def _modules(arch: str, adapters: dict, alpha: float) -> dict:
-    """{HF module name: (A [R, in], B [out, R], alpha_M)} for every adapted module."""
-    flat = traverse_util.flatten_dict(jax.tree.map(lambda x: np.asarray(x, np.float32), adapters))
+    """{HF module name: (A [R, in], B [out, R], alpha_M)} for each adapted module of each layer."""
+    adapters = _per_layer(arch, jax.tree.map(lambda x: np.asarray(x, np.float32), adapters))
+    flat = traverse_util.flatten_dict(adapters)
     out, fused = {}, collections.defaultdict(dict)
     for path in sorted({p[:-1] for p in flat}):
         a, b = flat[path + ('a', )], flat[path + ('b', )]
@@ -76,7 +89,7 @@ def _target_modules(arch: str, params: dict, names: set[str]) -> list[str]:
     full names; PEFT matches a target t against a module key k when k == t or k ends with '.t'."""
     kernels = {
         hf_module(arch, p[:-1])
-        for p in traverse_util.flatten_dict(params)
+        for p in traverse_util.flatten_dict(_per_layer(arch, params))
         if p[-1] == 'kernel' and p[0].startswith(('layers_', 'h_'))
     }
     short = lambda n: '.'.join(n.split('.')[-2 if arch == 'gpt2' else -1:])
@@ -95,7 +108,8 @@ def export_adapter(out_dir: str,
                    base_model: str = '') -> dict:
     """Writes adapter_config.json + adapter_model.safetensors; returns the config dict.
 
-    ``adapters`` is one (unstacked) LoRA tree of the backbone ``params`` (arch 'gpt2' | 'llama').
+    ``adapters`` is one LoRA tree (no client axis; block modules layer-stacked) of the backbone
+    ``params`` (arch 'gpt2' | 'llama').
     """
     from safetensors.numpy import save_file
     mods = _modules(arch, adapters, alpha)
@@ -142,7 +156,8 @@ def export_merged(out_dir: str, arch: str, cfg, params: dict, adapters: dict, al
     """Writes the merged backbone W0 + (alpha / r) a b as a Hugging Face directory (float32)."""
     full = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     ad = jax.tree.map(lambda x: np.asarray(x, np.float32), adapters)
-    weights.save_hf_dir(out_dir, arch, cfg, jax.tree.map(np.asarray, lora.merge(full, ad, alpha)))
+    merged = jax.tree.map(np.asarray, lora.merge(full, ad, alpha))
+    weights_hf.save_hf_dir(out_dir, arch, cfg, merged)
 
 
 def _pattern(patterns: dict, name: str, default):
@@ -169,7 +184,8 @@ def _our_path(arch: str, name: str, field: str) -> tuple:
 
 def import_adapter(path: str, arch: str, model_alpha: float, field: str = 'lora.init_from') -> dict:
     """Reads a PEFT LoRA directory into a fedgen adapter tree for ``arch`` whose update, with the
-    model's own lora_alpha ``model_alpha``, equals the file's: b = B^T (s_file / (alpha / R))."""
+    model's own lora_alpha ``model_alpha``, equals the file's: b = B^T (s_file / (alpha / R)).
+    Returns the layer-stacked tree (a [L, in, R], b [L, R, out])."""
     from safetensors.numpy import load_file
     cfg_file = os.path.join(path, 'adapter_config.json')
     st_file = os.path.join(path, 'adapter_model.safetensors')
@@ -200,15 +216,17 @@ def import_adapter(path: str, arch: str, model_alpha: float, field: str = 'lora.
                 flat[path[:-1] + (QKV[i], 'b')] = blk.T
         else:
             flat[path + ('a', )], flat[path + ('b', )] = a.T, b.T
-    return traverse_util.unflatten_dict(flat)
+    return layers.stack_blocks(traverse_util.unflatten_dict(flat), BLOCKS[arch][1], BLOCKS[arch][0],
+                               field)
 
 
 def initial_adapters(path: str, arch: str, model_alpha: float, template: dict) -> dict:
     """The PEFT adapter at ``path`` (config lora.init_from) as the run's starting adapter tree.
 
     ``template`` is the fresh adapter tree of the run's lora.targets and lora.rank; the file must
-    adapt exactly those modules with the same shapes (a [in, r], b [r, out]), else a one-line
-    ValueError names the first difference. Returns float32 arrays shaped like ``template``.
+    adapt exactly those modules with the same shapes (a [L, in, r], b [L, r, out]), else a one-line
+    ValueError names the first difference (a file that adapts fewer layers than the model shows
+    as a shape [L', ...] against [L, ...]). Returns float32 arrays shaped like ``template``.
     """
     got = traverse_util.flatten_dict(import_adapter(path, arch, model_alpha))
     want = traverse_util.flatten_dict(template)
@@ -219,7 +237,7 @@ def initial_adapters(path: str, arch: str, model_alpha: float, template: dict) -
                          f'({len(missing)} missing, {len(extra)} extra; e.g. {first})')
     for k, v in want.items():
         if got[k].shape != v.shape:
-            rank = v.shape[-1] if k[-1] == 'a' else v.shape[0]
+            rank = v.shape[-1] if k[-1] == 'a' else v.shape[-2]
             raise ValueError(f'lora.init_from: {path} has {"/".join(k)} of shape {got[k].shape}, '
                              f'the run needs {tuple(v.shape)} (lora.rank={rank})')
     return traverse_util.unflatten_dict({k: np.asarray(got[k], np.float32) for k in want})

@@ -13,9 +13,12 @@ CFG = gpt.GPTConfig(vocab_size=23, n_positions=12, n_embd=32, n_layer=2, n_head=
 @pytest.fixture(scope='module')
 def model():
     params = gpt.init_params(CFG, jax.random.PRNGKey(0))
-    # Larger weights than the init, so the logits are far from uniform and the argmax moves.
-    params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(1), x.shape),
-                          params)
+    # Larger weights than the init, so the logits are far from uniform and the argmax moves; each
+    # leaf draws its own noise (q, k and v kernels have one shape and must not move alike).
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    params = jax.tree.unflatten(
+        tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
     return gpt.GPT(CFG), {'params': params}
 
 

@@ -1,4 +1,5 @@
 """LoRA-aware layers: the im2col convolution equals XLA's, values and gradients."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,3 +47,54 @@ def test_conv_impls_agree_with_lora():
     np.testing.assert_allclose(outs[0], outs[1], atol=2e-6 * scale, rtol=1e-5)
     base = mods[0].apply({'params': params}, x)
     assert np.abs(np.asarray(outs[0] - base)).max() > 1e-3
+
+
+class _Block(nn.Module):
+    """tanh(LoRA-Dense(x)) + x: a block whose layers differ only by their weights."""
+
+    @nn.compact
+    def __call__(self, x, scale):
+        return x + scale * jnp.tanh(layers.Dense(x.shape[-1], lora_alpha=4.0, name='d')(x)), None
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_scanned_blocks_equal_the_layer_loop_with_stacked_adapters(remat):
+    """scan_blocks over L = 3 layers with stacked params and adapters (A [L, in, r], B [L, r, out])
+    equals applying the blocks one by one with each layer's slice, in value and gradient."""
+    stack = layers.scan_blocks(_Block, 3, remat, (nn.broadcast, ))(name='blocks')
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5))
+    params = stack.init(jax.random.PRNGKey(1), x, 0.5)['params']
+    assert params['d']['kernel'].shape == (3, 5, 5)
+    ad = {
+        'd': {
+            'a': jax.random.normal(jax.random.PRNGKey(2), (3, 5, 2)),
+            'b': jax.random.normal(jax.random.PRNGKey(3), (3, 2, 5))
+        }
+    }
+
+    def scanned(ad):
+        return jnp.sum(stack.apply({'params': params, 'lora': ad}, x, 0.5)[0]**2)
+
+    def looped(ad):
+        y, one = x, _Block()
+        for i in range(3):
+            take = lambda t, i=i: jax.tree.map(lambda v: v[i], t)
+            y = one.apply({'params': take(params), 'lora': take(ad)}, y, 0.5)[0]
+        return jnp.sum(y**2)
+
+    np.testing.assert_allclose(scanned(ad), looped(ad), rtol=1e-6)
+    for g, h in zip(jax.tree.leaves(jax.grad(scanned)(ad)), jax.tree.leaves(jax.grad(looped)(ad))):
+        np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-6)
+
+
+def test_stack_and_unstack_blocks():
+    per = {'h_0': {'w': np.zeros((2, 3))}, 'h_1': {'w': np.ones((2, 3))}, 'wte': np.ones(4)}
+    st = layers.stack_blocks(per, 'h_', 'h')
+    assert st['h']['w'].shape == (2, 2, 3) and isinstance(st['h']['w'], np.ndarray)
+    back = layers.unstack_blocks(st, 'h', 'h_')
+    assert back.keys() == per.keys()
+    np.testing.assert_array_equal(back['h_1']['w'], per['h_1']['w'])
+    with pytest.raises(ValueError, match='x.y: h_1 is missing'):
+        layers.stack_blocks({'h_0': per['h_0'], 'h_2': per['h_1']}, 'h_', 'h', 'x.y')
+    with pytest.raises(ValueError, match=r'x.y: h_1/w is \(3,\) but h_0 has \(2, 3\)'):
+        layers.stack_blocks({'h_0': per['h_0'], 'h_1': {'w': np.ones(3)}}, 'h_', 'h', 'x.y')

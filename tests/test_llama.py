@@ -8,7 +8,7 @@ import pytest
 from flax import traverse_util
 
 from fedgen import lora
-from fedgen.models import llama, weights
+from fedgen.models import llama, weights_hf
 
 transformers = pytest.importorskip('transformers')
 
@@ -54,7 +54,7 @@ def _hf_flax(tie: bool):
 def test_logits_match_hf_flax_llama(tie):
     hf, hf_params = _hf_flax(tie)
     flat = {'.'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(hf_params).items()}
-    params = weights.llama_from_hf_tensors(flat, tie)  # the Flax-layout loader
+    params = weights_hf.llama_from_hf_tensors(flat, tie)  # the Flax-layout loader
     assert ('lm_head' in params) == (not tie)
     cfg = dataclasses.replace(CFG, tie_word_embeddings=tie)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (3, 20), 0, CFG.vocab_size)
@@ -67,15 +67,22 @@ def test_logits_match_hf_flax_llama(tie):
 def test_init_param_layout_matches_hf_names():
     params = llama.init_params(CFG, jax.random.PRNGKey(0))
     paths = {'/'.join(p) for p in traverse_util.flatten_dict(params)}
-    assert 'layers_1/self_attn/k_proj/kernel' in paths and 'lm_head/kernel' in paths
-    assert params['layers_0']['self_attn']['k_proj']['kernel'].shape == (32, 16)
-    assert params['layers_0']['mlp']['down_proj']['kernel'].shape == (48, 32)
+    assert 'layers/self_attn/k_proj/kernel' in paths and 'lm_head/kernel' in paths
+    assert params['layers']['self_attn']['k_proj']['kernel'].shape == (2, 32, 16)  # [L, in, out]
+    assert params['layers']['mlp']['down_proj']['kernel'].shape == (2, 48, 32)
+    assert params['layers']['input_layernorm']['weight'].shape == (2, 32)
+    k = params['layers']['self_attn']['k_proj']['kernel']
+    assert not np.allclose(k[0], k[1])  # each layer is initialized from its own rng
 
 
 @pytest.fixture(scope='module')
 def tiny():
     params = llama.init_params(CFG, jax.random.PRNGKey(0))
-    params = jax.tree.map(lambda x: x * 8.0 if x.ndim == 2 else x, params)  # peaky logits
+    flat = traverse_util.flatten_dict(params)  # peaky logits: scale the matrices, not the norms
+    params = traverse_util.unflatten_dict({
+        k: v * 8.0 if k[-1] in ('kernel', 'embedding') else v
+        for k, v in flat.items()
+    })
     return llama.Llama(CFG), params
 
 
@@ -119,20 +126,17 @@ def test_lora_presets_zero_b_is_base_and_grads_flow(tiny):
     tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 9), 0, CFG.vocab_size)
     ad = lora.init(jax.random.PRNGKey(5), params, 'llama_qv', 4)
     paths = {'/'.join(p) for p in traverse_util.flatten_dict(ad)}
-    assert paths == {
-        f'layers_{i}/self_attn/{m}_proj/{x}'
-        for i in range(2)
-        for m in 'qv'
-        for x in 'ab'
-    }
+    assert paths == {f'layers/self_attn/{m}_proj/{x}' for m in 'qv' for x in 'ab'}
+    assert ad['layers']['self_attn']['q_proj']['b'].shape == (2, 4, 32)  # [L, r, out]
     fwd = jax.jit(model.apply)
     base = fwd({'params': params}, tokens)
     np.testing.assert_array_equal(fwd({'params': params, 'lora': ad}, tokens), base)
     full = lora.init(jax.random.PRNGKey(5), params, 'llama_attn_mlp', 2)
-    assert len(traverse_util.flatten_dict(full)) == 2 * 2 * 7
+    assert len(traverse_util.flatten_dict(full)) == 2 * 7
     loss = lambda a: model.apply({'params': params, 'lora': a}, tokens).sum()
     g = jax.jit(jax.grad(loss))(ad)
-    assert float(jnp.abs(g['layers_0']['self_attn']['q_proj']['b']).max()) > 0
+    gb = g['layers']['self_attn']['q_proj']['b']
+    assert float(jnp.abs(gb[0]).max()) > 0 and float(jnp.abs(gb[1]).max()) > 0
 
 
 def test_bf16_and_remat(tiny):

@@ -46,6 +46,14 @@ def test_rank_mask_and_mask_adapters():
     one = lora_ranks.mask_adapters({'a': a[0], 'b': b[0]}, m[0])  # one client, mask [r]
     np.testing.assert_array_equal(one['a'], out['m']['a'][0])
     np.testing.assert_array_equal(one['b'], out['m']['b'][0])
+    # Layer-stacked module (L = 4): A [C, L, in, r], B [C, L, r, out]; every layer masked alike.
+    sa = rng.normal(size=(3, 4, D_IN, 8)).astype(np.float32)
+    sb = rng.normal(size=(3, 4, 8, D_OUT)).astype(np.float32)
+    st = lora_ranks.mask_adapters({'a': sa, 'b': sb}, m)
+    np.testing.assert_array_equal(st['a'], sa * mm[:, None, None, :])
+    np.testing.assert_array_equal(st['b'], sb * mm[:, None, :, None])
+    one = lora_ranks.mask_adapters({'a': sa[1], 'b': sb[1]}, m[1])
+    np.testing.assert_array_equal(one['b'], st['b'][1])
 
 
 class Tiny(nn.Module):
@@ -166,6 +174,19 @@ def test_sliced_mean_matches_numpy():
     np.testing.assert_allclose(got['a'], want_a, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got['b'], want_b, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(got['a'][:, 2:], prev['a'][:, 2:])
+    # Layer-stacked B [C, L, r, out]: each layer's mean is the unstacked mean of that layer.
+    sb = np.stack([b, 2 * b + 1], axis=1)
+    prev_s = {'a': prev['a'], 'b': np.stack([prev['b'], prev['b'] + 1])}
+    got_s = lora_ranks.sliced_mean({'a': a, 'b': sb}, jnp.asarray(w), mask, prev_s)
+    for layer in range(2):
+        one = lora_ranks.sliced_mean({
+            'a': a,
+            'b': sb[:, layer]
+        }, jnp.asarray(w), mask, {
+            'a': prev['a'],
+            'b': prev_s['b'][layer]
+        })
+        np.testing.assert_allclose(got_s['b'][layer], one['b'], rtol=1e-6, atol=1e-6)
     q, owned = lora_ranks.slice_weights(jnp.asarray(w), mask)
     np.testing.assert_array_equal(owned, [True, True, False, False])
     np.testing.assert_allclose(np.asarray(q)[:, 1], [0, 3 / 5, 0, 2 / 5], rtol=1e-6)
@@ -182,9 +203,10 @@ def test_rank_bytes_count_true_ranks():
             'b': jnp.zeros((8, 5), jnp.bfloat16)
         }
     }
+    ad['s'] = {'a': jnp.zeros((3, 16, 8)), 'b': jnp.zeros((3, 8, 12))}  # 3 stacked layers
     ranks = np.array([2, 8])
-    per_rank = (16 + 12) * 4 + (3 * 3 * 4 + 5) * 2
+    per_rank = (16 + 12) * 4 + (3 * 3 * 4 + 5) * 2 + 3 * (16 + 12) * 4
     np.testing.assert_array_equal(lora_ranks.rank_bytes(ad, ranks), ranks * per_rank)
     np.testing.assert_array_equal(lora_ranks.rank_bytes(ad, ranks, ('b', )),
-                                  ranks * (12 * 4 + 5 * 2))
+                                  ranks * (12 * 4 + 5 * 2 + 3 * 12 * 4))
     assert lora_ranks.adapter_rank(ad) == 8

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fedgen import lora, peft
-from fedgen.models import gpt, llama, weights
+from fedgen.models import gpt, llama, weights_hf
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -38,7 +38,7 @@ def _torch_model(arch, tmp_path):
                                       initializer_range=0.2)
         model = transformers.GPT2LMHeadModel(cfg)
     model.save_pretrained(tmp_path / 'base')
-    return model.eval(), weights.load_hf_dir(str(tmp_path / 'base'), lora_alpha=ALPHA)
+    return model.eval(), weights_hf.load_hf_dir(str(tmp_path / 'base'), lora_alpha=ALPHA)
 
 
 def _ours(bb, adapters):
@@ -50,6 +50,12 @@ def _random_adapters(params, rules, rank):
     ad = lora.init(jax.random.PRNGKey(3), params, rules, rank)
     rng = np.random.default_rng(4)
     return jax.tree.map(lambda x: x + 0.3 * rng.standard_normal(x.shape).astype(np.float32), ad)
+
+
+def safetensors_names(path):
+    from safetensors import safe_open
+    with safe_open(str(path), framework='np') as f:
+        return list(f.keys())
 
 
 def _torch_logits(model):
@@ -80,6 +86,9 @@ def test_export_loads_in_peft_with_same_logits(tmp_path, arch, rules):
             'down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj'
         ]
         assert cfg['target_modules'] == want
+    names = safetensors_names(tmp_path / 'ad' / 'adapter_model.safetensors')
+    block = 'model.layers' if arch == 'llama' else 'transformer.h'
+    assert {f'{block}.0', f'{block}.1'} <= {'.'.join(n.split('.')[2:5]) for n in names}
     ref = _torch_logits(peft_lib.PeftModel.from_pretrained(model, str(tmp_path / 'ad')).eval())
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
     back = peft.import_adapter(str(tmp_path / 'ad'), bb.arch, ALPHA)
@@ -94,7 +103,7 @@ def test_merged_export_loads_in_transformers(tmp_path, arch):
     cls = transformers.LlamaForCausalLM if arch == 'llama' else transformers.GPT2LMHeadModel
     merged = cls.from_pretrained(str(tmp_path / 'merged')).eval()
     np.testing.assert_allclose(_torch_logits(merged), _ours(bb, ad), atol=1e-4, rtol=1e-4)
-    again = weights.load_hf_dir(str(tmp_path / 'merged'))
+    again = weights_hf.load_hf_dir(str(tmp_path / 'merged'))
     np.testing.assert_allclose(_ours(again, {}), _ours(bb, ad), atol=1e-4, rtol=1e-4)
 
 
@@ -110,8 +119,24 @@ def test_import_native_peft_adapter_rslora(tmp_path):
     pm = peft_lib.get_peft_model(model, conf).eval()
     pm.save_pretrained(str(tmp_path / 'native'))
     ad = peft.import_adapter(str(tmp_path / 'native'), 'llama', ALPHA)
-    assert ad['layers_0']['mlp']['up_proj']['a'].shape == (32, 2)
+    assert ad['layers']['mlp']['up_proj']['a'].shape == (2, 32, 2)  # [L, in, r] per rank_pattern
+    assert ad['layers']['self_attn']['q_proj']['b'].shape == (2, 4, 32)
     np.testing.assert_allclose(_ours(bb, ad), _torch_logits(pm), atol=1e-4, rtol=1e-4)
+
+
+def test_import_needs_every_layer_at_one_rank(tmp_path):
+    model, bb = _torch_model('llama', tmp_path)
+    conf = peft_lib.LoraConfig(r=4, target_modules=['q_proj'], layers_to_transform=[1])
+    peft_lib.get_peft_model(model, conf).save_pretrained(str(tmp_path / 'one'))
+    with pytest.raises(ValueError, match='lora.init_from: layers_0 is missing'):
+        peft.import_adapter(str(tmp_path / 'one'), 'llama', ALPHA)
+    conf = peft_lib.LoraConfig(r=4,
+                               target_modules=['q_proj'],
+                               rank_pattern={r'model\.layers\.1\.self_attn\.q_proj': 2})
+    model, _ = _torch_model('llama', tmp_path)  # get_peft_model wraps a model in place: a fresh one
+    peft_lib.get_peft_model(model, conf).save_pretrained(str(tmp_path / 'ranks'))
+    with pytest.raises(ValueError, match=r'lora.init_from: layers_1/.*\(stacked layers need'):
+        peft.import_adapter(str(tmp_path / 'ranks'), 'llama', ALPHA)
 
 
 def test_import_errors(tmp_path):
@@ -149,6 +174,9 @@ def test_export_cli_reads_a_workdir(tmp_path):
             'pretrain': {
                 'backbone_path': ''
             },
+            'fed': {
+                'lora_aggregation': 'avg_ab'
+            },
             'checkpoint': {
                 'keep': 2
             }
@@ -171,8 +199,8 @@ def test_export_cli_reads_a_workdir(tmp_path):
 
     export.export(str(work), str(tmp_path / 'c1'), client=1)
     back = peft.import_adapter(str(tmp_path / 'c1'), 'llama', ALPHA)
-    np.testing.assert_allclose(back['layers_1']['self_attn']['v_proj']['b'],
-                               2 * ad['layers_1']['self_attn']['v_proj']['b'],
+    np.testing.assert_allclose(back['layers']['self_attn']['v_proj']['b'][1],
+                               2 * ad['layers']['self_attn']['v_proj']['b'][1],
                                rtol=1e-6)
     with pytest.raises(ValueError, match='--client must be in'):
         export.export(str(work), str(tmp_path / 'c9'), client=9)

@@ -14,7 +14,7 @@ from experiments import train
 from fedgen import lora, objectives, peft, tokenizer
 from fedgen.data import ptb
 from fedgen.metrics import perplexity
-from fedgen.models import gpt, llama, weights
+from fedgen.models import gpt, llama, weights_hf
 
 import configs.ptb_fedgen_edge as base_config
 from configs import ptb_smollm2_fedgen_edge as smollm2_config
@@ -48,7 +48,7 @@ def hf_llama(tmp_path_factory):
                             n_head=4,
                             n_kv_head=2,
                             n_inner=24)
-    weights.save_hf_dir(str(d), 'llama', cfg, llama.init_params(cfg, jax.random.PRNGKey(0)))
+    weights_hf.save_hf_dir(str(d), 'llama', cfg, llama.init_params(cfg, jax.random.PRNGKey(0)))
     tok.save(str(d / 'tokenizer.json'))
     return str(d)
 
@@ -105,7 +105,7 @@ def test_subword_task_from_an_hf_dir(corpus, hf_llama):
     tok = tokenizer.from_hf_dir(hf_llama)
     assert tok.decode(first[1:]) == tok.decode(tok.encode(sub)[:16])
     params = task.init_backbone(jax.random.PRNGKey(5))
-    ref = weights.load_hf_dir(hf_llama).params
+    ref = weights_hf.load_hf_dir(hf_llama).params
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), params, ref)
     assert all(jax.tree.leaves(same))
     ev = task.evaluator('valid', {})({'params': params})
@@ -123,7 +123,7 @@ def test_subword_task_from_an_hf_dir(corpus, hf_llama):
 def test_lora_init_from_a_peft_export(corpus, hf_llama, tmp_path):
     """A run whose lora.init_from is a PEFT export starts from exactly that adapter; an export of
     another rank is a one-line error naming lora.rank."""
-    bb = weights.load_hf_dir(hf_llama)
+    bb = weights_hf.load_hf_dir(hf_llama)
     ad = lora.init(jax.random.PRNGKey(3), bb.params, 'llama_qv', 2)
     ad = jax.tree.map(lambda x: x + 0.1 * np.ones_like(x), ad)
     peft.export_adapter(str(tmp_path / 'ad'), 'llama', bb.params, ad, 16.0, hf_llama)

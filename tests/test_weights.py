@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from fedgen.models import gpt, llama, weights
+from fedgen.models import gpt, layers, llama, weights, weights_gguf, weights_hf
 
 transformers = pytest.importorskip('transformers')
 gguf = pytest.importorskip('gguf')
@@ -42,7 +42,7 @@ def test_gpt2_torch_save_pretrained_dir(tmp_path):
         for p in hf.parameters():
             p.add_(0.1 * torch.randn_like(p))
     hf.save_pretrained(tmp_path)  # PyTorch layout: Conv1D '...weight' [in, out]
-    bb = weights.load_hf_dir(str(tmp_path))
+    bb = weights_hf.load_hf_dir(str(tmp_path))
     tokens = np.random.default_rng(1).integers(0, 61, (2, 16))
     ours = gpt.GPT(bb.config).apply({'params': bb.params}, tokens)
     with torch.no_grad():
@@ -91,8 +91,8 @@ def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
     torch = pytest.importorskip('torch')
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).to(torch.bfloat16)
     hf.save_pretrained(tmp_path)
-    bb = weights.load_hf_dir(str(tmp_path))
-    got = bb.params['layers_1']['self_attn']['k_proj']['kernel']
+    bb = weights_hf.load_hf_dir(str(tmp_path))
+    got = bb.params['layers']['self_attn']['k_proj']['kernel'][1]  # layer 1 of the stack
     assert got.dtype == np.float32
     want = hf.model.layers[1].self_attn.k_proj.weight.float().detach().numpy().T
     np.testing.assert_array_equal(got, want)
@@ -103,13 +103,14 @@ def test_llama_flax_dir_loads_every_leaf(tmp_path):
                                                                     tie_word_embeddings=False),
                                            seed=0)
     hf.save_pretrained(tmp_path / 'flax', safe_serialization=True)
-    flax_bb = weights.load_hf_dir(str(tmp_path / 'flax'))
+    flax_bb = weights_hf.load_hf_dir(str(tmp_path / 'flax'))
     ref = traverse_util.flatten_dict(hf.params)
-    for path, v in traverse_util.flatten_dict(flax_bb.params).items():
+    per_layer = layers.unstack_blocks(flax_bb.params, 'layers', 'layers_')
+    for path, v in traverse_util.flatten_dict(per_layer).items():
         key = ('lm_head', 'kernel') if path[0] == 'lm_head' else ('model', ) + (
             ('layers', path[0][7:]) + path[1:] if path[0].startswith('layers_') else path)
         np.testing.assert_array_equal(v, ref[key])
-    assert len(ref) == len(traverse_util.flatten_dict(flax_bb.params))
+    assert len(ref) == len(traverse_util.flatten_dict(per_layer))
 
 
 def test_hf_dir_errors(tmp_path):
@@ -217,6 +218,7 @@ def write_gguf(path, params, types=None, arch='llama', tokenizer=True, vocab_row
         w.add_bos_token_id(0)
         w.add_eos_token_id(0)
     held = {}
+    params = layers.unstack_blocks(params, 'layers', 'layers_')  # GGUF names blocks blk.{i}
     emb = params['embed_tokens']['embedding']
     if vocab_rows:
         emb = np.concatenate([emb, np.zeros((vocab_rows - len(emb), emb.shape[1]), np.float32)])
@@ -226,7 +228,7 @@ def write_gguf(path, params, types=None, arch='llama', tokenizer=True, vocab_row
     held[('norm', 'weight')] = np.asarray(params['norm']['weight'])
     for i in range(CFG.n_layer):
         blk = params[f'layers_{i}']
-        for gname, path in weights.GGUF_BLOCK.items():
+        for gname, path in weights_gguf.GGUF_BLOCK.items():
             v = np.asarray(traverse_util.flatten_dict(blk)[path], np.float32)
             name = f'blk.{i}.{gname}.weight'
             if v.ndim == 1:
@@ -246,13 +248,14 @@ def write_gguf(path, params, types=None, arch='llama', tokenizer=True, vocab_row
             w.add_tensor(name, raw, raw_dtype=qt)
             deq = _ref_dequant(raw, qt, m.shape)
             if gname in ('attn_q', 'attn_k'):
-                deq = weights.unpermute_qk(deq, CFG.n_head if gname == 'attn_q' else CFG.n_kv_head)
+                deq = weights_gguf.unpermute_qk(deq,
+                                                CFG.n_head if gname == 'attn_q' else CFG.n_kv_head)
             held[(f'layers_{i}', ) + path] = deq.T
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return traverse_util.unflatten_dict(held)
+    return layers.stack_blocks(traverse_util.unflatten_dict(held), 'layers_', 'layers')
 
 
 def _ref_dequant(raw, qt, shape):
@@ -303,7 +306,7 @@ def test_gguf_f32_matches_original_model(tmp_path, tiny_params):
 
 def test_gguf_quant_types_dequantize(tmp_path, tiny_params):
     held = write_gguf(tmp_path / 'q.gguf', tiny_params, TYPES)
-    bb = weights.load_gguf(str(tmp_path / 'q.gguf'), dtype='bfloat16')
+    bb = weights_gguf.load_gguf(str(tmp_path / 'q.gguf'), dtype='bfloat16')
     got = traverse_util.flatten_dict(bb.params)
     assert got.keys() == traverse_util.flatten_dict(held).keys()
     for k, v in traverse_util.flatten_dict(held).items():
@@ -314,8 +317,8 @@ def test_gguf_quant_types_dequantize(tmp_path, tiny_params):
                                    atol=1e-6,
                                    err_msg=str(k))
     # The quantization itself is lossy but close: Q8_0 q_proj within 1% of the original.
-    orig = tiny_params['layers_0']['self_attn']['q_proj']['kernel']
-    err = np.abs(held['layers_0']['self_attn']['q_proj']['kernel'] - orig).max()
+    orig = tiny_params['layers']['self_attn']['q_proj']['kernel'][0]
+    err = np.abs(held['layers']['self_attn']['q_proj']['kernel'][0] - orig).max()
     assert 0 < err < 0.01 * np.abs(orig).max()
 
 

@@ -1,12 +1,14 @@
 """GPT-2-architecture decoder in flax linen, with a param layout that maps one-to-one onto GPT-2.
 
-Param tree (D = n_embd, V = vocab_size, P = n_positions, kernels are [in, out]):
+Param tree (L = n_layer, D = n_embd, V = vocab_size, P = n_positions, kernels are [in, out]). The
+L blocks are stacked on a leading layer axis and run as one scan
+(:func:`fedgen.models.layers.scan_blocks`); ``h/...`` [L, ...] holds GPT-2's ``h.{i}...``:
 
     wte/embedding [V, D]      wpe/embedding [P, D]      ln_f/{scale, bias} [D]
-    h_{i}/ln_1, h_{i}/ln_2    {scale, bias} [D]
-    h_{i}/attn/{q,k,v,o}      {kernel [D, D], bias [D]}
-    h_{i}/mlp/fc              {kernel [D, 4D], bias [4D]}
-    h_{i}/mlp/proj            {kernel [4D, D], bias [D]}
+    h/ln_1, h/ln_2            {scale, bias} [L, D]
+    h/attn/{q,k,v,o}          {kernel [L, D, D], bias [L, D]}
+    h/mlp/fc                  {kernel [L, D, 4D], bias [L, 4D]}
+    h/mlp/proj                {kernel [L, 4D, D], bias [L, D]}
 
 GPT-2's fused ``c_attn`` [D, 3D] is split column-wise into q, k, v so that LoRA path rules can name
 the projections (:func:`from_hf` / :func:`to_hf` are exact inverses). The block is pre-LN:
@@ -80,10 +82,11 @@ class Block(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
+        """x [B, T, D] -> (x', None): the scan's carry and (empty) per-layer output."""
         eps = self.cfg.layer_norm_epsilon
         x = x + Attention(self.cfg, name='attn')(layers.layer_norm('ln_1', eps)(x))
-        return x + MLP(self.cfg, name='mlp')(layers.layer_norm('ln_2', eps)(x))
+        return x + MLP(self.cfg, name='mlp')(layers.layer_norm('ln_2', eps)(x)), None
 
 
 class GPT(nn.Module):
@@ -99,15 +102,13 @@ class GPT(nn.Module):
                             self.cfg.n_embd,
                             embedding_init=nn.initializers.normal(0.01),
                             name='wpe')
-        self.blocks = [Block(self.cfg, name=f'h_{i}') for i in range(self.cfg.n_layer)]
+        self.h = layers.scan_blocks(Block, self.cfg.n_layer, False, ())(self.cfg, name='h')
         self.ln_f = layers.layer_norm('ln_f', self.cfg.layer_norm_epsilon)
 
     def hidden(self, tokens: jax.Array) -> jax.Array:
         """Final-layer-normed hidden states [B, T, D]."""
         x = self.wte(tokens) + self.wpe(jnp.arange(tokens.shape[-1]))[None]
-        for block in self.blocks:
-            x = block(x)
-        return self.ln_f(x)
+        return self.ln_f(self.h(x)[0])
 
     def unembed(self, h: jax.Array) -> jax.Array:
         """Tied output layer: h [..., D] -> logits [..., V] = h wte^T."""
@@ -117,15 +118,41 @@ class GPT(nn.Module):
         return self.unembed(self.hidden(tokens))
 
 
+class _Unrolled(nn.Module):
+    """The same parameters with one submodule per block (h_0, h_1, ...): init only. Flax derives
+    each module's init key from its path, so initializing this tree and stacking it gives the
+    same numbers for any depth as a model whose blocks are separate modules, and keeps every
+    seed's backbone what it was before the blocks became one scan."""
+    cfg: GPTConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        wte = nn.Embed(cfg.vocab_size,
+                       cfg.n_embd,
+                       embedding_init=nn.initializers.normal(0.02),
+                       name='wte')
+        wpe = nn.Embed(cfg.n_positions,
+                       cfg.n_embd,
+                       embedding_init=nn.initializers.normal(0.01),
+                       name='wpe')
+        x = wte(tokens) + wpe(jnp.arange(tokens.shape[-1]))[None]
+        for i in range(cfg.n_layer):
+            x = Block(cfg, name=f'h_{i}')(x)[0]
+        return wte.attend(layers.layer_norm('ln_f', cfg.layer_norm_epsilon)(x))
+
+
 def init_params(cfg: GPTConfig, rng: jax.Array) -> dict:
-    """Random GPT-2-style init of the ``params`` collection."""
+    """Random GPT-2-style init of the ``params`` collection (blocks stacked under ``h``)."""
     validate(cfg)
-    return GPT(cfg).init(rng, jnp.zeros((1, 2), jnp.int32))['params']
+    params = _Unrolled(cfg).init(rng, jnp.zeros((1, 2), jnp.int32))['params']
+    return layers.stack_blocks(params, 'h_', 'h')
 
 
 def to_hf(params: dict) -> dict:
-    """Our params -> HF Flax GPT-2 layout: {'transformer': ...}, kernels [out, in], c_attn fused."""
-    flat = traverse_util.flatten_dict(params)
+    """Our params -> HF Flax GPT-2 layout: {'transformer': ...}, kernels [out, in], c_attn fused,
+    one subtree ``h/{i}`` per layer."""
+    flat = traverse_util.flatten_dict(layers.unstack_blocks(params, 'h', 'h_'))
     out = {}
     for path, v in flat.items():
         if path[0].startswith('h_'):
@@ -146,7 +173,8 @@ def to_hf(params: dict) -> dict:
 
 
 def from_hf(hf_params: dict) -> dict:
-    """Inverse of :func:`to_hf`: HF Flax GPT-2 params (kernels [out, in]) -> our layout."""
+    """Inverse of :func:`to_hf`: HF Flax GPT-2 params (kernels [out, in]) -> our layer-stacked
+    layout."""
     flat = traverse_util.flatten_dict(hf_params.get('transformer', hf_params))
     out = {}
     rename = {'c_fc': 'fc'}
@@ -165,7 +193,7 @@ def from_hf(hf_params: dict) -> dict:
             out[(blk, 'mlp', rename.get(rest[1], 'proj'), rest[-1])] = v
         else:
             out[(blk, ) + rest] = v
-    return traverse_util.unflatten_dict(out)
+    return layers.stack_blocks(traverse_util.unflatten_dict(out), 'h_', 'h')
 
 
 def generate(model: GPT,

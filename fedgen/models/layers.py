@@ -1,4 +1,4 @@
-"""LoRA-aware linen layers shared by every fedgen model.
+"""LoRA-aware linen layers shared by every fedgen model, and the scan over stacked blocks.
 
 A layer owns its frozen weights in the ``params`` collection and *optionally* reads a low-rank
 adapter from the ``lora`` collection at the same module path (``{'a': A, 'b': B}``). When the
@@ -8,12 +8,21 @@ adapter is present the layer computes the unmerged LoRA update
 
 and otherwise exactly ``x W0 + b``. Adapters are created by :func:`fedgen.lora.init`, never by the
 layer, so the frozen tree and the adapter tree stay separate pytrees.
+
+A decoder's L identical blocks are one module run by :func:`scan_blocks`: every leaf of the block's
+``params`` and ``lora`` collections carries a leading layer axis (kernel [L, in, out], adapter
+A [L, in, r], B [L, r, out]) and the block body is traced and compiled once, whatever L.
+:func:`stack_blocks` / :func:`unstack_blocks` convert between that layout and per-layer subtrees
+(``layers_0``, ``layers_1``, ... as checkpoint files name them).
 """
+import re
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from fedgen import lora
 
@@ -116,3 +125,65 @@ def layer_norm(name: str, eps: float = 1e-5) -> nn.LayerNorm:
 def causal_mask(t: int) -> jax.Array:
     """Boolean [1, 1, T, T] lower-triangular mask (query i attends to keys j <= i)."""
     return jnp.tril(jnp.ones((t, t), bool))[None, None]
+
+
+def scan_blocks(block: type[nn.Module], n_layer: int, remat: bool, in_axes: tuple) -> type:
+    """``block`` run as a scan over ``n_layer`` layers (``nn.scan`` over the layer axis).
+
+    The block's signature is (carry, *args) -> (carry, out); ``in_axes`` gives, per arg,
+    ``nn.broadcast`` (the same value for every layer) or 0 (sliced per layer, e.g. a KV cache
+    [L, ...]); outs are stacked on a leading L axis. ``params`` and ``lora`` are stacked on axis 0
+    and the init rng is split per layer. ``remat`` wraps the block in ``jax.checkpoint``, so the
+    backward pass keeps only each layer's input and recomputes the rest of the block.
+    """
+    if remat:  # inside a scan, the loop already stops CSE across the recompute
+        block = nn.remat(block, prevent_cse=False)
+    return nn.scan(block,
+                   variable_axes={
+                       'params': 0,
+                       'lora': 0
+                   },
+                   split_rngs={'params': True},
+                   in_axes=in_axes,
+                   length=n_layer)
+
+
+def stack_blocks(tree: dict, prefix: str, name: str, field: str = 'layers') -> dict:
+    """{prefix0: t_0, ..., prefix{L-1}: t_{L-1}, other...} -> {name: t (leaves [L, ...]), other...}.
+
+    Every t_i must hold the same leaves with the same shapes, and the layers must be numbered
+    0..L-1; otherwise a one-line ValueError names ``field`` and the first difference. numpy leaves
+    stay numpy (a host-side loader's arrays), others become jax arrays.
+    """
+    pat = re.compile(re.escape(prefix) + r'(\d+)$')
+    ids = sorted(int(m[1]) for k in tree if (m := pat.match(k)))
+    if not ids:
+        return dict(tree)
+    if ids != list(range(len(ids))):
+        missing = min(set(range(ids[-1] + 1)) - set(ids))
+        raise ValueError(f'{field}: {prefix}{missing} is missing (stacked layers must be '
+                         f'0..{ids[-1]}, every one present)')
+    flats = [traverse_util.flatten_dict(tree[f'{prefix}{i}']) for i in ids]
+    for i, flat in zip(ids, flats):
+        for k in flats[0].keys() | flat.keys():
+            shapes = [str(np.shape(f[k])) if k in f else 'absent' for f in (flats[0], flat)]
+            if shapes[0] != shapes[1]:
+                raise ValueError(f'{field}: {prefix}{i}/{"/".join(k)} is {shapes[1]} but '
+                                 f'{prefix}0 has {shapes[0]} (stacked layers need the same leaves '
+                                 'and shapes)')
+    numpy = isinstance(next(iter(flats[0].values())), np.ndarray)
+    stack = np.stack if numpy else jnp.stack
+    out = {k: v for k, v in tree.items() if not pat.match(k)}
+    out[name] = traverse_util.unflatten_dict({k: stack([f[k] for f in flats]) for k in flats[0]})
+    return out
+
+
+def unstack_blocks(tree: dict, name: str, prefix: str) -> dict:
+    """Inverse of :func:`stack_blocks`: {name: t (leaves [L, ...])} -> {prefix{i}: t[i]}."""
+    if name not in tree:
+        return dict(tree)
+    out = {k: v for k, v in tree.items() if k != name}
+    n = jax.tree.leaves(tree[name])[0].shape[0]
+    for i in range(n):
+        out[f'{prefix}{i}'] = jax.tree.map(lambda x, i=i: x[i], tree[name])
+    return out

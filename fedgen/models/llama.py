@@ -1,15 +1,18 @@
 """Llama-architecture decoder (SmolLM2, HF Llama checkpoints) in flax linen on plain param dicts.
 
-Param tree (D = n_embd, V = vocab_size, H / G = query / key-value heads, d_h = head_dim,
-F = n_inner; kernels are [in, out]; modules are named as Hugging Face names them, so LoRA rules,
-PEFT export and the loaders map one to one):
+Param tree (L = n_layer, D = n_embd, V = vocab_size, H / G = query / key-value heads, d_h =
+head_dim, F = n_inner; kernels are [in, out]; modules are named as Hugging Face names them, so LoRA
+rules, PEFT export and the loaders map one to one). The L blocks are stacked on a leading layer
+axis and run as one scan (:func:`fedgen.models.layers.scan_blocks`), so compile time does not grow
+with depth; ``layers/...`` [L, ...] holds what Hugging Face calls ``model.layers.{i}...``:
 
     embed_tokens/embedding [V, D]                 norm/weight [D]       lm_head/kernel [D, V]
-    layers_{i}/input_layernorm/weight [D]         layers_{i}/post_attention_layernorm/weight [D]
-    layers_{i}/self_attn/{q,k,v,o}_proj/kernel    [D, H d_h], [D, G d_h], [D, G d_h], [H d_h, D]
-    layers_{i}/mlp/{gate,up,down}_proj/kernel     [D, F], [D, F], [F, D]
+    layers/input_layernorm/weight [L, D]          layers/post_attention_layernorm/weight [L, D]
+    layers/self_attn/{q,k,v,o}_proj/kernel  [L, D, H d_h], [L, D, G d_h] (k, v), [L, H d_h, D]
+    layers/mlp/{gate,up,down}_proj/kernel   [L, D, F], [L, D, F], [L, F, D]
 
-(``lm_head`` only when ``tie_word_embeddings`` is False.) The block is pre-norm:
+(``lm_head`` only when ``tie_word_embeddings`` is False.) A LoRA adapter of a block kernel is
+stacked the same way: A [L, in, r], B [L, r, out]. The block is pre-norm:
 
     x = x + o(Attn(RoPE(q(n1(x))), RoPE(k(n1(x))), v(n1(x))))
     x = x + down(silu(gate(n2(x))) * up(n2(x)))
@@ -21,7 +24,7 @@ head h // (H / G). ``dtype`` is the compute dtype of the frozen weights (bf16 ha
 norms, softmax, RoPE and logits stay float32, and LoRA adapters keep their own (f32) dtype.
 ``remat`` wraps each block in ``jax.checkpoint`` (activations recomputed in the backward pass).
 
-Decoding uses a functional KV cache {layers_{i}: {'k', 'v'}: [B, L, G, d_h]}: ``decode`` writes the
+Decoding uses a functional KV cache {'k', 'v'}: [L, B, S, G, d_h]: ``decode`` writes the
 keys/values of positions [pos, pos + T) and attends to every cached position <= its own.
 """
 import dataclasses
@@ -178,8 +181,8 @@ class Llama(nn.Module):
                                      cfg.n_embd,
                                      embedding_init=nn.initializers.normal(0.02),
                                      name='embed_tokens')
-        block = nn.remat(Block) if cfg.remat else Block
-        self.blocks = [block(cfg, name=f'layers_{i}') for i in range(cfg.n_layer)]
+        blocks = layers.scan_blocks(Block, cfg.n_layer, cfg.remat, (nn.broadcast, 0, nn.broadcast))
+        self.layers = blocks(cfg, name='layers')
         self.norm = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), name='norm')
         if not cfg.tie_word_embeddings:
             self.lm_head = self.param(
@@ -188,11 +191,8 @@ class Llama(nn.Module):
 
     def _run(self, tokens, positions, cache=None, pos=None):
         x = self.embed_tokens(tokens).astype(jnp.dtype(self.cfg.dtype))
-        new = {}
-        for i, block in enumerate(self.blocks):
-            c = None if cache is None else cache[f'layers_{i}']
-            x, new[f'layers_{i}'] = block(x, positions, c, pos)
-        return self.norm(x), (new if cache is not None else None)
+        x, cache = self.layers(x, positions, cache, pos)
+        return self.norm(x), cache
 
     def hidden(self, tokens: jax.Array) -> jax.Array:
         """Final-normed hidden states [B, T, D] (compute dtype)."""
@@ -229,15 +229,9 @@ def cast_frozen(params: dict, dtype: str) -> dict:
 
 
 def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
-    """An empty KV cache for ``length`` positions: {layers_{i}: {'k', 'v': [B, L, G, d_h]}}."""
-    shape = (batch, length, cfg.n_kv_head, cfg.d_head)
-    return {
-        f'layers_{i}': {
-            'k': jnp.zeros(shape, dtype),
-            'v': jnp.zeros(shape, dtype)
-        }
-        for i in range(cfg.n_layer)
-    }
+    """An empty KV cache of ``length`` positions S: {'k', 'v': [n_layer, B, S, G, d_h]}."""
+    shape = (cfg.n_layer, batch, length, cfg.n_kv_head, cfg.d_head)
+    return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
 
 
 def generate(model: Llama,

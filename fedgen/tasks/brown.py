@@ -222,6 +222,7 @@ def recipe(settings: Settings) -> dict:
         'task': 'brown',
         'seed': settings.seed,
         'model': dataclasses.asdict(settings.model),
+        'param_layout': ptb_model.PARAM_LAYOUT,
         'pretrain': settings.pretrain.recipe(),
         'public': {
             k: v

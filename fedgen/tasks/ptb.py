@@ -251,6 +251,7 @@ def recipe(settings: Settings) -> dict:
         'task': 'ptb',
         'seed': settings.seed,
         'model': dataclasses.asdict(settings.model),
+        'param_layout': ptb_model.PARAM_LAYOUT,
         'pretrain': settings.pretrain.recipe(),
         'public': {
             'source': settings.data.source,

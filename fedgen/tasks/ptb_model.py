@@ -25,6 +25,10 @@ from fedgen.data import ptb
 from fedgen.models import gpt, llama, weights
 
 ARCHS = ('gpt', 'llama')
+# The param tree's layout, part of a pre-trained backbone's cache key (the task recipes): the
+# decoders' blocks stacked on a layer axis (``h/...`` [L, ...], ``layers/...`` [L, ...]), so a cache
+# written with per-layer subtrees (``h_0``, ``layers_0``) is rebuilt rather than read.
+PARAM_LAYOUT = 'blocks-stacked'
 
 
 @dataclasses.dataclass(frozen=True)
