@@ -31,6 +31,10 @@ def fed(rounds: int, max_steps_per_epoch: int, client_lr: float) -> dict:
         prox_mu=0.0,
         prox_target='lora',
         ditto_lambda=0.0,
+        # Server EMA of the global adapter (fedgen.base.with_ema); 0 = off.
+        ema_decay=0.0,
+        # Log client_drift (spread of the updates around the mean; the local-epochs ablation).
+        log_client_drift=False,
         # Faults (fedgen.fates, fedgen.attacks): rates in [0, 1); none by default.
         dropout_rate=0.0,
         straggler_rate=0.0,
@@ -43,17 +47,21 @@ def fed(rounds: int, max_steps_per_epoch: int, client_lr: float) -> dict:
         # LoRA aggregation (fedgen.lora_aggregation); residual_rank: None = dense residual.
         lora_aggregation='avg_ab',
         residual_rank=ml_collections.config_dict.placeholder(int),
-        # User-level DP-FedAvg (fedgen.privacy): clip_norm 0 = off; delta 0 = 1/N;
+        # User-level DP-FedAvg (fedgen.privacy): clip_norm 0 = off; delta 0 = N^-1.1;
         # target_epsilon > 0 calibrates the noise multiplier for fed.rounds.
-        dp=dict(clip_norm=0.0,
-                noise_multiplier=0.0,
-                target_epsilon=0.0,
-                delta=0.0,
-                accountant='rdp',
-                sampling='fixed',
-                adaptive=False,
-                target_quantile=0.5,
-                clip_lr=0.2,
-                count_stddev=-1.0),
-        # Simulated secure aggregation (needs fed.dp.clip_norm > 0); scale 0 = largest safe.
-        secagg=dict(enabled=False, bits=32, scale=0.0))
+        dp=dict(
+            clip_norm=0.0,
+            noise_multiplier=0.0,
+            target_epsilon=0.0,
+            delta=0.0,
+            accountant='rdp',
+            sampling='fixed',
+            adaptive=False,
+            target_quantile=0.5,
+            clip_lr=0.2,
+            count_stddev=-1.0,
+            # Also log statistics of raw client updates (outside epsilon; said at start).
+            log_diagnostics=False),
+        # Simulated secure aggregation (needs fed.dp.clip_norm > 0); scale 0 = largest safe;
+        # simulate_masks: draw and cancel the pairwise masks (else the exact modular sum).
+        secagg=dict(enabled=False, bits=32, scale=0.0, simulate_masks=False))

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedgen import aggregate, client, diffusion, engine, lora, objectives
+from fedgen import aggregate, algorithms, client, diffusion, engine, lora, objectives
 from fedgen.data.batching import RoundData
 from fedgen.models import gpt, unet
 from fedgen.tasks import cifar10
@@ -108,11 +108,12 @@ def child(job: dict) -> dict:
     else:
         frozen, trainable = {'params': params}, {'lora': adapters}
     client_tx, server_tx = optax.adam(1e-3), optax.sgd(1.0)
-    fed = engine.Federation(client_tx,
-                            server_tx,
-                            num_clients=c,
-                            chunk=chunk if variant in ('chunk', 'full') else c)
-    alg = engine.make(fed, loss_fn)
+    p = algorithms.MethodParams('fedgen_edge',
+                                c,
+                                client_tx,
+                                server_tx,
+                                chunk=chunk if variant in ('chunk', 'full') else c)
+    alg = algorithms.make(p, loss_fn)
     state = alg.init(trainable, jax.random.PRNGKey(2))
     t0 = time.perf_counter()
     if variant == 'loop':
@@ -287,7 +288,7 @@ NOTES = """
   C=100). `population.chunk_for_budget(population.client_bytes(...), budget, C_local)` picks the
   chunk from a memory budget; `client_bytes` is XLA's memory analysis of a 2-client minus a
   1-client vmap of the client function (abstract shapes, no compute).
-- Sharding: `engine.make(fed, loss_fn, mesh=population.client_mesh(n))` runs each device's
+- Sharding: `algorithms.make(p, loss_fn, mesh=population.client_mesh(n))` runs each device's
   C / n clients under `jax.shard_map` (backbone and global adapters replicated, client axis
   P('clients')); the weighted mean over the sharded client axis is a local sum plus an
   all-reduce. Checked equal to the 1-device rounds of every method on 4 fake CPU devices

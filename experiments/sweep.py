@@ -276,6 +276,8 @@ def run_group(name: str, configs: list, workdir: str) -> list[dict]:
     """Runs one vmapped group; returns its records for summary.json, one per setting of the
     varied VMAPPED fields (the final metric's mean ± std over that setting's seeds)."""
     t_start = time.time()
+    for c in configs:  # every run's fields and pairings, before any data is read
+        settings.check_run(c)
     check_group(name, configs)
     runs = setup_runs(name, configs, workdir)
     c0, r0, n = configs[0], runs[0].setup, len(runs)

@@ -120,9 +120,7 @@ def check_workdir(config, workdir: str) -> None:
 def setup(config, workdir: str) -> dict:
     """Everything a run (or a later personalization of it) needs, from the config, before any
     round: the task, the frozen and trainable trees, the algorithm and its initial state."""
-    settings.check_schedule(config)
-    settings.method_params(config)  # every fed/lora field, before any data is read
-    base.check_ema_decay(config.fed.get('ema_decay', 0.0))
+    settings.check_run(config)  # every fed/lora field and their pairings, before any data
     init_from = config.lora.get('init_from', '')
     if init_from and not os.path.isfile(os.path.join(init_from, 'adapter_config.json')):
         raise ValueError(f'lora.init_from: {init_from} holds no adapter_config.json (expected a '
@@ -143,9 +141,8 @@ def setup(config, workdir: str) -> dict:
     steps = batching.num_local_steps([len(i) for i in task.client_train], fed.batch_size,
                                      fed.local_epochs, fed.max_steps_per_epoch)
     chunk = budget_chunk(config, task, p, frozen, trainable, steps)
-    p = settings.method_params(config, chunk)
     mesh = settings.mesh(config)
-    alg = base.with_ema(algorithms.make(p, task.loss_fn, mesh), config.fed.get('ema_decay', 0.0))
+    p, alg = settings.make_algorithm(config, task, chunk, mesh)
     state = alg.init(trainable, jax.random.fold_in(rng, 2))
     return dict(task=task,
                 params=params,
@@ -206,15 +203,12 @@ def host_sampled(data: batching.RoundData) -> np.ndarray:
 
 def round_row(rnd: int, metrics: dict, last_saved: int, state_host) -> dict:
     """The row of round ``rnd`` (1-based) from its fetched metrics; raises a one-line ValueError
-    (nothing of the round is saved) when no client was used or the global state is not finite."""
+    (nothing of the round is saved) when the global state is not finite. A round that used no
+    client is a valid round (the model is kept, or under DP moved by noise only)."""
     bad = [int(i) for i in np.ravel(metrics.pop('nonfinite_ids', [])) if i >= 0]
     if bad:
         log(f'warning: round {rnd}: clients {bad} sent non-finite updates (weight 0)')
-    used = metrics.get('clients_used', metrics.get('clients'))
     keep = f'not saved; the latest checkpoint stays round {last_saved}'
-    if used is not None and float(used) == 0:
-        raise ValueError(f'round {rnd}: every sampled client was excluded (clients_used = 0); '
-                         f'{keep}')
     if not checkpoint.is_finite(state_host):
         raise ValueError(f'round {rnd}: the global state holds NaN or inf (diverged; lower '
                          f'fed.client_lr or fed.server_lr); {keep}')
@@ -340,8 +334,8 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
             proto = (f' W{seen[-1][win + "_window"]}/S{seen[-1][win + "_stride"]}'
                      if seen and win + '_window' in seen[-1] else '')
             bar.set_postfix({
-                'loss':
-                f'{row["train_loss"] or float("nan"):.3f}',
+                'loss':  # absent under DP: a statistic of raw client updates
+                f'{row["train_loss"]:.3f}' if row.get('train_loss') is not None else '-',
                 task.metric:
                 f'{seen[-1][task.metric]:.2f}{proto}' if seen else '-',
                 'up_MB':

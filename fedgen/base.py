@@ -10,11 +10,14 @@ communication (what one client sends up, what the server sends down):
     personal       = personal(state)       every client's own trainable tree [N, ...], or None
     frozen_k       = effective_frozen(state, frozen)   the frozen tree the model runs with (the
                      backbone plus any server-side frozen delta, e.g. FedEx-LoRA's residual)
+    out            = client_phase(state, frozen, round_data)   the clients' half of a round
+    state, metrics = server_phase(state, round_data, out)      the server's half
+                     (apply = server_phase . client_phase; deployment runs them apart)
 
 ``trainable`` and ``frozen`` are separate pytrees of linen collections: the model sees
 ``{**frozen, **trainable}``; only ``trainable`` is differentiated, optimised, averaged, sent and
-checkpointed. Every method (FedGen-Edge included) is :func:`fedgen.engine.make` with typed
-hyper-parameters, so all of them share this interface.
+checkpointed. Every method (FedGen-Edge included) is a small module of fedgen/algorithms over the
+shared primitives of fedgen/engine.py, so all of them share this interface.
 """
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -48,13 +51,20 @@ class Algorithm(NamedTuple):
     """init(trainable, rng) -> ServerState; apply(state, frozen, RoundData) -> (state, metrics);
     upload(delta) / download(trainable) -> the trees actually sent (byte accounting);
     personal(state) -> stacked [N, ...] personal trees, or None when the method keeps none;
-    effective_frozen(state, frozen) -> the frozen tree to evaluate and fine-tune with."""
+    effective_frozen(state, frozen) -> the frozen tree to evaluate and fine-tune with;
+    client_phase / server_phase: the two halves of apply (None for methods with no server side);
+    aggregator: the fedgen.aggregators.Aggregator the server uses (None: it aggregates nothing);
+    has_global: whether the method trains a global model (FedSA and local-only do not)."""
     init: Callable
     apply: Callable
     upload: Callable
     download: Callable
     personal: Optional[Callable] = None
     effective_frozen: Callable = lambda state, frozen: frozen
+    client_phase: Optional[Callable] = None
+    server_phase: Optional[Callable] = None
+    aggregator: Any = None
+    has_global: bool = True
 
 
 EMA_KEY = 'ema'  # state.aux[EMA_KEY]: the server's EMA of the global trainable tree
@@ -94,26 +104,49 @@ def with_ema(alg: Algorithm, decay: float) -> Algorithm:
     unbroken one. It never reaches a client: upload/download/personal are ``alg``'s, and the inner
     method sees its own aux without the entry. ``decay`` (config ``fed.ema_decay``) must be in
     [0, 1); 0 returns ``alg`` unchanged (no aux entry, bit-identical runs and checkpoints).
+    Refused (one line) for methods without a global model and for aggregators that re-base the
+    global adapter every round (FlexLoRA's SVD, FLoRA's re-drawn A) or keep a frozen delta
+    (FedEx-LoRA): an average of their A and B leaves describes no model that ever existed.
     """
     check_ema_decay(decay)
     if decay == 0:
         return alg
+    agg = alg.aggregator
+    if not alg.has_global:
+        raise ValueError("fed.ema_decay cannot run with fed.algorithm='fedsa' or 'local_only': "
+                         'the method has no global model to average')
+    if agg is not None and (agg.sets_global or agg.frozen_delta is not None):
+        raise ValueError(f'fed.ema_decay cannot run with {agg.label}: it re-bases A and B every '
+                         'round, so an EMA of them is no model that existed; use avg_ab or ffa')
 
     def init(trainable, rng):
         state = alg.init(trainable, rng)
         return state.replace(aux={**state.aux, EMA_KEY: jax.tree.map(jnp.array, trainable)})
 
-    def apply(state, frozen, data):
-        aux = dict(state.aux)
-        ema = aux.pop(EMA_KEY)
-        new, metrics = alg.apply(state.replace(aux=aux), frozen, data)
-        ema = ema_update(ema, new.trainable, ema_decay_at(decay, state.round))
-        return new.replace(aux={**new.aux, EMA_KEY: ema}), metrics
+    def around(step):
+
+        def wrapped(state, *args):
+            aux = dict(state.aux)
+            ema = aux.pop(EMA_KEY)
+            new, metrics = step(state.replace(aux=aux), *args)
+            ema = ema_update(ema, new.trainable, ema_decay_at(decay, state.round))
+            return new.replace(aux={**new.aux, EMA_KEY: ema}), metrics
+
+        return wrapped
+
+    def client_phase(state, frozen, data):
+        return alg.client_phase(state.replace(aux=_without_ema(state.aux)), frozen, data)
 
     def effective_frozen(state, frozen):
         return alg.effective_frozen(state.replace(aux=_without_ema(state.aux)), frozen)
 
-    return alg._replace(init=init, apply=apply, effective_frozen=effective_frozen)
+    phases = {}
+    if alg.server_phase is not None:
+        phases = dict(client_phase=client_phase, server_phase=around(alg.server_phase))
+    return alg._replace(init=init,
+                        apply=around(alg.apply),
+                        effective_frozen=effective_frozen,
+                        **phases)
 
 
 def _without_ema(aux: PyTree) -> PyTree:

@@ -1,81 +1,49 @@
-"""The one federated engine. Every method is :func:`make` with typed hyper-parameters.
+"""The primitives every federated algorithm shares (fedgen/algorithms/ composes them).
 
 One round t over the sampled clients k = 1..C (padding clients have n_k = 0 and masked steps):
 
-    start_k   = download(w_G^t) (+ client k's kept leaves, for FedSA / local-only / Ditto)
-    w_k       = LocalUpdate_k(start_k)                   (client.make_local_update, mapped)
-    u_k       = upload(w_k - start_k)                    (what client k sends)
-    Delta     = reduce({u_k}, weights_k)                 (default: sum_k n_k u_k / sum_j n_j)
-    w_G^t+1   = ServerOpt(w_G^t, g = -Delta)             (sgd(1.0) = FedAvg)
+    client phase   start_k = download(w_G^t) (+ client k's kept leaves)
+                   w_k     = LocalUpdate_k(start_k)                   (run_clients, mapped)
+                   u_k     = upload(w_k - start_k)                    (what client k sends)
+    server phase   Delta   = aggregator({u_k}, weights_k)             (fedgen.aggregators)
+                   w_G^t+1 = ServerOpt(w_G^t, g = -Delta)             (sgd(1.0) = FedAvg)
 
-The variants are fields of :class:`Federation`, not code paths of their own:
-
-- ``prox_mu > 0``: FedProx's local objective L_k(w) + (mu/2) ||w - w_G^t||^2;
-- ``local_leaves`` (e.g. {'b'}): those leaves stay on the client, kept in ``state.clients``
-  [N, ...] and never uploaded or broadcast (FedSA-LoRA: A shared, B local);
-- ``keep_local``: the whole tree stays on the client (local-only; nothing is sent);
-- ``personal_lambda > 0``: Ditto's second, personal update per client,
-  v_k <- LocalUpdate_k(v_k) on L_k(v) + (lambda/2)||v - w_G^t||^2, kept in ``state.clients``;
-- ``pooled``: centralized training on the pooled examples of the sampled clients (one
-  shuffled sequential chain; no client, nothing sent);
-- ``reducer``: the server's reduction over the stacked [C, ...] uploads (weighted mean by
-  default; robust and private reductions plug in here);
-- ``faults``: dropouts and stragglers (fates.draw: masks from fold_in(key, client id)) and
-  simulated attackers (attacks.apply on the uploads), all inside the one compiled round;
-- ``lora_agg``: a LoRA-specific aggregation (fedgen.lora_aggregation: FedEx-LoRA's residual,
-  FlexLoRA's SVD, FFA-LoRA, FLoRA stacking) in place of ``reducer``; the server-side frozen delta
-  dW it keeps lives in ``state.aux['delta']`` and every client runs on W0 + dW;
-- ``client_ranks``: heterogeneous ranks r_k <= r_max as a mask on the rank axis: client k starts
-  from the global adapter with A's columns and B's rows beyond r_k zeroed, so they get exactly
-  zero gradient and one program serves every rank.
-
-A round may carry traced values that override compile-time ones, so changing them never
-recompiles: fate rates (``RoundData.rates``) and learning-rate multiples and the proximal mu
-(``RoundData.hparams``, fedgen/hparams.py); a vmapped sweep gives each run its own.
+The two phases are separate functions (``client_phase`` / ``server_phase`` of an Algorithm), so
+the same code runs as one compiled round in simulation and split over processes in deployment.
 
 Who counts. A sampled client k with n_k > 0 either reports (fate report_k = 1) or drops after the
 download; a straggler's step mask keeps only its first ceil(f_k S_k) real steps. An upload with a
-NaN or inf anywhere gets weight 0 (and is zeroed, since 0 * NaN = NaN). The reduction weights are
+NaN or inf anywhere gets weight 0 (and is zeroed, since 0 * NaN = NaN). The weights are
 
-    used_k = n_k * report_k * finite_k,
+    used_k = n_k * report_k * finite_k.
 
-and the round's metrics say how many clients were sampled, reported and used, and which ids sent
-non-finite updates (``nonfinite_ids`` [C], -1 where finite). A client that drops loses its round:
-kept per-client leaves (FedSA's B, local-only, Ditto) are not updated either.
-
-Client keys are fold_in(fold_in(rng, round), client id), so results do not depend on chunking,
-device count or client order; the mesh (population.client_mesh) shards the client axis.
+A round in which no client is used keeps the global model (also the server optimizer's state);
+under DP it is still a noise-only, accounted update. Client keys are fold_in(fold_in(rng, round),
+client id), so results do not depend on chunking, device count or client order.
 """
 import dataclasses
-import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 from jax.sharding import Mesh
 
-from fedgen import (aggregate, attacks, client, client_state, fates, hparams, lora_aggregation,
-                    lora_ranks, population, robust)
-from fedgen.base import Algorithm, ServerState
+from fedgen import attacks, client, fates, hparams, population, robust
+from fedgen.aggregators import Aggregator, RoundContext, zero_like_upload
+from fedgen.base import ServerState
 from fedgen.data.batching import RoundData
 
 PyTree = Any
-# reduce(uploads [C, ...], weights [C], key, aux, info) -> (mean tree, new aux, metrics dict);
-# info = {'ids': [C], 'sampled': [C] (n_k > 0), 'live': [C] (reported and finite)}.
 # Key streams besides the clients' fold_in(fold_in(rng, round), id): fold_in(fold_in(rng, STREAM),
 # round), with STREAM far above any round number, so no stream ever meets a client's key.
 SERVER_STREAM = 2**30 + 1
 FATE_STREAM = 2**30 + 2
 ATTACK_STREAM = 2**30 + 3
-Reducer = Callable[[PyTree, jax.Array, jax.Array, PyTree], tuple]
-
-
-def weighted_mean_reducer(uploads: PyTree, weights: jax.Array, key: jax.Array, aux: PyTree,
-                          info: dict):
-    """FedAvg's reduction: sum_k (w_k / sum_j w_j) u_k."""
-    del key, info
-    return aggregate.weighted_mean(uploads, weights), aux, {}
+# Round metrics computed from raw client updates: outside epsilon under DP (see ``publish``).
+RAW_METRICS = ('train_loss', 'delta_norm', 'clients_reported', 'clients_used', 'clients_nonfinite',
+               'nonfinite_ids', 'personal_train_loss')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,35 +71,22 @@ class Faults:
         return fates.FateRates.of(self.dropout, self.straggler, self.straggler_min_frac)
 
 
-@dataclasses.dataclass(frozen=True)
-class Federation:
-    """Typed hyper-parameters of a federated method (see the module docstring).
+@struct.dataclass
+class ClientOutput:
+    """The clients' side of a round, rows [C, ...] in the round's client order.
 
-    client_tx / server_tx: optax optimizers (server_tx None: there is no global update);
-    num_clients: N, the population size (rows of ``state.clients``); chunk: clients per vmap.
-    """
-    client_tx: optax.GradientTransformation
-    server_tx: Optional[optax.GradientTransformation]
-    num_clients: int
-    chunk: int = 1
-    prox_mu: float = 0.0
-    local_leaves: frozenset = frozenset()
-    keep_local: bool = False
-    personal_lambda: float = 0.0
-    pooled: bool = False
-    reducer: Reducer = weighted_mean_reducer
-    aux_init: Callable[[PyTree], PyTree] = lambda trainable: {}
-    faults: Faults = Faults()
-    lora_agg: Optional[lora_aggregation.LoraAggregation] = None
-    client_ranks: Optional[tuple] = None
-
-    def __post_init__(self):
-        if not (isinstance(self.num_clients, int) and self.num_clients >= 1):
-            raise ValueError(f'fed.num_clients must be an int >= 1, got {self.num_clients!r}')
-        if not (isinstance(self.chunk, int) and self.chunk >= 1):
-            raise ValueError(f'fed.client_chunk must be an int >= 1, got {self.chunk!r}')
-        if self.prox_mu < 0:
-            raise ValueError(f'fed.prox_mu must be >= 0, got {self.prox_mu}')
+    sent: the uploads (after simulated attacks); kept: updates of per-client persistent trees
+    that never leave the client ({} when none); loss_sum, weight [C]: local loss sums and their
+    weights; report [C]: 1 when the upload arrives (fates); finite [C]: 1 when sent and kept are
+    finite; extra: method-specific [C] values (Ditto's personal losses)."""
+    sent: PyTree
+    kept: PyTree
+    loss_sum: jax.Array
+    weight: jax.Array
+    report: jax.Array
+    finite: jax.Array
+    norm: jax.Array
+    extra: PyTree = struct.field(default_factory=dict)
 
 
 def client_keys(state: ServerState, client_ids: jax.Array) -> jax.Array:
@@ -152,13 +107,15 @@ def run_clients(local_update: Callable,
                 chunk: int,
                 start: PyTree | None = None,
                 mesh: Mesh | None = None,
-                anchor_is_start: bool = False) -> client.LocalResult:
+                anchor_is_start: bool = False,
+                active: jax.Array | None = None) -> client.LocalResult:
     """Maps ``local_update`` over the round's clients; results are stacked [C, ...].
 
     ``start``: per-client starting trees [C, ...] (default: the global tree, broadcast); the
     proximal anchor is the global tree w_G^t, or each client's own start (``anchor_is_start``:
     its rank-masked copy of w_G^t). ``mesh`` shards the client axis over devices (C must be a
-    multiple of its size)."""
+    multiple of its size). ``active`` [C]: the clients whose work can count (sampled and
+    reporting); chunks with none are skipped (population.map_clients), the rest are unchanged."""
     per_client = {
         'data': {
             'batches': data.batches,
@@ -174,7 +131,28 @@ def run_clients(local_update: Callable,
         w0 = x.get('start', w_g)
         return local_update(frz, w0, x['data'], x['rng'], w0 if anchor_is_start else w_g)
 
-    return population.map_clients(one, (frozen, state.trainable), per_client, chunk, mesh=mesh)
+    return population.map_clients(one, (frozen, state.trainable),
+                                  per_client,
+                                  chunk,
+                                  mesh=mesh,
+                                  active=active)
+
+
+def draw_fates(state: ServerState, data: RoundData, faults: Faults) -> tuple:
+    """(data with stragglers' step masks cut, fates.Fate): drawn from the fate stream per id."""
+    rates = faults.rates() if data.rates is None else data.rates
+    fate = fates.draw(stream_key(state, FATE_STREAM), data.client_ids, rates)
+    return data.replace(mask=fates.apply_steps(data.mask, fate.step_frac)), fate
+
+
+def attack(state: ServerState, sent: PyTree, ids: jax.Array, faults: Faults,
+           num_clients: int) -> PyTree:
+    """The uploads after the simulated attackers among ``ids`` replaced theirs (no-op without)."""
+    if faults.attack == 'none':
+        return sent
+    bad = attacks.attacker_mask(ids, num_clients, faults.attack_fraction, faults.attack_seed)
+    return attacks.apply(faults.attack, sent, bad, stream_key(state, ATTACK_STREAM),
+                         faults.attack_scale, faults.attack_noise_norm)
 
 
 def server_step(state: ServerState,
@@ -190,26 +168,59 @@ def server_step(state: ServerState,
                          opt_state=opt_state)
 
 
-def round_metrics(res: client.LocalResult, ids: jax.Array, n_k: jax.Array, report: jax.Array,
-                  finite: jax.Array) -> dict:
-    """train_loss: loss sums / loss weight over reporting clients; delta_norm: mean update norm
-    over the clients used; counts of clients sampled / reported / used / non-finite, and
-    nonfinite_ids [C] (the client id where the upload was non-finite, else -1)."""
+def select(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    """new where the scalar ``pred`` holds, else old, leaf by leaf."""
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def aggregate_and_step(state: ServerState, agg: Aggregator, sent: PyTree, weights: jax.Array,
+                       ctx: RoundContext, server_tx: optax.GradientTransformation,
+                       lr_scale) -> tuple[ServerState, dict]:
+    """The server phase's core: Delta from ``agg`` (its state in aux['agg']), then the server
+    step; leaves the clients do not send get a zero pseudo-update. Without any used client the
+    global tree, optimizer and aggregator states are kept, unless ``agg`` is private (a
+    noise-only update is a valid, accounted round)."""
+    key = stream_key(state, SERVER_STREAM)
+    delta, agg_state, metrics = agg.aggregate(sent, weights, state.aux['agg'], key, ctx)
+    if agg.sets_global:  # the aggregator returned the next global tree itself
+        new = state.replace(trainable={**state.trainable, **delta})
+    else:
+        new = server_step(state, zero_like_upload(delta, state.trainable), server_tx, lr_scale)
+    new = new.replace(aux={**state.aux, 'agg': agg_state})
+    if not agg.private:
+        new = select(weights.sum() > 0, new, state)
+    return new, metrics
+
+
+def round_metrics(out: ClientOutput, ids: jax.Array, n_k: jax.Array, live: jax.Array) -> dict:
+    """train_loss: loss sums / loss weight over the clients used (a diverged, excluded client
+    cannot make it NaN); delta_norm: mean update norm over the clients used; counts of clients
+    sampled / reported / used / non-finite; nonfinite_ids [C] (the id where the upload was
+    non-finite, else -1)."""
     sampled = (n_k > 0).astype(jnp.float32)
-    reported = sampled * report
-    used = reported * finite
-    norms = jax.vmap(optax.global_norm)(res.delta)
-    bad = reported * (1.0 - finite)
+    reported = sampled * out.report
+    used = live
+    bad = reported * (1.0 - out.finite)
+    loss = jnp.where(used > 0, out.loss_sum, 0.0).sum()
     return {
-        'train_loss': (res.loss_sum * reported).sum() / jnp.maximum(
-            (res.weight * reported).sum(), 1.0),
-        'delta_norm': jnp.where(used > 0, norms, 0.0).sum() / jnp.maximum(used.sum(), 1.0),
+        'train_loss': loss / jnp.maximum((out.weight * used).sum(), 1.0),
+        'delta_norm': jnp.where(used > 0, out.norm, 0.0).sum() / jnp.maximum(used.sum(), 1.0),
         'clients_sampled': sampled.sum(),
         'clients_reported': reported.sum(),
         'clients_used': used.sum(),
         'clients_nonfinite': bad.sum(),
         'nonfinite_ids': jnp.where(bad > 0, ids, -1)
     }
+
+
+def publish(metrics: dict, agg: Aggregator, log_diagnostics: bool) -> dict:
+    """The metrics a round may publish: under a private aggregator only what epsilon covers (the
+    noised aggregate's statistics and the sampled count), unless ``log_diagnostics``. 'live' [C]
+    stays: the trainer uses it for byte accounting and never writes it."""
+    if not agg.private or log_diagnostics:
+        return metrics
+    drop = set(RAW_METRICS) | set(agg.diagnostics)
+    return {k: v for k, v in metrics.items() if k not in drop}
 
 
 def all_finite(tree: PyTree, c: int) -> jax.Array:
@@ -237,186 +248,3 @@ def pool_round(batches: dict, key: jax.Array) -> dict:
     order = jnp.argsort(jnp.where(flat['weight'] > 0, u, 2.0 + u))
     pooled = {k: v[order].reshape((c * s, b) + v.shape[1:]) for k, v in flat.items()}
     return {'batches': pooled, 'mask': (pooled['weight'] > 0).any(-1).astype(jnp.float32)}
-
-
-def make(fed: Federation, loss_fn: Callable, mesh: Mesh | None = None) -> Algorithm:
-    """The :class:`~fedgen.base.Algorithm` of ``fed`` for a task's ``loss_fn``."""
-    update = client.make_local_update(loss_fn, fed.client_tx, fed.prox_mu)
-    personal_update = (client.make_local_update(loss_fn, fed.client_tx, fed.personal_lambda)
-                       if fed.personal_lambda > 0 else None)
-    local, faults = fed.local_leaves, fed.faults
-    agg = lora_aggregation.make(fed.lora_agg) if fed.lora_agg is not None else None
-    with_delta = agg is not None and fed.lora_agg.method in lora_aggregation.WITH_DELTA
-    sets_global = agg is not None and fed.lora_agg.method in lora_aggregation.NO_SERVER_OPT
-    ranks = None if fed.client_ranks is None else jnp.asarray(fed.client_ranks, jnp.int32)
-
-    def shared_of(tree):
-        return client_state.split(tree, local)[0] if local else tree
-
-    def upload(delta):
-        if fed.keep_local or fed.pooled:
-            return {}
-        sent = shared_of(delta)
-        return {**sent, 'lora': agg.upload(sent['lora'])} if agg is not None else sent
-
-    def download(trainable):
-        if fed.keep_local or fed.pooled:
-            return {}
-        sent = shared_of(trainable)  # FFA-LoRA's frozen A is known to clients from its seed
-        return {**sent, 'lora': agg.upload(sent['lora'])} if agg is not None else sent
-
-    def effective_frozen(state, frozen):
-        if not with_delta:
-            return frozen
-        params = lora_aggregation.apply_delta(frozen['params'], state.aux['delta'])
-        return {**frozen, 'params': params}
-
-    def init(trainable: PyTree, rng: jax.Array) -> ServerState:
-        if fed.keep_local or fed.personal_lambda > 0:
-            kept = client_state.tile(trainable, fed.num_clients)
-        elif local:
-            kept = client_state.tile(client_state.split(trainable, local)[1], fed.num_clients)
-        else:
-            kept = {}
-        aux = dict(fed.aux_init(trainable))
-        if with_delta:
-            aux['delta'] = agg.init(trainable['lora'])['delta']
-        return ServerState(round=jnp.zeros((), jnp.int32),
-                           trainable=trainable,
-                           opt_state=fed.server_tx.init(trainable) if fed.server_tx else {},
-                           rng=rng,
-                           clients=kept,
-                           aux=aux)
-
-    def centralized(state, frozen, data):
-        key, hp = jax.random.fold_in(state.rng, state.round), data.hparams
-        pooled = pool_round(data.batches, jax.random.fold_in(key, 0))
-        res = update(frozen,
-                     state.trainable,
-                     pooled,
-                     jax.random.fold_in(key, 1),
-                     hp=hparams.client(hp, proximal=False))
-        new = server_step(state, res.delta, fed.server_tx, hparams.server(hp))
-        sampled = (data.n_k > 0).astype(jnp.float32)
-        finite = all_finite(jax.tree.map(lambda x: x[None], res.delta), 1)[0]
-        return new.replace(round=state.round + 1), {
-            'train_loss': res.loss_sum / jnp.maximum(res.weight, 1.0),
-            'delta_norm': optax.global_norm(res.delta),
-            'clients_sampled': sampled.sum(),
-            'clients_reported': sampled.sum(),
-            'clients_used': jnp.where(finite, sampled.sum(), 0.0),
-            'clients_nonfinite': jnp.where(finite, 0.0, sampled.sum()),
-            'nonfinite_ids': jnp.full_like(data.client_ids, -1),
-            'live': sampled
-        }
-
-    def starts(state, ids, rank_mask):
-        """Per-client starting trees [C, ...], or None when every client starts at w_G."""
-        c = ids.shape[0]
-        if fed.keep_local:
-            return client_state.gather(state.clients, ids)
-        if local:
-            return client_state.join(client_state.tile(shared_of(state.trainable), c),
-                                     client_state.gather(state.clients, ids))
-        if rank_mask is not None:
-            tiled = client_state.tile(state.trainable, c)
-            return {**tiled, 'lora': lora_ranks.mask_adapters(tiled['lora'], rank_mask)}
-        return None
-
-    def server_update(state, sent, weights, rank_mask, info, lr_scale):
-        """(new state, metrics) from the live clients' uploads [C, ...] and weights [C]."""
-        key, g = stream_key(state, SERVER_STREAM), state.trainable
-        metrics = {}
-        if agg is not None:
-            clients = lora_aggregation.client_adapters(g['lora'], sent['lora'])
-            delta_state, new_lora, metrics = agg.aggregate({'delta': state.aux.get('delta', {})},
-                                                           g['lora'], clients, weights, rank_mask,
-                                                           key)
-            aux = {**state.aux, 'delta': delta_state['delta']} if with_delta else state.aux
-            if sets_global:  # the method builds the global adapter itself (sgd(1.0) enforced)
-                return state.replace(trainable={**g, 'lora': new_lora}, aux=aux), metrics
-            avg = {
-                **jax.tree.map(jnp.zeros_like, g), 'lora':
-                jax.tree.map(jnp.subtract, new_lora, g['lora'])
-            }
-            return server_step(state.replace(aux=aux), avg, fed.server_tx, lr_scale), metrics
-        if 'lora' in sent and 'lora' in g and not local and lora_aggregation.has_modules(g['lora']):
-            clients = lora_aggregation.client_adapters(g['lora'], sent['lora'])
-            err = lora_aggregation.aggregation_error(clients, clients, weights)
-            metrics = {'lora_agg_error': err.total, 'lora_agg_error_mean': err.mean}
-        avg, aux, extra = fed.reducer(sent, weights, key, state.aux, info)
-        if local:  # the kept leaves get a zero pseudo-gradient: the global copy stays put
-            avg = client_state.join(avg,
-                                    jax.tree.map(jnp.zeros_like,
-                                                 client_state.split(g, local)[1]))
-        new = server_step(state, avg, fed.server_tx, lr_scale)
-        return new.replace(aux=aux), {**metrics, **extra}
-
-    def apply(state: ServerState, frozen: PyTree, data: RoundData):
-        if fed.pooled:
-            return centralized(state, frozen, data)
-        ids, hp = data.client_ids, data.hparams
-        frozen = effective_frozen(state, frozen)
-        rates = faults.rates() if data.rates is None else data.rates
-        fate = fates.draw(stream_key(state, FATE_STREAM), ids, rates)
-        data = data.replace(mask=fates.apply_steps(data.mask, fate.step_frac))
-        r_max = lora_ranks.adapter_rank(state.trainable['lora']) if ranks is not None else 0
-        rank_mask = None if ranks is None else lora_ranks.rank_mask(ranks[ids], r_max)
-        res = run_clients(functools.partial(update, hp=hparams.client(hp)),
-                          state,
-                          frozen,
-                          data,
-                          fed.chunk,
-                          start=starts(state, ids, rank_mask),
-                          mesh=mesh,
-                          anchor_is_start=rank_mask is not None)
-        sent = upload(res.delta)
-        if faults.attack != 'none':
-            bad = attacks.attacker_mask(ids, fed.num_clients, faults.attack_fraction,
-                                        faults.attack_seed)
-            sent = attacks.apply(faults.attack, sent, bad, stream_key(state, ATTACK_STREAM),
-                                 faults.attack_scale, faults.attack_noise_norm)
-        c = ids.shape[0]
-        kept = {} if not (fed.keep_local or local) else (
-            res.delta if fed.keep_local else client_state.split(res.delta, local)[1])
-        finite = (all_finite(sent, c) & all_finite(kept, c)).astype(jnp.float32)
-        metrics = round_metrics(res, ids, data.n_k, fate.report, finite)
-        live = fate.report * finite * (data.n_k > 0)  # this client's work counts this round
-        metrics['live'] = live
-        new = state
-        if fed.keep_local:
-            new = new.replace(
-                clients=client_state.scatter_add(state.clients, ids, zero_where(res.delta, live)))
-        else:
-            info = {'ids': ids, 'sampled': (data.n_k > 0).astype(jnp.float32), 'live': live}
-            new, extra = server_update(state, zero_where(sent, live), data.n_k * live, rank_mask,
-                                       info, hparams.server(hp))
-            metrics.update(extra)
-            if local:
-                new = new.replace(
-                    clients=client_state.scatter_add(state.clients, ids, zero_where(kept, live)))
-        if personal_update is not None:
-            # Ditto: personal steps draw their own keys; their anchor is the pre-round w_G^t.
-            p = run_clients(functools.partial(personal_update,
-                                              hp=hparams.client(hp, proximal=False)),
-                            state.replace(rng=jax.random.fold_in(state.rng, 1)),
-                            frozen,
-                            data,
-                            fed.chunk,
-                            start=client_state.gather(state.clients, ids),
-                            mesh=mesh)
-            live_p = live * all_finite(p.delta, c)
-            new = new.replace(
-                clients=client_state.scatter_add(state.clients, ids, zero_where(p.delta, live_p)))
-            metrics['personal_train_loss'] = p.loss_sum.sum() / jnp.maximum(p.weight.sum(), 1.0)
-        return new.replace(round=state.round + 1), metrics
-
-    def personal(state: ServerState) -> PyTree:
-        if fed.keep_local or fed.personal_lambda > 0:
-            return state.clients
-        n = jax.tree.leaves(state.clients)[0].shape[0]
-        return client_state.join(client_state.tile(shared_of(state.trainable), n), state.clients)
-
-    has_personal = fed.keep_local or fed.personal_lambda > 0 or bool(local)
-    return Algorithm(init, apply, upload, download, personal if has_personal else None,
-                     effective_frozen)

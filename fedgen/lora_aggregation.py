@@ -15,7 +15,7 @@ e_m. Norms use ||U V||_F^2 = sum((U^T U) * (V V^T)) over the rank-concatenated f
 V [m, out] (m ~ C r, the [C, C] grid of r x r Gram blocks), or U @ V when in*out <= m (in + out):
 never more than one module's [in, out], never [C, in, out].
 
-Methods (``METHODS``); every one returns the next global adapter and the frozen delta dW:
+Methods (``METHODS``), each a rule of fedgen/aggregators/lora_rules.py:
 - avg_ab: (Abar, Bbar). FedGen-Edge's rule. With rank masks: HetLoRA's per-slice mean.
 - exact_residual (FedEx-LoRA): (Abar, Bbar), and dW += s (P - Abar Bbar), so the global model is
   the exact mean. ``residual_rank`` k adds the rank-k truncated SVD of the residual instead.
@@ -30,14 +30,10 @@ Methods (``METHODS``); every one returns the next global adapter and the frozen 
   old A without one; B = 0). Absent clients and unowned rank slices are zero columns of a static
   [in, C r_max] buffer.
 
-Bytes per client per round (``upload_bytes``/``download_bytes``, true ranks r_k): (A, B) costs
-r_k (fan_in + out) per module (ffa: r_k out, B only); the dW increment costs fan_in out dense, or
-k (fan_in + out) with ``residual_rank`` k (exact_residual), or (sum of the round's r_k)
-(fan_in + out) as FLoRA's stacked factors (stack). A client that missed rounds needs the whole
-accumulated dW: fan_in out.
+A layer-stacked module (A [L, in, r], B [L, r, out]: the scanned decoder blocks) is L modules;
+:func:`split_layers` / :func:`merge_layers` convert. Bytes on the wire: fedgen/lora_bytes.py.
 """
-import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,28 +49,15 @@ METHODS = ('avg_ab', 'exact_residual', 'svd_refactor', 'ffa', 'stack')
 # sgd(1.0) would break the product they construct.
 NO_SERVER_OPT = ('exact_residual', 'svd_refactor', 'stack')
 WITH_DELTA = ('exact_residual', 'stack')
-# Base algorithms with no aggregated (A, B) for these methods to act on.
-NO_AGGREGATION = ('fedavg_full', 'local_only', 'centralized')
-_TINY = float(np.finfo(np.float32).tiny)
-_DEAD = 1e-6  # relative singular value below which an SVD direction counts as empty
+TINY = float(np.finfo(np.float32).tiny)
+DEAD = 1e-6  # relative singular value below which an SVD direction counts as empty
 
 
-def validate(method: str,
-             residual_rank: int | None = None,
-             *,
-             heterogeneous_ranks: bool = False,
-             algorithm: str = 'fedgen_edge',
-             server_sgd_lr1: bool = True) -> None:
-    """Raises ValueError (one line, naming the config field) for a refused setting.
-
-    Refused: an unknown method; residual_rank <= 0, or given to a method other than exact_residual;
-    any method but avg_ab with fedsa (B never leaves the client), fedavg_full, local_only or
-    centralized (nothing factored is aggregated); exact_residual / svd_refactor / stack with a
-    server optimizer other than sgd(lr=1); exact_residual with heterogeneous ranks (a rank-r_k
-    client downloads a truncation of the global adapter, so the residual would not make its model
-    the exact mean: use stack or svd_refactor). Heterogeneous ranks are refused with
-    fedavg_full, local_only and centralized.
-    """
+def validate(method: str, residual_rank: int | None = None) -> None:
+    """Raises ValueError (one line, naming the config field) for an unknown method, or a
+    residual_rank <= 0 or given to a method other than exact_residual. Which methods, optimizers,
+    ranks and reductions each aggregation runs with is decided where the pieces meet
+    (fedgen.aggregators.lora and fedgen.algorithms.check_combination)."""
     if method not in METHODS:
         raise ValueError(f'fed.lora_aggregation must be one of {METHODS}, got {method!r}')
     if residual_rank is not None:
@@ -85,29 +68,6 @@ def validate(method: str,
         if method != 'exact_residual':
             raise ValueError(f'fed.residual_rank applies only to fed.lora_aggregation='
                              f"'exact_residual', got {method!r}")
-    if method != 'avg_ab' and algorithm in NO_AGGREGATION + ('fedsa', ):
-        raise ValueError(f'fed.lora_aggregation={method!r} cannot run with fed.algorithm='
-                         f"{algorithm!r}; use 'avg_ab'")
-    if heterogeneous_ranks and algorithm in NO_AGGREGATION:
-        raise ValueError(f'lora.client_ranks needs per-client adapters; fed.algorithm='
-                         f'{algorithm!r} has none')
-    if method in NO_SERVER_OPT and not server_sgd_lr1:
-        raise ValueError(f'fed.lora_aggregation={method!r} sets the global adapter itself; '
-                         "it needs fed.server_opt='sgd' with fed.server_lr=1.0")
-    if method == 'exact_residual' and heterogeneous_ranks:
-        raise ValueError("fed.lora_aggregation='exact_residual' is refused with lora.client_ranks"
-                         " (heterogeneous ranks); use 'stack' or 'svd_refactor'")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraAggregation:
-    """method: one of METHODS; alpha: LoRA alpha (s = alpha / r_max); residual_rank: None or k."""
-    method: str = 'avg_ab'
-    alpha: float = 16.0
-    residual_rank: int | None = None
-
-    def __post_init__(self):
-        validate(self.method, self.residual_rank)
 
 
 class AggError(NamedTuple):
@@ -117,32 +77,66 @@ class AggError(NamedTuple):
     mean: jax.Array
 
 
-class Aggregator(NamedTuple):
-    """init(global) -> state; aggregate(state, global, clients, w, rank_mask, rng) ->
-    (state, new_global, metrics); download(state, global) -> (start adapters, dW tree);
-    upload(client tree) -> the tree a client sends."""
-    init: Callable
-    aggregate: Callable
-    download: Callable
-    upload: Callable
-
-
-def _modules(tree: PyTree) -> list[tuple]:
+def module_paths(tree: PyTree) -> list[tuple]:
     return sorted(p[:-1] for p in traverse_util.flatten_dict(tree) if p[-1] == 'a')
 
 
-def _probs(weights: jax.Array) -> jax.Array:
+def stacked_modules(adapters: PyTree, lead: int = 0) -> frozenset:
+    """Paths of layer-stacked modules (B [lead..., L, r, out]: the scanned blocks' adapters)."""
+    flat = traverse_util.flatten_dict(adapters)
+    return frozenset(p[:-1] for p, v in flat.items() if p[-1] == 'b' and len(v.shape) - lead == 3)
+
+
+def _take(v, i: int, axis: int):
+    if isinstance(v, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(v.shape[:axis] + v.shape[axis + 1:], v.dtype)
+    return jnp.take(v, i, axis=axis)
+
+
+def split_layers(tree: PyTree, modules: frozenset, lead: int = 0) -> PyTree:
+    """Every leaf under a layer-stacked module path m (axis ``lead`` is the layer axis L) as L
+    modules m + ('layer{i}',): the aggregators then see one [in, r] x [r, out] pair per layer."""
+    if not modules:
+        return tree
+    out = {}
+    for p, v in traverse_util.flatten_dict(tree).items():
+        if p[:-1] in modules:
+            for i in range(v.shape[lead]):
+                out[p[:-1] + (f'layer{i}', p[-1])] = _take(v, i, lead)
+        else:
+            out[p] = v
+    return traverse_util.unflatten_dict(out)
+
+
+def merge_layers(tree: PyTree, modules: frozenset, lead: int = 0) -> PyTree:
+    """Inverse of :func:`split_layers`."""
+    if not modules:
+        return tree
+    out, parts = {}, {}
+    for p, v in traverse_util.flatten_dict(tree).items():
+        if len(p) >= 2 and p[:-2] in modules and p[-2].startswith('layer'):
+            parts.setdefault(p[:-2] + (p[-1], ), {})[int(p[-2][5:])] = v
+        else:
+            out[p] = v
+    for p, layers in parts.items():
+        out[p] = jnp.stack([layers[i] for i in range(len(layers))], axis=lead)
+    return traverse_util.unflatten_dict(out)
+
+
+def probabilities(weights: jax.Array) -> jax.Array:
     w = weights.astype(jnp.float32)
-    return w / jnp.maximum(w.sum(), _TINY)
+    return w / jnp.maximum(w.sum(), TINY)
 
 
-def _wmean(x: jax.Array, p: jax.Array, ref: jax.Array) -> jax.Array:
+def anchored_mean(x: jax.Array, p: jax.Array, ref: jax.Array) -> jax.Array:
     """sum_k p_k x_k written as x_ref + sum_k p_k (x_k - x_ref): identical clients give x_ref."""
     r0 = x[ref]
     return r0 + jnp.tensordot(p.astype(x.dtype), x - r0, axes=1)
 
 
-def _cat(a: jax.Array, b: jax.Array, p: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def stack_factors(a: jax.Array,
+                  b: jax.Array,
+                  p: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """[C, fin, r], [C, r, out] -> U [fin, C r] (columns p_k A_k), V [C r, out].
 
     U V = sum_k p_k A_k B_k (p None: p_k = 1)."""
@@ -152,7 +146,7 @@ def _cat(a: jax.Array, b: jax.Array, p: jax.Array | None = None) -> tuple[jax.Ar
     return a.transpose(1, 0, 2).reshape(fin, c * r), b.reshape(c * r, b.shape[-1])
 
 
-def _sq_norm(u: jax.Array, v: jax.Array, mode: str = 'auto') -> jax.Array:
+def product_sq_norm(u: jax.Array, v: jax.Array, mode: str = 'auto') -> jax.Array:
     """||u @ v||_F^2 for u [fin, m], v [m, out], by Gram blocks or by one dense [fin, out]."""
     fin, m = u.shape
     out = v.shape[1]
@@ -161,17 +155,17 @@ def _sq_norm(u: jax.Array, v: jax.Array, mode: str = 'auto') -> jax.Array:
     return jnp.maximum(jnp.sum((u.T @ u) * (v @ v.T)), 0.0)
 
 
-def _residual(a, b, p, ref, abar, bbar) -> tuple[jax.Array, jax.Array]:
+def residual_factors(a, b, p, ref, abar, bbar) -> tuple[jax.Array, jax.Array]:
     """Factors (U, V) of P - abar bbar for any abar [fin, r], bbar [r, out]:
     sum_k p_k (A_k - abar)(B_k - bbar) + (sum_k p_k A_k - abar) bbar + abar (sum_k p_k B_k - bbar).
     The last two terms vanish when abar, bbar are the plain weighted means (bit for bit)."""
-    u, v = _cat(a - abar, b - bbar, p)
-    u = jnp.concatenate([u, _wmean(a, p, ref) - abar, abar], axis=1)
-    v = jnp.concatenate([v, bbar, _wmean(b, p, ref) - bbar], axis=0)
+    u, v = stack_factors(a - abar, b - bbar, p)
+    u = jnp.concatenate([u, anchored_mean(a, p, ref) - abar, abar], axis=1)
+    v = jnp.concatenate([v, bbar, anchored_mean(b, p, ref) - bbar], axis=0)
     return u, v
 
 
-def _svd(u: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def product_svd(u: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Thin SVD (left [fin, k], s [k] descending, right [k, out]) of u @ v, k = min(m, fin, out):
     through QR of both factors when m < min(fin, out), else of the dense [fin, out]."""
     fin, m = u.shape
@@ -184,19 +178,19 @@ def _svd(u: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return jnp.linalg.svd(u @ v, full_matrices=False)
 
 
-def _means(a, b, p, ref, weights, mask, prev_a, prev_b):
+def factor_means(a, b, p, ref, weights, mask, prev_a, prev_b):
     """(abar, bbar): plain weighted means, or HetLoRA per-slice means when ``mask`` is given."""
     if mask is None:
-        return _wmean(a, p, ref), _wmean(b, p, ref)
+        return anchored_mean(a, p, ref), anchored_mean(b, p, ref)
     m = lora_ranks.sliced_mean({'a': a, 'b': b}, weights, mask, {'a': prev_a, 'b': prev_b})
     return m['a'], m['b']
 
 
-def _ratio(num2: jax.Array, den2: jax.Array) -> jax.Array:
-    return jnp.where(num2 > 0, jnp.sqrt(num2) / jnp.sqrt(jnp.maximum(den2, _TINY)), 0.0)
+def norm_ratio(num2: jax.Array, den2: jax.Array) -> jax.Array:
+    return jnp.where(num2 > 0, jnp.sqrt(num2) / jnp.sqrt(jnp.maximum(den2, TINY)), 0.0)
 
 
-def _flat(fa: dict, fb: dict, path: tuple) -> tuple[jax.Array, jax.Array]:
+def module_factors(fa: dict, fb: dict, path: tuple) -> tuple[jax.Array, jax.Array]:
     a, b = fa[path + ('a', )], fb[path + ('b', )]
     return a.reshape(a.shape[0], -1, a.shape[-1]), b
 
@@ -216,25 +210,28 @@ def aggregation_error(stacked_a: PyTree,
     if rank_mask is not None:
         stacked_a = lora_ranks.mask_adapters(stacked_a, rank_mask)
         stacked_b = lora_ranks.mask_adapters(stacked_b, rank_mask)
+    layered = stacked_modules(stacked_b, 1)
+    stacked_a = split_layers(stacked_a, layered, 1)
+    stacked_b = split_layers(stacked_b, layered, 1)
     fa, fb = traverse_util.flatten_dict(stacked_a), traverse_util.flatten_dict(stacked_b)
-    p, ref = _probs(weights), jnp.argmax(weights)
+    p, ref = probabilities(weights), jnp.argmax(weights)
     per, nums, dens = {}, [], []
-    for path in _modules(stacked_a):
-        a, b = _flat(fa, fb, path)
+    for path in module_paths(stacked_a):
+        a, b = module_factors(fa, fb, path)
         zero_a, zero_b = jnp.zeros_like(a[0]), jnp.zeros_like(b[0])
-        abar, bbar = _means(a, b, p, ref, weights, rank_mask, zero_a, zero_b)
-        num2 = _sq_norm(*_residual(a, b, p, ref, abar, bbar), mode)
-        den2 = _sq_norm(*_cat(a, b, p), mode)
-        per['/'.join(path)] = _ratio(num2, den2)
+        abar, bbar = factor_means(a, b, p, ref, weights, rank_mask, zero_a, zero_b)
+        num2 = product_sq_norm(*residual_factors(a, b, p, ref, abar, bbar), mode)
+        den2 = product_sq_norm(*stack_factors(a, b, p), mode)
+        per['/'.join(path)] = norm_ratio(num2, den2)
         nums.append(num2)
         dens.append(den2)
-    total = _ratio(sum(nums), sum(dens))
+    total = norm_ratio(sum(nums), sum(dens))
     return AggError(per, total, jnp.mean(jnp.stack(list(per.values()))))
 
 
 def has_modules(adapters: PyTree) -> bool:
     """Whether the tree holds at least one adapted module (an 'a' and 'b' pair)."""
-    return bool(_modules(adapters))
+    return bool(module_paths(adapters))
 
 
 def client_adapters(global_adapters: PyTree, deltas: PyTree) -> PyTree:
@@ -300,172 +297,10 @@ def stack_adapters(stacked: PyTree,
     """
     if rank_mask is not None:
         stacked = lora_ranks.mask_adapters(stacked, rank_mask)
-    flat, p, out = traverse_util.flatten_dict(stacked), _probs(weights), {}
-    for path in _modules(stacked):
+    flat, p, out = traverse_util.flatten_dict(stacked), probabilities(weights), {}
+    for path in module_paths(stacked):
         kshape = flat[path + ('a', )].shape[1:-1]
-        u, v = _cat(*_flat(flat, flat, path), p)
+        u, v = stack_factors(*module_factors(flat, flat, path), p)
         out[path + ('a', )] = u.reshape(kshape + (u.shape[-1], ))
         out[path + ('b', )] = v
     return traverse_util.unflatten_dict(out)
-
-
-def _init_state(method: str, global_adapters: PyTree) -> dict:
-    flat, delta = traverse_util.flatten_dict(global_adapters), {}
-    if method in WITH_DELTA:
-        for path in _modules(global_adapters):
-            a, b = flat[path + ('a', )], flat[path + ('b', )]
-            delta[path + ('kernel', )] = jnp.zeros(a.shape[:-1] + b.shape[-1:], a.dtype)
-    return {'delta': traverse_util.unflatten_dict(delta)}
-
-
-def make(hp: LoraAggregation) -> Aggregator:
-    """The (init, aggregate, download, upload) of ``hp.method``; see the module docstring.
-
-    aggregate(state, global_adapters, clients, weights, rank_mask=None, rng=None):
-      clients: the clients' final adapters stacked [C, ...] (``client_adapters``; for ffa the 'b'
-      leaves suffice); weights [C] (0 = absent); rank_mask [C, r_max] or None; rng: stack's
-      re-drawn A (None keeps the old A). Returns (state, new global, metrics) with metrics
-      lora_agg_error (pooled avg_ab error of this round's clients), lora_agg_error_mean and
-      lora_update_error (pooled ||P - s^-1 (new global product + dW increment)|| / ||P||: 0 by
-      construction for exact_residual (dense) and stack, SVD truncation for svd_refactor and
-      residual_rank). With every weight 0 the state and global are returned unchanged.
-    """
-    method = hp.method
-
-    def upload(tree):
-        if method != 'ffa':
-            return tree
-        flat = traverse_util.flatten_dict(tree)
-        return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[-1] != 'a'})
-
-    def download(state, global_adapters):
-        return global_adapters, state['delta']
-
-    def aggregate(state, global_adapters, clients, weights, rank_mask=None, rng=None):
-        g, cl = traverse_util.flatten_dict(global_adapters), traverse_util.flatten_dict(clients)
-        c = weights.shape[0]
-        if method == 'ffa':  # A never moves: every client holds the global A
-            cl = {
-                **cl,
-                **{
-                    p: jnp.broadcast_to(v, (c, ) + v.shape)
-                    for p, v in g.items() if p[-1] == 'a'
-                }
-            }
-        if rank_mask is not None:
-            cl = traverse_util.flatten_dict(
-                lora_ranks.mask_adapters(traverse_util.unflatten_dict(cl), rank_mask))
-        p, ref = _probs(weights), jnp.argmax(weights)
-        present = weights.astype(jnp.float32).sum() > 0
-        new, delta = dict(g), dict(traverse_util.flatten_dict(state['delta']))
-        nums, dens, upds, errs = [], [], [], []
-        for i, path in enumerate(_modules(global_adapters)):
-            ga, gb = g[path + ('a', )], g[path + ('b', )]
-            kshape, r = ga.shape[:-1], ga.shape[-1]
-            a, b = _flat(cl, cl, path)
-            abar, bbar = _means(a, b, p, ref, weights, rank_mask, ga.reshape(-1, r), gb)
-            num2 = _sq_norm(*_residual(a, b, p, ref, abar, bbar))
-            up, vp = _cat(a, b, p)
-            den2 = _sq_norm(up, vp)
-            upd2, inc = num2, None
-            if method == 'ffa':
-                abar, bbar = ga.reshape(-1, r), _wmean(b, p, ref)
-                upd2 = _sq_norm(*_residual(a, b, p, ref, abar, bbar))
-            elif method == 'exact_residual' and hp.residual_rank is None:
-                inc, upd2 = jnp.matmul(*_residual(a, b, p, ref, abar, bbar)), 0.0
-            elif method == 'exact_residual':
-                left, s, right = _svd(*_residual(a, b, p, ref, abar, bbar))
-                k = min(hp.residual_rank, s.shape[0])
-                inc, upd2 = (left[:, :k] * s[:k]) @ right[:k], jnp.sum(jnp.square(s[k:]))
-            elif method == 'svd_refactor':
-                left, s, right = _svd(up, vp)
-                live = s[:r] > _DEAD * s[0]
-                root = jnp.where(live, jnp.sqrt(s[:r]), 0.0)
-                abar = jnp.where(live, left[:, :r] * root, ga.reshape(-1, r))
-                bbar = root[:, None] * right[:r]
-                upd2 = jnp.sum(jnp.square(s)) - jnp.sum(jnp.square(jnp.where(live, s[:r], 0.0)))
-                upd2 = jnp.maximum(upd2, 0.0)
-            elif method == 'stack':
-                inc, upd2 = up @ vp, 0.0
-                abar = ga.reshape(-1, r)
-                if rng is not None:
-                    fan_in = abar.shape[0]
-                    abar = jax.random.normal(jax.random.fold_in(rng, i), abar.shape,
-                                             abar.dtype) / np.sqrt(fan_in)
-                bbar = jnp.zeros_like(gb)
-            if inc is not None:
-                kp = path + ('kernel', )
-                scale = hp.alpha / r
-                delta[kp] = jnp.where(present, delta[kp] + scale * inc.reshape(delta[kp].shape),
-                                      delta[kp])
-            new[path + ('a', )] = jnp.where(present, abar.reshape(kshape + (r, )), ga)
-            new[path + ('b', )] = jnp.where(present, bbar, gb)
-            nums.append(num2)
-            dens.append(den2)
-            upds.append(upd2)
-            errs.append(_ratio(num2, den2))
-        metrics = {
-            'lora_agg_error': _ratio(sum(nums), sum(dens)),
-            'lora_agg_error_mean': jnp.mean(jnp.stack(errs)),
-            'lora_update_error': _ratio(sum(upds), sum(dens)),
-        }
-        state = {**state, 'delta': traverse_util.unflatten_dict(delta)}
-        return state, traverse_util.unflatten_dict(new), metrics
-
-    return Aggregator(lambda global_adapters: _init_state(method, global_adapters), aggregate,
-                      download, upload)
-
-
-def _module_shapes(adapters: PyTree) -> list[tuple[int, int, int]]:
-    """(fan_in, out, itemsize) of every module of an unstacked adapter tree."""
-    flat = traverse_util.flatten_dict(adapters)
-    out = []
-    for path in _modules(adapters):
-        a, b = flat[path + ('a', )], flat[path + ('b', )]
-        out.append((int(np.prod(a.shape[:-1])), int(b.shape[-1]), np.dtype(a.dtype).itemsize))
-    return out
-
-
-def upload_bytes(method: str, adapters: PyTree, ranks: np.ndarray) -> np.ndarray:
-    """Bytes [C] each client sends: (A, B) at its rank r_k (ffa: B only). adapters: unstacked."""
-    return lora_ranks.rank_bytes(adapters, ranks, ('b', ) if method == 'ffa' else ('a', 'b'))
-
-
-def download_bytes(method: str,
-                   adapters: PyTree,
-                   ranks: np.ndarray,
-                   present: np.ndarray | None = None,
-                   residual_rank: int | None = None,
-                   round_clients: int | None = None) -> dict[str, np.ndarray]:
-    """Bytes [C] each client receives this round, by part.
-
-    adapter: the global (A, B) at r_k (ffa: B only); delta_round: the dW increment as sent (dense
-    fan_in out for exact_residual, k (fan_in + out) with residual_rank k, stack: FLoRA's stacked
-    factors, (sum of present clients' r_k)(fan_in + out)); delta_dense: the accumulated dW a client
-    that missed rounds needs (fan_in out); total = adapter + delta_round.
-    ranks: [C] true ranks; present: [C] bool (default all). round_clients: how many clients a
-    round stacks when ``ranks`` covers the whole population (N > C): stack then counts
-    round(round_clients * mean of the present r_k) stacked rank slices, the expected size.
-    delta_round is what a client present in the previous round needs; a client that missed rounds
-    needs the sum of the missed increments, at most delta_dense.
-    """
-    ranks = np.asarray(ranks, np.int64)
-    present = np.ones(ranks.shape, bool) if present is None else np.asarray(present, bool)
-    shapes = _module_shapes(adapters)
-    adapter = lora_ranks.rank_bytes(adapters, ranks, ('b', ) if method == 'ffa' else ('a', 'b'))
-    dense = sum(fi * fo * n for fi, fo, n in shapes) if method in WITH_DELTA else 0
-    if method == 'exact_residual' and residual_rank is not None:
-        rnd = sum(residual_rank * (fi + fo) * n for fi, fo, n in shapes)
-    elif method == 'stack':
-        stacked = int(ranks[present].sum()) if round_clients is None else int(
-            round(round_clients * ranks[present].mean()))
-        rnd = stacked * sum((fi + fo) * n for fi, fo, n in shapes)
-    else:
-        rnd = dense
-    full = np.full(ranks.shape, rnd, np.int64)
-    return {
-        'adapter': adapter,
-        'delta_round': full,
-        'delta_dense': np.full(ranks.shape, dense, np.int64),
-        'total': adapter + full
-    }

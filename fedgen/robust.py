@@ -131,7 +131,8 @@ def multi_krum(stacked: PyTree, w: jax.Array, f: int, m: int) -> tuple[PyTree, j
     others = present[None, :] & present[:, None] & ~jnp.eye(num, dtype=bool)
     d = jnp.sort(jnp.where(others, d, jnp.inf), axis=1)
     k = jnp.maximum(n - f - 2, 1)  # neighbours counted per score (>= 1 when few are present)
-    score = jnp.where(jnp.arange(num)[None, :] < k, d, 0.0).sum(axis=1)
+    # A lone present client has no finite neighbour: its score is 0, not inf, so it is selected.
+    score = jnp.where((jnp.arange(num)[None, :] < k) & jnp.isfinite(d), d, 0.0).sum(axis=1)
     score = jnp.where(present, score, jnp.inf)
     m_eff = jnp.where(m > 0, m, jnp.maximum(n - f, 1))
     rank = jnp.argsort(jnp.argsort(score, stable=True), stable=True)

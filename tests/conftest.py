@@ -5,7 +5,7 @@ import optax
 import pytest
 from PIL import Image
 
-from fedgen import engine, lora, objectives
+from fedgen import algorithms, lora, objectives
 from fedgen.data import batching
 from fedgen.models import gpt
 
@@ -32,7 +32,8 @@ class Tiny:
 
     def algorithm(self, chunk, server='sgd'):
         server_tx = optax.sgd(1.0) if server == 'sgd' else optax.adam(1e-2)
-        return engine.make(engine.Federation(optax.adam(1e-2), server_tx, 6, chunk), self.loss_fn)
+        p = algorithms.MethodParams('fedgen_edge', 6, optax.adam(1e-2), server_tx, chunk=chunk)
+        return algorithms.make(p, self.loss_fn)
 
 
 @pytest.fixture(scope='session')

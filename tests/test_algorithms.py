@@ -1,6 +1,6 @@
-"""Every method is the one engine with typed hyper-parameters: FedProx and Ditto on hand-checked
-quadratics, local-only equals clients alone, FedSA never sends B, centralized is one SGD chain
-over the pooled examples, and each method maps to exactly its own engine fields."""
+"""Every method is a small module over the shared round primitives: FedProx and Ditto on
+hand-checked quadratics, local-only equals clients alone, FedSA never sends B, centralized is one
+SGD chain over the pooled examples, and apply is the server half after the client half."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -182,38 +182,43 @@ def test_fedsa_never_sends_local_blocks(tiny):
         chex.assert_trees_all_equal(b_k, client_state.gather(state.clients, k))
 
 
-# The engine fields that distinguish each method (everything else is the FedAvg default).
-VARIANTS = {
-    'fedgen_edge': {},
-    'fedavg_full': {},
-    'fedprox': dict(prox_mu=MU),
-    'ditto': dict(personal_lambda=0.3),
-    'fedsa': dict(local_leaves=frozenset({'b'})),
-    'local_only': dict(keep_local=True, server_tx=None),
-    'centralized': dict(pooled=True),
+# The module that implements each method, and whether it keeps per-client trees.
+MODULES = {
+    'fedgen_edge': 'fedavg',
+    'fedavg_full': 'fedavg',
+    'fedprox': 'fedavg',
+    'ditto': 'ditto',
+    'fedsa': 'fedsa',
+    'local_only': 'local_only',
+    'centralized': 'centralized',
 }
 EXTRA = {'fedprox': dict(prox_mu=MU), 'ditto': dict(ditto_lambda=0.3)}
 
 
 @pytest.mark.parametrize('name', algorithms.METHODS)
-def test_each_method_is_the_engine_with_its_own_fields(name):
+def test_each_method_is_its_own_module(name, monkeypatch):
     p = params(name, **EXTRA.get(name, {}))
-    fed = algorithms.federation(p)
-    base = engine.Federation(p.client_tx, p.server_tx, p.num_clients, p.chunk)
-    fields = ('prox_mu', 'local_leaves', 'keep_local', 'personal_lambda', 'pooled', 'server_tx')
-    expect = {f: getattr(base, f) for f in fields}
-    expect.update(VARIANTS[name])
-    assert {f: getattr(fed, f) for f in fields} == expect
+    module = getattr(algorithms, MODULES[name])
+    built = []
+    original = module.make
+    monkeypatch.setattr(module, 'make', lambda *a, **k: built.append(name) or original(*a, **k))
     alg = algorithms.make(p, quadratic)
+    assert built == [name]
     assert isinstance(alg, Algorithm)
     assert (alg.personal is not None) == (name in ('ditto', 'fedsa', 'local_only'))
+    assert alg.has_global == (name not in ('fedsa', 'local_only'))
+    assert (alg.server_phase is None) == (name == 'centralized')
     assert p.full_model == (name == 'fedavg_full')
     state = alg.init({'w': {'x': jnp.ones(2)}}, jax.random.PRNGKey(0))
     assert isinstance(state, ServerState)
-    new, m = jax.jit(alg.apply)(state, {}, _data([[[0.0, 1.0]], [[2.0, 3.0]]], [0, 3]))
+    data = _data([[[0.0, 1.0]], [[2.0, 3.0]]], [0, 3])
+    new, m = jax.jit(alg.apply)(state, {}, data)
     assert int(new.round) == 1 and np.isfinite(float(m['train_loss']))
     moved = not np.array_equal(np.asarray(new.trainable['w']['x']), np.ones(2))
     assert moved == (name != 'local_only')  # local-only has no global update
+    if alg.server_phase is not None:  # apply is exactly the server half after the client half
+        split = alg.server_phase(state, data, alg.client_phase(state, {}, data))
+        chex.assert_trees_all_close(jax.jit(lambda s: split)(state), (new, m), rtol=1e-6)
 
 
 def test_variables_split_frozen_and_trainable(tiny):

@@ -5,9 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
 from fedgen import aggregate, privacy
-from fedgen.privacy import dp
+from fedgen.privacy import dp, secagg
 
 C = 8
 
@@ -190,3 +191,96 @@ def test_validation_messages():
         dp.make_params(1.0, 1.0, 10.0, adaptive=True, count_stddev=0.5)
     with pytest.raises(ValueError, match='fed.dp.target_quantile'):
         dp.make_params(1.0, 1.0, 10.0, adaptive=True, target_quantile=1.0)
+
+
+def _flat(tree):
+    return jnp.concatenate([x.ravel() for x in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize('sec', [False, True])
+def test_noise_std_on_the_production_path_with_adaptive_split(sec):
+    z, sigma_b, m = 1.0, 1.2, 6.0
+    params = dp.make_params(1.0, z, m, adaptive=True, count_stddev=sigma_b)
+    clean = dp.make_params(1.0, 0.0, m, adaptive=True, count_stddev=sigma_b)
+    z_d = float(dp.delta_noise_multiplier(params))
+    assert z_d == pytest.approx((1 / z**2 - 1 / (2 * sigma_b)**2)**-0.5, rel=1e-6)  # 1.1
+    state = privacy.ClipState(jnp.float32(0.37))  # S_t != S_0: the noise must follow S_t
+    stacked = _stacked(5)
+    present = jnp.array([1, 1, 0, 1, 1, 1, 1, 0], jnp.float32)
+    sec_params = secagg.make_params(1.0, C, 32, num_params=17) if sec else None
+
+    def noise(key):
+        out, _, metrics = privacy.private_mean(stacked, present, state, key, params, sec_params)
+        # Same key, z = 0: the same clipped (and quantized) sum without the noise.
+        ref, _, _ = privacy.private_mean(stacked, present, state, key, clean, sec_params)
+        return _flat(out) - _flat(ref), metrics['dp_noise_std']
+
+    vals, reported = jax.jit(jax.vmap(noise))(jax.random.split(jax.random.PRNGKey(0), 2000))
+    vals = np.asarray(vals, np.float64).ravel()
+    n = vals.size  # 2000 keys x 17 coordinates
+    want = z_d * 0.37 / m
+    np.testing.assert_allclose(np.asarray(reported), want, rtol=1e-6)
+    # With mean 0 known, sum(v^2) / sigma^2 ~ chi^2_n for independent N(0, sigma^2) values. The
+    # two-sided 1e-6 acceptance region is about +-1.9% on the std; using z instead of z_D (10%
+    # off) or S_0 instead of S_t lands far outside it, so the test can fail.
+    lo, hi = stats.chi2.ppf([5e-7, 1 - 5e-7], n)
+    stat = np.sum(vals**2)
+    assert lo < stat / want**2 < hi, (stat / want**2, lo, hi)
+    assert not lo < stat / (z * 0.37 / m)**2 < hi
+    assert not lo < stat / (z_d * 1.0 / m)**2 < hi
+    assert abs(vals.mean()) < 5 * want / math.sqrt(n)
+
+
+@pytest.mark.parametrize('mode', ['plain', 'fast', 'masked'])
+@pytest.mark.parametrize('who', ['none_present', 'all_dropped'])
+def test_round_without_clients_is_noise_over_expected_count(mode, who):
+    params = dp.make_params(0.8, 1.3, 5.0, adaptive=True, count_stddev=2.0)
+    stacked = _stacked(6)
+    present = jnp.zeros(C) if who == 'none_present' else jnp.ones(C)
+    survived = jnp.zeros(C)
+    sec = None if mode == 'plain' else secagg.make_params(
+        0.8, C, 32, num_params=17, simulate_masks=mode == 'masked')
+    key = jax.random.PRNGKey(11)
+    mean, state, metrics = jax.jit(privacy.private_mean)(stacked, present, privacy.init(params),
+                                                         key, params, sec, None, survived)
+    std = float(dp.delta_noise_multiplier(params)) * 0.8 / 5.0
+    k_noise = jax.random.split(key, 3)[0]
+    zero = jax.tree.map(lambda x: jnp.zeros_like(x[0]), stacked)
+    want = privacy.gaussian_noise(zero, jnp.float32(std), k_noise)
+    for a, b in zip(jax.tree.leaves(mean), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=0)
+        assert np.all(np.asarray(a) != 0)  # noise only, and it is there
+    assert np.isfinite(float(state.clip_norm))
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    assert float(metrics['dp_clipped_frac']) == 0.0
+
+
+@pytest.mark.parametrize('sec', [False, True])
+def test_metrics_split_into_covered_and_diagnostics(sec):
+    assert not set(privacy.COVERED_METRICS) & set(privacy.DIAGNOSTIC_METRICS)
+    assert {'dp_mean_update_norm', 'dp_clipped_frac'} <= set(privacy.DIAGNOSTIC_METRICS)
+    assert {'dp_clip_norm', 'dp_noise_std', 'dp_below_clip_frac'} <= set(privacy.COVERED_METRICS)
+    params = dp.make_params(0.05, 1.0, 6.0, adaptive=True, count_stddev=1.0)
+    sec_params = secagg.make_params(0.05, C, 32, num_params=17) if sec else None
+    present = jnp.array([1, 1, 0, 1, 1, 1, 1, 1], jnp.float32)
+    run = jax.jit(privacy.private_mean)
+    key = jax.random.PRNGKey(2)
+    stacked = _stacked(7)  # every norm is above S = 0.05
+    out = [
+        run(x, present, privacy.init(params), key, params, sec_params)[2]
+        for x in (stacked, jax.tree.map(lambda v: 3 * v, stacked))
+    ]
+    for metrics in out:
+        assert set(metrics) <= set(privacy.COVERED_METRICS) | set(privacy.DIAGNOSTIC_METRICS)
+    covered = [privacy.split_metrics(metrics)[0] for metrics in out]
+    diagnostics = [privacy.split_metrics(metrics)[1] for metrics in out]
+    # Tripling raw updates that are all clipped leaves everything inside epsilon unchanged ...
+    assert covered[0].keys() == covered[1].keys()
+    for name in covered[0]:
+        np.testing.assert_allclose(float(covered[0][name]), float(covered[1][name]), rtol=1e-6)
+    # ... while a diagnostic of the raw updates sees it.
+    np.testing.assert_allclose(float(diagnostics[1]['dp_mean_update_norm']),
+                               3 * float(diagnostics[0]['dp_mean_update_norm']),
+                               rtol=1e-5)
+    if sec:
+        assert {'secagg_survived', 'secagg_dropped'} <= diagnostics[0].keys()

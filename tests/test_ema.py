@@ -64,7 +64,7 @@ def test_decay_zero_changes_nothing(tiny):
     alg = tiny.algorithm(chunk=2)
     assert base.with_ema(alg, 0.0) is alg and base.with_ema(alg, 0) is alg
     state = base.with_ema(alg, 0.0).init({'lora': tiny.adapters}, jax.random.PRNGKey(3))
-    assert state.aux == {} and base.ema_of(state) is None
+    assert base.EMA_KEY not in state.aux and base.ema_of(state) is None
 
 
 @pytest.mark.parametrize('decay', [1.0, -0.1, 1.5, True, '0.9', None])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedgen import client, engine
+from fedgen import algorithms, client, engine
 from fedgen.data import batching
 from fedgen.data.batching import RoundData
 from fedgen.metrics import dataset_loss
@@ -65,8 +65,8 @@ def test_fedavg_with_sgd_by_hand():
     """Two clients, SGD(lr) on quadratics, masked third step for client 1, server sgd(eta):
     w' = w + eta sum_k n_k (w_k - w) / sum n_k, every number computed in numpy."""
     lr, eta = 0.1, 0.5
-    fed = engine.Federation(optax.sgd(lr), optax.sgd(eta), num_clients=5, chunk=1)
-    alg = engine.make(fed, quadratic)
+    p = algorithms.MethodParams('fedgen_edge', 5, optax.sgd(lr), optax.sgd(eta), chunk=1)
+    alg = algorithms.make(p, quadratic)
     w = np.array([1.0, -2.0], np.float32)
     c = np.array([[[3.0, 0.0], [1.0, 1.0], [0.0, 2.0]], [[-1.0, 4.0], [2.0, 2.0], [9.0, 9.0]]],
                  np.float32)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 
 from conftest import TINY
-from fedgen import algorithms, fates, objectives, privacy
+from fedgen import aggregators, algorithms, fates, objectives
 from fedgen.data import batching
 from fedgen.models import gpt
 from fedgen.privacy import dp as dp_lib
@@ -68,7 +68,7 @@ def test_fates_trace_once_and_equal_dropping_by_hand(tiny):
 
 def test_dp_round_traces_once_over_varying_counts_and_z0_is_uniform_fedavg(tiny):
     params = dp_lib.make_params(float('inf'), 0.0, 4)
-    p = method(reducer=privacy.reducer(params), aux_init=privacy.aux_init(params))
+    p = method(aggregator=aggregators.dp_mean(params), log_diagnostics=True)
     alg, frozen, state = build(tiny, p)
     apply, traces = counted(alg)
     s = state
@@ -90,7 +90,8 @@ def test_dp_round_traces_once_over_varying_counts_and_z0_is_uniform_fedavg(tiny)
 
 def test_rank_two_client_in_rank_eight_program_equals_rank_two_program(tiny):
     wide = algorithms.LoraSpec(8, 16.0, ('attn', ))
-    p = method(client_ranks=(2, 8, 4, 8, 2, 8))
+    p = method(client_ranks=(2, 8, 4, 8, 2, 8),
+               aggregator=aggregators.hetlora(aggregators.weighted_mean()))
     alg, frozen, state = build(tiny, p, wide)
     apply, traces = counted(alg)
     for rnd, ids in enumerate(([0], [1], [2])):  # different ranks, one program
@@ -103,10 +104,10 @@ def test_rank_two_client_in_rank_eight_program_equals_rank_two_program(tiny):
     model = gpt.GPT(dataclasses.replace(TINY, lora_alpha=TINY.lora_alpha * 2 / 8))
     alg2, _, state2 = build(tiny, method(), narrow, objectives.next_token_loss(model))
     first = jax.tree_util.tree_map_with_path(
-        lambda path, x: x[..., :2] if path[-1].key == 'a' else x[:2], state.trainable)
+        lambda path, x: x[..., :2] if path[-1].key == 'a' else x[..., :2, :], state.trainable)
     state2 = state2.replace(trainable=first, opt_state=alg2.init(first, state.rng).opt_state)
     state2 = state2.replace(rng=state.rng)
     want, _ = jax.jit(alg2.apply)(state2, frozen, tiny.round_data([0], 0))
     got_first = jax.tree_util.tree_map_with_path(
-        lambda path, x: x[..., :2] if path[-1].key == 'a' else x[:2], got.trainable)
+        lambda path, x: x[..., :2] if path[-1].key == 'a' else x[..., :2, :], got.trainable)
     chex.assert_trees_all_close(got_first, want.trainable, atol=1e-6)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import claims, report, reproduce
-from fedgen import aggregate
+from fedgen import aggregate, aggregators
 
 CLAIMS = ('1. uplink', '2. PTB perplexity', '3. CIFAR-10 quality', '4. personalization',
           '5. LoRA rank', '6. local epochs')
@@ -94,14 +94,23 @@ def test_claim_rules_on_hand_examples():
     assert claims.claim_epochs([1, 2, 5], [100, 90, 95], [0.1, None, 0.4])[0] == (claims.UNTESTABLE)
 
 
-def test_drift_reducer_is_the_weighted_mean_plus_drift():
+def test_drift_hook_is_the_weighted_mean_plus_drift():
     u = {'a': jnp.array([[2.0, 0.0], [0.0, 0.0], [100.0, 100.0]])}
     w = jnp.array([1.0, 1.0, 0.0])  # the third client did not report
-    mean, aux, m = reproduce.drift_reducer(u, w, None, 'aux', {})
+    agg = aggregators.weighted_mean(drift=True)
+    mean, state, m = agg.aggregate(u, w, 'state', None, None)
     np.testing.assert_allclose(mean['a'], aggregate.weighted_mean(u, w)['a'])
     np.testing.assert_allclose(mean['a'], [1.0, 0.0])
-    assert aux == 'aux'
+    assert state == 'state'
     np.testing.assert_allclose(m['client_drift'], 1.0, rtol=1e-6)  # (1 + 1) / 2 / ||[1, 0]||
+    assert 'client_drift' not in aggregators.weighted_mean().aggregate(u, w, (), None, None)[2]
+
+
+def test_reproduce_turns_the_drift_hook_on_in_a_copy():
+    from configs import ptb_fedgen_edge
+    c = ptb_fedgen_edge.get_config('tiny')
+    on = reproduce.measured(c)
+    assert on.fed.log_client_drift and not c.fed.log_client_drift
 
 
 def test_param_bytes_splits_embeddings():

@@ -102,11 +102,15 @@ def test_private_mean_with_secagg_equals_fedavg_within_bound():
     present = jnp.asarray(np.arange(C) < 8, jnp.float32)
     survived = present.at[2].set(0.0)  # a dropout after masking
     params = dp.make_params(0.5, 0.0, 8.0)
-    sec = secagg.make_params(0.5, C, 24)
+    sec = secagg.make_params(0.5, C, 24, num_params=51)
     ids = jnp.arange(100, 100 + C, dtype=jnp.int32)
     run = jax.jit(privacy.private_mean)
     mean, _, metrics = run(tree, present, privacy.init(params), KEY, params, sec, ids, survived)
-    plain, _, _ = run(tree, present, privacy.init(params), KEY, params, None, ids, survived)
+    # Under SecAgg every update is clipped to S' = S - 1.5 sqrt(D) / s before quantizing.
+    s_prime = 0.5 - 1.5 * math.sqrt(51) / sec.scale
+    np.testing.assert_allclose(float(metrics['secagg_clip_norm']), s_prime, rtol=1e-6)
+    clipped, _ = dp.clip(dp.clip(tree, 0.5)[0], s_prime)
+    plain = privacy.divide_by_expected(privacy.plain_sum(clipped, survived), 8.0)
     for a, b in zip(jax.tree.leaves(mean), jax.tree.leaves(plain)):
         bound = 1.5 * 7 / (sec.scale * 8.0) + 2.0**-22 * np.abs(np.asarray(b))
         assert np.all(np.abs(np.asarray(a) - np.asarray(b)) <= bound)
@@ -177,3 +181,118 @@ def test_secure_sum_traces_once_over_dropout_patterns(clipped, ids):
         ref = np.asarray(x, np.float64)[np.asarray(surv, bool)].sum(0)
         assert np.all(np.abs(np.asarray(got) - ref) <= 1.5 * C / scale + 2.0**-23 * np.abs(ref))
     assert len(traces) == 1
+
+
+@pytest.mark.parametrize('bits', [32, 20])
+@pytest.mark.parametrize('pattern', ['all', 'dropouts', 'nobody', 'all_dropped'])
+def test_fast_path_equals_masked_path_bit_for_bit(clipped, ids, bits, pattern):
+    part = np.asarray(np.arange(C) != 4, np.float32)  # slot 4 is padding
+    surv = part.copy()
+    if pattern == 'all':
+        part = surv = np.ones(C, np.float32)
+    elif pattern == 'dropouts':
+        surv[[0, 7, 9]] = 0  # dropped after masking: survived < present
+    elif pattern == 'nobody':
+        part = surv = np.zeros(C, np.float32)
+    else:
+        surv[:] = 0
+    part, surv = jnp.asarray(part), jnp.asarray(surv)
+    x = clipped[:, :3000]
+    scale = float(secagg.max_scale(1.0, C, bits))
+    fast, fast_m = secagg.secure_sum(x, ids, part, surv, scale, bits, KEY)
+    masked, masked_m = secagg.secure_sum(x, ids, part, surv, scale, bits, KEY, True)
+    np.testing.assert_array_equal(np.asarray(fast), np.asarray(masked))
+    assert fast_m.keys() == masked_m.keys()
+    q = secagg.quantize(x, ids, scale, bits, KEY)
+    want = _np_mod_sum(q, np.asarray(surv) * np.asarray(part)) & np.uint32(2**bits - 1)
+    np.testing.assert_array_equal(np.asarray(secagg.ring_sum(q, part, surv, bits)), want)
+    # The production entry, noise included, gives the same bits on either path.
+    params = dp.make_params(1.0, 0.7, 6.0)
+    outs = [
+        jax.jit(privacy.private_mean)({
+            'w': x
+        }, part, privacy.init(params), KEY, params,
+                                      secagg.make_params(1.0, C, bits, simulate_masks=sim), ids,
+                                      surv)[0]['w'] for sim in (False, True)
+    ]
+    np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(outs[1]))
+
+
+def _dequantized_norms(flat, ids, scale, bits, key):
+    """||q_k / s|| in float64 from the exact integers (the update one client adds to the sum)."""
+    q = secagg.to_signed(secagg.quantize(flat, ids, scale, bits, key), bits)
+    return np.linalg.norm(np.asarray(q, np.float64) / scale, axis=1)
+
+
+def test_quantized_update_norm_is_within_the_noise_clip_norm():
+    # A coarse scale, so that the rounding margin 1.5 sqrt(D) / s is 30% of S.
+    n, d, s_clip, bits = 8, 2000, 1.0, 32
+    scale = 1.5 * math.sqrt(d) / (0.3 * s_clip)
+    sec = secagg.make_params(s_clip, n, bits, scale=scale, num_params=d)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    x *= (np.linspace(1.0, 4.0, n, dtype=np.float32) / np.linalg.norm(x, axis=1))[:, None]
+    ids = jnp.arange(n, dtype=jnp.int32)
+    clipped, _ = privacy.clip(jnp.asarray(x), s_clip)  # the DP clip at S: every norm >= S here
+    worst, without_margin = 0.0, 0.0
+    for t in range(20):
+        key = jax.random.PRNGKey(t)
+        # The production block alone with one survivor returns that client's q_k / s: the
+        # change of the released sum when the client is added or removed.
+        for k in range(n):
+            one = jnp.asarray(np.arange(n) == k, jnp.float32)
+            total, metrics = privacy.secure_sum(clipped, ids, jnp.ones(n), one, s_clip, sec, key)
+            worst = max(worst, float(np.linalg.norm(np.asarray(total, np.float64))))
+        # The same quantizer on updates clipped at S only (no margin) exceeds S.
+        without_margin = max(without_margin,
+                             _dequantized_norms(clipped, ids, scale, bits, key).max())
+    s_prime = float(metrics['secagg_clip_norm'])
+    assert s_prime == pytest.approx(0.7 * s_clip, rel=1e-5)
+    assert worst <= s_clip, worst  # the sensitivity the noise z S is calibrated to
+    assert without_margin > s_clip  # so the test can fail: the margin is needed
+
+
+def test_adaptive_clip_norm_moves_the_scale_and_keeps_the_bound():
+    n, d, s0, bits = 8, 2000, 1.0, 16
+    sec = secagg.make_params(s0, n, bits, num_params=d)  # scale = max_scale(S_0)
+    ratio0 = 1.5 * math.sqrt(d) / (sec.scale * s0)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    ids = jnp.arange(n, dtype=jnp.int32)
+    for s_t in (s0 / 50, s0, 7 * s0):
+        clipped, _ = privacy.clip(x, s_t)
+        scale = float(secagg.round_scale(sec.scale, s0, s_t, n, bits))
+        np.testing.assert_allclose(scale,
+                                   min(sec.scale * s0 / s_t, secagg.max_scale(s_t, n, bits)),
+                                   rtol=1e-6)
+        # Never wraps at S_t: n (S s + 2) <= 2^(b-1) - 1, up to the float32 rounding of the
+        # in-graph scale (harmless: |q| < S s + 1.5 leaves 0.5 n of slack inside the + 2).
+        assert n * (s_t * scale + 2) <= (2**(bits - 1) - 1) * (1 + 1e-6)
+        total, metrics = privacy.secure_sum(clipped,
+                                            ids,
+                                            jnp.ones(n),
+                                            jnp.ones(n),
+                                            s_t,
+                                            sec,
+                                            KEY,
+                                            clip_norm_0=s0)
+        assert float(metrics['secagg_scale']) == pytest.approx(scale, rel=1e-6)
+        # The relative margin never exceeds its value at S_0, which make_params checked.
+        assert float(metrics['secagg_clip_norm']) >= s_t * (1 - ratio0) * (1 - 1e-5)
+        s_prime = float(metrics['secagg_clip_norm'])
+        again, _ = privacy.clip(clipped, s_prime)
+        assert _dequantized_norms(again, ids, scale, bits, KEY).max() <= s_t
+
+
+def test_quantization_margin_refusals_are_one_line():
+    # 10 clients at 12 bits leave S s <= 202.7 < 1.5 sqrt(40000) = 300: only more bits help.
+    with pytest.raises(ValueError, match='fed.secagg.bits .*13 or more') as err:
+        secagg.make_params(1.0, 10, bits=12, num_params=40_000)
+    assert 'fed.dp.clip_norm' in str(err.value) and '\n' not in str(err.value)
+    # A hand-set scale that is too coarse: raising fed.secagg.scale helps.
+    with pytest.raises(ValueError, match='raise fed.secagg.scale') as err:
+        secagg.make_params(1.0, 10, bits=32, scale=100.0, num_params=10_000)
+    assert '\n' not in str(err.value)
+    # The same settings with a fine enough scale pass, and D = 0 skips the check.
+    assert secagg.make_params(1.0, 10, bits=13, num_params=40_000).bits == 13
+    assert secagg.make_params(1.0, 10, bits=32, scale=100.0).scale == 100.0

@@ -68,8 +68,13 @@ def test_vmapped_seeds_equal_separate_runs(corpus, backbone, tmp_path):
         assert s1 == s2 == 2
         lx, ly = jax.tree.leaves(x['trainable']), jax.tree.leaves(y['trainable'])
         assert len(lx) == len(ly) > 0
+        # Equal up to float32 reassociation: batched (vmapped) and unbatched matmuls round
+        # differently on some CPUs (AVX-512 kernels), and Adam's normalization can turn a
+        # perturbed near-zero gradient into a small fraction of one step of size lr. 1% of one
+        # step bounds that; another seed moves the adapters by many steps.
+        step = c.fed.client_lr
         for u, v in zip(lx, ly):
-            np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=0.01 * step)
         with open(os.path.join(run_dir, 'config.json')) as f:  # train reproduces this run
             assert json.load(f) == json.loads(c.to_json_best_effort())
     # The seeds really differ (sampling, batches, adapter init), so the equality is not vacuous.

@@ -134,20 +134,17 @@ def test_nonfinite_global_state_stops_without_saving(base, corpus, tmp_path):
     assert _rows(workdir) == []
 
 
-def test_round_without_clients_stops():
+def test_round_without_clients_is_a_row_and_a_non_finite_state_stops():
     metrics = {
         'train_loss': np.float32(0.0),
         'clients_used': np.float32(0.0),
         'nonfinite_ids': np.array([4, -1])
     }
     state = {'w': np.ones(2, np.float32)}
-    with pytest.raises(ValueError, match=r'^round 5: every sampled client was excluded.*round 4$'):
-        train.round_row(5, metrics, 4, state)
-    ok = train.round_row(5, {
-        'clients_used': np.float32(1.0),
-        'nonfinite_ids': np.array([4, -1])
-    }, 4, state)
-    assert ok == {'round': 5, 'clients_used': 1.0, 'nonfinite_ids': [4]}
+    row = train.round_row(5, metrics, 4, state)  # K_t = 0 is a valid round (model kept)
+    assert row == {'round': 5, 'train_loss': 0.0, 'clients_used': 0.0, 'nonfinite_ids': [4]}
+    with pytest.raises(ValueError, match=r'^round 5: the global state holds NaN.*round 4$'):
+        train.round_row(5, {'clients_used': np.float32(1.0)}, 4, {'w': np.full(2, np.nan)})
 
 
 def test_workdir_of_another_config_is_refused_unless_overwrite(base, corpus, tmp_path):

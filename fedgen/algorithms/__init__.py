@@ -1,18 +1,18 @@
-"""Federated methods: each is the one engine (:mod:`fedgen.engine`) with typed hyper-parameters.
+"""Federated methods: small modules over the shared round primitives (fedgen/engine.py).
 
-| method        | trainable          | what differs (engine.Federation fields)                    |
-|---------------|--------------------|------------------------------------------------------------|
-| fedgen_edge   | LoRA adapters      | nothing: FedAvg of adapters over the frozen backbone       |
-| fedavg_full   | every backbone leaf| nothing: full-model FedAvg (the uplink baseline)            |
-| fedprox       | adapters (or full) | prox_mu > 0 (Li et al. 2020)                               |
-| ditto         | adapters           | personal_lambda > 0: a personal model per client (Li 2021) |
-| fedsa         | adapters           | local_leaves={'b'}: A shared, B local (Guo et al. 2024)    |
-| local_only    | adapters           | keep_local: every client trains alone, nothing is sent     |
-| centralized   | adapters           | pooled: one chain over the sampled clients' pooled data    |
+| method        | module      | trainable          | what differs                                  |
+|---------------|-------------|--------------------|-----------------------------------------------|
+| fedgen_edge   | fedavg      | LoRA adapters      | FedAvg of adapters over the frozen backbone   |
+| fedavg_full   | fedavg      | every backbone leaf| full-model FedAvg (the uplink baseline)       |
+| fedprox       | fedavg      | adapters (or full) | prox_mu > 0 (Li et al. 2020)                  |
+| ditto         | ditto       | adapters           | a personal model per client (Li et al. 2021)  |
+| fedsa         | fedsa       | adapters           | A shared, B local (Guo et al. 2024)           |
+| local_only    | local_only  | adapters           | every client trains alone, nothing is sent    |
+| centralized   | centralized | adapters           | one chain over the sampled clients' pool      |
 
-FedAdam / FedYogi / FedAdagrad are any of these with that server optimizer. The LoRA
-aggregation (``lora_aggregation``: avg_ab, exact_residual, svd_refactor, ffa, stack) and
-heterogeneous client ranks (``client_ranks``) apply to the adapter methods that average (A, B).
+FedAdam / FedYogi / FedAdagrad are any of these with that server optimizer. The server side is one
+``fedgen.aggregators.Aggregator`` (``MethodParams.aggregator``); a method that cannot run with an
+aggregator, a server optimizer or heterogeneous ranks says so when its MethodParams is built.
 """
 import dataclasses
 from typing import Optional
@@ -21,13 +21,14 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from flax import traverse_util
-
-from fedgen import engine, lora, lora_aggregation
+from fedgen import aggregators, engine, lora
+from fedgen.algorithms import centralized, ditto, fedavg, fedsa, local_only, optim
 from fedgen.base import Algorithm
 
 METHODS = ('fedgen_edge', 'fedavg_full', 'fedprox', 'ditto', 'fedsa', 'local_only', 'centralized')
 PROX_TARGETS = ('lora', 'full')
+# Methods that upload nothing to aggregate.
+NO_UPLOAD = ('local_only', 'centralized')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,30 +43,37 @@ class LoraSpec:
 class MethodParams:
     """Typed hyper-parameters of a method; the entry point builds them once from the config.
 
-    name: one of METHODS (config ``fed.algorithm``); num_clients: N; chunk: clients per vmap;
+    name: one of METHODS (config ``fed.algorithm``); num_clients: N; chunk: clients per map;
     prox_mu: FedProx's mu (any method; fedprox requires > 0); prox_target: what fedprox trains;
-    ditto_lambda: Ditto's lambda (> 0 for ditto); reducer: the server's reduction over uploads;
-    aux_init(trainable): the reduction's initial server-side state; faults: simulated faults.
+    ditto_lambda: Ditto's lambda (> 0 for ditto); aggregator: the server's one Aggregator;
+    server_opt: the server optimizer's spec (server_tx is built from it); faults: simulated
+    faults; client_ranks: [N] LoRA ranks or None; log_diagnostics: publish statistics of raw
+    client updates under DP (outside epsilon).
     """
     name: str
     num_clients: int
     client_tx: optax.GradientTransformation
     server_tx: optax.GradientTransformation
-    lora: LoraSpec
+    lora: Optional[LoraSpec] = None
     chunk: int = 1
     prox_mu: float = 0.0
     prox_target: str = 'lora'
     ditto_lambda: float = 0.0
-    reducer: engine.Reducer = engine.weighted_mean_reducer
-    aux_init: Optional[object] = None
+    aggregator: aggregators.Aggregator = aggregators.weighted_mean()
+    server_opt: optim.ServerOptSpec = optim.ServerOptSpec()
     faults: engine.Faults = engine.Faults()
-    lora_aggregation: str = 'avg_ab'
-    residual_rank: Optional[int] = None
     client_ranks: Optional[tuple] = None
+    log_diagnostics: bool = False
 
     def __post_init__(self):
         if self.name not in METHODS:
             raise ValueError(f'fed.algorithm must be one of {list(METHODS)}, got {self.name!r}')
+        if not (isinstance(self.num_clients, int) and self.num_clients >= 1):
+            raise ValueError(f'fed.num_clients must be an int >= 1, got {self.num_clients!r}')
+        if not (isinstance(self.chunk, int) and self.chunk >= 1):
+            raise ValueError(f'fed.client_chunk must be an int >= 1, got {self.chunk!r}')
+        if self.prox_mu < 0:
+            raise ValueError(f'fed.prox_mu must be >= 0, got {self.prox_mu}')
         if self.name == 'fedprox' and not self.prox_mu > 0:
             raise ValueError(f'fed.prox_mu must be > 0 for fedprox, got {self.prox_mu!r}')
         if self.prox_target not in PROX_TARGETS:
@@ -73,15 +81,7 @@ class MethodParams:
                              f'{self.prox_target!r}')
         if self.name == 'ditto' and not self.ditto_lambda > 0:
             raise ValueError(f'fed.ditto_lambda must be > 0 for ditto, got {self.ditto_lambda!r}')
-        hetero = self.client_ranks is not None and len(set(self.client_ranks)) > 1
-        algorithm = 'fedavg_full' if self.full_model else self.name
-        lora_aggregation.validate(self.lora_aggregation,
-                                  self.residual_rank,
-                                  heterogeneous_ranks=hetero,
-                                  algorithm=algorithm)
-        if self.client_ranks is not None and self.name in ('ditto', 'fedsa'):
-            raise ValueError(f'lora.client_ranks runs with fedgen_edge and fedprox (clients that '
-                             f'start from the global adapter), not fed.algorithm={self.name!r}')
+        check_combination(self)
 
     @property
     def has_global(self) -> bool:
@@ -95,53 +95,59 @@ class MethodParams:
         return self.name == 'fedavg_full' or (self.name == 'fedprox' and self.prox_target == 'full')
 
 
+def check_combination(p: MethodParams) -> None:
+    """Refuses (one line naming both settings) what the method cannot run with."""
+    agg, method = p.aggregator, f'fed.algorithm={p.name!r}'
+    sgd1 = p.server_opt.name == 'sgd' and p.server_opt.lr == 1.0
+    if p.name in NO_UPLOAD:
+        if agg.private:
+            aggregators.refuse(
+                agg.label, method, 'it uploads no model updates (local_only) or '
+                'pools raw data (centralized), so there is nothing to privatise')
+        if agg.individual or agg.sets_global or agg.client_frozen:
+            aggregators.refuse(method, agg.label, 'it aggregates no client updates')
+    if p.name == 'local_only' and not sgd1:
+        aggregators.refuse(method, f'fed.server_opt={p.server_opt.name!r} (lr {p.server_opt.lr})',
+                           'there is no server step')
+    if agg.sets_global and not sgd1:
+        aggregators.refuse(
+            agg.label, f'fed.server_opt={p.server_opt.name!r} (fed.server_lr={p.server_opt.lr})',
+            "it sets the global adapter itself; use fed.server_opt='sgd' with "
+            'fed.server_lr=1.0')
+    if (p.full_model or p.name == 'fedsa') and (agg.sets_global or agg.client_frozen):
+        why = 'B never leaves the client' if p.name == 'fedsa' else 'there are no adapters'
+        aggregators.refuse(agg.label, method, why)
+    hetero = p.client_ranks is not None and len(set(p.client_ranks)) > 1
+    if p.client_ranks is not None and (p.name in ('ditto', 'fedsa') or p.full_model
+                                       or hetero and p.name in NO_UPLOAD):
+        aggregators.refuse(
+            'lora.client_ranks', method, 'heterogeneous ranks run with '
+            'fedgen_edge and fedprox on adapters (clients that start from the '
+            'global adapter)')
+    if p.client_ranks is not None and not agg.ranks:
+        aggregators.refuse(
+            'lora.client_ranks', agg.label, 'the aggregator must average each rank '
+            'slice over its owners (fedgen.aggregators.hetlora or a product one)')
+
+
 def variables(p: MethodParams, backbone: dict, rng: jax.Array) -> tuple[dict, dict]:
     """(frozen, trainable): ({}, {'params': backbone}) for full-model methods, else
     ({'params': backbone}, {'lora': adapters}) with B = 0 (round 0 starts at the backbone)."""
     if p.full_model:
         return {}, {'params': backbone}
+    if p.lora is None:
+        raise ValueError('lora: adapter methods need a LoraSpec (lora.rank, lora.alpha, '
+                         'lora.targets)')
     adapters = lora.init(rng, backbone, p.lora.targets, p.lora.rank)
     return {'params': backbone}, {'lora': adapters}
 
 
-def _frozen_a(tree):
-    """optax.multi_transform labels for FFA-LoRA: every A leaf 'freeze', the rest 'train'."""
-    flat = traverse_util.flatten_dict(tree)
-    return traverse_util.unflatten_dict({k: 'freeze' if k[-1] == 'a' else 'train' for k in flat})
-
-
-def federation(p: MethodParams) -> engine.Federation:
-    """The engine's hyper-parameters for method ``p.name``."""
-    client_tx = p.client_tx
-    if p.lora_aggregation == 'ffa':  # A stays at its init: its updates are set to zero
-        client_tx = optax.multi_transform({
-            'train': client_tx,
-            'freeze': optax.set_to_zero()
-        }, _frozen_a)
-    lora_agg = None
-    if not p.full_model and (p.lora_aggregation != 'avg_ab' or p.client_ranks is not None):
-        lora_agg = lora_aggregation.LoraAggregation(p.lora_aggregation, p.lora.alpha,
-                                                    p.residual_rank)
-    common = dict(client_tx=client_tx,
-                  server_tx=p.server_tx,
-                  num_clients=p.num_clients,
-                  chunk=p.chunk,
-                  prox_mu=p.prox_mu,
-                  reducer=p.reducer,
-                  faults=p.faults,
-                  lora_agg=lora_agg,
-                  client_ranks=p.client_ranks)
-    if p.aux_init is not None:
-        common['aux_init'] = p.aux_init
-    variant = {
-        'ditto': dict(personal_lambda=p.ditto_lambda),
-        'fedsa': dict(local_leaves=frozenset({'b'})),
-        'local_only': dict(keep_local=True, server_tx=None, prox_mu=0.0),
-        'centralized': dict(pooled=True, prox_mu=0.0),
-    }.get(p.name, {})
-    return engine.Federation(**{**common, **variant})
-
-
 def make(p: MethodParams, loss_fn, mesh: Mesh | None = None) -> Algorithm:
     """The method's Algorithm for a task's loss; ``mesh`` shards the client axis."""
-    return engine.make(federation(p), loss_fn, mesh)
+    module = {
+        'ditto': ditto,
+        'fedsa': fedsa,
+        'local_only': local_only,
+        'centralized': centralized
+    }.get(p.name, fedavg)
+    return module.make(p, loss_fn, mesh)

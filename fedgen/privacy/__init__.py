@@ -1,78 +1,42 @@
-"""Private aggregation of one round: clip -> (secure sum) -> Gaussian noise -> / expected count.
+"""Private aggregation of one round: clip -> (secure) sum -> Gaussian noise -> / expected count.
 
     mean = (sum_{k in U} clip(D_k, S_t) + N(0, (z_D S_t)^2 I)) / m
 with U the clients whose update reaches the server (``survived``; all ``present`` by default),
 z_D the update's share of the noise (``dp.delta_noise_multiplier``), m the expected client count.
-With ``secagg`` the sum is computed by the simulated pairwise-masking protocol on the quantized
-clipped updates (the server sees only the masked sum); the noise is added by the server after
-unmasking, so the server is still trusted with the noise (docs/privacy.md, trust models).
+With ``secagg`` the sum is computed over the ring Z_{2^b} on the quantized clipped updates (each
+clipped to S_t - 1.5 sqrt(D) / s_t first, so the dequantized update keeps norm <= S_t); the server
+sees only that sum, and adds the noise after unmasking, so it is still trusted with the noise
+(docs/privacy.md, trust models). ``private_mean`` is the composition of the blocks in
+``privacy.blocks`` (clip, adaptive_clip, plain_sum / secure_sum, divide_by_expected,
+gaussian_noise), exported here for aggregation pipelines.
 
-Shapes: ``stacked`` leaves [C, ...]; ``present``, ``survived``, ``ids`` [C]. The whole function is
+Shapes: ``stacked`` leaves [C, ...]; ``present``, ``survived``, ``ids`` [C]. Everything is
 traceable; ``dp`` and ``secagg`` are pytrees whose numbers are traced, so a new value of z, S, m
-or the scale does not recompile (``dp.adaptive`` and ``secagg.bits`` are static).
-"""
-from typing import Any, Optional, Tuple
+or the scale does not recompile (``dp.adaptive``, ``secagg.bits`` and ``secagg.simulate_masks``
+are static).
 
-import jax
-import jax.numpy as jnp
+Metrics: ``COVERED_METRICS`` fall inside epsilon, ``DIAGNOSTIC_METRICS`` outside it
+(``split_metrics``).
+"""
+from typing import Optional
 
 from fedgen.privacy import dp as dp_lib
-from fedgen.privacy import secagg as secagg_lib
+from fedgen.privacy.blocks import (COVERED_METRICS, DIAGNOSTIC_METRICS, adaptive_clip, clip,
+                                   divide_by_expected, gaussian_noise, plain_sum, private_mean,
+                                   secure_sum, split_metrics)
 from fedgen.privacy.dp import ClipState, DPParams
 from fedgen.privacy.secagg import SecAggParams
 
-PyTree = Any
-
-__all__ = ['ClipState', 'DPParams', 'SecAggParams', 'aux_init', 'init', 'private_mean', 'reducer']
+__all__ = [
+    'COVERED_METRICS', 'ClipState', 'DIAGNOSTIC_METRICS', 'DPParams', 'SecAggParams',
+    'adaptive_clip', 'aux_init', 'clip', 'divide_by_expected', 'gaussian_noise', 'init',
+    'plain_sum', 'private_mean', 'reducer', 'secure_sum', 'split_metrics'
+]
 
 
 def init(params: DPParams) -> ClipState:
     """The server's privacy state: the clip norm S_0."""
     return dp_lib.init_clip_state(params)
-
-
-def private_mean(stacked: PyTree,
-                 present: jax.Array,
-                 state: ClipState,
-                 key: jax.Array,
-                 params: DPParams,
-                 secagg: Optional[SecAggParams] = None,
-                 ids: Optional[jax.Array] = None,
-                 survived: Optional[jax.Array] = None) -> Tuple[PyTree, ClipState, dict]:
-    """One round's private mean: (mean tree like one client, new ClipState, metrics).
-
-    present: [C] clients that took part (masked their input, under SecAgg); survived: [C] those
-    whose upload arrived (defaults to present; dropouts after masking are present & ~survived).
-    ids: [C] distinct client ids, keying pair seeds and rounding noise (defaults to 0..C-1).
-    key: this round's key (fold_in(run key, round)); split here into noise, count and SecAgg.
-    """
-    present = present.astype(jnp.float32)
-    survived = present if survived is None else survived.astype(jnp.float32) * present
-    if ids is None:
-        ids = jnp.arange(present.shape[0], dtype=jnp.int32)
-    k_noise, k_count, k_sec = jax.random.split(key, 3)
-    s_t = state.clip_norm
-    clipped, norms = dp_lib.clip(stacked, s_t)
-    std = dp_lib.noise_std(dp_lib.delta_noise_multiplier(params), s_t)
-    metrics = dp_lib.clip_metrics(norms, survived, s_t)
-    if secagg is None:
-        mean = dp_lib.mean_plus_noise(clipped, survived, std, params.expected_clients, k_noise)
-    else:
-        flat, unflatten = secagg_lib.flatten(clipped)
-        # Under adaptive clipping S_t moves; never use a scale that could overflow at S_t.
-        scale = jnp.minimum(
-            jnp.asarray(secagg.scale, jnp.float32),
-            secagg_lib.max_scale(jnp.asarray(s_t, jnp.float32), present.shape[0], secagg.bits))
-        total, sec_metrics = secagg_lib.secure_sum(flat, ids, present, survived, scale, secagg.bits,
-                                                   k_sec)
-        metrics.update(sec_metrics)
-        m = jnp.asarray(params.expected_clients, jnp.float32)
-        mean = dp_lib.add_noise(unflatten(total / m), std / m, k_noise)
-    metrics['dp_noise_std'] = std / jnp.asarray(params.expected_clients, jnp.float32)
-    if params.adaptive:
-        state, adaptive_metrics = dp_lib.update_adaptive(state, norms, survived, params, k_count)
-        metrics.update(adaptive_metrics)
-    return mean, state, metrics
 
 
 def reducer(params: DPParams, secagg: Optional[SecAggParams] = None):

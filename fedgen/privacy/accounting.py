@@ -8,6 +8,10 @@ One round is one sampled Gaussian mechanism on the clipped sum (sensitivity S, n
              z / 2: SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z / 2)) (Wang, Balle,
              Kasiviswanathan 2019). dp-accounting implements this event in RDP only.
 T rounds are the self-composition of that event; (epsilon, delta) is read from the accountant.
+
+delta: the default is N^-1.1 (``default_delta``), and ``check`` refuses delta >= 1/N. A mechanism
+that publishes the whole data of one user drawn at random is (0, 1/N)-DP, so a delta of 1/N or
+more certifies nothing; N^-1.1 stays below 1/N by the factor N^0.1 at every N >= 2.
 With adaptive clipping, z is the multiplier of the composed (sum, count) mechanism (see ``dp``).
 A server optimizer other than plain SGD, and every later use of the model, is post-processing of
 the noisy aggregates: the guarantee covers them unchanged.
@@ -22,10 +26,26 @@ SAMPLINGS = ('poisson', 'fixed')
 MAX_NOISE_MULTIPLIER = 1e3  # calibration gives up beyond this z: the model would learn nothing
 
 
+def default_delta(num_clients: int) -> float:
+    """delta = N^-1.1 for a population of N = fed.num_clients >= 2 users."""
+    if not num_clients >= 2:
+        raise ValueError(f'DP needs fed.num_clients >= 2 (delta = N^-1.1 < 1/N), got {num_clients}')
+    return float(num_clients)**-1.1
+
+
 def check(delta: float, accountant: str, sampling: str, q: float, num_clients: int = 0) -> None:
-    """One-line ValueErrors for the accounting fields, before any compute."""
+    """One-line ValueErrors for the accounting fields, before any compute.
+
+    num_clients: N, the population; 0 means unknown (then only 0 < delta < 1 is checked). With
+    N >= 1 the allowed range is 0 < delta < 1/N.
+    """
     if not 0 < delta < 1:
         raise ValueError(f'fed.dp.delta must be in (0, 1), got {delta}')
+    if num_clients >= 1 and not delta < 1.0 / num_clients:
+        raise ValueError(f'fed.dp.delta must be in (0, 1/N) = (0, {1.0 / num_clients:.4g}) for '
+                         f'N = fed.num_clients = {num_clients}, got {delta:.4g}: publishing one '
+                         f'random user\'s data is already (0, 1/N)-DP; the default is N^-1.1 = '
+                         f'{float(num_clients)**-1.1:.4g}')
     if accountant not in ACCOUNTANTS:
         raise ValueError(f'fed.dp.accountant must be one of {ACCOUNTANTS}, got {accountant!r}')
     if sampling not in SAMPLINGS:

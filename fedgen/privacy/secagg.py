@@ -24,8 +24,23 @@ All integers live in Z_{2^b} (b = ``bits`` <= 32), stored as uint32; uint32 arit
    standard deviation <= sqrt(n) / (2 s) from stochastic rounding), plus the float32 rounding of
    the result (relative 2^-24).
 
-The simulation computes every client's PRG expansions, O(C^2 D) draws a round, in a lax.fori_loop
-over the partner slot (memory [C, D]); no shape depends on who took part or dropped.
+Sensitivity under quantization (the choice made here: clip tighter, keep the noise). Stochastic
+rounding moves each coordinate by < 1.5 / s, so a dequantized update can be longer than its input:
+    ||q_k / s|| <= ||x_k|| + 1.5 sqrt(D) / s.
+The central noise is calibrated to S, so each update is clipped to
+    S' = S - 1.5 sqrt(D) / s                                   (``quantization_clip_norm``)
+before quantizing, and then ||q_k / s|| <= S: the released sum has sensitivity S, the value the
+noise std z S is computed from. ``make_params(num_params=D)`` refuses S s <= 1.5 sqrt(D) (S' <= 0).
+Under adaptive clipping the round's scale follows S_t (``round_scale``):
+    s_t = min(s S_0 / S_t, max_scale(S_t, C, b)),
+so the relative margin 1.5 sqrt(D) / (s_t S_t) never exceeds its value 1.5 sqrt(D) / (s S_0) at
+S_0, which ``make_params`` checked (S s <= min((2^(b-1) - 1) / C - 2, 2^22) at any S).
+
+Fast path: the pair masks cancel and the self masks are removed by construction, so the unmasked
+total is exactly sum_{k in U2} q_k mod 2^b. ``ring_sum`` computes that sum directly, O(C D), and
+``secure_sum`` uses it unless ``simulate_masks=True``, which runs steps 2-3 (O(C^2 D) PRG draws in
+a lax.fori_loop over the partner slot, memory [C, D]). Both give the same bits (tested); no shape
+depends on who took part or dropped.
 Shamir sharing is not simulated arithmetically: the server's recovery step uses exactly the seeds
 that a threshold of surviving shares would reveal, and ``protocol_bytes`` counts those shares.
 """
@@ -47,12 +62,22 @@ _QUANT, _PAIR, _SELF = 1, 2, 3  # fold_in tags separating the round key's uses
 
 _jit_bits = functools.partial(jax.jit, static_argnames=('bits', ))
 
+# Per-coordinate bound on |q - x s| (rounding 1, plus 1/4 for each of two float32 roundings).
+ROUNDING_SLACK = 1.5
+
 
 @struct.dataclass
 class SecAggParams:
-    """Quantization scale s (levels per unit, traced) and ring size 2^bits (static)."""
+    """SecAgg settings; ``scale`` is traced, ``bits`` and ``simulate_masks`` are static.
+
+    scale: s, quantization levels per unit at the clip norm S_0 (``round_scale`` gives s_t).
+    bits: b, the ring Z_{2^b}.
+    simulate_masks: run the pairwise masking and recovery (O(C^2 D)); False sums the quantized
+        updates in the ring directly (O(C D), the same bits).
+    """
     scale: float
     bits: int = struct.field(pytree_node=False, default=32)
+    simulate_masks: bool = struct.field(pytree_node=False, default=False)
 
 
 def max_scale(clip_norm, num_clients: int, bits: int):
@@ -80,12 +105,70 @@ def overflow_check(scale: float, clip_norm: float, num_clients: int, bits: int) 
             f'beyond float32 exact rounding; use s <= {FLOAT_EXACT_LEVELS / clip_norm:g}')
 
 
-def make_params(clip_norm: float, num_clients: int, bits: int = 32, scale: float = 0.0):
-    """Validated SecAggParams; scale 0 picks ``max_scale`` for capacity ``num_clients``."""
+def quantization_margin(scale, num_params: int):
+    """1.5 sqrt(D) / s: the most stochastic rounding can add to an update's L2 norm."""
+    return ROUNDING_SLACK * math.sqrt(num_params) / scale
+
+
+def quantization_clip_norm(clip_norm, scale, num_params: int):
+    """S' = S - 1.5 sqrt(D) / s, floored at 0 (``make_params`` refuses S' <= 0 up front)."""
+    s_prime = clip_norm - quantization_margin(scale, num_params)
+    return jnp.maximum(s_prime, 0.0) if isinstance(s_prime, jax.Array) else max(s_prime, 0.0)
+
+
+def round_scale(scale, clip_norm_0, clip_norm, num_clients: int, bits: int) -> jax.Array:
+    """s_t = min(s S_0 / S_t, max_scale(S_t, C, b)) as float32 []; s_t = s when S_t = S_0."""
+    s_t = jnp.asarray(clip_norm, jnp.float32)
+    ratio = jnp.asarray(clip_norm_0, jnp.float32) / s_t
+    return jnp.minimum(jnp.asarray(scale, jnp.float32) * ratio, max_scale(s_t, num_clients, bits))
+
+
+def _min_bits(num_params: int, num_clients: int) -> int:
+    """Smallest b <= 32 whose ring leaves S s > 1.5 sqrt(D) for C clients (33 when none does)."""
+    need = ROUNDING_SLACK * math.sqrt(num_params)
+    for b in range(2, 33):
+        if min((2.0**(b - 1) - 1.0) / num_clients - 2.0, FLOAT_EXACT_LEVELS) > need:
+            return b
+    return 33
+
+
+def quantization_check(scale: float, clip_norm: float, num_params: int, num_clients: int,
+                       bits: int) -> None:
+    """Refuses S s <= 1.5 sqrt(D), where the SecAgg clip S' = S - 1.5 sqrt(D) / s is <= 0."""
+    need = ROUNDING_SLACK * math.sqrt(num_params)
+    if clip_norm * scale > need:
+        return
+    best = max_scale(clip_norm, num_clients, bits)
+    if best * clip_norm > need:
+        fix = f'raise fed.secagg.scale (now {scale:.6g}; at most {best:.6g} at {bits} bits)'
+    elif _min_bits(num_params, num_clients) <= 32:
+        fix = (f'raise fed.secagg.bits (now {bits}; {_min_bits(num_params, num_clients)} or more '
+               f'fits {num_clients} clients)')
+    else:
+        fix = 'no ring of <= 32 bits fits: send fewer parameters or fewer clients per round'
+    raise ValueError(f'fed.secagg: fed.dp.clip_norm x scale = {clip_norm * scale:.4g} <= '
+                     f'1.5 sqrt(D) = {need:.4g} (D = {num_params} uploaded parameters), so '
+                     f'stochastic rounding could add more than the clip norm and the SecAgg clip '
+                     f'S - 1.5 sqrt(D) / s is <= 0; {fix}')
+
+
+def make_params(clip_norm: float,
+                num_clients: int,
+                bits: int = 32,
+                scale: float = 0.0,
+                num_params: int = 0,
+                simulate_masks: bool = False) -> SecAggParams:
+    """Validated SecAggParams; scale 0 picks ``max_scale`` for capacity ``num_clients``.
+
+    num_params: D, coordinates of one client's upload as ``private_mean`` sees it; when given
+    (> 0), S s <= 1.5 sqrt(D) is refused here (``quantization_check``).
+    """
     if scale == 0.0 and 2 <= bits <= 32 and 0 < clip_norm < math.inf:
         scale = max_scale(clip_norm, num_clients, bits)
     overflow_check(scale, clip_norm, num_clients, bits)
-    return SecAggParams(float(scale), int(bits))
+    if num_params:
+        quantization_check(scale, clip_norm, num_params, num_clients, bits)
+    return SecAggParams(float(scale), int(bits), bool(simulate_masks))
 
 
 def flatten(stacked: PyTree) -> Tuple[jax.Array, Callable[[jax.Array], PyTree]]:
@@ -190,12 +273,28 @@ def to_signed(v: jax.Array, bits: int) -> jax.Array:
 
 
 @_jit_bits
-def secure_sum(flat: jax.Array, ids: jax.Array, participants: jax.Array, survived: jax.Array, scale,
-               bits: int, key: jax.Array) -> Tuple[jax.Array, dict]:
-    """The whole protocol: (sum_{k in U2} q_k / s as float32 [D], metrics)."""
+def ring_sum(q: jax.Array, participants: jax.Array, survived: jax.Array, bits: int) -> jax.Array:
+    """sum_{k in U1 and U2} q_k mod 2^b, [D] uint32: what unmasking leaves, without the masks."""
+    kept = participants.astype(bool) & survived.astype(bool)
+    return server_sum(q, kept, bits)
+
+
+@functools.partial(jax.jit, static_argnames=('bits', 'simulate_masks'))
+def secure_sum(flat: jax.Array,
+               ids: jax.Array,
+               participants: jax.Array,
+               survived: jax.Array,
+               scale,
+               bits: int,
+               key: jax.Array,
+               simulate_masks: bool = False) -> Tuple[jax.Array, dict]:
+    """(sum_{k in U2} q_k / s as float32 [D], metrics); masks simulated iff ``simulate_masks``."""
     q = quantize(flat, ids, scale, bits, key)
-    y = mask(q, ids, participants, bits, key)
-    total = unmask(server_sum(y, survived, bits), ids, participants, survived, bits, key)
+    if simulate_masks:
+        y = mask(q, ids, participants, bits, key)
+        total = unmask(server_sum(y, survived, bits), ids, participants, survived, bits, key)
+    else:
+        total = ring_sum(q, participants, survived, bits)
     out = to_signed(total, bits).astype(jnp.float32) / jnp.asarray(scale, jnp.float32)
     part = participants.astype(jnp.float32)
     surv = survived.astype(jnp.float32) * part
