@@ -31,6 +31,7 @@ compiled 1- and 2-client vmap: the growth per extra client), and ``chunk_for_bud
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -45,21 +46,59 @@ def _local_map(fn: Callable, shared: PyTree, per_client: PyTree, chunk: int) -> 
     return jax.lax.map(lambda x: fn(shared, x), per_client, batch_size=chunk)
 
 
+def _active_map(fn: Callable, shared: PyTree, per_client: PyTree, chunk: int,
+                active: jax.Array) -> PyTree:
+    """Like :func:`_local_map`, without the work of absent clients: the active clients are moved
+    to the front (a stable sort, so their order is kept), the C clients are cut into ceil(C / k)
+    chunks of k = min(chunk, C) (the last padded with copies of client 0), and a chunk with no
+    active client is skipped by a scalar ``lax.cond`` (its outputs are zeros). Outputs return to
+    the input order; an inactive client's row is its computed value or zeros, never used."""
+    c = active.shape[0]
+    k = min(chunk, c)
+    n = -(-c // k)
+    order = jnp.argsort(jnp.logical_not(active), stable=True)
+    pad = jnp.concatenate([order, jnp.zeros((n * k - c, ), order.dtype)])
+    live = jnp.concatenate([active[order], jnp.zeros((n * k - c, ), bool)]).reshape(n, k)
+    xs = jax.tree.map(lambda x: x[pad].reshape((n, k) + x.shape[1:]), per_client)
+    run = jax.vmap(fn, in_axes=(None, 0))
+    shapes = jax.eval_shape(lambda x: run(shared, x), jax.tree.map(lambda x: x[0], xs))
+    zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
+
+    def one(args):
+        x, any_live = args
+        return jax.lax.cond(any_live, lambda x: run(shared, x), lambda x: zeros(), x)
+
+    out = jax.lax.map(one, (xs, live.any(axis=1)))
+    inverse = jnp.argsort(order)
+    return jax.tree.map(lambda y: y.reshape((n * k, ) + y.shape[2:])[:c][inverse], out)
+
+
 def map_clients(fn: Callable,
                 shared: PyTree,
                 per_client: PyTree,
                 chunk: int,
-                mesh: Mesh | None = None) -> PyTree:
+                mesh: Mesh | None = None,
+                active: jax.Array | None = None) -> PyTree:
     """Stacked [C, ...] outputs of fn(shared, x_k) over the leading axis of ``per_client``.
 
     ``chunk`` counts clients per vmap on one device; with a ``mesh`` the [C, ...] inputs and
-    outputs are sharded over its 'clients' axis and ``shared`` is replicated.
+    outputs are sharded over its 'clients' axis and ``shared`` is replicated. ``active`` [C] bool:
+    the clients whose outputs will be used (sampled and reporting); chunks without one are not
+    computed (:func:`_active_map`), so padded Poisson capacity and dropouts cost no local steps.
     """
     c = jax.tree.leaves(per_client)[0].shape[0]
     if chunk < 1:
         raise ValueError(f'fed.client_chunk must be >= 1, got {chunk}')
+
+    def local(s, x):
+        if active is None:
+            return _local_map(fn, s, x, chunk)
+        x, a = x
+        return _active_map(fn, s, x, chunk, a)
+
+    inputs = per_client if active is None else (per_client, active)
     if mesh is None:
-        return _local_map(fn, shared, per_client, chunk)
+        return local(shared, inputs)
     n = mesh.shape['clients']
     if c % n:
         raise ValueError(
@@ -68,12 +107,11 @@ def map_clients(fn: Callable,
     # Explicit SPMD: every device maps fn over its own C/n clients; nothing crosses devices here.
     # check_vma is off because a client's scan carry starts from the replicated w_G and becomes
     # device-varying after one step (jax rejects that carry type change under check_vma=True).
-    local = lambda s, x: _local_map(fn, s, x, chunk)
     return jax.shard_map(local,
                          mesh=mesh,
                          in_specs=(P(), P('clients')),
                          out_specs=P('clients'),
-                         check_vma=False)(shared, per_client)
+                         check_vma=False)(shared, inputs)
 
 
 def loop_clients(fn: Callable, shared: PyTree, per_client: PyTree) -> PyTree:
