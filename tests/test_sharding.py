@@ -29,12 +29,16 @@ t = Tiny()
 mesh = population.client_mesh(4)
 out = {'methods': {}}
 
-def compare(a, b, res):
-    """res['err']: the worst |x - y| / (atol + rtol |y|) (<= 1: allclose at rtol 1e-5, atol 1e-6,
-    float32 reassociation across the chunked vmap and the device split)."""
+def compare(a, b, res, moved_by):
+    """res['err']: the worst |x - y| / (atol + rtol |y|) (<= 1: allclose at rtol 1e-5 and atol
+    max(1e-6, 1e-4 moved_by), where moved_by is how far training moved the tree: float32
+    reassociation across the chunked vmap and the device split perturbs entries near zero by a
+    tiny share of the update, whatever the random backbone; a wrong client or a lost round moves
+    them by a whole update)."""
+    atol = max(1e-6, 1e-4 * moved_by)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        res['err'] = max(res['err'], float((np.abs(x - y) / (1e-6 + 1e-5 * np.abs(y))).max()))
+        res['err'] = max(res['err'], float((np.abs(x - y) / (atol + 1e-5 * np.abs(y))).max()))
 
 def moved(a, b):
     return max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
@@ -68,10 +72,10 @@ for name in algorithms.METHODS:
         s, m = apply(s, frz, population.shard_clients(padded, mesh))
         res['loss_diff'] = max(res['loss_diff'],
                                abs(float(m['train_loss']) - float(ref_m['train_loss'])))
-    compare(s.trainable, ref.trainable, res)
-    compare(s.clients, ref.clients, res)
     res['moved'] = moved(ref.trainable, state0.trainable)
     res['clients_moved'] = moved(ref.clients, state0.clients) if ref.clients else 0.0
+    compare(s.trainable, ref.trainable, res, res['moved'])
+    compare(s.clients, ref.clients, res, res['clients_moved'])
     res['rounds'] = int(s.round)
     out['methods'][name] = res
 
