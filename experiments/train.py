@@ -10,13 +10,15 @@ TensorBoard event files, summary.json (see experiments/writers.py).
 
 One round t (1-based): sample and pack the round's clients (each process packs only its rows of
 the client axis) -> one jitted apply -> the host copy of the new state -> stop if it is not finite
-or no client was used -> the row (evaluation every eval.every rounds) -> metrics.jsonl and events
--> the checkpoint of step t. The row is written before its checkpoint, so a kill at any moment
+-> the row (evaluation every eval.every rounds) -> metrics.jsonl and events -> the checkpoint of
+step t. A round that used no client is a valid round (the model kept; under DP a noise-only,
+accounted update). The row is written before its checkpoint, so a kill at any moment
 resumes into exactly the rows and byte totals of an unbroken run (writers.py).
 
 Errors: a bad config value, missing data, an unreadable checkpoint, a workdir holding another
-config's run (unless checkpoint.overwrite), a non-finite global state or a round that used no
-client print one line, ``error: ...``, and exit with status 2; a failing round is never saved.
+config's run (unless checkpoint.overwrite), a pairing of settings that cannot run together or a
+non-finite global state print one line, ``error: ...``, and exit with status 2; a failing round is
+never saved.
 
 Multi-host (``--distributed``): every process runs this same program; the client axis is sharded
 over all processes' devices, process 0 alone writes files (Orbax writes the checkpoints, a
