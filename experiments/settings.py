@@ -158,6 +158,10 @@ def base_aggregator(config) -> aggregators.Aggregator:
         return aggregators.dp_mean(*dp_params(config))
     if name == 'mean':
         return aggregators.weighted_mean(drift=bool(fed.log_client_drift))
+    if fed.log_client_drift:
+        aggregators.refuse(
+            'fed.log_client_drift', reduction, 'client drift is measured around '
+            'the weighted mean the server applies; a robust reduction has none')
     return aggregators.robust_reduction(name, label=reduction, **hp)
 
 

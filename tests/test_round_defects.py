@@ -53,3 +53,12 @@ def test_noise_multiplier_with_target_epsilon_is_refused():
         settings.check_run(c)
     msg = str(err.value)
     assert 'fed.dp.noise_multiplier' in msg and 'fed.dp.target_epsilon' in msg and '\n' not in msg
+
+
+def test_client_drift_hook_with_a_robust_reduction_is_refused():
+    c = ptb_fedgen_edge.get_config('tiny')
+    c.fed.update(log_client_drift=True, aggregator='median')
+    with pytest.raises(ValueError) as err:
+        settings.check_run(c)
+    msg = str(err.value)
+    assert 'fed.log_client_drift' in msg and 'fed.aggregator' in msg and '\n' not in msg
