@@ -62,7 +62,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.pretrain = dict(steps=600, batch_size=16, opt='adam', lr=1e-3, backbone_path='')
     c.fed = federation.fed(rounds=20, max_steps_per_epoch=4, client_lr=1e-3)
     # In [0, 1): the server's EMA of the global adapter (samples, fd_classifier/FID and the
-    # metric_ema columns); 0 = off. With warm-up min(decay, (1 + t) / (10 + t)) (fedgen.base).
+    # metric_ema columns); 0 = off. With warm-up min(decay, (1 + t) / (10 + t))
+    # (fedgen.fl.algorithm).
     c.fed.ema_decay = 0.0
     c.eval = dict(every=5,
                   batch_size=64,

@@ -1,6 +1,6 @@
 """The federation section every task config shares (config field ``fed``).
 
-One place for the fields of the engine (fedgen.engine, fedgen.algorithms), its faults, server
+One place for the fields of the engine (fedgen.fl.engine, fedgen.algorithms), its faults, server
 reduction, LoRA aggregation and privacy, so every task offers the same switches with the same
 defaults; a task config passes what differs (rounds, local steps, client learning rate).
 """
@@ -31,20 +31,20 @@ def fed(rounds: int, max_steps_per_epoch: int, client_lr: float) -> dict:
         prox_mu=0.0,
         prox_target='lora',
         ditto_lambda=0.0,
-        # Server EMA of the global adapter (fedgen.base.with_ema); 0 = off.
+        # Server EMA of the global adapter (fedgen.fl.algorithm.with_ema); 0 = off.
         ema_decay=0.0,
         # Log client_drift (spread of the updates around the mean; the local-epochs ablation).
         log_client_drift=False,
-        # Faults (fedgen.fates, fedgen.attacks): rates in [0, 1); none by default.
+        # Faults (fedgen.fl.fates, fedgen.fl.attacks): rates in [0, 1); none by default.
         dropout_rate=0.0,
         straggler_rate=0.0,
         straggler_min_frac=1.0,
         over_select=0.0,
         attack=dict(kind='none', fraction=0.0, scale=1.0, noise_norm=1.0),
-        # Server reduction (fedgen.robust): mean (weighted by n_k) or a robust one.
+        # Server reduction (fedgen.aggregators.robust): mean (weighted by n_k) or a robust one.
         aggregator='mean',
         robust=dict(beta=0.1, bound=0.0, f=1, m=0, iters=4, nu=1e-6),
-        # LoRA aggregation (fedgen.lora_aggregation); residual_rank: None = dense residual.
+        # LoRA aggregation (fedgen.aggregators.lora_math); residual_rank: None = dense residual.
         lora_aggregation='avg_ab',
         residual_rank=ml_collections.config_dict.placeholder(int),
         # User-level DP-FedAvg (fedgen.privacy): clip_norm 0 = off; delta 0 = N^-1.1;

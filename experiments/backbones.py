@@ -5,7 +5,7 @@
 
 A recipe is what determines the tree (model, pre-training settings, public data, seed); its hash
 is the cache key, so runs with the same recipe share the tree and any change rebuilds it. Every
-cached tree carries a content checksum (fedgen.checkpoint); a cache that fails it is rebuilt,
+cached tree carries a content checksum (fedgen.io.checkpoint); a cache that fails it is rebuilt,
 while an explicit ``pretrain.backbone_path`` that fails it is an error. With ``pretrain.steps`` 0
 the task's initial backbone (a loaded checkpoint such as SmolLM2) is used as is and not copied.
 """
@@ -17,7 +17,8 @@ import time
 from tqdm import tqdm
 
 from experiments.console import log
-from fedgen import checkpoint, pretrain
+from fedgen.io import checkpoint
+from fedgen.fl import pretrain
 from fedgen.algorithms import optim
 
 

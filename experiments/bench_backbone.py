@@ -67,7 +67,8 @@ def one_row(dtype: str, remat: bool, chunk: int, c: int, s: int, b: int, t: int,
     import jax
     import optax
 
-    from fedgen import algorithms, objectives
+    from fedgen import algorithms
+    from fedgen.tasks import objectives
     from fedgen.data.batching import RoundData
     from fedgen.models import llama
     cfg = llama.LlamaConfig(n_positions=max(t + 1, 64), dtype=dtype, remat=remat)

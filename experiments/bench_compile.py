@@ -38,7 +38,8 @@ def measure(n_layer: int, c: int, chunk: int, s: int, b: int, t: int, remat: boo
     import jax.numpy as jnp
     import optax
 
-    from fedgen import algorithms, objectives
+    from fedgen import algorithms
+    from fedgen.tasks import objectives
     from fedgen.data.batching import RoundData
     from fedgen.models import llama
     cfg = llama.LlamaConfig(n_positions=max(t + 1, 64), n_layer=n_layer, remat=remat)

@@ -23,7 +23,8 @@ import numpy as np
 import optax
 
 from experiments.bench_round import PTB, build, machine, round_data
-from fedgen import algorithms, engine
+from fedgen import algorithms
+from fedgen.fl import engine
 from fedgen.data import batching
 
 

@@ -32,7 +32,8 @@ def write_inputs(out_dir: str, c: int, k: int, b: int, t: int, n_layer: int = 30
     out_dir/tokens.npy int32 [C, K, B, T + 1]; returns the LlamaConfig."""
     import jax
 
-    from fedgen.models import llama, weights_hf
+    from fedgen.models import llama
+    from fedgen.io import weights_hf
     cfg = llama.LlamaConfig(n_positions=max(t + 1, 64), n_layer=n_layer)
     shapes = jax.eval_shape(lambda r: llama.init_params(cfg, r), jax.random.PRNGKey(0))
     rng = np.random.default_rng(seed)
@@ -69,9 +70,11 @@ def fedgen_side(in_dir: str, repeats: int, chunk: int = 1) -> dict:
     import jax
     import optax
 
-    from fedgen import algorithms, objectives
+    from fedgen import algorithms
+    from fedgen.tasks import objectives
     from fedgen.data.batching import RoundData
-    from fedgen.models import llama, weights_hf
+    from fedgen.models import llama
+    from fedgen.io import weights_hf
     tokens = np.load(os.path.join(in_dir, 'tokens.npy'))
     c, k, b, _ = tokens.shape
     bb = weights_hf.load_hf_dir(os.path.join(in_dir, 'model'), lora_alpha=LORA_ALPHA)

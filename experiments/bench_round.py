@@ -34,7 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedgen import aggregate, algorithms, client, diffusion, engine, lora, objectives
+from fedgen import algorithms
+from fedgen.aggregators import weighting as aggregate
+from fedgen.fl import local_update as client
+from fedgen.models import diffusion
+from fedgen.fl import engine
+from fedgen.lora import adapters as lora
+from fedgen.tasks import objectives
 from fedgen.data.batching import RoundData
 from fedgen.models import gpt, unet
 from fedgen.tasks import cifar10

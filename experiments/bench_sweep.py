@@ -11,7 +11,7 @@ Each run r has its own adapters, rng and round data (other clients and tokens).
   sequential  the same jitted ``alg.apply`` called R times per round, one call per run (as R
               separate experiments.train processes would run it, minus their process overhead);
   vmapped     one jitted ``vmap(alg.apply, in_axes=(0, None, 0))`` over the R stacked runs, the
-              backbone passed once (fedgen/sweep.py).
+              backbone passed once (fedgen/fl/runs.py).
 
 Each row runs in a fresh child process: round time is the median over --repeats rounds after one
 untimed round (compile and warm-up); peak RSS is the child's ru_maxrss (Python + jax runtime
@@ -31,10 +31,11 @@ import numpy as np
 from absl import app, flags
 
 from configs import ptb_fedgen_edge
-from experiments import settings
+from experiments import translate
 from experiments.bench_round import machine
-from fedgen import algorithms, objectives
-from fedgen import sweep as fsweep
+from fedgen import algorithms
+from fedgen.tasks import objectives
+from fedgen.fl import runs as fsweep
 from fedgen.data.batching import RoundData
 from fedgen.models import gpt
 
@@ -44,7 +45,7 @@ VOCAB = 10000
 def problem(runs: int):
     """(alg, frozen, states [R] list, round data [R] list) at the default PTB shapes."""
     c = ptb_fedgen_edge.get_config('')
-    p = settings.method_params(c)
+    p = translate.method_params(c)
     m = c.model
     cfg = gpt.GPTConfig(vocab_size=VOCAB,
                         n_positions=m.n_positions,

@@ -25,7 +25,7 @@ from absl import app, flags, logging
 from experiments import personalize as personal_exp
 from experiments import train
 from experiments.console import guarded, log
-from fedgen import pretrain
+from fedgen.fl import pretrain
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402

@@ -31,7 +31,7 @@ from typing import Callable
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import settings
+from experiments import translate
 from experiments.console import guarded, log
 from fedgen.deploy.flower import cluster as cluster_lib
 from fedgen.deploy.flower import spec
@@ -40,8 +40,8 @@ from fedgen.deploy.flower import spec
 def check(config, clients: int, external: bool = False) -> None:
     """One-line errors for the config and the launcher's flags, before any process starts.
     With an external SuperLink (``external``), --clients may be 0 (every SuperNode elsewhere)."""
-    settings.check_schedule(config)
-    settings.method_params(config)
+    translate.check_schedule(config)
+    translate.method_params(config)
     spec.check_config(config)
     n, low = config.fed.num_clients, 0 if external else 1
     if not (isinstance(clients, int) and low <= clients <= n):

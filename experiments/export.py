@@ -18,8 +18,11 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from fedgen import checkpoint, lora_aggregation, peft
-from fedgen.models import gpt, llama, weights
+from fedgen.io import checkpoint
+from fedgen.aggregators import lora_math as lora_aggregation
+from fedgen.lora import peft
+from fedgen.models import gpt, llama
+from fedgen.io import weights
 
 FLAGS = flags.FLAGS
 

@@ -26,7 +26,7 @@ import jax
 from absl import app, flags, logging
 
 from configs import ptb_fedgen_edge
-from fedgen import plots
+from fedgen.metrics import plots
 from experiments import train, writers
 from experiments.console import guarded, log
 

@@ -6,7 +6,7 @@
 
 Reads the run's config (``<workdir>/config.json``, or ``--config``) and restores its final server
 state. Each client's personal model is the method's kept tree (Ditto, FedSA, local-only) or the
-global model fine-tuned for E_p = --epochs local epochs (fedgen.personalize). Every client is
+global model fine-tuned for E_p = --epochs local epochs (fedgen.fl.personalization). Every client is
 evaluated on its local test split with the backbone alone, the global model (n/a for FedSA and
 local-only, which have none) and its personal model. Writes into the workdir: personal/<round>/
 (the stacked personal trees, Orbax), personalization.csv (one row per client),
@@ -33,9 +33,13 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import backbones, settings
+from experiments import backbones
+from experiments import translate
 from experiments.console import guarded, log
-from fedgen import algorithms, checkpoint, personalize, plots
+from fedgen import algorithms
+from fedgen.io import checkpoint
+from fedgen.fl import personalization as personalize
+from fedgen.metrics import plots
 from fedgen.algorithms import optim
 
 matplotlib.use('Agg')
@@ -67,13 +71,13 @@ def load_config(workdir: str, config=None):
 def restore(config, workdir: str, task=None) -> dict:
     """The finished run's task, backbone, frozen tree, method, and its initial and final states
     (round = the latest checkpoint). ``task`` reuses already prepared data."""
-    settings.check_run(config)  # every field and pairing, before any data is read
-    task = settings.prepare_task(config) if task is None else task
-    p = settings.preflight(config, task)
+    translate.check_run(config)  # every field and pairing, before any data is read
+    task = translate.prepare_task(config) if task is None else task
+    p = translate.preflight(config, task)
     rng = jax.random.PRNGKey(config.seed)
     params, _ = backbones.pretrained(config, task, workdir, rng)
     frozen, trainable = algorithms.variables(p, params, jax.random.fold_in(rng, 1))
-    _, alg = settings.make_algorithm(config, task)
+    _, alg = translate.make_algorithm(config, task)
     initial = alg.init(trainable, jax.random.fold_in(rng, 2))
     mngr = checkpoint.manager(workdir, config.checkpoint.keep)
     step = checkpoint.latest(mngr)
@@ -95,7 +99,7 @@ def rounds_sampled(config, step: int) -> np.ndarray:
     """[N] int: how many of the training rounds 0..step-1 sampled each client."""
     count = np.zeros(config.fed.num_clients, np.int64)
     for rnd in range(step):
-        ids, present = settings.sample_round(config, rnd)
+        ids, present = translate.sample_round(config, rnd)
         ids = np.asarray(ids)
         if present is not None:
             ids = ids[np.asarray(present, bool)]

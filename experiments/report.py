@@ -15,7 +15,7 @@ import optax
 from experiments import bench_round
 from experiments.claims import (UNTESTABLE, bootstrap_share, claim_epochs, claim_lower,
                                 claim_personal, claim_rank, claim_uplink, std)
-from fedgen import plots
+from fedgen.metrics import plots
 
 CUTS = {
     'smoke': ('tiny models on tiny synthetic data written by the command (a pipeline check: '

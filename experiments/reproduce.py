@@ -38,7 +38,8 @@ import jax
 from absl import app, flags, logging
 
 from configs import cifar10_fedgen_edge
-from experiments import backbones, compare, grid, report, settings, smoke_data, sweep, train
+from experiments import backbones, compare, grid, report, smoke_data, sweep, train
+from experiments import translate
 from experiments import personalize as personal_exp
 from experiments.console import guarded, log
 
@@ -162,7 +163,7 @@ def group(base, seeds, overrides: dict, workdir: str, name: str, cache: dict) ->
 def ptb_backbone(config, workdir: str) -> tuple[str, dict]:
     """Pre-trains (or finds) the base config's PTB backbone once: (its absolute path, the
     tree's byte counts, report.param_bytes)."""
-    task = settings.prepare_task(config)
+    task = translate.prepare_task(config)
     params, info = backbones.pretrained(config, task, workdir, jax.random.PRNGKey(config.seed))
     return os.path.abspath(info['source']), report.param_bytes(params)
 

@@ -7,13 +7,13 @@
 
 Settings that change no shape and no compiled constant of the round are vmapped (VMAPPED): the
 seed, the client and server learning rates and FedProx's mu (traced per run through
-RoundData.hparams, fedgen/hparams.py: the compiled optimizers' updates scaled by lr / lr_0 of the
+RoundData.hparams, fedgen/fl/hparams.py: the compiled optimizers' updates scaled by lr / lr_0 of the
 group's first run), the Dirichlet alpha of the partition (each run packs its own clients) and the
 fate rates (RoundData.rates). A group is the base config with one combination of the other --vary
 values (ranks, clients per round, models, LoRA alpha: looped), and its R runs are every
 combination of the vmapped --vary values and the seeds. They share every shape and compiled
 constant and run as one jitted round, ``vmap(apply, in_axes=(0, None, 0))`` over states [R, ...]
-and round data [R, C, S, ...] (fedgen/sweep.py), the frozen backbone passed once (in_axes None).
+and round data [R, C, S, ...] (fedgen/fl/runs.py), the frozen backbone passed once (in_axes None).
 
 Run r is the run ``experiments.train`` makes with that seed (train.setup and train.round_data per
 run: its own partition, client sampling, batch order, adapter init and rng), with one choice: the
@@ -47,10 +47,15 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import backbones, settings, train, writers
+from experiments import backbones, train, writers
+from experiments import translate
 from experiments.console import guarded, log
-from fedgen import checkpoint, comm, fates, hparams, population
-from fedgen import sweep as fsweep
+from fedgen.io import checkpoint
+from fedgen.fl import comm
+from fedgen.fl import fates
+from fedgen.fl import hparams
+from fedgen.fl import mesh as population
+from fedgen.fl import runs as fsweep
 
 # Settings a vmapped group may vary per run (everything else is compiled into the round).
 HPARAM_FIELDS = ('fed.client_lr', 'fed.server_lr', 'fed.prox_mu')
@@ -165,10 +170,10 @@ def check_group(name: str, configs: list) -> None:
     if len(configs) > 1 and c0.fed.attack.kind != 'none':
         raise ValueError(f'group {name}: fed.attack draws its attackers from the seed when the '
                          'round is compiled; sweep attacks one seed per group')
-    if len({settings.client_ranks(c) for c in configs}) > 1:
+    if len({translate.client_ranks(c) for c in configs}) > 1:
         raise ValueError(f'group {name}: lora.client_ranks draws the ranks from the seed when the '
                          'round is compiled; sweep heterogeneous ranks one seed per group')
-    if settings.mesh(c0) is not None:
+    if translate.mesh(c0) is not None:
         raise ValueError(f'a sweep runs on one device; set fed.num_devices=1 (got '
                          f'{c0.fed.num_devices} of {jax.device_count()} devices)')
 
@@ -193,9 +198,9 @@ class Run:
         self.aux = backbones.auxiliaries(c, task, self.workdir)
         self.evaluate = task.evaluator('valid', self.aux)
         self.backbone = self.evaluate({'params': self.setup['params']})
-        self.up, self.down = settings.client_bytes(c, self.setup['alg'],
-                                                   self.setup['state'].trainable)
-        self.acct = settings.accountant(c)
+        self.up, self.down = translate.client_bytes(c, self.setup['alg'],
+                                                    self.setup['state'].trainable)
+        self.acct = translate.accountant(c)
 
     def variables(self, host, frozen) -> dict:
         return {**self.setup['alg'].effective_frozen(host, frozen), **host.trainable}
@@ -277,12 +282,12 @@ def run_group(name: str, configs: list, workdir: str) -> list[dict]:
     varied VMAPPED fields (the final metric's mean ± std over that setting's seeds)."""
     t_start = time.time()
     for c in configs:  # every run's fields and pairings, before any data is read
-        settings.check_run(c)
+        translate.check_run(c)
     check_group(name, configs)
     runs = setup_runs(name, configs, workdir)
     c0, r0, n = configs[0], runs[0].setup, len(runs)
     frozen, metric = r0['frozen'], r0['task'].metric
-    steps, width = max(r.setup['steps'] for r in runs), settings.dp_capacity(c0)
+    steps, width = max(r.setup['steps'] for r in runs), translate.dp_capacity(c0)
     times, host, per_run = [], None, traced(configs)
     try:
         for r in runs:

@@ -36,9 +36,17 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from experiments import backbones, settings, writers
+from experiments import backbones, writers
+from experiments import translate
 from experiments.console import guarded, log
-from fedgen import algorithms, base, checkpoint, client, comm, peft, plots, population, tasks
+from fedgen import algorithms, tasks
+from fedgen.fl import algorithm as base
+from fedgen.io import checkpoint
+from fedgen.fl import local_update as client
+from fedgen.fl import comm
+from fedgen.lora import peft
+from fedgen.metrics import plots
+from fedgen.fl import mesh as population
 from fedgen.data import batching, images
 
 
@@ -88,7 +96,7 @@ def budget_chunk(config, task: tasks.Task, p: algorithms.MethodParams, frozen, t
     update = client.make_local_update(task.loss_fn, p.client_tx)
     per = population.client_bytes(lambda s, x: update(s[0], s[1], x['data'], x['rng']).delta,
                                   (frozen, trainable), per_client)
-    mesh = settings.mesh(config)
+    mesh = translate.mesh(config)
     local = -(-fed.clients_per_round // (mesh.size if mesh is not None else 1))
     chunk = population.chunk_for_budget(per, int(fed.client_mem_budget_mb * 2**20), local)
     log(f'client chunk {chunk} from a {fed.client_mem_budget_mb} MB budget '
@@ -122,13 +130,13 @@ def check_workdir(config, workdir: str) -> None:
 def setup(config, workdir: str) -> dict:
     """Everything a run (or a later personalization of it) needs, from the config, before any
     round: the task, the frozen and trainable trees, the algorithm and its initial state."""
-    settings.check_run(config)  # every fed/lora field and their pairings, before any data
+    translate.check_run(config)  # every fed/lora field and their pairings, before any data
     init_from = config.lora.get('init_from', '')
     if init_from and not os.path.isfile(os.path.join(init_from, 'adapter_config.json')):
         raise ValueError(f'lora.init_from: {init_from} holds no adapter_config.json (expected a '
                          'PEFT LoRA directory, e.g. one written by experiments.export)')
-    task = settings.prepare_task(config)
-    p = settings.preflight(config, task)
+    task = translate.prepare_task(config)
+    p = translate.preflight(config, task)
     rng = jax.random.PRNGKey(config.seed)
     params, bb_info = backbones.pretrained(config, task, workdir, rng)
     frozen, trainable = algorithms.variables(p, params, jax.random.fold_in(rng, 1))
@@ -143,8 +151,8 @@ def setup(config, workdir: str) -> dict:
     steps = batching.num_local_steps([len(i) for i in task.client_train], fed.batch_size,
                                      fed.local_epochs, fed.max_steps_per_epoch)
     chunk = budget_chunk(config, task, p, frozen, trainable, steps)
-    mesh = settings.mesh(config)
-    p, alg = settings.make_algorithm(config, task, chunk, mesh)
+    mesh = translate.mesh(config)
+    p, alg = translate.make_algorithm(config, task, chunk, mesh)
     state = alg.init(trainable, jax.random.fold_in(rng, 2))
     return dict(task=task,
                 params=params,
@@ -179,7 +187,7 @@ def round_data(config, task: tasks.Task, steps: int, rnd: int, mesh, rows: tuple
     this process packs only its rows [lo, hi) and, with a mesh, the global arrays are
     assembled from every process's rows."""
     fed = config.fed
-    ids, present = settings.sample_round(config, rnd)
+    ids, present = translate.sample_round(config, rnd)
     lo, hi = rows
     mine = ids[lo:hi]
     pack = lambda i: batching.pack_clients(task.pool, task.client_train, i, config.seed, rnd, fed.
@@ -265,7 +273,7 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
                population.replicate(frozen, mesh)) if mesh is not None else
               (jax.device_put(state, device), jax.device_put(frozen, device)))
     state, frozen_dev = placed
-    per_round = settings.dp_capacity(config)  # C, ceil(C (1 + over_select)), or the DP capacity
+    per_round = translate.dp_capacity(config)  # C, ceil(C (1 + over_select)), or the DP capacity
     width = per_round + (-per_round) % (mesh.size if mesh else 1)
     rows = population.process_rows(mesh, width)
     log(f'client axis: {width} rows over {mesh.size if mesh else 1} device(s) in '
@@ -281,9 +289,9 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
     log(f'per client per round: up {cost.up_per_client:,} B, down {cost.down_per_client:,} B '
         f'({fed.algorithm}); LoRA adapters {adapters:,} B = {100 * adapters / full:.3f}% of the '
         f'full model {full:,} B; local steps S={steps}')
-    up_client, down_client = settings.client_bytes(config, alg, r['state'].trainable)
-    acct = settings.accountant(config)
-    for note in settings.privacy_notes(config):
+    up_client, down_client = translate.client_bytes(config, alg, r['state'].trainable)
+    acct = translate.accountant(config)
+    for note in translate.privacy_notes(config):
         log(note)
     apply = jax.jit(alg.apply, donate_argnums=0)
     last = writer.rows[-1] if writer.rows else {}
@@ -399,7 +407,7 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
         r['method'].chunk,
         **({
             'dp_epsilon': writer.rows[-1].get('dp_epsilon'),
-            'dp_delta': settings.dp_delta(config)
+            'dp_delta': translate.dp_delta(config)
         } if acct is not None else {}), 'wall_s':
         round(time.time() - t_start, 1)
     })

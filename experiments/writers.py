@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from fedgen import plots
+from fedgen.metrics import plots
 
 # Config fields that may change between the sessions of one run: they do not change the rounds'
 # results (schedule length, chunking, devices, evaluation, checkpointing, where the data is read).

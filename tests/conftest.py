@@ -5,7 +5,9 @@ import optax
 import pytest
 from PIL import Image
 
-from fedgen import algorithms, lora, objectives
+from fedgen import algorithms
+from fedgen.lora import adapters as lora
+from fedgen.tasks import objectives
 from fedgen.data import batching
 from fedgen.models import gpt
 

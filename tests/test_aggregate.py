@@ -2,7 +2,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from fedgen import aggregate
+from fedgen.aggregators import weighting as aggregate
 
 
 def test_weighted_mean_hand_computed():

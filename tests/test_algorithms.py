@@ -8,8 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from fedgen import algorithms, client, client_state, comm, engine
-from fedgen.base import Algorithm, ServerState
+from fedgen import algorithms
+from fedgen.fl import local_update as client
+from fedgen.fl import client_state
+from fedgen.fl import comm
+from fedgen.fl import engine
+from fedgen.fl.algorithm import Algorithm, ServerState
 from fedgen.data.batching import RoundData
 
 LR, MU = 0.1, 0.5

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedgen import attacks
+from fedgen.fl import attacks
 
 RNG = np.random.default_rng(1)
 UPLOADS = {

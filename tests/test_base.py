@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedgen.base import ServerState
+from fedgen.fl.algorithm import ServerState
 
 
 def _state():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import compare
-from experiments import settings as settings_lib
+from experiments import translate as settings_lib
 from experiments import train
 from fedgen.data import brown, ptb
 from fedgen.tasks import brown as brown_task

@@ -31,7 +31,7 @@ def test_compare_sees_a_changed_row_and_state(corpus, tmp_path):
 
     import jax.numpy as jnp
 
-    from fedgen import checkpoint
+    from fedgen.io import checkpoint
     ref = tmp_path / 'ref'
     for d in ('checkpoints', ):
         (ref / d).mkdir(parents=True)

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import serialization
 
-from fedgen import checkpoint
+from fedgen.io import checkpoint
 
 
 @flax.struct.dataclass

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedgen import client
+from fedgen.fl import local_update as client
 
 
 def quad_loss(variables, batch, rng):

@@ -5,8 +5,10 @@ import numpy as np
 import optax
 import pytest
 
-from fedgen import algorithms, comm, lora
-from fedgen.base import Algorithm
+from fedgen import algorithms
+from fedgen.fl import comm
+from fedgen.lora import adapters as lora
+from fedgen.fl.algorithm import Algorithm
 
 SPEC = algorithms.LoraSpec(rank=2, alpha=16.0, targets=('attn', ))
 

@@ -21,7 +21,8 @@ import pytest
 from conftest import write_image_folder, write_ptb_corpus
 from experiments import personalize as personal_exp
 from experiments import train
-from fedgen import checkpoint, lora
+from fedgen.io import checkpoint
+from fedgen.lora import adapters as lora
 
 METHODS = ('fedgen_edge', 'fedavg_full', 'fedprox', 'ditto', 'fedsa', 'local_only', 'centralized',
            'fedadam')

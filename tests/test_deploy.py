@@ -23,8 +23,9 @@ import pytest
 pytest.importorskip('flwr')
 
 from configs import ptb_fedgen_edge  # noqa: E402
-from experiments import deploy, settings, train  # noqa: E402
-from fedgen import checkpoint  # noqa: E402
+from experiments import deploy, train  # noqa: E402
+from experiments import translate  # noqa: E402
+from fedgen.io import checkpoint  # noqa: E402
 from fedgen.deploy.flower import personal, wire  # noqa: E402
 
 CLIENTS = 4
@@ -60,7 +61,7 @@ def runs(corpus, tmp_path_factory):
     # instead of pre-training it again (its content checksum is verified on load).
     shutil.copytree(os.path.join(sim, 'backbone'), os.path.join(dep, 'backbone'))
     cfg4 = _config(corpus, rounds=4)
-    victim = int(settings.sample_round(cfg4, 3)[0][0])
+    victim = int(translate.sample_round(cfg4, 3)[0][0])
     killed = []
 
     def kill_when_sent(line, fleet):
@@ -105,7 +106,7 @@ def test_deployed_personal_rows_equal_simulation(fedsa_runs):
         assert y['up_bytes_round'] == x['up_bytes_round'] == y['deploy_payload_up_bytes']
         assert y['train_loss'] == pytest.approx(x['train_loss'], rel=1e-4)
     last = personal.last_used(rows)
-    sampled = sorted({i for rnd in range(3) for i in settings.sample_round(cfg, rnd)[0].tolist()})
+    sampled = sorted({i for rnd in range(3) for i in translate.sample_round(cfg, rnd)[0].tolist()})
     assert sorted(last) == sampled
     # Every client's row as its node holds it (the initial row for the ones never sampled),
     # stacked [N, ...] into the simulation's layout, then both sides' alg.personal.
@@ -133,7 +134,7 @@ def test_deployed_run_equals_simulation(runs):
     sim_rows, dep_rows = _rows(sim), _rows(dep)[:3]
     assert len(sim_rows) == len(dep_rows) == 3
     for rnd, (x, y) in enumerate(zip(sim_rows, dep_rows)):
-        assert y['deploy_client_ids'] == settings.sample_round(cfg, rnd)[0].tolist()
+        assert y['deploy_client_ids'] == translate.sample_round(cfg, rnd)[0].tolist()
         assert y['deploy_dropped'] == []
         assert set(x) - {'round_s'} == {k for k in y if not k.startswith('deploy_')} - {'round_s'}
         for k, v in x.items():
@@ -167,7 +168,7 @@ def test_killed_supernode_counts_as_dropped(runs):
 
 
 def test_core_never_imports_flwr():
-    code = ('import sys, fedgen, fedgen.engine, fedgen.algorithms, fedgen.aggregators, '
+    code = ('import sys, fedgen, fedgen.fl.engine, fedgen.algorithms, fedgen.aggregators, '
             'experiments.train; assert "flwr" not in sys.modules')
     subprocess.run([sys.executable, '-c', code], check=True, timeout=120)
 

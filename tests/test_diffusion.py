@@ -1,4 +1,4 @@
-"""Tests for fedgen.diffusion: schedules, forward noising, epsilon loss and the two samplers."""
+"""fedgen.models.diffusion: schedules, forward noising, epsilon loss and the two samplers."""
 import math
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedgen import diffusion
+from fedgen.models import diffusion
 
 
 @pytest.mark.parametrize('kind', ['linear', 'cosine'])

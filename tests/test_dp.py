@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedgen import aggregate, privacy
+from fedgen import privacy
+from fedgen.aggregators import weighting as aggregate
 from fedgen.privacy import dp, secagg
 
 C = 8

@@ -1,10 +1,10 @@
-"""Tests for the server-side EMA of the global trainable tree (fedgen.base.with_ema)."""
+"""Tests for the server-side EMA of the global trainable tree (fedgen.fl.algorithm.with_ema)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedgen import base
+from fedgen.fl import algorithm as base
 
 
 def test_ema_update_and_warmup_by_hand():
@@ -77,7 +77,7 @@ def test_bad_decay_is_one_line_naming_the_field(decay):
 def test_ema_state_checkpointed_resume_equals_unbroken(tiny, tmp_path):
     """Round 1, an Orbax save and a restore into the initial state's template, then round 2:
     the same state (EMA included) as two unbroken rounds."""
-    from fedgen import checkpoint
+    from fedgen.io import checkpoint
     alg = base.with_ema(tiny.algorithm(chunk=2), 0.5)
     apply = jax.jit(alg.apply)
     init = alg.init({'lora': tiny.adapters}, jax.random.PRNGKey(3))

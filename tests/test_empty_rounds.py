@@ -10,7 +10,8 @@ import numpy as np
 import optax
 
 from configs import ptb_fedgen_edge
-from experiments import settings, train
+from experiments import train
+from experiments import translate
 from fedgen import aggregators, algorithms
 from fedgen.algorithms import optim
 from fedgen.data import batching
@@ -68,8 +69,8 @@ def _poisson_config(corpus):
     c.fed.dp.update(clip_norm=0.1, noise_multiplier=1.0, sampling='poisson', delta=1e-3)
     c.eval.every = 3
     for seed in range(50):  # the first seed whose round 1 samples nobody
-        ids, present = sampling.poisson_clients(seed, 1, 4, settings.sampling_rate(c),
-                                                settings.dp_capacity(c))
+        ids, present = sampling.poisson_clients(seed, 1, 4, translate.sampling_rate(c),
+                                                translate.dp_capacity(c))
         if present.sum() == 0:
             c.seed = seed
             return c

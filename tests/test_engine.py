@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedgen import algorithms, client, engine
+from fedgen import algorithms
+from fedgen.fl import local_update as client
+from fedgen.fl import engine
 from fedgen.data import batching
 from fedgen.data.batching import RoundData
 from fedgen.metrics import dataset_loss

@@ -7,7 +7,9 @@ import numpy as np
 import optax
 
 from conftest import TINY
-from fedgen import aggregators, algorithms, fates, objectives
+from fedgen import aggregators, algorithms
+from fedgen.fl import fates
+from fedgen.tasks import objectives
 from fedgen.data import batching
 from fedgen.models import gpt
 from fedgen.privacy import dp as dp_lib

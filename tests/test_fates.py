@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedgen import fates
+from fedgen.fl import fates
 
 
 def _key(rnd=0):

@@ -13,8 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import fmnist_fedgen_edge
-from experiments import settings, train
-from fedgen import checkpoint
+from experiments import train
+from experiments import translate
+from fedgen.io import checkpoint
 from fedgen.data import idx
 from fedgen.data import images as im
 from fedgen.models import unet
@@ -70,7 +71,7 @@ def test_training_loss_flips_and_dropout():
     """flip=False, dropout=0: the training loss is the evaluation loss (today's) exactly. Flips
     and dropout change the training loss only, deterministically given the step's rng. A U-Net
     on 8x8 images and one jit for every loss keep the compilation short."""
-    from fedgen import diffusion
+    from fedgen.models import diffusion
     sched = diffusion.make_schedule('linear', 50)
     cfg = unet.UNetConfig(channels=4,
                           channel_mult=(1, ),
@@ -106,14 +107,14 @@ def test_task_wires_flip_and_dropout(source):
     before any data is read."""
     c = _config(source)
     c.model.dropout = 0.25
-    s = settings.task_settings(c)
+    s = translate.task_settings(c)
     assert s.data.flip and cifar10.model_config(s).dropout == 0.25
     parts = cifar10.prepare_parts(s)
     assert parts.model_cfg.dropout == 0.25 and parts.eval_loss_fn is not parts.loss_fn
     assert cifar10.recipe(s)['public']['flip'] and cifar10.recipe(s)['model']['dropout'] == 0.25
     c.model.dropout = 1.0
     with pytest.raises(ValueError, match=r'model\.dropout'):
-        cifar10.validate(settings.task_settings(c))
+        cifar10.validate(translate.task_settings(c))
     bad = dataclasses.replace(s, data=dataclasses.replace(s.data, flip=1))
     with pytest.raises(ValueError, match=r'data\.flip'):
         cifar10.validate(bad)

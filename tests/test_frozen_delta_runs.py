@@ -9,7 +9,8 @@ import pytest
 from configs import ptb_fedgen_edge
 from experiments import export, train
 from experiments import personalize as personal_exp
-from fedgen import lora_aggregation, peft
+from fedgen.aggregators import lora_math as lora_aggregation
+from fedgen.lora import peft
 
 
 @pytest.fixture(scope='module')

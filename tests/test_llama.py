@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from fedgen import lora
-from fedgen.models import llama, weights_hf
+from fedgen.lora import adapters as lora
+from fedgen.models import llama
+from fedgen.io import weights_hf
 
 transformers = pytest.importorskip('transformers')
 
@@ -175,7 +176,7 @@ def test_bad_config():
 
 
 def test_chunked_cross_entropy_equals_plain_loss_and_gradient(tiny):
-    from fedgen import objectives
+    from fedgen.tasks import objectives
     model, params = tiny
     tokens = jax.random.randint(jax.random.PRNGKey(8), (3, 10), 0, CFG.vocab_size)
     batch = {'tokens': tokens, 'weight': jnp.array([1.0, 0.0, 2.0])}

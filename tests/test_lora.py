@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from fedgen import client_state, lora
+from fedgen.fl import client_state
+from fedgen.lora import adapters as lora
 from fedgen.models import gpt
 
 CFG = gpt.GPTConfig(vocab_size=37, n_positions=12, n_embd=16, n_layer=2, n_head=2, lora_alpha=8.0)

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedgen import lora_aggregation as la
-from fedgen import lora_bytes
+from fedgen.aggregators import lora_math as la
+from fedgen.lora import bytes as lora_bytes
 from fedgen.aggregators import lora_rules
-from fedgen import lora_ranks
+from fedgen.lora import ranks as lora_ranks
 
 ALPHA, R = 4.0, 3
 SHAPES = {'q': ((10, ), 7), 'conv': ((2, 2, 3), 6)}  # module: (A kernel axes, out)
@@ -398,7 +398,9 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, sys.argv[1])
 from test_lora_aggregation import _clients, _global, ALPHA, R
-from fedgen import lora_aggregation as la, lora_ranks, population
+from fedgen.aggregators import lora_math as la
+from fedgen.lora import ranks as lora_ranks
+from fedgen.fl import mesh as population
 from fedgen.aggregators import lora_rules
 assert jax.device_count() == 4
 mesh = population.client_mesh(4)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedgen import lora_ranks
+from fedgen.lora import ranks as lora_ranks
 from fedgen.models import layers
 
 R_MAX, ALPHA, D_IN, D_OUT = 8, 16.0, 6, 5

@@ -4,8 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from fedgen import lora, peft
-from fedgen.models import gpt, llama, weights_hf
+from fedgen.lora import adapters as lora
+from fedgen.lora import peft
+from fedgen.models import gpt, llama
+from fedgen.io import weights_hf
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -156,7 +158,8 @@ def test_export_cli_reads_a_workdir(tmp_path):
     import optax
 
     from experiments import export
-    from fedgen import base, checkpoint
+    from fedgen.fl import algorithm as base
+    from fedgen.io import checkpoint
     model, bb = _torch_model('llama', tmp_path)
     ad = _random_adapters(bb.params, 'llama_qv', 4)
     work = tmp_path / 'run'

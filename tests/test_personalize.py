@@ -8,7 +8,9 @@ import pytest
 
 import chex
 
-from fedgen import client, client_state, personalize
+from fedgen.fl import local_update as client
+from fedgen.fl import client_state
+from fedgen.fl import personalization as personalize
 from fedgen.data import batching, partition
 from fedgen.metrics import dataset_loss
 

@@ -4,8 +4,10 @@ import numpy as np
 import optax
 import pytest
 
-from fedgen import client, engine, population
-from fedgen.base import ServerState
+from fedgen.fl import local_update as client
+from fedgen.fl import engine
+from fedgen.fl import mesh as population
+from fedgen.fl.algorithm import ServerState
 
 
 def _run(tiny, mode, chunk=None):

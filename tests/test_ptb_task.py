@@ -9,12 +9,16 @@ import pytest
 from tokenizers import pre_tokenizers
 
 from experiments import compare
-from experiments import settings as settings_lib
+from experiments import translate as settings_lib
 from experiments import train
-from fedgen import lora, objectives, peft, tokenizer
+from fedgen.lora import adapters as lora
+from fedgen.tasks import objectives
+from fedgen.lora import peft
+from fedgen.io import tokenizer
 from fedgen.data import ptb
 from fedgen.metrics import perplexity
-from fedgen.models import gpt, llama, weights_hf
+from fedgen.models import gpt, llama
+from fedgen.io import weights_hf
 
 import configs.ptb_fedgen_edge as base_config
 from configs import ptb_smollm2_fedgen_edge as smollm2_config

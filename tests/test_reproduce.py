@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from experiments import claims, report, reproduce
-from fedgen import aggregate, aggregators
+from fedgen import aggregators
+from fedgen.aggregators import weighting as aggregate
 
 CLAIMS = ('1. uplink', '2. PTB perplexity', '3. CIFAR-10 quality', '4. personalization',
           '5. LoRA rank', '6. local epochs')

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedgen import robust
+from fedgen.aggregators import robust
 
 RNG = np.random.default_rng(0)
 

@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from fedgen import algorithms, population
+from fedgen import algorithms
+from fedgen.fl import mesh as population
 
 CHILD = r'''
 import dataclasses, json, sys
@@ -21,7 +22,10 @@ import numpy as np
 import optax
 sys.path.insert(0, sys.argv[1])
 from conftest import Tiny
-from fedgen import algorithms, client, engine, population
+from fedgen import algorithms
+from fedgen.fl import local_update as client
+from fedgen.fl import engine
+from fedgen.fl import mesh as population
 from fedgen.data import batching
 
 assert jax.device_count() == 4, jax.devices()

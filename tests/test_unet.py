@@ -6,7 +6,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from fedgen import diffusion, lora
+from fedgen.models import diffusion
+from fedgen.lora import adapters as lora
 from fedgen.models import unet
 
 # Two levels (32, 16) with attention at 16 and in the middle: every block type, small and fast.

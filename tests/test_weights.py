@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from fedgen.models import gpt, layers, llama, weights, weights_gguf, weights_hf
+from fedgen.models import gpt, layers, llama
+from fedgen.io import weights
+from fedgen.io import weights_gguf
+from fedgen.io import weights_hf
 
 transformers = pytest.importorskip('transformers')
 gguf = pytest.importorskip('gguf')

@@ -1,4 +1,4 @@
-"""LoRA-specific aggregators (the math and the aggregation error are in fedgen.lora_aggregation).
+"""LoRA-specific aggregators (the math and the aggregation error: fedgen.aggregators.lora_math).
 
 Updates are the clients' adapter deltas u_k = (A_k - A_G, B_k - B_G) under the key 'lora'; the
 clients' adapters are A_G + u_k. With p_k = w_k / sum_j w_j and s = alpha / r:
@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from fedgen import lora_aggregation, lora_ranks
+from fedgen.aggregators import lora_math as lora_aggregation
+from fedgen.lora import ranks as lora_ranks
 from fedgen.aggregators import lora_rules
 from fedgen.aggregators.base import Aggregator, refuse
 from fedgen.aggregators.reductions import weighted_mean

@@ -1,7 +1,7 @@
 """The LoRA aggregation rules, one small function per method, applied to every adapted module.
 
 A rule maps one module's stacked client factors to the next global factors and the frozen-delta
-increment (fedgen.lora_aggregation holds the shared math and its notation):
+increment (fedgen.aggregators.lora_math holds the shared math and its notation):
 
     avg_ab          (Abar, Bbar)                                    FedGen-Edge's FedAvg of factors
     ffa             (A_G, mean B)                                   FFA-LoRA: exact, A frozen
@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fedgen import lora_aggregation as la
-from fedgen import lora_ranks
+from fedgen.aggregators import lora_math as la
+from fedgen.lora import ranks as lora_ranks
 
 PyTree = Any
 

@@ -11,7 +11,7 @@ clipped updates; the server adds the noise after unmasking.
 
 Metrics: the noised aggregate's statistics are covered by epsilon; the ones computed from raw
 client updates (privacy.DIAGNOSTIC_METRICS) are listed in the ``diagnostics`` trait, and the round
-drops them unless the run asks for them (``fed.dp.log_diagnostics``, fedgen.engine.publish).
+drops them unless the run asks for them (``fed.dp.log_diagnostics``, fedgen.fl.engine.publish).
 """
 from typing import Optional
 

@@ -1,17 +1,18 @@
-"""The plain and robust reductions over the client axis as aggregators (math in fedgen.robust).
+"""The plain and robust reductions over the client axis as aggregators (math: aggregators.robust).
 
 Each aggregate(updates [C, ...], weights [C], state, key, ctx) returns one tree like a client's
 upload; a client with weight 0 never influences it. With every weight 0 the result is 0 (the
-algorithm then keeps the global model: see fedgen.engine.aggregate_and_step).
+algorithm then keeps the global model: see fedgen.fl.engine.aggregate_and_step).
 
     weighted_mean      sum_k w_k u_k / sum_k w_k                              (FedAvg)
     median, trimmed_mean(beta), norm_bound(bound), multi_krum(f, m), geometric_median(iters, nu)
-                       fedgen.robust's definitions; they read individual updates
+                       fedgen.aggregators.robust's definitions; they read individual updates
 """
 import jax
 import jax.numpy as jnp
 
-from fedgen import aggregate, robust
+from fedgen.aggregators import weighting as aggregate
+from fedgen.aggregators import robust
 from fedgen.aggregators.base import Aggregator
 
 ROBUST = robust.NAMES[1:]
@@ -48,8 +49,8 @@ def weighted_mean(drift: bool = False, label: str = "fed.aggregator='mean'") -> 
 
 
 def robust_reduction(name: str, label: str = '', **hp) -> Aggregator:
-    """fedgen.robust's ``name`` reduction with hyper-parameters ``hp`` (beta, bound, f, m, iters,
-    nu; unused ones ignored). Multi-Krum's [C] selection stays internal."""
+    """fedgen.aggregators.robust's ``name`` reduction with hyper-parameters ``hp`` (beta, bound, f,
+    m, iters, nu; unused ones ignored). Multi-Krum's [C] selection stays internal."""
     if name not in robust.NAMES:
         raise ValueError(f'fed.aggregator must be one of {robust.NAMES}, got {name!r}')
     if name == 'mean':

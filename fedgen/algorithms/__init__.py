@@ -1,4 +1,4 @@
-"""Federated methods: small modules over the shared round primitives (fedgen/engine.py).
+"""Federated methods: small modules over the shared round primitives (fedgen/fl/engine.py).
 
 | method        | module      | trainable          | what differs                                  |
 |---------------|-------------|--------------------|-----------------------------------------------|
@@ -21,9 +21,11 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from fedgen import aggregators, engine, lora
+from fedgen import aggregators
+from fedgen.fl import engine
+from fedgen.lora import adapters as lora
 from fedgen.algorithms import centralized, ditto, fedavg, fedsa, local_only, optim
-from fedgen.base import Algorithm
+from fedgen.fl.algorithm import Algorithm
 
 METHODS = ('fedgen_edge', 'fedavg_full', 'fedprox', 'ditto', 'fedsa', 'local_only', 'centralized')
 PROX_TARGETS = ('lora', 'full')

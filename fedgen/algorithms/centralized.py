@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedgen import client, engine, hparams
-from fedgen.base import Algorithm, ServerState
+from fedgen.fl import local_update as client
+from fedgen.fl import engine
+from fedgen.fl import hparams
+from fedgen.fl.algorithm import Algorithm, ServerState
 
 
 def make(p, loss_fn, mesh=None) -> Algorithm:

@@ -13,9 +13,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fedgen import client, client_state, engine, hparams
+from fedgen.fl import local_update as client
+from fedgen.fl import client_state
+from fedgen.fl import engine
+from fedgen.fl import hparams
 from fedgen.algorithms import fedavg
-from fedgen.base import Algorithm
+from fedgen.fl.algorithm import Algorithm
 
 
 def make(p, loss_fn, mesh=None) -> Algorithm:

@@ -16,9 +16,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedgen import client, client_state, engine, hparams, lora_aggregation, lora_ranks
+from fedgen.fl import local_update as client
+from fedgen.fl import client_state
+from fedgen.fl import engine
+from fedgen.fl import hparams
+from fedgen.aggregators import lora_math as lora_aggregation
+from fedgen.lora import ranks as lora_ranks
 from fedgen.aggregators import RoundContext
-from fedgen.base import Algorithm, ServerState
+from fedgen.fl.algorithm import Algorithm, ServerState
 from fedgen.privacy import dp as dp_lib
 
 

@@ -5,7 +5,7 @@ and keeps B_k in state.clients [N, ...]; the server aggregates A with any aggreg
 no global model to evaluate (the global B stays 0); each client's model is (A_G, B_k).
 """
 from fedgen.algorithms import fedavg
-from fedgen.base import Algorithm
+from fedgen.fl.algorithm import Algorithm
 
 LOCAL = frozenset({'b'})
 

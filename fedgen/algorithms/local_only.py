@@ -9,8 +9,11 @@ import functools
 
 import jax.numpy as jnp
 
-from fedgen import client, client_state, engine, hparams
-from fedgen.base import Algorithm, ServerState
+from fedgen.fl import local_update as client
+from fedgen.fl import client_state
+from fedgen.fl import engine
+from fedgen.fl import hparams
+from fedgen.fl.algorithm import Algorithm, ServerState
 from fedgen.privacy import dp as dp_lib
 
 

@@ -1,13 +1,13 @@
 """A loaded pretrained backbone (:class:`Backbone`) and the checks every loader ends with.
 
-Loaders (:mod:`fedgen.models.weights_hf`, :mod:`fedgen.models.weights_gguf`) return the model's
+Loaders (:mod:`fedgen.io.weights_hf`, :mod:`fedgen.io.weights_gguf`) return the model's
 own param tree: the blocks stacked on a leading layer axis (Llama ``layers/...`` [L, ...], GPT
 ``h/...`` [L, ...]; :func:`fedgen.models.layers.stack_blocks`), whatever per-layer names the file
 uses.
 """
 from typing import NamedTuple
 
-from fedgen import tokenizer as tokenizers_
+from fedgen.io import tokenizer as tokenizers_
 from fedgen.models import gpt, llama
 
 

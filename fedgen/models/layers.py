@@ -6,7 +6,8 @@ adapter is present the layer computes the unmerged LoRA update
 
     y = x W0 + b + (alpha / r) * (x A) B
 
-and otherwise exactly ``x W0 + b``. Adapters are created by :func:`fedgen.lora.init`, never by the
+and otherwise exactly ``x W0 + b``. Adapters are created by :func:`fedgen.lora.adapters.init`,
+never by the
 layer, so the frozen tree and the adapter tree stay separate pytrees.
 
 A decoder's L identical blocks are one module run by :func:`scan_blocks`: every leaf of the block's
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fedgen import lora
+from fedgen.lora import adapters as lora
 
 Initializer = Callable[..., Any]
 

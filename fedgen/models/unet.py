@@ -8,7 +8,8 @@ following Ho et al. (2020): a sinusoidal time embedding fed through an MLP, resi
 additive time conditioning, self-attention at the resolutions in ``attn_resolutions``, strided-conv
 downsampling, nearest-neighbour + conv upsampling, and skip connections from every down block.
 Every kernel belongs to a :class:`fedgen.models.layers.Dense` or
-:class:`~fedgen.models.layers.Conv`, so a LoRA rule (see :mod:`fedgen.lora`) can target any of them.
+:class:`~fedgen.models.layers.Conv`, so a LoRA rule (see :mod:`fedgen.lora.adapters`) can target
+any of them.
 
 Parameter paths (the names the LoRA rules match):
 

@@ -2,7 +2,7 @@
 
 A task module (``fedgen.tasks.ptb``, ``fedgen.tasks.cifar10``) exposes a frozen ``Settings``
 dataclass (its typed hyper-parameters, whose sections mirror the config's: the entry point builds it
-once, see experiments/settings.py) and ``prepare(settings) -> Task``.
+once, see experiments/translate.py) and ``prepare(settings) -> Task``.
 Every task has the fields below; optional capabilities are explicit fields that are ``None`` (or
 empty) when a task lacks them, never discovered with ``hasattr``:
 

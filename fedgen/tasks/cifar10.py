@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedgen import diffusion, tasks
+from fedgen import tasks
+from fedgen.models import diffusion
 from fedgen.algorithms import LoraSpec
 from fedgen.data import batching, images, partition
 from fedgen.metrics import classifier, dataset_loss

@@ -20,7 +20,8 @@ import dataclasses
 import jax
 import numpy as np
 
-from fedgen import objectives, tasks
+from fedgen import tasks
+from fedgen.tasks import objectives
 from fedgen.algorithms import LoraSpec
 from fedgen.metrics import perplexity
 from fedgen.data import partition, ptb, topics

@@ -1,6 +1,6 @@
 """The PTB task's language model: which decoder, its weights, and how PTB text becomes its tokens.
 
-``model.source`` (see :mod:`fedgen.models.weights`) chooses between two kinds of backbone:
+``model.source`` (see :mod:`fedgen.io.weights`) chooses between two kinds of backbone:
 
 * ``'local'``: a decoder of the ``model.*`` geometry (``model.name`` 'gpt' or 'llama') over PTB's
   10k-word vocabulary, pre-trained by fedgen on the public portion (``pretrain.steps``). Its tokens
@@ -22,7 +22,8 @@ import jax
 import numpy as np
 
 from fedgen.data import ptb
-from fedgen.models import gpt, llama, weights
+from fedgen.models import gpt, llama
+from fedgen.io import weights
 
 ARCHS = ('gpt', 'llama')
 # The param tree's layout, part of a pre-trained backbone's cache key (the task recipes): the

@@ -36,10 +36,11 @@ import numpy as np  # noqa: E402
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from experiments import settings, train  # noqa: E402
+from experiments import train  # noqa: E402
+from experiments import translate  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from fedgen import client_state  # noqa: E402
+from fedgen.fl import client_state  # noqa: E402
 from fedgen.data import batching  # noqa: E402
 from fedgen.deploy.flower import personal, spec, wire  # noqa: E402
 
@@ -98,7 +99,7 @@ def query(msg: Message, context: Context) -> Message:
     """Replies with the ids this node holds and their example counts n_k (for the roster)."""
     opts = spec.run_options(context.run_config)
     ids = spec.node_client_ids(context.node_config)
-    task = settings.prepare_task(opts.config)
+    task = translate.prepare_task(opts.config)
     bad = [i for i in ids if not 0 <= i < len(task.client_train)]
     if bad:
         raise ValueError(f'node config client-ids {bad} are outside the partition\'s '

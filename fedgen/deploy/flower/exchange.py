@@ -84,7 +84,7 @@ def discover(grid: Grid, num_clients: int, timeout: float) -> Roster:
 class RoundTrip:
     """rows: per slot, the decoded ClientOutput row [1, ...] or None (dropped); dropped: their
     client ids; wire_up / wire_down: bytes of the replies' / requests' content as Flower
-    serializes it; payload_up: bytes of the uploads' arrays (fedgen.comm's count); metrics: per
+    serializes it; payload_up: bytes of the uploads' arrays (fedgen.fl.comm's count); metrics: per
     replying client, its MetricRecord as a dict; wall_s: from the first push to the last reply."""
     rows: list
     dropped: list

@@ -3,7 +3,7 @@
 Round t (0-based rounds done), as experiments.train runs it, with the client phase replaced by
 the network:
 
-    ids, present = settings.sample_round(config, t)    fedgen's sampling, a function of (seed, t)
+    ids, present = translate.sample_round(config, t)    fedgen's sampling, a function of (seed, t)
     n_k          = the roster's example counts of ids (0 for Poisson padding)
     replies      = train messages with download(w_G^t) -> ClientOutput rows [1, ...] (exchange.py)
     out          = the rows stacked [C, ...] in the sampled order (a dropped client: report 0)
@@ -33,8 +33,10 @@ import numpy as np
 from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from experiments import backbones, settings, train, writers
-from fedgen import checkpoint, comm
+from experiments import backbones, train, writers
+from experiments import translate
+from fedgen.io import checkpoint
+from fedgen.fl import comm
 from fedgen.data import batching
 from fedgen.deploy.flower import client_app, exchange, personal, spec, wire
 
@@ -96,7 +98,7 @@ def summarize(writer, r, config, bb_metrics: dict, final: dict, cost, totals: di
         r['steps'],
         **({
             'dp_epsilon': writer.rows[-1].get('dp_epsilon'),
-            'dp_delta': settings.dp_delta(config)
+            'dp_delta': translate.dp_delta(config)
         } if acct is not None else {}), 'deployed':
         True,
         'wall_s':
@@ -132,8 +134,8 @@ def run(grid: Grid, opts: spec.RunOptions) -> dict:
     bb_metrics = evaluate({'params': r['params']})
     print(f'backbone: {train.fmt(bb_metrics)}  ({r["bb_info"]})', flush=True)
     cost = comm.round_cost(alg, r['state'].trainable, fed.clients_per_round)
-    up_client, down_client = settings.client_bytes(config, alg, r['state'].trainable)
-    acct = settings.accountant(config)
+    up_client, down_client = translate.client_bytes(config, alg, r['state'].trainable)
+    acct = translate.accountant(config)
     roster = exchange.discover(grid, fed.num_clients, opts.connect_timeout)
     print(
         f'roster: {fed.num_clients} clients on {len(set(roster.node_of.values()))} '
@@ -153,7 +155,7 @@ def run(grid: Grid, opts: spec.RunOptions) -> dict:
         for rnd in range(start, fed.rounds):
             t0 = time.time()
             exchange.refresh(grid, roster)
-            ids, present = settings.sample_round(config, rnd)
+            ids, present = translate.sample_round(config, rnd)
             n_k = roster.n_k[ids] * (1.0 if present is None else np.asarray(present, np.float32))
             data = batching.RoundData(client_ids=ids.astype(np.int32),
                                       batches={},

@@ -25,7 +25,7 @@ import json
 import jax
 import ml_collections
 
-from fedgen import comm
+from fedgen.fl import comm
 
 QUERY, TRAIN = 'query', 'train'
 # Methods whose client phase needs the global download and, for ditto / fedsa / local_only, the

@@ -5,7 +5,7 @@ becomes the record {keystr(p_l): Array(x_l)}; the receiver knows T's structure (
 config) and rebuilds T from a template with the same paths, checking every shape and dtype, so a
 peer with another config fails with one line instead of training on mismatched arrays.
 
-Sizes. ``payload_bytes`` is sum_l nbytes(x_l), the count fedgen.comm reports (shapes x dtype
+Sizes. ``payload_bytes`` is sum_l nbytes(x_l), the count fedgen.fl.comm reports (shapes x dtype
 sizes, no headers). ``message_bytes`` is what Flower actually transfers for a message's content: the
 deflated bytes of every distinct object in the message's object tree (record and array headers,
 the NumPy ``.npy`` header of each leaf, the array chunks; identical chunks are sent once).
@@ -59,7 +59,7 @@ def from_record(record: ArrayRecord, template: PyTree) -> PyTree:
 
 
 def payload_bytes(tree: PyTree) -> int:
-    """sum over leaves of size x itemsize: the bytes fedgen.comm counts for a sent tree."""
+    """sum over leaves of size x itemsize: the bytes fedgen.fl.comm counts for a sent tree."""
     return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
 
 

@@ -1,7 +1,7 @@
 """Heterogeneous client LoRA ranks in one compiled program: a mask on the rank axis.
 
 Every client's adapter is stored at the program's rank r_max (A [..., in, r_max], B [r_max, out], or
-B [L, r_max, out] for a layer-stacked module, see :mod:`fedgen.lora`);
+B [L, r_max, out] for a layer-stacked module, see :mod:`fedgen.lora.adapters`);
 client k owns the first r_k <= r_max rank slices. Its rank mask m_k [r_max], m_kj = 1[j < r_k],
 zeros the columns of A and the rows of B beyond r_k:
 
@@ -24,7 +24,8 @@ HetLoRA zero-padding aggregation weights each rank slice by the clients that own
 
 and a slice no participating client owns keeps its previous global value. FlexLoRA's download is
 the rank-r_k truncation of an SVD-ordered global factorization
-(:func:`fedgen.lora_aggregation.make` with 'svd_refactor'): that is the global masked by m_k, so the
+(:func:`fedgen.aggregators.lora_math.make` with 'svd_refactor'): that is the global masked by
+m_k, so the
 in-loss mask alone implements it.
 
 Bytes: a client of rank r_k sends and receives r_k (fan_in + out) entries of (A, B) per module

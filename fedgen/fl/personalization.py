@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedgen import client, client_state, population
+from fedgen.fl import local_update as client
+from fedgen.fl import client_state
+from fedgen.fl import mesh as population
 from fedgen.data import batching
 from fedgen.metrics import dataset_loss
 

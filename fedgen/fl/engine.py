@@ -30,9 +30,14 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from fedgen import attacks, client, fates, hparams, population, robust
+from fedgen.fl import attacks
+from fedgen.fl import local_update as client
+from fedgen.fl import fates
+from fedgen.fl import hparams
+from fedgen.fl import mesh as population
+from fedgen.aggregators import robust
 from fedgen.aggregators import Aggregator, RoundContext, zero_like_upload
-from fedgen.base import ServerState
+from fedgen.fl.algorithm import ServerState
 from fedgen.data.batching import RoundData
 
 PyTree = Any
@@ -160,7 +165,7 @@ def server_step(state: ServerState,
                 server_tx: optax.GradientTransformation,
                 lr_scale=None) -> ServerState:
     """w_G <- w_G + s ServerOpt(-avg_delta): the server optimizer sees the pseudo-gradient; s is
-    a traced learning-rate multiple (fedgen/hparams.py), None for 1."""
+    a traced learning-rate multiple (fedgen/fl/hparams.py), None for 1."""
     neg = jax.tree.map(jnp.negative, avg_delta)
     updates, opt_state = server_tx.update(neg, state.opt_state, state.trainable)
     updates = hparams.scale(updates, lr_scale)

@@ -11,7 +11,7 @@ import os
 import numpy as np
 from flax import traverse_util
 
-from fedgen import tokenizer as tokenizers_
+from fedgen.io import tokenizer as tokenizers_
 from fedgen.models import backbone, gpt, layers, llama
 
 

@@ -4,7 +4,7 @@ Per round with C participating clients:
     uplink   = C * bytes(upload(Delta_k))     what one client sends (e.g. Delta A_k for FedSA)
     downlink = C * bytes(download(w_G))       what the server broadcasts to one client
 Bytes are counted from leaf shapes and dtypes (no compression, no headers). Both views come from
-the method's :class:`~fedgen.base.Algorithm`, evaluated on abstract shapes (nothing runs). A
+the method's :class:`~fedgen.fl.algorithm.Algorithm`, evaluated on abstract shapes (nothing runs). A
 round's bytes (``round_bytes``) count the clients that actually took part: every sampled client
 downloads, only those whose upload arrived (not dropped) count for the uplink.
 """
@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from fedgen.base import Algorithm
+from fedgen.fl.algorithm import Algorithm
 
 PyTree = Any
 

@@ -12,7 +12,7 @@ import os
 import numpy as np
 from flax import traverse_util
 
-from fedgen import tokenizer as tokenizers_
+from fedgen.io import tokenizer as tokenizers_
 from fedgen.models import backbone, layers, llama
 
 GGUF_TYPES = ('F32', 'F16', 'BF16', 'Q4_0', 'Q4_1', 'Q5_0', 'Q5_1', 'Q8_0', 'Q2_K', 'Q3_K', 'Q4_K',

@@ -17,7 +17,7 @@ communication (what one client sends up, what the server sends down):
 ``trainable`` and ``frozen`` are separate pytrees of linen collections: the model sees
 ``{**frozen, **trainable}``; only ``trainable`` is differentiated, optimised, averaged, sent and
 checkpointed. Every method (FedGen-Edge included) is a small module of fedgen/algorithms over the
-shared primitives of fedgen/engine.py, so all of them share this interface.
+shared primitives of fedgen/fl/engine.py, so all of them share this interface.
 """
 from typing import Any, Callable, NamedTuple, Optional
 

@@ -1,4 +1,4 @@
-"""Bytes per client per round of the LoRA aggregations (fedgen.lora_aggregation), at true ranks.
+"""Bytes per client per round of the LoRA aggregations (aggregators.lora_math), at true ranks.
 
 (A, B) costs r_k (fan_in + out) entries per module (ffa: r_k out, B only); the dW increment costs
 fan_in out dense, or k (fan_in + out) with ``residual_rank`` k (exact_residual), or (sum of the
@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from fedgen import lora_ranks
-from fedgen.lora_aggregation import WITH_DELTA, module_paths, split_layers, stacked_modules
+from fedgen.lora import ranks as lora_ranks
+from fedgen.aggregators.lora_math import WITH_DELTA, module_paths, split_layers, stacked_modules
 
 PyTree = Any
 

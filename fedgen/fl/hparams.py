@@ -2,7 +2,7 @@
 
 A round's ``RoundData.hparams`` is None (the method's compile-time values) or an :class:`HParams`
 of float32 scalars, traced like the fate rates, so changing them never recompiles and a vmapped
-sweep (fedgen/sweep.py) gives every run its own values:
+sweep (fedgen/fl/runs.py) gives every run its own values:
 
     client step:  w <- w + s_c * u,  u = client_tx.update(g)      (learning rate s_c * lr_c)
     server step:  w_G <- w_G + s_s * u,  u = server_tx.update(-Delta)   (s_s * lr_s)

