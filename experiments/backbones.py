@@ -11,12 +11,9 @@ the task's initial backbone (a loaded checkpoint such as SmolLM2) is used as is 
 """
 import json
 import os
-import sys
 import time
 
-from tqdm import tqdm
-
-from experiments.console import log
+from experiments.console import log, progress
 from fedgen.io import checkpoint
 from fedgen.fl import pretrain
 from fedgen.algorithms import optim
@@ -52,7 +49,10 @@ def pretrained(config, task, workdir: str, rng) -> tuple[dict, dict]:
         return got, {'source': path}
     tx = optim.build(config.pretrain.opt, config.pretrain.lr, 'pretrain.opt', 'pretrain.lr')
     t0, params, loss = time.time(), init, float('nan')
-    bar = tqdm(total=config.pretrain.steps, desc='pretrain', unit='step', file=sys.stdout)
+    bar = progress(total=config.pretrain.steps,
+                   desc='pretrain',
+                   unit='step',
+                   every=max(1, config.pretrain.steps // 20))
     for done, loss, params in pretrain.train(task.loss_fn, tx, init, task.public,
                                              config.pretrain.steps, config.pretrain.batch_size,
                                              config.seed):

@@ -31,7 +31,6 @@ docs/results/bench_backbone_<platform>.md (generated) and prints the table with 
 import itertools
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -40,6 +39,8 @@ import time
 
 import numpy as np
 from absl import app, flags
+
+from experiments.machine import machine
 
 FLAGS = flags.FLAGS
 
@@ -124,17 +125,6 @@ def one_row(dtype: str, remat: bool, chunk: int, c: int, s: int, b: int, t: int,
     }
 
 
-def machine() -> str:
-    import jax
-    dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists('/proc/cpuinfo'):
-        with open('/proc/cpuinfo') as f:
-            names = [ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')]
-        cpu = f'{names[0]} x{len(names)}' if names else cpu
-    return f'{dev.platform}: {dev.device_kind}; host {cpu}; jax {jax.__version__}'
-
-
 def peer_table(argv_shape: dict) -> None:
     """fedgen vs the HF + peft loop on the same work, ``--passes`` passes (module docstring)."""
     import shutil
@@ -178,7 +168,7 @@ def peer_table(argv_shape: dict) -> None:
             print(r, flush=True)
     shutil.rmtree(tmp)  # the 538 MB weights directory
     lines = [
-        f'Machine: {machine_line}; jax {_jax_version()}, torch {rows[0].get("torch", "?")}.',
+        f'Machine: {machine()}, torch {rows[0].get("torch", "?")}; FP32 peak: {machine_line}.',
         f'Work: SmolLM2-135M geometry ({cfg.n_layer} blocks), float32, C={c} clients x K={k} steps '
         f'x B={b} x T={t} = {tokens} tokens per round, LoRA r=8 alpha 16 on q, v, AdamW(1e-3) per '
         f'client; {flop / 1e12:.2f} TFLOP per round (model FLOPs). Median of {repeats} rounds '
@@ -199,11 +189,6 @@ def peer_table(argv_shape: dict) -> None:
                          f'{r["peak_rss_MiB"]:.0f} | '
                          f'{r["peak_rss_MiB"] / peer["peak_rss_MiB"]:.2f} | {r["load"]:.1f} |')
     print('\n'.join(lines))
-
-
-def _jax_version() -> str:
-    import jax
-    return jax.__version__
 
 
 def main(argv):

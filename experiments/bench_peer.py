@@ -183,17 +183,9 @@ def flops_per_token(cfg, t: int) -> float:
 def fp32_peak() -> tuple[float, str]:
     """(FLOP/s, description): cores x 32 FP32 FLOP/cycle (two 256-bit FMA pipes, AVX2 or AVX-512
     on Zen 3/4) x the clock /proc/cpuinfo reports; 16 FLOP/cycle without FMA."""
-    names, mhz, flags = [], [], set()
-    with open('/proc/cpuinfo') as f:
-        for ln in f:
-            key, _, val = ln.partition(':')
-            key = key.strip()
-            if key == 'model name':
-                names.append(val.strip())
-            elif key == 'cpu MHz':
-                mhz.append(float(val))
-            elif key == 'flags':
-                flags = set(val.split())
+    from experiments.machine import cpuinfo
+    info = cpuinfo()
+    names, mhz, flags = info['names'], info['mhz'], info['flags']
     per_cycle = 32 if 'fma' in flags else 16
     ghz = (max(mhz) if mhz else 0.0) / 1000
     isa = 'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'SSE'

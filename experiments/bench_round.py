@@ -22,7 +22,6 @@ MFU = FLOPs per round / round time / peak, with peak measured here as the best o
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ from fedgen.models import diffusion
 from fedgen.fl import engine
 from fedgen.lora import adapters as lora
 from fedgen.tasks import objectives
+from experiments.machine import machine
 from fedgen.data.batching import RoundData
 from fedgen.models import gpt, unet
 from fedgen.tasks import cifar10
@@ -197,18 +197,6 @@ def run_child(job: dict) -> dict:
     if proc.returncode:
         return {'error': proc.stderr.strip().splitlines()[-1][:120]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def machine() -> str:
-    cpu = 'unknown CPU'
-    if os.path.exists('/proc/cpuinfo'):
-        with open('/proc/cpuinfo') as f:
-            names = [ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')]
-        cpu = names[0] if names else cpu
-    dev = jax.devices()[0]
-    return (f'{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}, '
-            f'Python {platform.python_version()}, jax {jax.__version__}, '
-            f'{jax.device_count()} x {dev.platform} device ({dev.device_kind})')
 
 
 def table(rows: list[dict], peak: float) -> str:

@@ -29,6 +29,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,6 +40,11 @@ import orbax.checkpoint as ocp
 
 MOMENTS = ('pretrain', 'cache_save', 'round', 'async_save', 'after_commit', 'after_row', 'random')
 _TMP = '.orbax-checkpoint-tmp'
+# Phases seen on the job's stdout: a tqdm bar ('pretrain:  45%|', on a terminal) or the plain
+# progress lines of experiments.console.progress ('pretrain 20/20 [...]', on a file or a pipe).
+MARKERS = (('pretrain', re.compile(r'(^|[\r\n])pretrain[: ]')),
+           ('pretrain_done', re.compile(r'pretrain: 100%|(^|[\r\n])pretrain (\d+)/\2 ')),
+           ('data', re.compile(r'\ndata: \{')), ('rounds', re.compile(r'(^|[\r\n])rounds[: ]')))
 
 
 @dataclasses.dataclass
@@ -100,9 +106,8 @@ def attempt(cmd: list[str], workdir: str, log: str, env: dict, moment: str | Non
                 proc.wait()
                 raise RuntimeError(f'attempt ran past {timeout:.0f}s; see {log}')
             text = _read(log) if moment in (None, 'pretrain', 'round') else ''
-            for key, marker in (('pretrain', 'pretrain:'), ('pretrain_done', 'pretrain: 100%'),
-                                ('data', '\ndata: {'), ('rounds', 'rounds:')):
-                if key not in marks and marker in text:
+            for key, marker in MARKERS:
+                if key not in marks and marker.search(text):
                     marks[key] = now
             new_steps = len(_committed_steps(workdir) - start_steps)
             fire = late = False

@@ -20,11 +20,11 @@ import os
 import time
 
 import matplotlib
-from absl import app, flags, logging
+from absl import flags
 
 from experiments import personalize as personal_exp
 from experiments import train
-from experiments.console import guarded, log
+from experiments.console import log, require, run_main
 from fedgen.fl import pretrain
 
 matplotlib.use('Agg')
@@ -227,13 +227,11 @@ def plot(workdir: str, rows: list[dict], metric: str) -> None:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
+    require('workdir')
     f = flags.FLAGS
-    if f.workdir is None:
-        raise app.UsageError('--workdir is required')
     run(f.task, f.workdir, f.methods, quick=f.quick, backbone=f.backbone, epochs=f.epochs)
 
 
 if __name__ == '__main__':
     define_flags()
-    app.run(guarded(main))
+    run_main(main)

@@ -32,7 +32,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import translate
-from experiments.console import guarded, log
+from experiments.console import log, run_main
 from fedgen.deploy.flower import cluster as cluster_lib
 from fedgen.deploy.flower import spec
 
@@ -194,4 +194,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    app.run(guarded(main))
+    run_main(main)

@@ -9,20 +9,26 @@ global adapter is state.trainable['lora']. --client K takes row K of the stacked
 experiments.personalize saved under <workdir>/personal/<step>. The backbone comes from
 model.source ('local': the run's cached pre-trained backbone under <workdir>/backbone, or
 pretrain.backbone_path). Writes adapter_config.json + adapter_model.safetensors (PEFT), or
-config.json + model.safetensors (--merged, Hugging Face PyTorch layout, float32).
+config.json + model.safetensors (--merged, Hugging Face PyTorch layout, float32), readable by
+everyone (mode 0644 under the usual umask 022) like any file the run writes.
+
+Quiet: absl logging stays at WARNING unless --verbosity is given (set before jax initialises a
+backend, so its platform probe logs nothing), and a bad --workdir, --client or --step is one
+``error: ...`` line with exit status 2 (experiments.console).
 """
-import json
 import os
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from fedgen.io import checkpoint
 from fedgen.aggregators import lora_math as lora_aggregation
 from fedgen.lora import peft
 from fedgen.models import gpt, llama
 from fedgen.io import weights
+from experiments import writers
+from experiments.console import run_main
 
 FLAGS = flags.FLAGS
 
@@ -39,8 +45,8 @@ def define_flags() -> None:
 HUB_NAMES = {'smollm2-135m': 'HuggingFaceTB/SmolLM2-135M-Instruct'}
 
 
-def _local_backbone(config: dict, workdir: str) -> dict:
-    path = config['pretrain'].get('backbone_path') or ''
+def _local_backbone(config, workdir: str) -> dict:
+    path = config.pretrain.backbone_path
     if not path:
         root = os.path.join(workdir, 'backbone')
         dirs = sorted(
@@ -52,24 +58,24 @@ def _local_backbone(config: dict, workdir: str) -> dict:
     return checkpoint.load_tree(path, None, 'backbone')
 
 
-def backbone(config: dict, workdir: str) -> tuple[str, object, dict, str]:
+def backbone(config, workdir: str) -> tuple[str, object, dict, str]:
     """(arch, model config, float params, base model name) of the run's frozen backbone."""
-    m, alpha = config['model'], float(config['lora']['alpha'])
-    source = m.get('source', 'local')
+    m, alpha = config.model, float(config.lora.alpha)
+    source = m.source
     if source != 'local':
         bb = weights.load(source, lora_alpha=alpha)
         return bb.arch, bb.config, bb.params, HUB_NAMES.get(source, source.partition(':')[2])
     params = _local_backbone(config, workdir)
-    if m.get('name', 'gpt') == 'gpt':  # fedgen's GPT is the GPT-2 architecture
+    if m.name == 'gpt':  # fedgen's GPT is the GPT-2 architecture
         cfg = gpt.GPTConfig(vocab_size=params['wte']['embedding'].shape[0],
                             n_positions=params['wpe']['embedding'].shape[0],
                             n_embd=params['wte']['embedding'].shape[1],
                             n_layer=jax.tree.leaves(params['h'])[0].shape[0],
-                            n_head=m['n_head'],
+                            n_head=m.n_head,
                             lora_alpha=alpha)
         return 'gpt2', cfg, params, ''
     fields = {
-        f: m[f]
+        f: m[f]  # the run's saved model fields
         for f in ('n_positions', 'n_head', 'n_kv_head', 'n_inner', 'rope_theta', 'rms_norm_eps',
                   'tie_word_embeddings')
     }
@@ -82,10 +88,10 @@ def backbone(config: dict, workdir: str) -> tuple[str, object, dict, str]:
     return 'llama', cfg, params, ''
 
 
-def adapters(config: dict, workdir: str, client: int, step: int) -> tuple[dict, int]:
+def adapters(config, workdir: str, client: int, step: int) -> tuple[dict, int]:
     """(one adapter tree, its round): the global one, or row ``client`` of the personal trees."""
     if client < 0:
-        mngr = checkpoint.manager(workdir, int(config['checkpoint']['keep']))
+        mngr = checkpoint.manager(workdir, int(config.checkpoint.keep))
         step = step or checkpoint.latest(mngr)
         if not step:
             raise ValueError(f'--workdir: no checkpoint under {workdir}/checkpoints')
@@ -104,21 +110,31 @@ def adapters(config: dict, workdir: str, client: int, step: int) -> tuple[dict, 
     return jax.tree.map(lambda x: np.asarray(x[client]), tree), step
 
 
-def frozen_delta(config: dict, workdir: str, step: int) -> dict | None:
+def frozen_delta(config, workdir: str, step: int) -> dict | None:
     """The server-side frozen delta dW of a FedEx-LoRA / FLoRA run at round ``step`` (the model
     it trained is W0 + dW + s A B), or None for runs without one."""
-    if config['fed'].get('lora_aggregation', 'avg_ab') not in lora_aggregation.WITH_DELTA:
+    if config.fed.lora_aggregation not in lora_aggregation.WITH_DELTA:
         return None
-    mngr = checkpoint.manager(workdir, int(config['checkpoint']['keep']))
+    mngr = checkpoint.manager(workdir, int(config.checkpoint.keep))
     state = checkpoint.restore(mngr, step, state=None)['state']
     return state['aux']['agg']['delta']
 
 
+def readable(out: str) -> None:
+    """Gives the files in ``out`` the mode a plain ``open`` would (0666 less the umask): the
+    safetensors writer's temporary file + rename leaves 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in os.listdir(out) if os.path.isdir(out) else ():
+        path = os.path.join(out, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~mask)
+
+
 def export(workdir: str, out: str, client: int = -1, merged: bool = False, step: int = 0) -> str:
     """Writes the export into ``out``; returns a one-line description."""
-    with open(os.path.join(workdir, 'config.json')) as f:
-        config = json.load(f)
-    method = config['fed'].get('lora_aggregation', 'avg_ab')
+    config = writers.run_config(workdir)
+    method = config.fed.lora_aggregation
     if method in lora_aggregation.WITH_DELTA and not merged:
         raise ValueError(f'fed.lora_aggregation={method!r} trains W0 + dW + s A B with a '
                          'server-side frozen delta dW that a PEFT adapter cannot carry; export '
@@ -128,12 +144,14 @@ def export(workdir: str, out: str, client: int = -1, merged: bool = False, step:
     delta = frozen_delta(config, workdir, step)
     if delta is not None:  # the model the run trained: W0 + dW, then the adapter merged on top
         params = lora_aggregation.apply_delta(params, jax.tree.map(np.asarray, delta))
-    alpha = float(config['lora']['alpha'])
+    alpha = float(config.lora.alpha)
     who = 'global' if client < 0 else f'client {client}'
     if merged:
         peft.export_merged(out, arch, cfg, params, tree, alpha)
+        readable(out)
         return f'merged {arch} weights ({who} adapter, round {step}) -> {out}'
     pc = peft.export_adapter(out, arch, params, tree, alpha, base)
+    readable(out)
     return (f'PEFT LoRA ({who}, round {step}; r={pc["r"]}, alpha={pc["lora_alpha"]}, '
             f'targets {pc["target_modules"]}) -> {out}')
 
@@ -146,4 +164,4 @@ def main(argv):
 if __name__ == '__main__':
     define_flags()
     flags.mark_flags_as_required(['workdir', 'out'])
-    app.run(main)
+    run_main(main)

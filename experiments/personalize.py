@@ -28,14 +28,13 @@ import time
 
 import jax
 import matplotlib
-import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from experiments import backbones
+from experiments import backbones, writers
 from experiments import translate
-from experiments.console import guarded, log
+from experiments.console import log, require, run_main
 from fedgen import algorithms
 from fedgen.io import checkpoint
 from fedgen.fl import personalization as personalize
@@ -61,11 +60,7 @@ def load_config(workdir: str, config=None):
     """``config`` if given, else the run's saved <workdir>/config.json."""
     if config is not None:
         return config
-    path = os.path.join(workdir, 'config.json')
-    if not os.path.exists(path):
-        raise ValueError(f'--workdir {workdir} has no config.json; pass --config')
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return writers.run_config(workdir)
 
 
 def restore(config, workdir: str, task=None) -> dict:
@@ -268,13 +263,11 @@ def main_run(config, workdir: str, epochs: int | None, show: int) -> dict:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
+    require('workdir')
     f = flags.FLAGS
-    if f.workdir is None:
-        raise app.UsageError('--workdir is required')
     main_run(f.config, f.workdir, f.epochs, f.show)
 
 
 if __name__ == '__main__':
     define_flags()
-    app.run(guarded(main))
+    run_main(main)

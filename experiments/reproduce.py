@@ -35,13 +35,13 @@ import os
 import time
 
 import jax
-from absl import app, flags, logging
+from absl import flags
 
 from configs import cifar10_fedgen_edge
 from experiments import backbones, compare, grid, report, smoke_data, sweep, train
 from experiments import translate
 from experiments import personalize as personal_exp
-from experiments.console import guarded, log
+from experiments.console import log, run_main
 
 # every method of experiments.compare besides the two compared head to head
 compare_baselines = tuple(m for m, _ in compare.METHODS if m not in ('fedgen_edge', 'fedavg_full'))
@@ -351,7 +351,6 @@ def define_flags() -> None:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     if not jax.config.jax_compilation_cache_dir:  # many runs compile the same programs
         jax.config.update('jax_compilation_cache_dir', os.path.join(f.workdir, 'xla_cache'))
@@ -362,4 +361,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    app.run(guarded(main))
+    run_main(main)

@@ -15,46 +15,42 @@ combination of the vmapped --vary values and the seeds. They share every shape a
 constant and run as one jitted round, ``vmap(apply, in_axes=(0, None, 0))`` over states [R, ...]
 and round data [R, C, S, ...] (fedgen/fl/runs.py), the frozen backbone passed once (in_axes None).
 
-Run r is the run ``experiments.train`` makes with that seed (train.setup and train.round_data per
-run: its own partition, client sampling, batch order, adapter init and rng), with one choice: the
-backbone. Pre-training is seeded; a group pre-trains once, from its first seed (cached in
+Run r is the run ``experiments.train`` makes with that seed (prepare.setup and prepare.round_data
+per run: its own partition, client sampling, batch order, adapter init and rng), with one choice:
+the backbone. Pre-training is seeded; a group pre-trains once, from its first seed (cached in
 <workdir>/backbone/<recipe hash>), and every run names it in pretrain.backbone_path, so each run's
 config.json reproduces it with experiments.train. A given pretrain.backbone_path is used as is;
 runs whose backbones still differ (pretrain.steps 0: a seeded init) are refused. S is the largest
 of the group's local step counts; a run with fewer gets masked padding steps (exact no-ops).
 
-Writes <workdir>/<group>/<run>/ (run: seed<k>, after field=value__ for each vmapped setting that
-differs inside the group) as train.py would: config.json, metrics.jsonl (train.py's row
-keys; round_s is the whole vmapped round; validation metrics on eval rounds from the run's own
-evaluator), summary.json, checkpoints/ (the final state only); and <workdir>/summary.{md,json}: per
-group the final validation metric's mean ± std (n - 1) over seeds. A diverged run stops writing
-rows and is reported as failed; the others go on. A sweep does not resume (it recomputes its runs;
-a run dir of another config is refused unless checkpoint.overwrite) and draws no text samples. The
-command enables the persistent XLA cache (<workdir>/xla_cache): every run's evaluator is a new
-function with the same program.
+The round loop and all writing are experiments.trainer's, the same as train's (R = 1 there): each
+<workdir>/<group>/<run>/ (run: seed<k>, after field=value__ for each vmapped setting that differs
+inside the group) holds config.json, metrics.jsonl (train's row keys; round_s is the vmapped round
+plus the run's own evaluation), TensorBoard events, summary.json (train's keys, plus seed and
+vmapped_runs) and checkpoints/ (every round); <workdir>/summary.{md,json} holds per group the final
+validation metric's mean ± std (n - 1) over seeds. A diverged run stops writing rows and is
+reported as failed; the others go on. A killed sweep resumes like train (every run from the
+newest round all its runs hold); a run dir of another config is refused unless
+checkpoint.overwrite. A sweep draws no samples. The command enables the persistent XLA cache
+(<workdir>/xla_cache): every run's evaluator is a new function with the same program.
 """
 import ast
-import dataclasses
 import itertools
 import json
 import os
 import statistics
 import sys
 import time
-from typing import Any
 
 import jax
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from experiments import backbones, train, writers
+from experiments import prepare, trainer, writers
 from experiments import translate
-from experiments.console import guarded, log
-from fedgen.io import checkpoint
-from fedgen.fl import comm
+from experiments.console import log, require, run_main
 from fedgen.fl import fates
 from fedgen.fl import hparams
-from fedgen.fl import mesh as population
 from fedgen.fl import runs as fsweep
 
 # Settings a vmapped group may vary per run (everything else is compiled into the round).
@@ -178,173 +174,86 @@ def check_group(name: str, configs: list) -> None:
                          f'{c0.fed.num_devices} of {jax.device_count()} devices)')
 
 
-@dataclasses.dataclass
-class Run:
-    """One run of a group: its config, train.setup dict, directory, writer, evaluators and
-    running byte totals; ``error`` is set when it diverged (it then writes no more rows)."""
-    config: Any
-    setup: dict
-    dir: str
-    workdir: str
-    error: str | None = None
-    up_total: int = 0
-    down_total: int = 0
-
-    def open(self) -> None:
-        """Writer, config.json, evaluator (and the backbone's metrics), byte costs, accountant."""
-        c, task = self.config, self.setup['task']
-        self.writer = writers.RunWriter(self.dir, 0, True)
-        self.writer.config(c.to_json_best_effort(indent=1))
-        self.aux = backbones.auxiliaries(c, task, self.workdir)
-        self.evaluate = task.evaluator('valid', self.aux)
-        self.backbone = self.evaluate({'params': self.setup['params']})
-        self.up, self.down = translate.client_bytes(c, self.setup['alg'],
-                                                    self.setup['state'].trainable)
-        self.acct = translate.accountant(c)
-
-    def variables(self, host, frozen) -> dict:
-        return {**self.setup['alg'].effective_frozen(host, frozen), **host.trainable}
-
-    def row(self, rnd: int, host, m: dict, data, frozen, round_s: float) -> None:
-        """The row of round rnd + 1, written as train.run writes it, or the run's failure."""
-        c, live = self.config, m.pop('live')
-        try:
-            row = train.round_row(rnd + 1, m, rnd, host)
-        except ValueError as e:
-            self.error = str(e)
-            log(f'seed {c.seed}: {e}; this run stops')
-            return
-        up, down = comm.round_bytes(self.up, self.down, data.client_ids, data.n_k > 0, live)
-        self.up_total, self.down_total = self.up_total + up, self.down_total + down
-        if self.acct is not None:
-            row['dp_epsilon'] = self.acct.epsilon_after(rnd + 1)
-        row.update(up_bytes_round=up,
-                   down_bytes_round=down,
-                   up_bytes_total=self.up_total,
-                   down_bytes_total=self.down_total)
-        if (rnd + 1) % c.eval.every == 0 or rnd + 1 == c.fed.rounds:
-            row.update(self.evaluate(self.variables(host, frozen)))
-        row['round_s'] = round(round_s, 3)
-        self.writer.row(row)
-
-    def finish(self, host, frozen, n: int) -> dict:
-        """The final checkpoint (step fed.rounds) and summary.json (train.run's keys)."""
-        c, task = self.config, self.setup['task']
-        if self.error is not None or host is None:
-            return {'error': self.error}
-        final = {k: v for k, v in self.writer.rows[-1].items() if k in self.backbone}
-        bb = dict(self.backbone)
-        if task.test is not None:
-            evaluate_test = task.evaluator('test', self.aux)
-            final.update(evaluate_test(self.variables(host, frozen)))
-            if c.eval.get('zero_shot_test', False):
-                bb.update(evaluate_test({'params': self.setup['params']}))
-        mngr = checkpoint.manager(self.dir, c.checkpoint.keep)
-        checkpoint.save(mngr, c.fed.rounds, state=host)
-        checkpoint.wait(mngr)
-        summary = {'algorithm': c.fed.algorithm, 'rounds': c.fed.rounds, 'seed': c.seed}
-        summary.update({f'backbone_{k}': v for k, v in bb.items()})
-        summary.update({f'final_{k}': v for k, v in final.items()})
-        summary.update(up_bytes_total=self.up_total,
-                       down_bytes_total=self.down_total,
-                       local_steps=self.setup['steps'],
-                       client_chunk=self.setup['method'].chunk,
-                       vmapped_runs=n)
-        return self.writer.summary(summary)
+def run_dirs(name: str, configs: list, workdir: str) -> list[str]:
+    """<workdir>/<group>/<run> of every run (run_name)."""
+    return [os.path.join(workdir, name, run_name(c, varied(configs))) for c in configs]
 
 
-def setup_runs(name: str, configs: list, workdir: str) -> list[Run]:
-    """train.setup for every run; the first one pre-trains (or loads) the shared backbone and
+def setup_runs(name: str, configs: list, workdir: str) -> list[trainer.Member]:
+    """prepare.setup for every run; the first one pre-trains (or loads) the shared backbone and
     every run's pretrain.backbone_path names it (module docstring)."""
     c0 = configs[0]
-    r0 = train.setup(c0, workdir)
+    r0 = prepare.setup(c0, workdir)
     if not c0.pretrain.backbone_path and c0.pretrain.steps > 0:
         for c in configs:
             c.pretrain.backbone_path = os.path.abspath(r0['bb_info']['source'])
-    fields = varied(configs)
-    dirs = [os.path.join(workdir, name, run_name(c, fields)) for c in configs]
+    dirs = run_dirs(name, configs, workdir)
     for c, d in zip(configs, dirs):
         os.makedirs(d, exist_ok=True)
-        train.check_workdir(c, d)
-        writers.clear_run(d)  # a sweep recomputes its runs
-    runs = [Run(c0, r0, dirs[0], workdir)]
-    for c, d in zip(configs[1:], dirs[1:]):
-        r = train.setup(c, workdir)
+        prepare.check_workdir(c, d)
+    n, members = len(configs), []
+    for c, d, t in zip(configs, dirs, traced(configs)):
+        r = r0 if c is c0 else prepare.setup(c, workdir)
         if not fsweep.same_tree(r['frozen'], r0['frozen']):
             raise ValueError(f'group {name}: seed {c.seed} has another frozen backbone than seed '
                              f'{c0.seed}; give the group one pretrain.backbone_path')
-        runs.append(Run(c, {**r, 'params': r0['params'], 'frozen': r0['frozen']}, d, workdir))
-    return runs
+        r = {**r, 'params': r0['params'], 'frozen': r0['frozen']}
+        extra = {'seed': c.seed, 'metric': r['task'].metric, 'vmapped_runs': n}
+        members.append(trainer.Member(c, r, d, workdir, t, extra))
+    return members
+
+
+def finished(configs: list, dirs: list[str]) -> list[dict] | None:
+    """Every run's summary when every run finished with exactly its config (writers.finished),
+    else None."""
+    done = [writers.finished(c.to_json_best_effort(), d) for c, d in zip(configs, dirs)]
+    return done if all(s is not None and 'metric' in s for s in done) else None
 
 
 def run_group(name: str, configs: list, workdir: str) -> list[dict]:
-    """Runs one vmapped group; returns its records for summary.json, one per setting of the
-    varied VMAPPED fields (the final metric's mean ± std over that setting's seeds)."""
+    """Runs (or resumes) one vmapped group with trainer.train; returns its records for
+    summary.json, one per setting of the varied VMAPPED fields (the final metric's mean ± std
+    over that setting's seeds). A group whose runs all finished is read back, not recomputed."""
     t_start = time.time()
     for c in configs:  # every run's fields and pairings, before any data is read
         translate.check_run(c)
     check_group(name, configs)
-    runs = setup_runs(name, configs, workdir)
-    c0, r0, n = configs[0], runs[0].setup, len(runs)
-    frozen, metric = r0['frozen'], r0['task'].metric
-    steps, width = max(r.setup['steps'] for r in runs), translate.dp_capacity(c0)
-    times, host, per_run = [], None, traced(configs)
-    try:
-        for r in runs:
-            r.open()
-        names = [os.path.basename(r.dir) for r in runs]
-        log(f'group {name}: {n} runs ({", ".join(names)}) vmapped; C={width}, S={steps}')
-        device = jax.local_devices()[0]
-        state = jax.device_put(fsweep.stack([r.setup['state'] for r in runs]), device)
-        frozen_dev = jax.device_put(frozen, device)
-        apply = jax.jit(fsweep.vmap_round(r0['alg'].apply), donate_argnums=0)
-        for rnd in range(c0.fed.rounds):
-            t0 = time.time()
-            data = fsweep.stack([
-                train.round_data(r.config, r.setup['task'], steps, rnd, None, (0, width),
-                                 width).replace(**t) for r, t in zip(runs, per_run)
-            ])
-            state, m = apply(state, frozen_dev, data)
-            host, m = population.to_host((state, m))
-            times.append(time.time() - t0)
-            for i, r in enumerate(runs):
-                if r.error is None:
-                    r.row(rnd, fsweep.take(host, i), fsweep.take(m, i), fsweep.take(data, i),
-                          frozen, times[-1])
-            if all(r.error is not None for r in runs):
-                break
-        finals = [
-            r.finish(None if host is None else fsweep.take(host, i), frozen, n)
-            for i, r in enumerate(runs)
-        ]
-    finally:
-        for r in runs:
-            if hasattr(r, 'writer'):
-                r.writer.close()
+    dirs, n = run_dirs(name, configs, workdir), len(configs)
+    finals, times = finished(configs, dirs), []
+    if finals is not None:
+        log(f'group {name}: every run finished with this config; their summaries')
+    else:
+        runs = setup_runs(name, configs, workdir)
+        log(f'group {name}: {n} runs ({", ".join(os.path.basename(d) for d in dirs)}) on one '
+            f'run axis; C={translate.dp_capacity(configs[0])}, '
+            f'S={max(r.setup["steps"] for r in runs)}')
+        finals, times = trainer.train(runs, samples=False, t_start=t_start)
+        finals = [{**f, 'metric': r.setup['task'].metric} for r, f in zip(runs, finals)]
     timing = {
         'first_round_s': round(times[0], 3) if times else None,
         'round_s_median': round(statistics.median(times[1:] or times), 3) if times else None,
         'wall_s': round(time.time() - t_start, 1)
     }
     fields, settings_of = varied(configs), {}
-    for r, f in zip(runs, finals):
-        key = '__'.join(f'{x}={_get(r.config, x)}' for x in fields)
-        settings_of.setdefault(key, []).append((r, f))
+    for c, d, f in zip(configs, dirs, finals):
+        key = '__'.join(f'{x}={_get(c, x)}' for x in fields)
+        settings_of.setdefault(key, []).append((c, d, f))
     records = []
     for key, members in settings_of.items():
-        vals = [f.get(f'final_{metric}') for _, f in members]
+        metric = members[0][2]['metric']
+        vals = [f.get(f'final_{metric}') for _, _, f in members]
         ok = [v for v in vals if v is not None]
         records.append({
             'group': f'{name}__{key}' if key else name,
             'metric': metric,
-            'seeds': [r.config.seed for r, _ in members],
-            'dirs': [r.dir for r, _ in members],
+            'seeds': [c.seed for c, _, _ in members],
+            'dirs': [d for _, d, _ in members],
             f'final_{metric}': vals,
             'mean': statistics.fmean(ok) if ok else None,
             'std': statistics.stdev(ok) if len(ok) > 1 else (0.0 if ok else None),
             'failed': {
-                r.config.seed: r.error
-                for r, _ in members if r.error
+                c.seed: f['error']
+                for c, _, f in members if 'error' in f
             },
             'vmapped_runs': n,
             **timing
@@ -409,9 +318,7 @@ def define_flags() -> None:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    if FLAGS.config is None or FLAGS.workdir is None:
-        raise app.UsageError('--config and --workdir are required')
+    require('config', 'workdir')
     try:
         seeds = [int(s) for s in FLAGS.seeds]
     except ValueError:
@@ -425,4 +332,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    app.run(guarded(main))
+    run_main(main)

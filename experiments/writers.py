@@ -19,7 +19,12 @@ committed checkpoint step. A resume from step s keeps the rows of rounds <= s, r
 without the later ones (they are recomputed, identically), and opens the event writer with
 ``purge_step = s + 1``, which makes TensorBoard hide the earlier session's events from round s + 1
 on. Hence metrics.jsonl holds exactly one row per round, equal to an unbroken run's.
+
+A run's directory: ``finished`` reads back the summary of a run done with exactly the same config
+(a rerun changes nothing), and ``workdir_made`` removes the directories a run created when it
+fails before writing into them.
 """
+import contextlib
 import glob
 import json
 import math
@@ -27,6 +32,7 @@ import os
 import shutil
 import time
 
+import ml_collections
 import numpy as np
 
 from fedgen.metrics import plots
@@ -106,6 +112,52 @@ def clear_run(workdir: str) -> list[str]:
                 os.remove(path)
             gone.append(os.path.basename(path))
     return gone
+
+
+def run_config(workdir: str, field: str = '--workdir') -> ml_collections.ConfigDict:
+    """The config a run in ``workdir`` was started with (its config.json, every field), read the
+    same way by export, personalize and the report; ValueError naming ``field`` if there is none."""
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.isdir(workdir):
+        raise ValueError(f'{field}: no such directory {workdir}')
+    if not os.path.isfile(path):
+        raise ValueError(f'{field}: {workdir} holds no config.json (not a run directory of '
+                         'experiments.train)')
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def finished(config_json: str, workdir: str) -> dict | None:
+    """summary.json of the run that finished in ``workdir`` with exactly this config (every field,
+    RUN_FREE ones included: fed.rounds, eval, ...), else None. A rerun returns it unchanged."""
+    paths = [os.path.join(workdir, n) for n in ('config.json', 'summary.json')]
+    if not all(os.path.isfile(p) for p in paths):
+        return None
+    with open(paths[0]) as f:
+        old = json.load(f)
+    if config_conflict(old, json.loads(config_json), free=()):
+        return None
+    with open(paths[1]) as f:
+        return json.load(f)
+
+
+@contextlib.contextmanager
+def workdir_made(path: str, primary: bool = True):
+    """Creates ``path`` (and missing parents); when the body raises, the directories this call
+    created and that are still empty are removed again (nothing else is touched)."""
+    made, d = [], os.path.abspath(path)
+    while not os.path.exists(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    if primary:
+        os.makedirs(path, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for d in made if primary else ():  # deepest first
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        raise
 
 
 class RunWriter:

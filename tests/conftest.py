@@ -1,4 +1,13 @@
-"""Shared tiny fixtures: a tiny GPT federated problem on synthetic token data."""
+"""Shared tiny fixtures (a tiny GPT federated problem on synthetic token data), the test tiers,
+and the CI rule that a skipped test is a failure.
+
+Tiers: tests marked ``heavy`` (multi-process, chaos, whole configs, the reproduce smoke) run in
+their own pytest call (``-m heavy``) after the default tier (``-m "not heavy"``); ``.ci/run`` runs
+both. With ``CI=true`` in the environment every skip (an ``importorskip`` of a missing torch, peft,
+gguf or flwr wheel, a missing data package) fails the run instead of passing quietly.
+"""
+import os
+
 import jax
 import numpy as np
 import optax
@@ -98,3 +107,33 @@ def compilation_cache(tmp_path_factory):
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
     yield
+
+
+def _ci() -> bool:
+    return os.environ.get('CI', '').lower() in ('1', 'true', 'yes')
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        'markers', 'heavy: a slow end-to-end test (multi-process, chaos, whole configs); '
+        'its own tier: pytest -m heavy')
+
+
+def _fail_skip(report) -> None:
+    """Under CI=true a skipped outcome becomes a failure that names the skip reason."""
+    if _ci() and report.skipped and not hasattr(report, 'wasxfail'):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = 'failed'
+        report.longrepr = f'skipped under CI=true (a skip is a failure in CI): {reason}'
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skip(outcome.get_result())

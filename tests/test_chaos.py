@@ -3,7 +3,11 @@ an async checkpoint save, right after a commit, right after a row), resume until
 compare with an unbroken run bit for bit (experiments/chaos.py is the long version)."""
 import os
 
+import pytest
+
 from experiments import chaos
+
+pytestmark = pytest.mark.heavy  # kills and resumes whole runs
 
 KILLS = 6
 

@@ -25,6 +25,8 @@ from fedgen.tasks import objectives
 from fedgen.data import batching
 from fedgen.models import layers
 
+pytestmark = pytest.mark.heavy  # every pairing of features, one compiled run each
+
 VOCAB, WIDTH, CLIP = 13, 8, 0.05
 ROBUST = ('median', 'trimmed_mean', 'norm_bound', 'multi_krum', 'geometric_median')
 PRODUCT = ('exact_residual', 'svd_refactor', 'stack')

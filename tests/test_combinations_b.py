@@ -3,6 +3,8 @@ import pytest
 
 from test_combinations import case_id, check, combos, toy  # noqa: F401 (toy is a fixture)
 
+pytestmark = pytest.mark.heavy  # every pairing of features, one compiled run each
+
 CASES = combos()[1::2]
 
 

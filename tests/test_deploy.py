@@ -20,6 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+pytestmark = pytest.mark.heavy  # Flower deployment: a server and client processes per test
+
 pytest.importorskip('flwr')
 
 from configs import ptb_fedgen_edge  # noqa: E402

@@ -99,6 +99,9 @@ def test_streaming_stats_equal_numpy_over_all_data():
     mu_one, sigma_one = frechet.gaussian_stats(data)
     np.testing.assert_allclose(mu_one, mu, rtol=1e-12)
     np.testing.assert_allclose(sigma_one, sigma, rtol=1e-10, atol=1e-12)
+    mu_s, sigma_s = frechet.stream_stats((data[s:s + 25] for s in range(0, len(data), 25)), DIM)
+    np.testing.assert_array_equal(mu_s, mu)  # the same loop: bit-identical
+    np.testing.assert_array_equal(sigma_s, sigma)
 
 
 def test_sample_stats_distance_shrinks_with_same_source():

@@ -1,7 +1,7 @@
 """The measured-comparison grids: their rows, configs, table and figures (no training here)."""
 import pytest
 
-from experiments import grid
+from experiments import grid, writers
 
 
 def test_rows_cover_every_issue_cell():
@@ -66,13 +66,19 @@ def test_figures_write_pngs(tmp_path):
 
 
 def test_finished_reuses_only_an_identical_finished_run(tmp_path):
+    """A grid row reuses a finished run only when its whole config is identical
+    (writers.finished, the same check train.run makes)."""
     config = grid.config_for('tiny', {'fed.aggregator': 'median'}, '')
-    assert grid.finished(config, str(tmp_path)) is None  # nothing there
+    assert writers.finished(config.to_json_best_effort(), str(tmp_path)) is None  # nothing there
     (tmp_path / 'config.json').write_text(config.to_json_best_effort())
-    assert grid.finished(config, str(tmp_path)) is None  # not finished: no summary
+    assert writers.finished(config.to_json_best_effort(),
+                            str(tmp_path)) is None  # not finished: no summary
     (tmp_path / 'summary.json').write_text('{"final_valid_ppl": 123.0}')
-    assert grid.finished(config, str(tmp_path)) == {'final_valid_ppl': 123.0}
+    assert writers.finished(config.to_json_best_effort(), str(tmp_path)) == {
+        'final_valid_ppl': 123.0
+    }
     other = grid.config_for('tiny', {'fed.aggregator': 'mean'}, '')
-    assert grid.finished(other, str(tmp_path)) is None
+    assert writers.finished(other.to_json_best_effort(), str(tmp_path)) is None
     rounds = grid.config_for('tiny', {'fed.aggregator': 'median', 'fed.rounds': 7}, '')
-    assert grid.finished(rounds, str(tmp_path)) is None  # more rounds: train.run resumes it
+    assert writers.finished(rounds.to_json_best_effort(),
+                            str(tmp_path)) is None  # more rounds: train.run resumes it

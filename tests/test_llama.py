@@ -10,36 +10,20 @@ from flax import traverse_util
 from fedgen.lora import adapters as lora
 from fedgen.models import llama
 from fedgen.io import weights_hf
+from helpers_models import TINY_LLAMA_HF
 
 transformers = pytest.importorskip('transformers')
 
-# GQA (4 query heads over 2 KV heads). FlaxLlama hard-codes RoPE theta 10000 (it ignores
-# config.rope_theta), so the Flax parity runs at theta 1e4; test_weights checks theta 1e5 against
-# torch's LlamaForCausalLM, which honours it.
-CFG = llama.LlamaConfig(vocab_size=61,
-                        n_positions=32,
-                        n_embd=32,
-                        n_layer=2,
-                        n_head=4,
-                        n_kv_head=2,
-                        n_inner=48,
-                        rope_theta=1e4,
-                        rms_norm_eps=1e-6,
-                        tie_word_embeddings=False)
+# The tiny GQA Llama (4 query heads over 2 KV heads), RMSNorm eps 1e-6. FlaxLlama hard-codes RoPE
+# theta 10000 (it ignores config.rope_theta), so the Flax parity runs at theta 1e4; test_weights
+# checks theta 1e5 against torch's LlamaForCausalLM, which honours it.
+HF = dict(TINY_LLAMA_HF, rope_theta=1e4, rms_norm_eps=1e-6)
+CFG = weights_hf.llama_config_from_hf(dict(HF, tie_word_embeddings=False))
 
 
 def _hf_flax(tie: bool):
     """A random FlaxLlama with weights large enough (std 0.2, norms != 1) that all leaves matter."""
-    hc = transformers.LlamaConfig(vocab_size=CFG.vocab_size,
-                                  hidden_size=CFG.n_embd,
-                                  intermediate_size=CFG.n_inner,
-                                  num_hidden_layers=CFG.n_layer,
-                                  num_attention_heads=CFG.n_head,
-                                  num_key_value_heads=CFG.n_kv_head,
-                                  max_position_embeddings=CFG.n_positions,
-                                  rms_norm_eps=CFG.rms_norm_eps,
-                                  initializer_range=0.2,
-                                  tie_word_embeddings=tie)
+    hc = transformers.LlamaConfig(**HF, tie_word_embeddings=tie)
     hf = transformers.FlaxLlamaForCausalLM(hc, seed=0)
     flat = traverse_util.flatten_dict(hf.params)
     rng = np.random.default_rng(0)

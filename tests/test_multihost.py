@@ -16,11 +16,12 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from configs import ptb_fedgen_edge
 from experiments import train
+from helpers_runs import latest_state, metrics_rows, tiny_ptb_config
+
+pytestmark = pytest.mark.heavy  # several JAX processes per test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUDIT = r'''
@@ -58,34 +59,17 @@ if _log and _root:
 '''
 
 
-def _config(corpus):
-    c = ptb_fedgen_edge.get_config('tiny')
-    c.data.source, c.data.verify_md5 = corpus, False
-    return c
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
 
 
-def _rows(workdir):
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-        return [{k: v for k, v in json.loads(x).items() if k != 'round_s'} for x in f]
-
-
-def _state(workdir):
-    m = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-    step = m.latest_step()
-    return step, m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
-
-
 @pytest.fixture(scope='module')
 def runs(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp('multihost')
     one = str(root / 'one')
-    summary = train.run(_config(corpus), one)  # the 1-process, 1-device reference
+    summary = train.run(tiny_ptb_config(corpus), one)  # the 1-process, 1-device reference
     (backbone, ) = glob.glob(os.path.join(one, 'backbone', '*'))
     site = root / 'site'
     site.mkdir()
@@ -141,7 +125,7 @@ def test_final_state_equals_the_one_process_run(runs):
     """Same program, clients split over 4 devices in 2 processes: the server's weighted mean is a
     cross-process psum that adds the clients in another order than one device does, so leaves
     agree to float32 rounding (the bound test_sharding uses for 4 devices in one process)."""
-    (s1, a), (s2, b) = _state(runs['one']), _state(runs['two'])
+    (s1, a), (s2, b) = latest_state(runs['one']), latest_state(runs['two'])
     assert s1 == s2 == 2
     flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(flat_a) == len(flat_b) > 0
@@ -158,7 +142,7 @@ def test_final_state_equals_the_one_process_run(runs):
 
 
 def test_rows_and_summary_equal_the_one_process_run(runs):
-    one, two = _rows(runs['one']), _rows(runs['two'])
+    one, two = metrics_rows(runs['one']), metrics_rows(runs['two'])
     assert [sorted(r) for r in two] == [sorted(r) for r in one]
     for r1, r2 in zip(one, two):
         for k, v in r1.items():

@@ -8,6 +8,7 @@ from fedgen.lora import adapters as lora
 from fedgen.lora import peft
 from fedgen.models import gpt, llama
 from fedgen.io import weights_hf
+from helpers_models import TINY_GPT2_HF, TINY_LLAMA_HF
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -20,24 +21,10 @@ TOKENS = np.random.default_rng(1).integers(0, 61, (2, 12))
 def _torch_model(arch, tmp_path):
     torch.manual_seed(0)
     if arch == 'llama':
-        cfg = transformers.LlamaConfig(vocab_size=61,
-                                       hidden_size=32,
-                                       intermediate_size=48,
-                                       num_hidden_layers=2,
-                                       num_attention_heads=4,
-                                       num_key_value_heads=2,
-                                       max_position_embeddings=32,
-                                       rope_theta=1e5,
-                                       initializer_range=0.2,
-                                       tie_word_embeddings=False)
+        cfg = transformers.LlamaConfig(**TINY_LLAMA_HF, tie_word_embeddings=False)
         model = transformers.LlamaForCausalLM(cfg)
     else:
-        cfg = transformers.GPT2Config(vocab_size=61,
-                                      n_positions=16,
-                                      n_embd=32,
-                                      n_layer=2,
-                                      n_head=4,
-                                      initializer_range=0.2)
+        cfg = transformers.GPT2Config(**TINY_GPT2_HF, initializer_range=0.2)
         model = transformers.GPT2LMHeadModel(cfg)
     model.save_pretrained(tmp_path / 'base')
     return model.eval(), weights_hf.load_hf_dir(str(tmp_path / 'base'), lora_alpha=ALPHA)

@@ -10,6 +10,8 @@ from experiments import claims, report, reproduce
 from fedgen import aggregators
 from fedgen.aggregators import weighting as aggregate
 
+pytestmark = pytest.mark.heavy  # the reproduce smoke: several whole runs and a report
+
 CLAIMS = ('1. uplink', '2. PTB perplexity', '3. CIFAR-10 quality', '4. personalization',
           '5. LoRA rank', '6. local epochs')
 VERDICTS = (claims.HOLDS, claims.FAILS, claims.UNSURE, claims.UNTESTABLE)

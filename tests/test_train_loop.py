@@ -12,39 +12,21 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from configs import ptb_fedgen_edge
 from experiments import train
+from helpers_runs import latest_state, metrics_rows, tiny_ptb_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(corpus, backbone=''):
-    c = ptb_fedgen_edge.get_config('tiny')
-    c.data.source, c.data.verify_md5 = corpus, False
-    c.fed.rounds = 3
-    c.pretrain.backbone_path = backbone
-    return c
-
-
-def _rows(workdir, keep_time=False):
-    strict = lambda c: pytest.fail(f'bare {c} in metrics.jsonl')
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-        rows = [json.loads(x, parse_constant=strict) for x in f]
-    return rows if keep_time else [{k: v for k, v in r.items() if k != 'round_s'} for r in rows]
-
-
-def _state(workdir):
-    m = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-    step = m.latest_step()
-    return step, m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+    return tiny_ptb_config(corpus, backbone, rounds=3)
 
 
 def _assert_same_state(a, b):
-    (s1, x), (s2, y) = _state(a), _state(b)
+    (s1, x), (s2, y) = latest_state(a), latest_state(b)
     assert s1 == s2
     la, lb = jax.tree.leaves(x), jax.tree.leaves(y)
     assert len(la) == len(lb) > 0
@@ -62,7 +44,7 @@ def base(corpus, tmp_path_factory):
 
 
 def test_events_hold_config_and_every_row_scalar(base):
-    rows = _rows(base['workdir'], keep_time=True)
+    rows = metrics_rows(base['workdir'], keep_time=True)
     assert [r['round'] for r in rows] == [1, 2, 3]
     acc = event_accumulator.EventAccumulator(base['workdir'], size_guidance={'scalars': 0})
     acc.Reload()
@@ -101,9 +83,9 @@ def test_sigkill_after_a_row_resumes_into_the_unbroken_rows(base, corpus, tmp_pa
     finally:
         proc.kill()
         proc.wait()
-    assert len(_rows(workdir)) == 1
+    assert len(metrics_rows(workdir)) == 1
     summary = train.run(_config(corpus, base['backbone']), workdir)
-    assert _rows(workdir) == _rows(base['workdir'])
+    assert metrics_rows(workdir) == metrics_rows(base['workdir'])
     _assert_same_state(workdir, base['workdir'])
     for k in ('up_bytes_total', 'down_bytes_total', 'final_valid_ppl', 'final_test_ppl'):
         assert summary[k] == base['summary'][k], k
@@ -116,9 +98,9 @@ def test_uncommitted_checkpoint_drops_its_row_and_recomputes_it(base, corpus, tm
     cfg = _config(corpus, base['backbone'])
     assert train.run(cfg, workdir, stop_after=2) == {'stopped_after': 2}
     shutil.rmtree(os.path.join(workdir, 'checkpoints', '2'))  # as if its save never committed
-    assert [r['round'] for r in _rows(workdir)] == [1, 2]
+    assert [r['round'] for r in metrics_rows(workdir)] == [1, 2]
     summary = train.run(cfg, workdir)
-    assert _rows(workdir) == _rows(base['workdir'])
+    assert metrics_rows(workdir) == metrics_rows(base['workdir'])
     assert summary['up_bytes_total'] == base['summary'][
         'up_bytes_total'] == 3 * summary['up_bytes_per_round']
     _assert_same_state(workdir, base['workdir'])
@@ -131,7 +113,7 @@ def test_nonfinite_global_state_stops_without_saving(base, corpus, tmp_path):
     with pytest.raises(ValueError, match=r'round 1: the global state holds NaN or inf.*round 0'):
         train.run(cfg, workdir)
     assert os.listdir(os.path.join(workdir, 'checkpoints')) == []
-    assert _rows(workdir) == []
+    assert metrics_rows(workdir) == []
 
 
 def test_round_without_clients_is_a_row_and_a_non_finite_state_stops():
@@ -150,15 +132,15 @@ def test_round_without_clients_is_a_row_and_a_non_finite_state_stops():
 def test_workdir_of_another_config_is_refused_unless_overwrite(base, corpus, tmp_path):
     workdir = str(tmp_path / 'other')
     shutil.copytree(base['workdir'], workdir)
-    before = _rows(workdir)
+    before = metrics_rows(workdir)
     cfg = _config(corpus)
     cfg.lora.rank = 4
     with pytest.raises(ValueError, match=r'holds a run of another config \(lora.rank: 2 -> 4\)'):
         train.run(cfg, workdir)
-    assert _rows(workdir) == before
+    assert metrics_rows(workdir) == before
     cfg.checkpoint.overwrite = True
     assert train.run(cfg, workdir, stop_after=0) == {'stopped_after': 0}
-    assert os.listdir(os.path.join(workdir, 'checkpoints')) == [] and _rows(workdir) == []
+    assert os.listdir(os.path.join(workdir, 'checkpoints')) == [] and metrics_rows(workdir) == []
     assert json.load(open(os.path.join(workdir, 'config.json')))['lora']['rank'] == 4
     assert glob.glob(os.path.join(workdir, 'backbone', '*'))  # the cache is kept
     extended = _config(corpus)

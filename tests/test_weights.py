@@ -10,6 +10,7 @@ from fedgen.models import gpt, layers, llama
 from fedgen.io import weights
 from fedgen.io import weights_gguf
 from fedgen.io import weights_hf
+from helpers_models import TINY_GPT2_HF, TINY_LLAMA_HF
 
 transformers = pytest.importorskip('transformers')
 gguf = pytest.importorskip('gguf')
@@ -23,7 +24,7 @@ def _perturb(tree, seed):
 
 # ---------------------------------------------------------------- HF directories: GPT-2
 
-GPT2 = dict(vocab_size=61, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+GPT2 = TINY_GPT2_HF
 
 
 def test_gpt2_flax_save_pretrained_dir(tmp_path):
@@ -55,16 +56,7 @@ def test_gpt2_torch_save_pretrained_dir(tmp_path):
 
 # ---------------------------------------------------------------- HF directories: Llama
 
-LLAMA = dict(vocab_size=61,
-             hidden_size=32,
-             intermediate_size=48,
-             num_hidden_layers=2,
-             num_attention_heads=4,
-             num_key_value_heads=2,
-             max_position_embeddings=32,
-             rope_theta=1e5,
-             rms_norm_eps=1e-5,
-             initializer_range=0.2)
+LLAMA = dict(TINY_LLAMA_HF, rms_norm_eps=1e-5)
 
 
 @pytest.mark.parametrize('tie', [True, False])

@@ -206,10 +206,8 @@ def train(images_uint8,
 
 def feature_stats(params, images, batch_size: int = 500) -> Tuple[np.ndarray, np.ndarray]:
     """(mu [D], sigma [D, D]) of the classifier features of `images`, streamed in batches."""
-    stats = frechet.init_stats(_arch(params).feature_dim)
-    for feats in _batches(params, images, batch_size, which=0):
-        stats = frechet.update_stats(stats, feats)
-    return frechet.finalize_stats(stats)
+    return frechet.stream_stats(_batches(params, images, batch_size, which=0),
+                                _arch(params).feature_dim)
 
 
 def fd_classifier(params,

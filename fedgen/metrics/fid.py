@@ -45,10 +45,8 @@ def inception_features(variables, images, batch_size: int = 50) -> np.ndarray:
 
 def inception_stats(variables, images, batch_size: int = 50) -> Tuple[np.ndarray, np.ndarray]:
     """(mu [2048], sigma [2048, 2048]) float64 of the pool3 features of images [N >= 2, ...]."""
-    stats = frechet.init_stats(inception.FEATURE_DIM)
-    for feats in _feature_batches(variables, images, batch_size):
-        stats = frechet.update_stats(stats, feats)
-    return frechet.finalize_stats(stats)
+    return frechet.stream_stats(_feature_batches(variables, images, batch_size),
+                                inception.FEATURE_DIM)
 
 
 def fid(variables,

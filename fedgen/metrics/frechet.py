@@ -13,10 +13,12 @@ a jitted network and never held in memory all at once:
         state = update_stats(state, feats)
     mu, sigma = finalize_stats(state)     # mu [D], sigma [D, D] (unbiased)
 
+(:func:`stream_stats` runs this loop over any iterable of batches.)
+
 Accumulation runs on the host in numpy float64: sums of up to ~1e5 squared activations would lose
 digits in float32, and the Fréchet formula subtracts nearly equal traces.
 """
-from typing import NamedTuple, Tuple
+from typing import Iterable, NamedTuple, Tuple
 
 import numpy as np
 
@@ -66,12 +68,21 @@ def finalize_stats(stats: FeatureStats) -> Tuple[np.ndarray, np.ndarray]:
     return mu, 0.5 * (sigma + sigma.T)
 
 
+def stream_stats(batches: Iterable, dim: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(mu [D], sigma [D, D]) float64 of the rows of ``batches``, feature arrays [B_i, D = dim]
+    (numpy or jax) consumed one at a time; at least 2 rows in all."""
+    stats = init_stats(dim)
+    for feats in batches:
+        stats = update_stats(stats, feats)
+    return finalize_stats(stats)
+
+
 def gaussian_stats(features) -> Tuple[np.ndarray, np.ndarray]:
     """(mu [D], sigma [D, D]) of one in-memory feature array [N, D]; a one-batch stream."""
     x = np.asarray(features)
     if x.ndim != 2:
         raise ValueError(f'features must have shape [N, D], got {x.shape}')
-    return finalize_stats(update_stats(init_stats(x.shape[1]), x))
+    return stream_stats([x], x.shape[1])
 
 
 def _check_gaussian(mu: np.ndarray, sigma: np.ndarray, name: str) -> None:
