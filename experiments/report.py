@@ -1,150 +1,21 @@
 """The reproduction report: REPORT.md and its figures.
 
 experiments/reproduce.py launches the runs and hands their summaries and metrics.jsonl rows here;
-``write`` turns them into numbers (``measure``), verdicts (experiments/claims.py, one rule per
-claim) and files.
+``write`` turns them into numbers (experiments/measures.py), verdicts (experiments/claims.py, one
+rule per claim) and files. A single run shows 'x (n = 1)', never '± 0'; a method without a
+global model (FedSA, local-only) shows 'n/a' for the global metric and its personal models'.
 """
 import os
-import statistics
 
 import flax
-import jax
 import numpy as np
 import optax
 
-from experiments import bench_round
-from experiments.claims import (UNTESTABLE, bootstrap_share, claim_epochs, claim_lower,
-                                claim_personal, claim_rank, claim_uplink, std)
+from experiments import bench_round, scales
+from experiments.claims import (UNTESTABLE, claim_epochs, claim_lower, claim_personal, claim_rank,
+                                claim_uplink)
+from experiments.measures import curve, measure
 from fedgen.metrics import plots
-
-CUTS = {
-    'smoke': ('tiny models on tiny synthetic data written by the command (a pipeline check: '
-              'its numbers say nothing about the paper); 2 rounds; one baseline (FedSA) beside '
-              'full FedAvg; 2 values per ablation (the base value reuses the main runs), so the '
-              'rank and epoch rules are not testable.'),
-    'cpu': ('paper: 100 clients for 500 rounds, a pre-trained generator, FID with Inception-v3. '
-            'Here: 100 PTB clients with 10 sampled per round for 20 rounds of at most 4 local '
-            'steps; a 2-layer, 128-wide GPT pre-trained here (no GPT-2 weights offline); '
-            'baselines other than full FedAvg, the rank ablation (its base rank is the main '
-            'runs) and the local-epoch ablation (E in {1, 2, 5}): one seed; non-IID alpha in '
-            '{0.1, 1, 10} (0.3 is the main split): two seeds; CIFAR-10: '
-            'a 16-channel U-Net, 10 rounds, one seed, fd_classifier on 200 DDIM samples instead '
-            'of FID (no Inception weights offline); SmolLM2-135M: FedGen-Edge and centralized, '
-            'seed 0, 24 rounds of 4 clients on the first 100 lines of each split.'),
-    'gpu': ('paper: 500 rounds; here 200 (PTB) and 100 (CIFAR-10) rounds of 10 of 100 clients; '
-            'fd_classifier instead of FID unless Inception weights are given; SmolLM2-135M: '
-            'FedGen-Edge and centralized, seed 0.')
-}
-
-
-def param_bytes(params) -> dict:
-    """Bytes of the backbone tree: whole model, embedding leaves (any path through a key named
-    wte / wpe / embed*), and the rest ('blocks': the transformer blocks and the final norm)."""
-    whole = emb = 0
-    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        n = int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
-        keys = [str(getattr(k, 'key', k)) for k in path]
-        whole += n
-        emb += n if any(k in ('wte', 'wpe') or k.startswith('embed') for k in keys) else 0
-    return {'whole': whole, 'embedding': emb, 'blocks': whole - emb}
-
-
-def _finals(g: dict, metric: str) -> list:
-    return [r['summary'].get(f'final_{metric}') for r in g['runs']]
-
-
-def _stats(g: dict, metric: str) -> dict:
-    v = [x for x in _finals(g, metric) if x is not None]
-    return {
-        'per_seed': _finals(g, metric),
-        'mean': statistics.fmean(v) if v else None,
-        'std': std(v) if v else None
-    }
-
-
-def _curve(runs: list, key: str) -> tuple:
-    """(rounds, mean, std) of ``key`` over runs, at the rounds every run logged it."""
-    per = [{r['round']: r[key] for r in run['rows'] if r.get(key) is not None} for run in runs]
-    per = [p for p in per if p]
-    if not per:
-        return [], [], None
-    xs = sorted(set.intersection(*[set(p) for p in per]))
-    vals = np.array([[p[x] for x in xs] for p in per], np.float64)
-    std = vals.std(0, ddof=1).tolist() if len(per) > 1 else None
-    return xs, vals.mean(0).tolist(), std
-
-
-def measure(res: dict) -> dict:
-    """Every number the report states, from reproduce's results (JSON-safe)."""
-    p, m = res['ptb'], {}
-    edge, full = p['main']['fedgen_edge'], p['main']['fedavg_full']
-    e_up = edge['runs'][0]['summary'].get('up_bytes_total', float('nan'))
-    f_up = full['runs'][0]['summary'].get('up_bytes_total', float('nan'))
-    pb = p['param_bytes']
-    m['uplink'] = {
-        'fedgen_edge': e_up,
-        'fedavg_full': f_up,
-        'param_bytes': pb,
-        'fedavg_blocks': f_up * pb['blocks'] / pb['whole'],
-        'reduction_whole': 1 - e_up / f_up,
-        'reduction_blocks': 1 - e_up / (f_up * pb['blocks'] / pb['whole'])
-    }
-    m['ptb'] = {k: _stats(g, 'valid_ppl') for k, g in p['main'].items()}
-    m['ptb'].update({k: _stats({'runs': [r]}, 'valid_ppl') for k, r in p['baselines'].items()})
-    m['ptb_backbone'] = edge['runs'][0]['summary'].get('backbone_valid_ppl')
-    rows = [r for r in p['personal']['rows'] if r['gain_vs_global'] is not None]
-    share, lo, hi = bootstrap_share([r['gain_vs_global'] > 0 for r in rows])
-    m['personal'] = {
-        'clients': len(rows),
-        'share': share,
-        'ci': [lo, hi],
-        'median_gain': float(np.median([r['gain_vs_global'] for r in rows])) if rows else None
-    }
-    m['rank'] = {
-        r: {
-            **_stats(g, 'valid_ppl'), 'up_bytes_per_round':
-            g['runs'][0]['summary'].get('up_bytes_total', 0) / max(1, p['setup']['rounds'])
-        }
-        for r, g in p['rank'].items()
-    }
-    m['epochs'] = {}
-    for e, g in p['epochs'].items():
-        d = [
-            statistics.fmean(x)
-            for x in ([r['client_drift'] for r in run['rows'] if r.get('client_drift') is not None]
-                      for run in g['runs']) if x
-        ]
-        m['epochs'][e] = {**_stats(g, 'valid_ppl'), 'drift': statistics.fmean(d) if d else None}
-    m['noniid'] = {
-        a: {
-            k: _stats(g, 'valid_ppl')
-            for k, g in v.items()
-        }
-        for a, v in p['noniid'].items()
-    }
-    c = res['cifar10']
-    m['cifar10'] = ({
-        'skipped': c['skipped']
-    } if 'skipped' in c else {
-        k: _stats({'runs': [r]}, 'fd_classifier')
-        for k, r in c.items()
-    })
-    for name in ('brown', 'smollm2'):
-        b = res.get(name, {'skipped': 'not run'})
-        m[name] = {
-            'skipped': b['skipped']
-        } if 'skipped' in b else {
-            k: _stats({'runs': [r]}, 'valid_ppl')
-            for k, r in b.items()
-        }
-        if 'skipped' not in b:  # the frozen backbone's PPL on the same text (zero-shot)
-            first = next(iter(b.values()))['summary']
-            m[name + '_backbone'] = first.get('backbone_valid_ppl')
-            m[name + '_eval'] = {
-                k: first.get(f'final_valid_{k}')
-                for k in ('window', 'stride', 'words')
-            }
-    return m
 
 
 def claims(m: dict) -> list[tuple]:
@@ -160,19 +31,21 @@ def claims(m: dict) -> list[tuple]:
         out.append(('3. CIFAR-10 quality', 'lower FID (Fig. 4)', 'n/a', UNTESTABLE, c10['skipped']))
     else:
         v = claim_lower(c10['fedgen_edge']['per_seed'], c10['fedavg_full']['per_seed'],
-                        'fd_classifier')
-        out.append(('3. CIFAR-10 quality', 'lower FID (Fig. 4)', 'fd_classifier (not FID) '
-                    f'{_n(c10["fedgen_edge"]["mean"])} vs {_n(c10["fedavg_full"]["mean"])}', *v))
+                        'FD (classifier features)')
+        out.append(
+            ('3. CIFAR-10 quality', 'lower FID (Fig. 4)', 'FD (classifier features), not FID: '
+             f'{_n(c10["fedgen_edge"]["mean"])} vs {_n(c10["fedavg_full"]["mean"])}', *v))
     pe = m['personal']
     out.append(('4. personalization', 'most clients gain (Fig. 5)',
-                f'{100 * pe["share"]:.1f}% improve', *claim_personal(pe['share'], *pe['ci'])))
+                ', '.join(f'{100 * s[0]:.1f}%'
+                          for s in pe['per_seed']) + ' improve', *claim_personal(pe['per_seed'])))
     ranks = sorted(m['rank'])
     out.append(('5. LoRA rank', 'diminishing returns in r', f'ranks {ranks}',
-                *claim_rank(ranks, [m['rank'][r]['mean'] for r in ranks])))
+                *claim_rank(ranks, [m['rank'][r]['per_seed'] for r in ranks])))
     es = sorted(m['epochs'])
     out.append(('6. local epochs', 'local epochs vs client drift trade-off', f'E {es}',
-                *claim_epochs(es, [m['epochs'][e]['mean']
-                                   for e in es], [m['epochs'][e]['drift'] for e in es])))
+                *claim_epochs(es, [m['epochs'][e]['per_seed']
+                                   for e in es], [m['epochs'][e]['drift_per_seed'] for e in es])))
     return out
 
 
@@ -181,7 +54,37 @@ def _n(v) -> str:
 
 
 def _ms(s: dict) -> str:
-    return f'{_n(s["mean"])} ± {_n(s["std"])}' if s['mean'] is not None else 'failed'
+    """'mean ± std' over seeds; one seed has no spread: 'x (n = 1)'; no global model: 'n/a'."""
+    if not s.get('global', True):
+        return 'n/a'
+    if s['mean'] is None:
+        return 'failed'
+    return f'{_n(s["mean"])} (n = 1)' if s.get('n', 2) == 1 else f'{_n(s["mean"])} ± {_n(s["std"])}'
+
+
+def _mp(s: dict) -> str:
+    """The personal column: mean client-test metric of the personal models."""
+    p = s.get('personal')
+    if not p:
+        return 'not measured'
+    return (f'{_n(p["mean"])} ({p["source"]}; backbone {_n(p["backbone"])} on the same '
+            f'{p["clients"]} clients)')
+
+
+def ptb_table(ptb: dict) -> list[str]:
+    """Fig. 3's PTB table, one row per method of ``ptb`` ({method: measures.stats-like dict}):
+    the global model's final valid PPL ('n/a' without a global model, 'x (n = 1)' for one run)
+    and the personal models' mean client-test PPL where it was measured."""
+    lines = [
+        'Global: the global model on the validation split (n/a for FedSA and local-only, which '
+        "have no global model). Personal: mean local-test PPL of the clients' personal models.", '',
+        '| method | final global valid PPL (mean ± std) | per seed | personal models |',
+        '|---|---|---|---|'
+    ]
+    return lines + [
+        f'| {k} | {_ms(v)} | {", ".join(_n(x) for x in v["per_seed"]) or "n/a"} | {_mp(v)} |'
+        for k, v in ptb.items()
+    ]
 
 
 def machine() -> str:
@@ -194,13 +97,16 @@ def figures(res: dict, m: dict, out: str) -> dict:
     p, f, pb = res['ptb'], {}, m['uplink']['param_bytes']
     main = p['main']
     cum = {
-        n: (*_curve(main[k]['runs'][:1], 'up_bytes_total')[:2], None, None)
+        n: (*curve(main[k]['runs'][:1], 'up_bytes_total')[:2], None, None)
         for n, k in (('FedGen-Edge', 'fedgen_edge'), ('full FedAvg', 'fedavg_full'))
     }
     x, y = cum['full FedAvg'][:2]
     blocks = {**cum, 'full FedAvg': (x, [pb['blocks'] / pb['whole'] * v for v in y], None, None)}
-    ppl = {f'{n} (mean ± std)': (*_curve(main[n]['runs'], 'valid_ppl'), None) for n in main}
-    ppl.update({n: (*_curve([r], 'valid_ppl'), None) for n, r in p['baselines'].items()})
+    ppl = {f'{n} (mean ± std)': (*curve(main[n]['runs'], 'valid_ppl'), None) for n in main}
+    ppl.update({  # FedSA and local-only have no global model to plot
+        n: (*curve([r], 'valid_ppl'), None)
+        for n, r in p['baselines'].items() if r.get('has_global', True)
+    })
     rk, es, al = sorted(m['rank']), sorted(m['epochs']), sorted(m['noniid'])
     rank = ([m['rank'][r]['up_bytes_per_round'] for r in rk], [m['rank'][r]['mean'] for r in rk],
             [m['rank'][r]['std'] or 0 for r in rk], [f'r={r}' for r in rk])
@@ -224,7 +130,7 @@ def figures(res: dict, m: dict, out: str) -> dict:
                      reference=('backbone', m['ptb_backbone']))
             ] + [
                 dict(series={
-                    k: (*_curve([r], 'valid_ppl'), None)
+                    k: (*curve([r], 'valid_ppl'), None)
                     for k, r in res[name].items()
                 },
                      title=title,
@@ -254,10 +160,10 @@ def figures(res: dict, m: dict, out: str) -> dict:
                      logx=True)
             ])]
     if 'skipped' not in res['cifar10']:
-        fd = {k: (*_curve([r], 'fd_classifier'), None) for k, r in res['cifar10'].items()}
+        fd = {k: (*curve([r], 'fd_classifier'), None) for k, r in res['cifar10'].items()}
         todo.append(('fig4', 'fig4_cifar_fd.png', 'Fig. 4: CIFAR-10-style data, Fréchet '
                      'distance in a home-trained classifier (not FID)',
-                     [dict(series=fd, xlabel='round', ylabel='fd_classifier')]))
+                     [dict(series=fd, xlabel='round', ylabel='FD (classifier features)')]))
     for name, file, title, specs in todo:
         f[name] = file
         plots.panels(specs, os.path.join(out, file), title)
@@ -286,33 +192,30 @@ def markdown(res: dict, m: dict, figs: dict) -> str:
         f'{s["rounds"]} rounds, E={s["local_epochs"]} of at most {s["max_steps_per_epoch"]} '
         f'steps of {s["batch_size"]} windows; GPT {s["model"]["n_layer"]} layers x '
         f'{s["model"]["n_embd"]} pre-trained {s["pretrain_steps"]} steps; LoRA r={s["lora_rank"]}, '
-        f'alpha={s["lora_alpha"]:g}. Seeds {list(sc["seeds"])} (rank ablation '
-        f'{list(sc["rank_seeds"])}, local-epoch ablation '
-        f'{list(sc["epoch_seeds"])}, non-IID {list(sc["alpha_seeds"])}; other baselines seed 0). '
-        'Std over seeds with n - 1.', '', f'Cut to fit the budget: {CUTS[res["scale"]]}', '',
-        f'Command: `{res["command"]}`', '', '## Fig. 2: uplink', '',
+        f'alpha={s["lora_alpha"]:g}. Std over seeds with n - 1; a single run shows (n = 1).', '',
+        scales.describe(res['scale'],
+                        sc), '', f'Command: `{res["command"]}`', '', '## Fig. 2: uplink', '',
         f'Measured cumulative uplink after {s["rounds"]} rounds: FedGen-Edge {u["fedgen_edge"]:,} '
         f'B, full FedAvg {u["fedavg_full"]:,} B. The backbone is {u["param_bytes"]["whole"]:,} B, '
         f'of which the embedding leaves (wte, wpe) are {u["param_bytes"]["embedding"]:,} B '
         f'({100 * u["param_bytes"]["embedding"] / u["param_bytes"]["whole"]:.0f}%); the '
         'blocks-only panel counts full FedAvg as if it sent only the rest (the blocks and final '
         'norm).', '', f'![uplink]({figs["fig2"]})', '', '## Fig. 3: validation perplexity', '',
-        '### PTB, small GPT', '', '| method | final valid PPL (mean ± std) | per seed |',
-        '|---|---|---|'
-    ]
-    lines += [
-        f'| {k} | {_ms(v)} | {", ".join(_n(x) for x in v["per_seed"])} |'
-        for k, v in m['ptb'].items()
-    ]
+        '### PTB, small GPT', ''
+    ] + ptb_table(m['ptb'])
     lines += ['', f'Backbone (no federated training): {_n(m["ptb_backbone"])}.']
     lines += other_backbones(m)
-    lines += ['', f'![ppl]({figs["fig3"]})', '', '## Fig. 4: CIFAR-10 (fd_classifier, not FID)', '']
+    lines += [
+        '', f'![ppl]({figs["fig3"]})', '',
+        '## Fig. 4: CIFAR-10 (FD (classifier features), not FID)', ''
+    ]
     if 'fig4' in figs:
-        lines += ['| method | final fd_classifier (seed 0) |', '|---|---|']
+        lines += ['| method | final FD (classifier features) |', '|---|---|']
         lines += [f'| {k} | {_ms(v)} |' for k, v in m['cifar10'].items()]
         lines += [
-            '', 'fd_classifier: Fréchet distance in the features of a small classifier '
-            'trained here; not comparable to published FID.', '', f'![fd]({figs["fig4"]})'
+            '', 'FD (classifier features), key fd_classifier: the Fréchet distance in the '
+            'features of a small classifier trained here; not comparable to published FID.', '',
+            f'![fd]({figs["fig4"]})'
         ]
     else:
         lines.append(f'Not run: {m["cifar10"]["skipped"]}.')
@@ -323,7 +226,10 @@ def markdown(res: dict, m: dict, figs: dict) -> str:
         f'epoch(s) on each client: {100 * pe["share"]:.1f}% of {pe["clients"]} clients '
         f'improve their local test PPL (bootstrap 95% CI {100 * pe["ci"][0]:.1f}-'
         f'{100 * pe["ci"][1]:.1f}%, 2000 resamples, seed 0); median gain '
-        f'{_n(pe["median_gain"])}.', '', f'![gains]({figs["fig5"]})', '', '## LoRA rank', '',
+        f'{_n(pe["median_gain"])}. Every seed (share, 95% CI): ' +
+        '; '.join(f'{100 * a:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]'
+                  for a, lo, hi in pe['per_seed']) + '.', '', f'![gains]({figs["fig5"]})', '',
+        '## LoRA rank', '',
         f'lora.alpha = {res["ptb"]["alpha_over_rank"]:g} r, so alpha / r (the effective '
         'step) is the same at every rank.', '', '| r | uplink B / round | final valid PPL |',
         '|---|---|---|'

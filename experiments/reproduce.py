@@ -6,12 +6,15 @@
 
 Writes REPORT.md and its PNG figures into --out (default docs/results for cpu/gpu,
 <workdir>/report for smoke, so a smoke run never overwrites the checked-in report) and every
-measured number into <workdir>/results.json. experiments/claims.py holds the claim rules,
-experiments/report.py the markdown and the figures; this module launches the runs:
+measured number into <workdir>/results.json. experiments/scales.py defines the scales (and
+writes their description), experiments/claims.py holds the claim rules, experiments/report.py
+the markdown and the figures; this module launches the runs:
 
 - PTB, FedGen-Edge and full-model FedAvg: one experiments.sweep group each (the scale's seeds
   vmapped); every other method of experiments.compare: one seed-0 run (experiments.train).
-- Personalization (Fig. 5): the FedGen-Edge seed-0 run, fine-tuned E_p epochs per client.
+- Personalization (Fig. 5): every seed's FedGen-Edge run, fine-tuned E_p epochs per client
+  (the histogram shows seed 0; the claim compares the seeds). FedSA and local-only, which have
+  no global model, are scored by their personal (kept) models.
 - Ablations as sweep groups: LoRA rank r with lora.alpha = c r (alpha / r = c, the base config's
   ratio, held fixed so the effective step does not grow with r), local epochs E, and the
   Dirichlet concentration alpha of the split for FedGen-Edge and full FedAvg.
@@ -38,83 +41,11 @@ import jax
 from absl import flags
 
 from configs import cifar10_fedgen_edge
-from experiments import backbones, compare, grid, report, smoke_data, sweep, train
-from experiments import translate
+from experiments import (backbones, compare, grid, measures, report, smoke_data, sweep, train,
+                         translate)
 from experiments import personalize as personal_exp
 from experiments.console import log, run_main
-
-# every method of experiments.compare besides the two compared head to head
-compare_baselines = tuple(m for m, _ in compare.METHODS if m not in ('fedgen_edge', 'fedavg_full'))
-SCALES = {
-    # smoke: the base values (rank 2, E 1, alpha 0.3) reuse the main group's runs.
-    'smoke':
-    dict(arg='tiny',
-         seeds=(0, 1),
-         rank_seeds=(0, 1),
-         epoch_seeds=(0, 1),
-         alpha_seeds=(0, 1),
-         ranks=(1, 2),
-         epochs=(1, 2),
-         alphas=(0.3, 10.0),
-         min_size=2,
-         ptb={'fed.rounds': 2},
-         cifar_arg='tiny',
-         cifar={'fed.rounds': 2},
-         brown=False,
-         smollm2=None,
-         baselines=('fedsa', )),
-    # cpu: about 2 h on 2 cores; the ablations run fewer seeds than the main comparison.
-    'cpu':
-    dict(arg='',
-         seeds=(0, 1, 2),
-         rank_seeds=(0, ),
-         epoch_seeds=(0, ),
-         alpha_seeds=(0, 1),
-         ranks=(1, 2, 4, 8, 16, 32),
-         epochs=(1, 2, 5),
-         alphas=(0.1, 1.0, 10.0),
-         min_size=10,
-         ptb={
-             'fed.rounds': 20,
-             'fed.clients_per_round': 10,
-             'fed.max_steps_per_epoch': 4,
-             'eval.every': 5
-         },
-         cifar_arg='',
-         cifar={
-             'fed.rounds': 10,
-             'eval.every': 2
-         },
-         brown=True,
-         smollm2='cpu',
-         baselines=compare_baselines),
-    'gpu':
-    dict(arg='',
-         seeds=(0, 1, 2),
-         rank_seeds=(0, 1, 2),
-         epoch_seeds=(0, 1, 2),
-         alpha_seeds=(0, 1, 2),
-         ranks=(1, 2, 4, 8, 16, 32),
-         epochs=(1, 2, 5, 10),
-         alphas=(0.1, 0.3, 1.0, 10.0),
-         min_size=10,
-         ptb={
-             'fed.rounds': 200,
-             'fed.clients_per_round': 10,
-             'eval.every': 10,
-             'fed.client_chunk': 10
-         },
-         cifar_arg='',
-         cifar={
-             'fed.rounds': 100,
-             'eval.every': 10,
-             'fed.client_chunk': 10,
-             'model.conv_impl': 'xla'
-         },
-         brown=True,
-         smollm2='',
-         baselines=compare_baselines),
-}
+from experiments.scales import SCALES
 
 
 def measured(config):
@@ -162,10 +93,10 @@ def group(base, seeds, overrides: dict, workdir: str, name: str, cache: dict) ->
 
 def ptb_backbone(config, workdir: str) -> tuple[str, dict]:
     """Pre-trains (or finds) the base config's PTB backbone once: (its absolute path, the
-    tree's byte counts, report.param_bytes)."""
+    tree's byte counts, measures.param_bytes)."""
     task = translate.prepare_task(config)
     params, info = backbones.pretrained(config, task, workdir, jax.random.PRNGKey(config.seed))
-    return os.path.abspath(info['source']), report.param_bytes(params)
+    return os.path.abspath(info['source']), measures.param_bytes(params)
 
 
 def personalization(config, run_dir: str) -> dict:
@@ -205,7 +136,15 @@ def ptb_section(sc: dict, workdir: str, corpus: str) -> dict:
         except ValueError as e:  # e.g. diverged: the report shows 'failed', the rest goes on
             log(f'baseline {m} failed: {e}')
             out['baselines'][m] = {'summary': {}, 'rows': [], 'dir': '', 'error': str(e)}
-    out['personal'] = personalization(edge, out['main']['fedgen_edge']['runs'][0]['dir'])
+            continue
+        out['baselines'][m]['has_global'] = translate.method_params(c).has_global
+        if not out['baselines'][m]['has_global']:  # no global model: report the personal one
+            out['baselines'][m]['personal'] = personalization(c, os.path.join(wd, m))
+    runs = out['main']['fedgen_edge']['runs']  # Fig. 5 per main seed: the claim's noise model
+    out['personal_seeds'] = [
+        personalization(sweep.with_overrides(edge, {}, s), r['dir']) for s, r in zip(seeds, runs)
+    ]
+    out['personal'] = out['personal_seeds'][0]
     ratio = edge.lora.alpha / edge.lora.rank
     out['alpha_over_rank'] = ratio
     out['rank'] = {  # the base rank is the main group itself (its config, more seeds)
@@ -317,7 +256,7 @@ def run(scale: str, workdir: str, out: str | None = None, command: str = '') -> 
         'docs', 'results'))
     os.makedirs(workdir, exist_ok=True)
     corpus = images = ''
-    if scale == 'smoke':
+    if sc['synthetic_data']:
         corpus = smoke_data.write_corpus(os.path.abspath(os.path.join(workdir, 'data', 'ptb')))
         images = os.path.join(workdir, 'data', 'images')
         if not os.path.isdir(images):

@@ -1,0 +1,163 @@
+"""experiments.claims (the verdict rules), measures/report formatting and the scale description.
+
+Each rule test pairs a case the old rules overstated (one seed, overlapping spreads, a rank
+curve inside the noise) with one where the data do separate, so both verdicts are reachable.
+"""
+import copy
+
+import numpy as np
+import pytest
+
+from experiments import claims, measures, report, scales
+
+H, F, U, X = claims.HOLDS, claims.FAILS, claims.UNSURE, claims.UNTESTABLE
+
+
+def test_compare_needs_disjoint_intervals_and_two_seeds():
+    assert claims.compare([1.0, 1.2], [3.0, 3.2]) == claims.LOWER
+    assert claims.compare([3.0, 3.2], [1.0, 1.2]) == claims.HIGHER
+    assert claims.compare([1.0, 2.0], [1.8, 2.8]) == claims.WITHIN  # 1.5+0.71 > 2.3-0.71
+    assert claims.compare([1.0], [5.0, 5.1]) == claims.SINGLE
+    with pytest.raises(ValueError, match='both sides'):
+        claims.compare([], [1.0])
+
+
+def test_claim_lower_one_seed_is_inconclusive_either_way():
+    assert claims.claim_lower([10], [20], 'ppl')[0] == U  # was 'holds'
+    assert claims.claim_lower([12], [11], 'ppl')[0] == U  # was 'does not hold'
+    assert claims.claim_lower([10, 10.5], [20], 'ppl')[0] == U
+    verdict, why = claims.claim_lower([5.5], [20.9], 'FD')
+    assert '(n = 1)' in why and '± 0' not in why
+
+
+def test_claim_lower_needs_separated_spreads():
+    assert claims.claim_lower([10, 11, 12], [20, 21, 22], 'ppl')[0] == H
+    assert claims.claim_lower([20, 21, 22], [10, 11, 12], 'ppl')[0] == F
+    assert claims.claim_lower([10, 14], [11, 15], 'ppl')[0] == U  # lower mean, overlapping
+    assert claims.claim_lower([345.7, 344.6, 345.9], [341.2, 342.3, 340.7], 'ppl')[0] == F
+    assert claims.claim_lower([12, 13], [11, 14], 'ppl')[0] == U  # higher mean, overlapping
+    assert claims.claim_lower([None, float('nan')], [11], 'ppl')[0] == X
+
+
+def test_claim_personal_needs_two_seeds():
+    assert claims.claim_personal([(0.97, 0.93, 1.0)])[0] == U  # was 'holds'
+    assert claims.claim_personal([(0.8, 0.7, 0.9), (0.85, 0.75, 0.93)])[0] == H
+    assert claims.claim_personal([(0.8, 0.7, 0.9), (0.6, 0.45, 0.75)])[0] == U
+    assert claims.claim_personal([(0.3, 0.2, 0.4), (0.35, 0.25, 0.45)])[0] == F
+    assert claims.claim_personal([(float('nan'), ) * 3])[0] == X
+
+
+def test_claim_rank_single_seed_is_inconclusive():
+    # the checked-in cpu report's numbers: one seed per rank (three at the base rank)
+    ppl = [[349.8], [347.3], [345.7, 344.6, 345.9], [343.4], [344.2], [348.6]]
+    verdict, why = claims.claim_rank([1, 2, 4, 8, 16, 32], ppl)
+    assert verdict == U  # was 'holds' ("diminishing returns")
+    assert 'one seed' in why and 'r16: 344.2 (n = 1)' in why and 'r4: 345.4 ± 0.7 (n = 3)' in why
+
+
+def test_claim_rank_within_noise_is_not_diminishing_returns():
+    # r=16/32 slightly worse than r=8, inside the seed spread; r=1 -> r=8 a measurable gain
+    ppl = [[350, 351], [347, 347.6], [346, 346.5], [343, 344], [343.4, 344.8], [343.9, 344.5]]
+    verdict, why = claims.claim_rank([1, 2, 4, 8, 16, 32], ppl)
+    assert verdict == H
+    assert 'r=16 vs r=8: within seed spread: no measurable gain' in why
+    assert 'r=32 vs r=8: within seed spread' in why and 'worse' not in why
+    # the same means with a large spread: nothing is measurable
+    noisy = [[m - 6, m + 6] for m in map(np.mean, ppl)]
+    verdict, why = claims.claim_rank([1, 2, 4, 8, 16, 32], noisy)
+    assert verdict == U and 'no rank measurably below r=1' in why
+    # a measurable decline above the plateau is named as such
+    decline = ppl[:4] + [[350, 351], [355, 356]]
+    verdict, why = claims.claim_rank([1, 2, 4, 8, 16, 32], decline)
+    assert verdict == H and 'r=32 vs r=8: measurably worse' in why
+    # gains that go on to the largest rank: no plateau
+    steady = [[100 - 10 * i, 101 - 10 * i] for i in range(4)]
+    assert claims.claim_rank([1, 2, 4, 8], steady)[0] == F
+    assert claims.claim_rank([8, 1, 4], [[74, 75], [100, 101], [74.5, 75.5]])[0] == H
+    assert claims.claim_rank([1, 2], [[100, 101], [90, 91]])[0] == X
+
+
+def test_claim_epochs_needs_seeds_and_separation():
+    e = [1, 2, 5]
+    assert claims.claim_epochs(e, [[100], [90], [95]], [[0.1], [0.2], [0.4]])[0] == U
+    drift = [[0.1, 0.11], [0.2, 0.21], [0.4, 0.41]]
+    plateau = [[100, 101], [90, 91], [90.5, 91.2]]
+    assert claims.claim_epochs(e, plateau, drift)[0] == H
+    steady = [[100, 101], [95, 96], [85, 86]]  # the last step gains more than the first
+    assert claims.claim_epochs(e, steady, drift)[0] == F
+    assert claims.claim_epochs(e, plateau, drift[::-1])[0] == F  # drift falls
+    flat = [[0.1, 0.5], [0.2, 0.3], [0.3, 0.45]]  # drift inside its spread
+    assert claims.claim_epochs(e, plateau, flat)[0] == U
+    assert claims.claim_epochs(e, plateau, [drift[0], [None], drift[2]])[0] == X
+
+
+def _personal_summary(mean, backbone, clients):
+    return {
+        'personal_source': 'kept',
+        'vs_backbone': {
+            'mean_personal': mean,
+            'mean_reference': backbone,
+            'clients': clients
+        }
+    }
+
+
+def test_method_without_global_model_shows_na_and_its_personal_metric():
+    backbone = 366.7  # what FedSA's 'final_valid_ppl' holds: its global B stays 0
+    fedsa = {
+        'summary': {
+            'final_valid_ppl': backbone
+        },
+        'rows': [],
+        'has_global': False,
+        'personal': {
+            'summary': _personal_summary(301.25, 370.5, 87)
+        }
+    }
+    edge = {'summary': {'final_valid_ppl': 345.7}, 'rows': []}
+    ptb = {
+        'fedgen_edge': measures.method_stats(edge, 'valid_ppl'),
+        'fedsa': measures.method_stats(fedsa, 'valid_ppl')
+    }
+    assert ptb['fedsa']['mean'] is None and ptb['fedsa']['personal']['mean'] == 301.25
+    rows = {r.split(' | ')[0][2:]: r for r in report.ptb_table(ptb) if r.startswith('| fed')}
+    assert rows['fedsa'].startswith('| fedsa | n/a | n/a | 301.2 ')
+    assert '366.7' not in rows['fedsa']
+    assert '87 clients' in rows['fedsa']
+    assert rows['fedgen_edge'].startswith('| fedgen_edge | 345.7 (n = 1) |')
+    assert 'not measured' in rows['fedgen_edge']
+
+
+def test_single_run_prints_n_equals_1_not_plus_minus_zero():
+    one = measures.stats({'runs': [{'summary': {'final_valid_ppl': 344.4}}]}, 'valid_ppl')
+    two = measures.stats({'runs': [{
+        'summary': {
+            'final_valid_ppl': v
+        }
+    } for v in (1.0, 3.0)]}, 'valid_ppl')
+    assert report._ms(one) == '344.4 (n = 1)'
+    assert report._ms(two) == '2 ± 1.414'
+    failed = measures.stats({'runs': [{'summary': {}}]}, 'valid_ppl')
+    assert report._ms(failed) == 'failed'
+
+
+def test_scale_description_is_derived_from_the_scale_dict():
+    sc = copy.deepcopy(scales.SCALES['cpu'])
+    text = scales.describe('cpu', sc)
+    assert '20 rounds' in text and 'seeds [0, 1, 2] (n = 3)' in text
+    assert 'r in [1, 2, 4, 8, 16, 32]: seed 0 (n = 1)' in text
+    sc['ptb']['fed.rounds'] = 7
+    sc['ptb']['fed.max_steps_per_epoch'] = 9
+    sc['rank_seeds'] = (0, 1, 2, 3)
+    sc['alphas'] = (0.05, )
+    sc['smollm2'] = None
+    sc['synthetic_data'] = True
+    changed = scales.describe('mine', sc)
+    assert changed != text
+    assert '7 rounds' in changed and '20 rounds' not in changed
+    assert 'at most 9 local steps' in changed
+    assert 'r in [1, 2, 4, 8, 16, 32]: seeds [0, 1, 2, 3] (n = 4)' in changed
+    assert 'alpha in [0.05]' in changed and 'SmolLM2-135M: not run' in changed
+    assert "Scale 'mine'" in changed and 'synthetic' in changed and 'synthetic' not in text
+    sc['ptb']['new.knob'] = 3  # a key without words is still shown
+    assert 'new.knob=3' in scales.describe('mine', sc)
