@@ -28,7 +28,7 @@ added to every mean-reduced run's metrics (key client_drift) by the mean aggrega
 
 Resume and reuse: every run lives in its own directory under --workdir with the exact config it
 was given (one pre-trained backbone per task, named by pretrain.backbone_path). A run whose
-summary.json exists with the same config is read back (grid.finished), a partial single run
+summary.json exists with the same config is read back (writers.finished), a partial single run
 resumes from its checkpoint (train.run), and a sweep group with any unfinished seed is
 recomputed (sweeps do not resume). A killed reproduce, rerun, picks up where it stopped.
 """
@@ -41,8 +41,8 @@ import jax
 from absl import flags
 
 from configs import cifar10_fedgen_edge
-from experiments import (backbones, compare, grid, measures, report, smoke_data, sweep, train,
-                         translate)
+from experiments import (backbones, compare, measures, report, smoke_data, sweep, train, translate,
+                         writers)
 from experiments import personalize as personal_exp
 from experiments.console import log, run_main
 from experiments.scales import SCALES
@@ -64,7 +64,7 @@ def read_rows(run_dir: str) -> list[dict]:
 def single(config, run_dir: str) -> dict:
     """A finished run's {summary, rows, dir}; runs (or resumes) it first unless finished."""
     config = measured(config)
-    summary = grid.finished(config, run_dir)
+    summary = writers.finished(config.to_json_best_effort(), run_dir)
     if summary is None:
         log(f'--- run {run_dir}')
         summary = train.run(config, run_dir)
@@ -80,12 +80,12 @@ def group(base, seeds, overrides: dict, workdir: str, name: str, cache: dict) ->
     if key in cache:
         return {**cache[key], 'overrides': overrides}
     dirs = [os.path.join(workdir, name, f'seed{s}') for s in seeds]
-    if any(grid.finished(c, d) is None for c, d in zip(configs, dirs)):
+    if any(writers.finished(c.to_json_best_effort(), d) is None for c, d in zip(configs, dirs)):
         log(f'--- sweep group {name} {overrides} seeds {list(seeds)}')
         sweep.run_group(name, configs, workdir)
     runs = []
     for c, d in zip(configs, dirs):
-        summary = grid.finished(c, d)
+        summary = writers.finished(c.to_json_best_effort(), d)
         runs.append({'summary': summary or {}, 'rows': read_rows(d) if summary else [], 'dir': d})
     cache[key] = {'runs': runs, 'overrides': overrides}
     return cache[key]
