@@ -71,13 +71,14 @@ def runs(corpus, tmp_path_factory):
             fleet.kill_node(victim % CLIENTS)  # SuperNode j holds the ids k with k mod 4 = j
             killed.append(victim)
 
-    out = deploy.deploy(cfg4,
-                        CLIENTS,
-                        dep,
-                        round_timeout=45,
-                        connect_timeout=120,
-                        run_timeout=400,
-                        on_line=kill_when_sent)
+    out = deploy.deploy(
+        cfg4,
+        CLIENTS,
+        dep,
+        round_timeout=120,  # round 1 loads data and compiles in every client
+        connect_timeout=120,
+        run_timeout=900,
+        on_line=kill_when_sent)
     assert killed and out['ok'], '\n'.join(out['lines'][-30:])
     return cfg, sim, dep, victim
 
@@ -91,7 +92,7 @@ def fedsa_runs(corpus, runs, tmp_path_factory):
     for w in (sim, dep):
         shutil.copytree(os.path.join(runs[1], 'backbone'), os.path.join(w, 'backbone'))
     train.run(cfg, sim)
-    out = deploy.deploy(cfg, CLIENTS, dep, round_timeout=120, connect_timeout=120, run_timeout=400)
+    out = deploy.deploy(cfg, CLIENTS, dep, round_timeout=120, connect_timeout=120, run_timeout=900)
     assert out['ok'], '\n'.join(out['lines'][-30:])
     return cfg, sim, dep
 
