@@ -5,8 +5,14 @@ Tiers: tests marked ``heavy`` (multi-process, chaos, whole configs, the reproduc
 their own pytest call (``-m heavy``) after the default tier (``-m "not heavy"``); ``.ci/run`` runs
 both. With ``CI=true`` in the environment every skip (an ``importorskip`` of a missing torch, peft,
 gguf or flwr wheel, a missing data package) fails the run instead of passing quietly.
+
+Compilation: one persistent XLA cache per pytest run, shared by the xdist workers and the child
+processes the tests start (JAX_COMPILATION_CACHE_DIR and friends are inherited); it is removed
+when the run ends.
 """
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -99,13 +105,35 @@ def corpus(tmp_path_factory):
     return write_ptb_corpus(tmp_path_factory.mktemp('ptb'))
 
 
+CACHE_ENV = 'FEDGEN_TEST_XLA_CACHE'
+
+
+def _shared_cache_dir(tmp_path_factory) -> str:
+    """The run's XLA cache directory: made by the controlling pytest process (pytest_configure)
+    and inherited by the xdist workers and by every child process a test starts."""
+    path = os.environ.get(CACHE_ENV)
+    if path and os.path.isdir(path):
+        return path
+    return str(tmp_path_factory.mktemp('xla_cache'))
+
+
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache(tmp_path_factory):
-    """One persistent XLA compilation cache for the session: the many tiny runs compile the same
-    evaluation and client programs again (new closures, same HLO); the cache serves them."""
-    jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla_cache')))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
-    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+    """One persistent XLA compilation cache for the run: the many tiny runs compile the same
+    evaluation and client programs again (new closures, same HLO) in other files, workers and
+    child processes; the cache serves them (a cached executable is the same program). A size
+    limit turns on the cache's file lock, so concurrent writers and readers never see half a
+    file."""
+    path = _shared_cache_dir(tmp_path_factory)
+    settings = {
+        'jax_compilation_cache_dir': path,
+        'jax_persistent_cache_min_compile_time_secs': 0.2,
+        'jax_persistent_cache_min_entry_size_bytes': 0,
+        'jax_compilation_cache_max_size': 8 * 2**30,
+    }
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)
     yield
 
 
@@ -114,9 +142,18 @@ def _ci() -> bool:
 
 
 def pytest_configure(config):
+    if not os.environ.get('PYTEST_XDIST_WORKER') and not os.environ.get(CACHE_ENV):
+        config.fedgen_xla_cache = tempfile.mkdtemp(prefix='fedgen-xla-cache-')
+        os.environ[CACHE_ENV] = config.fedgen_xla_cache  # the workers inherit it
     config.addinivalue_line(
         'markers', 'heavy: a slow end-to-end test (multi-process, chaos, whole configs); '
         'its own tier: pytest -m heavy')
+
+
+def pytest_unconfigure(config):
+    if getattr(config, 'fedgen_xla_cache', None):
+        shutil.rmtree(config.fedgen_xla_cache, ignore_errors=True)
+        os.environ.pop(CACHE_ENV, None)
 
 
 def _fail_skip(report) -> None:

@@ -103,8 +103,13 @@ def expected_bytes(cfg, backbone: dict) -> int:
     return sum(x.size * x.dtype.itemsize for p, x in flat if p[-1].key in keep)
 
 
-@pytest.mark.parametrize('task', TASKS)
-@pytest.mark.parametrize('method', METHODS)
+# A CIFAR-10 run compiles a U-Net round per method (one to two minutes on 2 cores): the CIFAR-10
+# cases are the heavy tier's (the main CIFAR-10 config's run and resume: tests/test_train_cifar.py).
+CASES = [(t, m) if t == 'ptb' else pytest.param(t, m, marks=pytest.mark.heavy) for t in TASKS
+         for m in METHODS]
+
+
+@pytest.mark.parametrize('task,method', CASES)
 def test_tiny_config_runs(runs, task, method):
     cfg, wd, summary = runs.get(task, method)
     expect_name = 'fedgen_edge' if method == 'fedadam' else method
@@ -138,8 +143,9 @@ def test_ditto_resumes_equal_to_unbroken(runs, tmp_path):
     assert moved > 0  # the per-client trees were trained and restored
 
 
-@pytest.mark.parametrize('task,method', [('ptb', 'fedgen_edge'), ('ptb', 'fedsa'),
-                                         ('cifar10', 'fedgen_edge'), ('cifar10', 'local_only')])
+@pytest.mark.parametrize(
+    'task,method', [('ptb', 'fedgen_edge'), ('ptb', 'fedsa')] +
+    [pytest.param('cifar10', m, marks=pytest.mark.heavy) for m in ('fedgen_edge', 'local_only')])
 def test_personalization_columns_and_saved_trees(runs, task, method):
     cfg, wd, summary = runs.get(task, method)
     run = personal_exp.restore(cfg, wd)

@@ -15,6 +15,8 @@ import pytest
 from fedgen import algorithms
 from fedgen.fl import mesh as population
 
+pytestmark = pytest.mark.heavy  # a child process on 4 devices runs every method
+
 CHILD = r'''
 import dataclasses, json, sys
 import jax
