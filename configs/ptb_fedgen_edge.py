@@ -29,12 +29,16 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
         verify_md5=True,
         seq_len=32,
         public_fraction=0.2,  # first 20% of train windows: the server's public pre-training data
-        partition=dict(kind='topic',
-                       num_topics=10,
-                       doc_windows=8,
-                       alpha=0.3,
-                       min_size=20,
-                       local_test_fraction=0.2),
+        partition=dict(
+            kind='topic',
+            num_topics=10,
+            doc_windows=8,
+            alpha=0.3,
+            min_size=20,
+            local_test_fraction=0.2,
+            # 'document': whole doc_windows-window documents per client go to test,
+            # so personalization is scored on text no client window touches
+            local_test_unit='window'),
     )
     # source 'local': fedgen pre-trains this geometry (see configs/ptb_smollm2_fedgen_edge.py for
     # a pretrained checkpoint).

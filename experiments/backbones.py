@@ -33,29 +33,25 @@ def load_cache(path: str, template, field: str):
         return None
 
 
-def pretrained(config, task, workdir: str, rng) -> tuple[dict, dict]:
-    """(params, info): config.pretrain.backbone_path, or the workdir cache, or pre-trains the
-    task's backbone on its public portion and caches it."""
-    init = task.init_backbone(rng)
-    if config.pretrain.backbone_path:
-        params = checkpoint.load_tree(config.pretrain.backbone_path, init, 'pretrain.backbone_path')
-        return params, {'source': config.pretrain.backbone_path}
-    if config.pretrain.steps == 0:  # a loaded checkpoint (or a random init): nothing to cache
+def pretrained(spec, task, workdir: str, rng) -> tuple[dict, dict]:
+    """(params, info): the RunSpec's pretrain.backbone_path, or the workdir cache, or pre-trains
+    the task's backbone on its public portion (seed ``spec.seed``) and caches it."""
+    init, pre = task.init_backbone(rng), spec.settings.pretrain
+    if pre.backbone_path:
+        params = checkpoint.load_tree(pre.backbone_path, init, 'pretrain.backbone_path')
+        return params, {'source': pre.backbone_path}
+    if pre.steps == 0:  # a loaded checkpoint (or a random init): nothing to cache
         return init, {'source': task.info.get('model', {}).get('source', 'init'), 'pretrain': 0}
     path = os.path.join(workdir, 'backbone', pretrain.recipe_hash(task.recipe))
     got = load_cache(path, init, 'backbone cache')
     if got is not None:
         log(f'backbone: cached {path}')
         return got, {'source': path}
-    tx = optim.build(config.pretrain.opt, config.pretrain.lr, 'pretrain.opt', 'pretrain.lr')
+    tx = optim.build(pre.opt, pre.lr, 'pretrain.opt', 'pretrain.lr')
     t0, params, loss = time.time(), init, float('nan')
-    bar = progress(total=config.pretrain.steps,
-                   desc='pretrain',
-                   unit='step',
-                   every=max(1, config.pretrain.steps // 20))
-    for done, loss, params in pretrain.train(task.loss_fn, tx, init, task.public,
-                                             config.pretrain.steps, config.pretrain.batch_size,
-                                             config.seed):
+    bar = progress(total=pre.steps, desc='pretrain', unit='step', every=max(1, pre.steps // 20))
+    for done, loss, params in pretrain.train(task.loss_fn, tx, init, task.public, pre.steps,
+                                             pre.batch_size, spec.seed):
         bar.update(done - bar.n)
         bar.set_postfix(loss=f'{loss:.3f}')
     bar.close()
@@ -78,13 +74,12 @@ def cached(root: str, name: str, recipe: dict, build) -> dict:
     return tree
 
 
-def auxiliaries(config, task, workdir: str) -> dict:
-    """The task's evaluation networks (cached by recipe under metrics.cache_dir or the workdir)
-    and, when metrics.inception_path is set, the Inception-v3 weights for FID."""
-    metrics = config.get('metrics') or {}
-    root = metrics.get('cache_dir') or workdir
+def auxiliaries(spec, task, workdir: str) -> dict:
+    """The task's evaluation networks (cached by recipe under the RunSpec's metrics.cache_dir or
+    the workdir) and, when metrics.inception_path is set, the Inception-v3 weights for FID."""
+    root = spec.cache_dir or workdir
     aux = {name: cached(root, name, net.recipe, net.build) for name, net in task.aux_nets.items()}
-    if metrics.get('inception_path'):
+    if spec.inception_path:
         from fedgen.metrics import inception
-        aux['inception'] = inception.load_params(metrics.inception_path)
+        aux['inception'] = inception.load_params(spec.inception_path)
     return aux

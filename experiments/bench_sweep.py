@@ -45,7 +45,7 @@ VOCAB = 10000
 def problem(runs: int):
     """(alg, frozen, states [R] list, round data [R] list) at the default PTB shapes."""
     c = ptb_fedgen_edge.get_config('')
-    p = translate.method_params(c)
+    p = translate.spec(c).method
     m = c.model
     cfg = gpt.GPTConfig(vocab_size=VOCAB,
                         n_positions=m.n_positions,

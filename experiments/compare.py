@@ -23,7 +23,7 @@ import matplotlib
 from absl import flags
 
 from experiments import personalize as personal_exp
-from experiments import train
+from experiments import train, translate
 from experiments.console import log, require, run_main
 from fedgen.fl import pretrain
 
@@ -109,15 +109,16 @@ def run(task: str,
         wd = os.path.join(workdir, m)
         log(f'=== {labels[m]} ({m}) -> {wd}')
         t0 = time.time()
-        summary = train.run(cfg, wd)
+        spec = translate.spec(cfg)  # this method's one translation: its run, then personalization
+        summary = train.run(spec, wd)
         t_train = time.time() - t0
-        restored = personal_exp.restore(cfg, wd, task=data)
+        restored = personal_exp.restore(spec, wd, task=data)
         data = restored['task']  # same data/splits for every method: prepare once here
         if not shared:  # the first method pre-trained it: everyone else loads the same weights
             shared = os.path.join(wd, 'backbone', pretrain.recipe_hash(data.recipe))
         t1 = time.time()
-        e_p = cfg.personalize.epochs if epochs is None else epochs
-        _, client_rows, psum = personal_exp.run_personalize(cfg, e_p, restored)
+        e_p = spec.personalize.epochs if epochs is None else epochs
+        _, client_rows, psum = personal_exp.run_personalize(spec, e_p, restored)
         personal_exp.write(wd, client_rows, psum)
         t_pers = time.time() - t1
         rows.append(table_row(m, labels[m], data.metric, summary, psum, t_train, t_pers))

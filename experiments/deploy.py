@@ -40,10 +40,9 @@ from fedgen.deploy.flower import spec
 def check(config, clients: int, external: bool = False) -> None:
     """One-line errors for the config and the launcher's flags, before any process starts.
     With an external SuperLink (``external``), --clients may be 0 (every SuperNode elsewhere)."""
-    translate.check_schedule(config)
-    translate.method_params(config)
-    spec.check_config(config)
-    n, low = config.fed.num_clients, 0 if external else 1
+    run = translate.spec(config)
+    spec.check_run(run)
+    n, low = run.clients.num_clients, 0 if external else 1
     if not (isinstance(clients, int) and low <= clients <= n):
         raise ValueError(f'--clients must be in [{low}, fed.num_clients={n}], got {clients!r}')
 

@@ -27,8 +27,9 @@ from fedgen.aggregators import lora_math as lora_aggregation
 from fedgen.lora import peft
 from fedgen.models import gpt, llama
 from fedgen.io import weights
-from experiments import writers
+from experiments import translate, writers
 from experiments.console import run_main
+from experiments.runspec import RunSpec
 
 FLAGS = flags.FLAGS
 
@@ -45,8 +46,8 @@ def define_flags() -> None:
 HUB_NAMES = {'smollm2-135m': 'HuggingFaceTB/SmolLM2-135M-Instruct'}
 
 
-def _local_backbone(config, workdir: str) -> dict:
-    path = config.pretrain.backbone_path
+def _local_backbone(spec: RunSpec, workdir: str) -> dict:
+    path = spec.settings.pretrain.backbone_path
     if not path:
         root = os.path.join(workdir, 'backbone')
         dirs = sorted(
@@ -58,14 +59,14 @@ def _local_backbone(config, workdir: str) -> dict:
     return checkpoint.load_tree(path, None, 'backbone')
 
 
-def backbone(config, workdir: str) -> tuple[str, object, dict, str]:
+def backbone(spec: RunSpec, workdir: str) -> tuple[str, object, dict, str]:
     """(arch, model config, float params, base model name) of the run's frozen backbone."""
-    m, alpha = config.model, float(config.lora.alpha)
+    m, alpha = spec.settings.model, spec.method.lora.alpha
     source = m.source
     if source != 'local':
         bb = weights.load(source, lora_alpha=alpha)
         return bb.arch, bb.config, bb.params, HUB_NAMES.get(source, source.partition(':')[2])
-    params = _local_backbone(config, workdir)
+    params = _local_backbone(spec, workdir)
     if m.name == 'gpt':  # fedgen's GPT is the GPT-2 architecture
         cfg = gpt.GPTConfig(vocab_size=params['wte']['embedding'].shape[0],
                             n_positions=params['wpe']['embedding'].shape[0],
@@ -75,7 +76,7 @@ def backbone(config, workdir: str) -> tuple[str, object, dict, str]:
                             lora_alpha=alpha)
         return 'gpt2', cfg, params, ''
     fields = {
-        f: m[f]  # the run's saved model fields
+        f: getattr(m, f)  # the run's model fields
         for f in ('n_positions', 'n_head', 'n_kv_head', 'n_inner', 'rope_theta', 'rms_norm_eps',
                   'tie_word_embeddings')
     }
@@ -88,10 +89,10 @@ def backbone(config, workdir: str) -> tuple[str, object, dict, str]:
     return 'llama', cfg, params, ''
 
 
-def adapters(config, workdir: str, client: int, step: int) -> tuple[dict, int]:
+def adapters(spec: RunSpec, workdir: str, client: int, step: int) -> tuple[dict, int]:
     """(one adapter tree, its round): the global one, or row ``client`` of the personal trees."""
     if client < 0:
-        mngr = checkpoint.manager(workdir, int(config.checkpoint.keep))
+        mngr = checkpoint.manager(workdir, spec.schedule.keep)
         step = step or checkpoint.latest(mngr)
         if not step:
             raise ValueError(f'--workdir: no checkpoint under {workdir}/checkpoints')
@@ -110,12 +111,12 @@ def adapters(config, workdir: str, client: int, step: int) -> tuple[dict, int]:
     return jax.tree.map(lambda x: np.asarray(x[client]), tree), step
 
 
-def frozen_delta(config, workdir: str, step: int) -> dict | None:
+def frozen_delta(spec: RunSpec, workdir: str, step: int) -> dict | None:
     """The server-side frozen delta dW of a FedEx-LoRA / FLoRA run at round ``step`` (the model
     it trained is W0 + dW + s A B), or None for runs without one."""
-    if config.fed.lora_aggregation not in lora_aggregation.WITH_DELTA:
+    if spec.lora_aggregation not in lora_aggregation.WITH_DELTA:
         return None
-    mngr = checkpoint.manager(workdir, int(config.checkpoint.keep))
+    mngr = checkpoint.manager(workdir, spec.schedule.keep)
     state = checkpoint.restore(mngr, step, state=None)['state']
     return state['aux']['agg']['delta']
 
@@ -133,18 +134,18 @@ def readable(out: str) -> None:
 
 def export(workdir: str, out: str, client: int = -1, merged: bool = False, step: int = 0) -> str:
     """Writes the export into ``out``; returns a one-line description."""
-    config = writers.run_config(workdir)
-    method = config.fed.lora_aggregation
+    spec = translate.spec(writers.run_config(workdir))  # the run's own config, translated once
+    method = spec.lora_aggregation
     if method in lora_aggregation.WITH_DELTA and not merged:
         raise ValueError(f'fed.lora_aggregation={method!r} trains W0 + dW + s A B with a '
                          'server-side frozen delta dW that a PEFT adapter cannot carry; export '
                          'the merged weights with --merged')
-    arch, cfg, params, base = backbone(config, workdir)
-    tree, step = adapters(config, workdir, client, step)
-    delta = frozen_delta(config, workdir, step)
+    arch, cfg, params, base = backbone(spec, workdir)
+    tree, step = adapters(spec, workdir, client, step)
+    delta = frozen_delta(spec, workdir, step)
     if delta is not None:  # the model the run trained: W0 + dW, then the adapter merged on top
         params = lora_aggregation.apply_delta(params, jax.tree.map(np.asarray, delta))
-    alpha = float(config.lora.alpha)
+    alpha = spec.method.lora.alpha
     who = 'global' if client < 0 else f'client {client}'
     if merged:
         peft.export_merged(out, arch, cfg, params, tree, alpha)

@@ -83,10 +83,10 @@ def quality(clf: dict, fake: np.ndarray, real_a: np.ndarray, real_b: np.ndarray)
     }
 
 
-def draw(config, params: dict, n: int, steps: int, batch: int, seed: int) -> np.ndarray:
+def draw(spec, params: dict, n: int, steps: int, batch: int, seed: int) -> np.ndarray:
     """``n`` DDIM samples (``steps`` steps, eta 0) of the backbone, uint8 [n, 32, 32, 3]. The
     sampler is built here so its step count stays out of the backbone's recipe."""
-    s = translate.task_settings(config)
+    s = spec.settings
     model = unet.UNet(cifar10.model_config(s))
     sched = diffusion.make_schedule(s.diffusion.schedule, s.diffusion.timesteps)
     sampler = cifar10.make_sampler(model, sched, batch, steps, 0.0)
@@ -101,18 +101,18 @@ def draw(config, params: dict, n: int, steps: int, batch: int, seed: int) -> np.
 def run(workdir: str, out: str, steps: int, batch_size: int, lr: float, n: int, sample_steps: int,
         command: str) -> dict:
     """Pre-trains or loads the backbone, samples, scores and writes the markdown and grid."""
-    config = config_for(steps, batch_size, lr)
+    spec = translate.spec(config_for(steps, batch_size, lr))
     t0 = time.time()
-    task = translate.prepare_task(config)
-    params, info = backbones.pretrained(config, task, workdir, jax.random.PRNGKey(config.seed))
+    task = spec.prepare_task()
+    params, info = backbones.pretrained(spec, task, workdir, jax.random.PRNGKey(spec.seed))
     t_pre = time.time() - t0
     log(f'backbone: {info["source"]} ({t_pre:.0f} s, loss {info.get("pretrain_loss", "cached")})')
     t1 = time.time()
-    clf = backbones.auxiliaries(config, task, workdir)['classifier']
+    clf = backbones.auxiliaries(spec, task, workdir)['classifier']
     t_clf = time.time() - t1
-    real_a, real_b = real_sets(task.test['images'], n, config.seed)
+    real_a, real_b = real_sets(task.test['images'], n, spec.seed)
     t2 = time.time()
-    fake = draw(config, params, n, sample_steps, min(n, 250), config.seed)
+    fake = draw(spec, params, n, sample_steps, min(n, 250), spec.seed)
     t_draw = time.time() - t2
     q = quality(clf, fake, real_a, real_b)
     acc = classifier.accuracy(clf, task.test['images'], task.test['labels'])
@@ -137,15 +137,15 @@ def run(workdir: str, out: str, steps: int, batch_size: int, lr: float, n: int, 
                classes=list(task.classes),
                command=command)
     with open(os.path.join(out, 'fmnist_backbone.md'), 'w') as f:
-        f.write(markdown(config, res, png))
+        f.write(markdown(spec.settings, res, png))
     log(f'FD (classifier features) {q["fd_gen"]:.3f}, floor {q["fd_floor"]:.3f}, ratio '
         f'{q["ratio"]:.2f}; wrote {out}/fmnist_backbone.md')
     return res
 
 
-def markdown(config, r: dict, png: str) -> str:
-    """The results page (generated)."""
-    m = config.model
+def markdown(settings, r: dict, png: str) -> str:
+    """The results page (generated) from the task's settings and the results ``r``."""
+    m, dif = settings.model, settings.diffusion
     hist = ', '.join(f'{c} {h:.2f}' for c, h in zip(r['classes'], r['class_hist']))
     loss = 'n/a (cached)' if r['pretrain_loss'] is None else f'{r["pretrain_loss"]:.4f}'
     trained = (f'pre-trained here in {r["pretrain_s"]:.0f} s' if r['pretrain_s'] is not None else
@@ -156,8 +156,8 @@ def markdown(config, r: dict, png: str) -> str:
         f'(1 min) / {r["load"][1]:.2f} (5 min) / {r["load"][2]:.2f} (15 min).', '',
         f'Backbone: configs/fmnist_fedgen_edge.py U-Net ({m.channels} channels, mult '
         f'{tuple(m.channel_mult)}, {m.num_res_blocks} residual block(s) per level, attention at '
-        f'{tuple(m.attn_resolutions)}), {config.diffusion.schedule} schedule, T = '
-        f'{config.diffusion.timesteps}; {r["steps"]} Adam steps of {r["batch_size"]} images at '
+        f'{tuple(m.attn_resolutions)}), {dif.schedule} schedule, T = '
+        f'{dif.timesteps}; {r["steps"]} Adam steps of {r["batch_size"]} images at '
         f'lr {r["lr"]:g} on the {r["public_images"]} public train images (random flips), '
         f'{trained}; mean loss of the last 100 steps {loss}. '
         f'Cached at `{r["source"]}`; reuse it with `--config.pretrain.backbone_path=<that '

@@ -34,6 +34,7 @@ from ml_collections import config_flags
 
 from experiments import backbones, writers
 from experiments import translate
+from experiments.runspec import RunSpec
 from experiments.console import log, require, run_main
 from fedgen import algorithms
 from fedgen.io import checkpoint
@@ -63,18 +64,17 @@ def load_config(workdir: str, config=None):
     return writers.run_config(workdir)
 
 
-def restore(config, workdir: str, task=None) -> dict:
+def restore(spec: RunSpec, workdir: str, task=None) -> dict:
     """The finished run's task, backbone, frozen tree, method, and its initial and final states
     (round = the latest checkpoint). ``task`` reuses already prepared data."""
-    translate.check_run(config)  # every field and pairing, before any data is read
-    task = translate.prepare_task(config) if task is None else task
-    p = translate.preflight(config, task)
-    rng = jax.random.PRNGKey(config.seed)
-    params, _ = backbones.pretrained(config, task, workdir, rng)
+    task = spec.prepare_task() if task is None else task
+    spec.preflight(task.backbone_shapes())
+    rng = jax.random.PRNGKey(spec.seed)
+    params, _ = backbones.pretrained(spec, task, workdir, rng)
+    p, alg = spec.make_algorithm(task.loss_fn)
     frozen, trainable = algorithms.variables(p, params, jax.random.fold_in(rng, 1))
-    _, alg = translate.make_algorithm(config, task)
     initial = alg.init(trainable, jax.random.fold_in(rng, 2))
-    mngr = checkpoint.manager(workdir, config.checkpoint.keep)
+    mngr = checkpoint.manager(workdir, spec.schedule.keep)
     step = checkpoint.latest(mngr)
     if step is None:
         raise ValueError(f'--workdir {workdir} has no checkpoint (run experiments.train first)')
@@ -90,11 +90,11 @@ def restore(config, workdir: str, task=None) -> dict:
         step=step)
 
 
-def rounds_sampled(config, step: int) -> np.ndarray:
+def rounds_sampled(spec: RunSpec, step: int) -> np.ndarray:
     """[N] int: how many of the training rounds 0..step-1 sampled each client."""
-    count = np.zeros(config.fed.num_clients, np.int64)
+    count = np.zeros(spec.clients.num_clients, np.int64)
     for rnd in range(step):
-        ids, present = translate.sample_round(config, rnd)
+        ids, present = spec.sample_round(rnd)
         ids = np.asarray(ids)
         if present is not None:
             ids = ids[np.asarray(present, bool)]
@@ -107,11 +107,11 @@ def _cell(v):
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
-def run_personalize(config, epochs: int, run: dict) -> tuple:
+def run_personalize(spec: RunSpec, epochs: int, run: dict) -> tuple:
     """(Personalized, rows, summary) for the restored ``run``; no files written."""
-    fed, task, p, alg = config.fed, run['task'], run['method'], run['alg']
+    fed, task, p, alg = spec.clients, run['task'], run['method'], run['alg']
     kept = alg.personal is not None
-    pc = config.personalize
+    pc = spec.personalize
     res = personalize.personalize(
         task.loss_fn,
         optim.build(pc.opt, pc.lr, 'personalize.opt', 'personalize.lr'),
@@ -122,14 +122,14 @@ def run_personalize(config, epochs: int, run: dict) -> tuple:
         task.client_test,
         epochs=epochs,
         batch_size=fed.batch_size,
-        seed=config.seed,
-        chunk=fed.client_chunk,
+        seed=spec.seed,
+        chunk=fed.chunk,
         eval_batch_size=fed.batch_size,  # N clients x B examples in memory at once
         max_steps=pc.max_steps,
         personal=alg.personal(run['state']) if kept else None,
         backbone=run['backbone'],
         has_global=p.has_global)
-    sampled = rounds_sampled(config, run['step'])
+    sampled = rounds_sampled(spec, run['step'])
     trained = sampled > 0
     if kept:  # a sampled client that dropped out every time still holds the initial tree
         trained &= personalize.moved_rows(run['state'].clients, run['initial'].clients)
@@ -183,7 +183,8 @@ def histogram(rows: list[dict], summary: dict, path: str) -> None:
     plt.close(fig)
 
 
-def show_samples(config, run: dict, personal, rows: list[dict], count: int, workdir: str) -> None:
+def show_samples(spec: RunSpec, run: dict, personal, rows: list[dict], count: int,
+                 workdir: str) -> None:
     """Samples of the global model (or the backbone, for methods without one) beside ``count``
     trained clients (same key): those with the largest, median and smallest gain."""
     col = 'gain_vs_global' if run['method'].has_global else 'gain_vs_backbone'
@@ -192,7 +193,7 @@ def show_samples(config, run: dict, personal, rows: list[dict], count: int, work
         return
     task = run['task']
     picks = [order[0], order[len(order) // 2], order[-1]][:count]
-    key = jax.random.PRNGKey(config.seed + 7)
+    key = jax.random.PRNGKey(spec.seed + 7)
     if run['method'].has_global:
         outs = [('global', task.sample({**run['frozen'], **run['state'].trainable}, key))]
     else:
@@ -245,19 +246,19 @@ def describe(summary: dict) -> str:
 
 def main_run(config, workdir: str, epochs: int | None, show: int) -> dict:
     t0 = time.time()
-    config = load_config(workdir, config)
-    epochs = config.personalize.epochs if epochs is None else epochs
-    run = restore(config, workdir)
-    log(f'restored {config.fed.algorithm} round {run["step"]}; personalizing '
+    spec = translate.spec(load_config(workdir, config))
+    epochs = spec.personalize.epochs if epochs is None else epochs
+    run = restore(spec, workdir)
+    log(f'restored {spec.method.name} round {run["step"]}; personalizing '
         f'{len(run["task"].client_train)} clients')
-    res, rows, summary = run_personalize(config, epochs, run)
+    res, rows, summary = run_personalize(spec, epochs, run)
     path = checkpoint.save_personal(workdir, run['step'], res.personal)
     write(workdir, rows, summary)
     summary['wall_s'] = round(time.time() - t0, 1)
     log(f'personal trees: {path}')
     log(describe(summary) + f'  ({summary["wall_s"]} s)')
     log(f'wrote {workdir}/personalization.csv, personalization_gains.png, personalization.json')
-    show_samples(config, run, res.personal, rows, show, workdir)
+    show_samples(spec, run, res.personal, rows, show, workdir)
     return summary
 
 

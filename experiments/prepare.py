@@ -1,4 +1,4 @@
-"""One run from its config, before and during its rounds: the workdir check, the setup (task,
+"""One run from its RunSpec, before and during its rounds: the workdir check, the setup (task,
 backbone, variables, algorithm, initial state) and the packing of a round's client data.
 
 Every entry point (experiments.train, experiments.sweep, the Flower apps) builds its runs here; the
@@ -11,8 +11,8 @@ import jax
 import numpy as np
 
 from experiments import backbones, writers
-from experiments import translate
 from experiments.console import log
+from experiments.runspec import RunSpec
 from fedgen import algorithms, tasks
 from fedgen.data import batching
 from fedgen.fl import local_update as client
@@ -20,15 +20,15 @@ from fedgen.fl import mesh as population
 from fedgen.lora import peft
 
 
-def budget_chunk(config, task: tasks.Task, p: algorithms.MethodParams, frozen, trainable,
-                 steps: int) -> int:
+def budget_chunk(spec: RunSpec, task: tasks.Task, p: algorithms.MethodParams, frozen, trainable,
+                 steps: int, mesh) -> int:
     """fed.client_chunk, or, when fed.client_mem_budget_mb > 0, the chunk that fits the budget:
     floor(budget / bytes of one client), from XLA's memory analysis of one client's update."""
-    fed = config.fed
-    if not fed.client_mem_budget_mb:
-        return fed.client_chunk
-    one = batching.pack_clients(task.pool, task.client_train, [0], config.seed, 0, fed.batch_size,
-                                fed.local_epochs, steps, fed.max_steps_per_epoch)
+    c = spec.clients
+    if not c.mem_budget_mb:
+        return c.chunk
+    one = batching.pack_clients(task.pool, task.client_train, [0], spec.seed, 0, c.batch_size,
+                                c.local_epochs, steps, c.max_steps_per_epoch)
     per_client = {
         'data': {
             'batches': one.batches,
@@ -39,15 +39,14 @@ def budget_chunk(config, task: tasks.Task, p: algorithms.MethodParams, frozen, t
     update = client.make_local_update(task.loss_fn, p.client_tx)
     per = population.client_bytes(lambda s, x: update(s[0], s[1], x['data'], x['rng']).delta,
                                   (frozen, trainable), per_client)
-    mesh = translate.mesh(config)
-    local = -(-fed.clients_per_round // (mesh.size if mesh is not None else 1))
-    chunk = population.chunk_for_budget(per, int(fed.client_mem_budget_mb * 2**20), local)
-    log(f'client chunk {chunk} from a {fed.client_mem_budget_mb} MB budget '
+    local = -(-c.per_round // (mesh.size if mesh is not None else 1))
+    chunk = population.chunk_for_budget(per, int(c.mem_budget_mb * 2**20), local)
+    log(f'client chunk {chunk} from a {c.mem_budget_mb} MB budget '
         f'({per / 2**20:.1f} MB per client)')
     return chunk
 
 
-def check_workdir(config, workdir: str) -> None:
+def check_workdir(spec: RunSpec, workdir: str) -> None:
     """Refuses a workdir whose config.json is another run's (a field outside writers.RUN_FREE
     differs) with one line showing the difference; checkpoint.overwrite=True clears that run's
     outputs instead (the recipe-keyed caches stay)."""
@@ -56,11 +55,11 @@ def check_workdir(config, workdir: str) -> None:
         return
     with open(path) as f:
         old = json.load(f)
-    diff = writers.config_conflict(old, json.loads(config.to_json_best_effort()))
+    diff = writers.config_conflict(old, json.loads(spec.record))
     population.barrier('check_workdir')  # every process has read config.json before any write
     if not diff:
         return
-    if not config.checkpoint.overwrite:
+    if not spec.schedule.overwrite:
         raise ValueError(f'workdir {workdir} holds a run of another config ({"; ".join(diff)}); '
                          'use another --workdir or --config.checkpoint.overwrite=True')
     if population.is_primary():
@@ -70,20 +69,20 @@ def check_workdir(config, workdir: str) -> None:
     population.barrier('clear_run')
 
 
-def setup(config, workdir: str) -> dict:
-    """Everything a run (or a later personalization of it) needs, from the config, before any
-    round: the task, the frozen and trainable trees, the algorithm and its initial state."""
-    translate.check_run(config)  # every fed/lora field and their pairings, before any data
-    init_from = config.lora.get('init_from', '')
+def setup(spec: RunSpec, workdir: str) -> dict:
+    """Everything a run (or a later personalization of it) needs, from its RunSpec (validated
+    when it was built, before any data), before any round: the task, the frozen and trainable
+    trees, the algorithm and its initial state."""
+    init_from = spec.init_from
     if init_from and not os.path.isfile(os.path.join(init_from, 'adapter_config.json')):
         raise ValueError(f'lora.init_from: {init_from} holds no adapter_config.json (expected a '
                          'PEFT LoRA directory, e.g. one written by experiments.export)')
-    log(f'loading the {config.task} data...')
-    task = translate.prepare_task(config)
-    p = translate.preflight(config, task)
-    rng = jax.random.PRNGKey(config.seed)
+    log(f'loading the {spec.task} data...')
+    task = spec.prepare_task()
+    spec.preflight(task.backbone_shapes())
+    p, rng = spec.method, jax.random.PRNGKey(spec.seed)
     log('loading the backbone (pre-training it when no cached copy exists)...')
-    params, bb_info = backbones.pretrained(config, task, workdir, rng)
+    params, bb_info = backbones.pretrained(spec, task, workdir, rng)
     frozen, trainable = algorithms.variables(p, params, jax.random.fold_in(rng, 1))
     if init_from and not p.full_model:
         arch = task.info.get('model', {}).get('arch')
@@ -92,12 +91,12 @@ def setup(config, workdir: str) -> dict:
         trainable = {
             'lora': peft.initial_adapters(init_from, arch, p.lora.alpha, trainable['lora'])
         }
-    fed = config.fed
-    steps = batching.num_local_steps([len(i) for i in task.client_train], fed.batch_size,
-                                     fed.local_epochs, fed.max_steps_per_epoch)
-    chunk = budget_chunk(config, task, p, frozen, trainable, steps)
-    mesh = translate.mesh(config)
-    p, alg = translate.make_algorithm(config, task, chunk, mesh)
+    c = spec.clients
+    steps = batching.num_local_steps([len(i) for i in task.client_train], c.batch_size,
+                                     c.local_epochs, c.max_steps_per_epoch)
+    mesh = spec.mesh()
+    chunk = budget_chunk(spec, task, p, frozen, trainable, steps, mesh)
+    p, alg = spec.make_algorithm(task.loss_fn, chunk, mesh)
     state = alg.init(trainable, jax.random.fold_in(rng, 2))
     return dict(task=task,
                 params=params,
@@ -111,18 +110,17 @@ def setup(config, workdir: str) -> dict:
                 rng=rng)
 
 
-def round_data(config, task: tasks.Task, steps: int, rnd: int, mesh, rows: tuple[int, int],
+def round_data(spec: RunSpec, task: tasks.Task, steps: int, rnd: int, mesh, rows: tuple[int, int],
                width: int) -> batching.RoundData:
     """Round ``rnd``'s RoundData, [width, ...] on the client axis (padding clients n_k = 0):
     this process packs only its rows [lo, hi) and, with a mesh, the global arrays are
     assembled from every process's rows."""
-    fed = config.fed
-    ids, present = translate.sample_round(config, rnd)
+    c = spec.clients
+    ids, present = spec.sample_round(rnd)
     lo, hi = rows
     mine = ids[lo:hi]
-    pack = lambda i: batching.pack_clients(task.pool, task.client_train, i, config.seed, rnd, fed.
-                                           batch_size, fed.local_epochs, steps, fed.
-                                           max_steps_per_epoch)
+    pack = lambda i: batching.pack_clients(task.pool, task.client_train, i, spec.seed, rnd, c.
+                                           batch_size, c.local_epochs, steps, c.max_steps_per_epoch)
     data = pack(mine) if len(mine) else jax.tree.map(np.zeros_like, pack(ids[:1]))
     if present is not None:  # Poisson sampling: the slots beyond the draw carry nothing
         data = batching.drop_absent(data, present[lo:hi] if len(mine) else present[:1] * 0)

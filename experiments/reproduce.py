@@ -94,8 +94,9 @@ def group(base, seeds, overrides: dict, workdir: str, name: str, cache: dict) ->
 def ptb_backbone(config, workdir: str) -> tuple[str, dict]:
     """Pre-trains (or finds) the base config's PTB backbone once: (its absolute path, the
     tree's byte counts, measures.param_bytes)."""
-    task = translate.prepare_task(config)
-    params, info = backbones.pretrained(config, task, workdir, jax.random.PRNGKey(config.seed))
+    spec = translate.spec(config)
+    task = spec.prepare_task()
+    params, info = backbones.pretrained(spec, task, workdir, jax.random.PRNGKey(spec.seed))
     return os.path.abspath(info['source']), measures.param_bytes(params)
 
 
@@ -105,8 +106,9 @@ def personalization(config, run_dir: str) -> dict:
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    restored = personal_exp.restore(config, run_dir)
-    _, rows, summary = personal_exp.run_personalize(config, config.personalize.epochs, restored)
+    spec = translate.spec(config)
+    restored = personal_exp.restore(spec, run_dir)
+    _, rows, summary = personal_exp.run_personalize(spec, spec.personalize.epochs, restored)
     personal_exp.write(run_dir, rows, summary)
     out = {'rows': rows, 'summary': summary}
     with open(path, 'w') as f:
@@ -137,7 +139,7 @@ def ptb_section(sc: dict, workdir: str, corpus: str) -> dict:
             log(f'baseline {m} failed: {e}')
             out['baselines'][m] = {'summary': {}, 'rows': [], 'dir': '', 'error': str(e)}
             continue
-        out['baselines'][m]['has_global'] = translate.method_params(c).has_global
+        out['baselines'][m]['has_global'] = translate.spec(c).method.has_global
         if not out['baselines'][m]['has_global']:  # no global model: report the personal one
             out['baselines'][m]['personal'] = personalization(c, os.path.join(wd, m))
     runs = out['main']['fedgen_edge']['runs']  # Fig. 5 per main seed: the claim's noise model

@@ -46,9 +46,9 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import prepare, trainer, writers
-from experiments import translate
+from experiments import prepare, trainer, translate, writers
 from experiments.console import log, require, run_main
+from experiments.runspec import RunSpec
 from fedgen.fl import fates
 from fedgen.fl import hparams
 from fedgen.fl import runs as fsweep
@@ -145,33 +145,36 @@ def traced(configs: list) -> list[dict]:
     return out
 
 
-def check_group(name: str, configs: list) -> None:
-    """One-line ValueErrors: runs of one vmapped group may differ in VMAPPED settings only."""
+def specs_of(configs: list) -> list[RunSpec]:
+    """Every run's RunSpec (translate.spec: every field and pairing checked, before any data)."""
+    return [translate.spec(c) for c in configs]
+
+
+def check_group(name: str, configs: list, specs: list[RunSpec] | None = None) -> None:
+    """One-line ValueErrors: runs of one vmapped group may differ in VMAPPED settings only
+    (``specs``: the configs' RunSpecs when the caller translated them already)."""
+    specs = specs_of(configs) if specs is None else specs
     names = [run_name(c, varied(configs)) for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f'group {name}: repeated runs {names}')
-    ref = json.loads(configs[0].to_json_best_effort())
-    for n, c in zip(names[1:], configs[1:]):
-        diff = writers.config_conflict(ref, json.loads(c.to_json_best_effort()), free=VMAPPED)
+    ref = json.loads(specs[0].record)
+    for n, s in zip(names[1:], specs[1:]):
+        diff = writers.config_conflict(ref, json.loads(s.record), free=VMAPPED)
         if diff:
             raise ValueError(
                 f'group {name}: run {n} differs from run {names[0]} in '
                 f'{"; ".join(diff)}; only {", ".join(VMAPPED)} are vmapped (settings '
                 'that change shapes or compiled constants are separate groups: --vary)')
-    c0 = configs[0]
-    for f in ('fed.client_lr', 'fed.server_lr'):
-        if f in varied(configs) and not _get(c0, f) > 0:
-            raise ValueError(f'group {name}: {f} of its first run must be > 0 to vary it (the '
-                             f'others run as multiples of it), got {_get(c0, f)}')
-    if len(configs) > 1 and c0.fed.attack.kind != 'none':
+    s0 = specs[0]  # learning rates are > 0 (translate.spec): the others' multiples exist
+    if len(configs) > 1 and s0.method.faults.attack != 'none':
         raise ValueError(f'group {name}: fed.attack draws its attackers from the seed when the '
                          'round is compiled; sweep attacks one seed per group')
-    if len({translate.client_ranks(c) for c in configs}) > 1:
+    if len({s.method.client_ranks for s in specs}) > 1:
         raise ValueError(f'group {name}: lora.client_ranks draws the ranks from the seed when the '
                          'round is compiled; sweep heterogeneous ranks one seed per group')
-    if translate.mesh(c0) is not None:
+    if s0.mesh() is not None:
         raise ValueError(f'a sweep runs on one device; set fed.num_devices=1 (got '
-                         f'{c0.fed.num_devices} of {jax.device_count()} devices)')
+                         f'{s0.clients.num_devices} of {jax.device_count()} devices)')
 
 
 def run_dirs(name: str, configs: list, workdir: str) -> list[str]:
@@ -179,53 +182,55 @@ def run_dirs(name: str, configs: list, workdir: str) -> list[str]:
     return [os.path.join(workdir, name, run_name(c, varied(configs))) for c in configs]
 
 
-def setup_runs(name: str, configs: list, workdir: str) -> list[trainer.Member]:
+def setup_runs(name: str, configs: list, specs: list[RunSpec],
+               workdir: str) -> list[trainer.Member]:
     """prepare.setup for every run; the first one pre-trains (or loads) the shared backbone and
     every run's pretrain.backbone_path names it (module docstring)."""
-    c0 = configs[0]
-    r0 = prepare.setup(c0, workdir)
-    if not c0.pretrain.backbone_path and c0.pretrain.steps > 0:
-        for c in configs:
-            c.pretrain.backbone_path = os.path.abspath(r0['bb_info']['source'])
+    s0 = specs[0]
+    r0 = prepare.setup(s0, workdir)
+    pre = s0.settings.pretrain
+    if not pre.backbone_path and pre.steps > 0:
+        path = os.path.abspath(r0['bb_info']['source'])
+        specs = [s.with_backbone(path) for s in specs]
     dirs = run_dirs(name, configs, workdir)
-    for c, d in zip(configs, dirs):
+    for s, d in zip(specs, dirs):
         os.makedirs(d, exist_ok=True)
-        prepare.check_workdir(c, d)
+        prepare.check_workdir(s, d)
     n, members = len(configs), []
-    for c, d, t in zip(configs, dirs, traced(configs)):
-        r = r0 if c is c0 else prepare.setup(c, workdir)
+    for i, (s, d, t) in enumerate(zip(specs, dirs, traced(configs))):
+        r = r0 if i == 0 else prepare.setup(s, workdir)
         if not fsweep.same_tree(r['frozen'], r0['frozen']):
-            raise ValueError(f'group {name}: seed {c.seed} has another frozen backbone than seed '
-                             f'{c0.seed}; give the group one pretrain.backbone_path')
+            raise ValueError(f'group {name}: seed {s.seed} has another frozen backbone than seed '
+                             f'{s0.seed}; give the group one pretrain.backbone_path')
         r = {**r, 'params': r0['params'], 'frozen': r0['frozen']}
-        extra = {'seed': c.seed, 'metric': r['task'].metric, 'vmapped_runs': n}
-        members.append(trainer.Member(c, r, d, workdir, t, extra))
+        extra = {'seed': s.seed, 'metric': r['task'].metric, 'vmapped_runs': n}
+        members.append(trainer.Member(s, r, d, workdir, t, extra))
     return members
 
 
-def finished(configs: list, dirs: list[str]) -> list[dict] | None:
+def finished(specs: list[RunSpec], dirs: list[str]) -> list[dict] | None:
     """Every run's summary when every run finished with exactly its config (writers.finished),
     else None."""
-    done = [writers.finished(c.to_json_best_effort(), d) for c, d in zip(configs, dirs)]
+    done = [writers.finished(s.record, d) for s, d in zip(specs, dirs)]
     return done if all(s is not None and 'metric' in s for s in done) else None
 
 
-def run_group(name: str, configs: list, workdir: str) -> list[dict]:
+def run_group(name: str, configs: list, workdir: str, specs: list[RunSpec] | None = None) -> list:
     """Runs (or resumes) one vmapped group with trainer.train; returns its records for
     summary.json, one per setting of the varied VMAPPED fields (the final metric's mean ± std
-    over that setting's seeds). A group whose runs all finished is read back, not recomputed."""
+    over that setting's seeds). A group whose runs all finished is read back, not recomputed.
+    ``specs``: the configs' RunSpecs when the caller translated them already."""
     t_start = time.time()
-    for c in configs:  # every run's fields and pairings, before any data is read
-        translate.check_run(c)
-    check_group(name, configs)
+    specs = specs_of(configs) if specs is None else specs
+    check_group(name, configs, specs)
     dirs, n = run_dirs(name, configs, workdir), len(configs)
-    finals, times = finished(configs, dirs), []
+    finals, times = finished(specs, dirs), []
     if finals is not None:
         log(f'group {name}: every run finished with this config; their summaries')
     else:
-        runs = setup_runs(name, configs, workdir)
+        runs = setup_runs(name, configs, specs, workdir)
         log(f'group {name}: {n} runs ({", ".join(os.path.basename(d) for d in dirs)}) on one '
-            f'run axis; C={translate.dp_capacity(configs[0])}, '
+            f'run axis; C={specs[0].clients.capacity}, '
             f'S={max(r.setup["steps"] for r in runs)}')
         finals, times = trainer.train(runs, samples=False, t_start=t_start)
         finals = [{**f, 'metric': r.setup['task'].metric} for r, f in zip(runs, finals)]
@@ -288,13 +293,13 @@ def run_sweep(config, seeds: list[int], workdir: str, vary=(), command: str = ''
     """Every group of (config, --vary) over ``seeds``; writes <workdir>/summary.{json,md}."""
     if not seeds:
         raise ValueError('--seeds must name at least one seed')
-    plan = groups(config, list(seeds), list(vary))
-    for name, _, configs in plan:  # every group's errors before any compute
-        check_group(name, configs)
+    plan = [(*g, specs_of(g[2])) for g in groups(config, list(seeds), list(vary))]
+    for name, _, configs, specs in plan:  # every group's errors before any compute
+        check_group(name, configs, specs)
     os.makedirs(workdir, exist_ok=True)
     records = []
-    for name, overrides, configs in plan:
-        for g in run_group(name, configs, workdir):
+    for name, overrides, configs, specs in plan:
+        for g in run_group(name, configs, workdir, specs):
             records.append({**g, 'overrides': overrides})
             log(f'{g["group"]}: final {g["metric"]} {g["mean"]} ± {g["std"]} over seeds '
                 f'{g["seeds"]}')

@@ -30,11 +30,13 @@ import time
 
 import jax
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 
-from experiments import prepare, trainer, writers
+from experiments import prepare, trainer, translate, writers
 from experiments.console import log, require, run_main
 from experiments.prepare import budget_chunk, check_workdir, round_data, setup
+from experiments.runspec import RunSpec
 from experiments.rows import eval_variables, evaluate_both, fmt, round_row, write_samples
 from fedgen.fl import mesh as population
 
@@ -51,24 +53,29 @@ def log_summary(summary: dict) -> None:
                          for k, v in summary.items()))
 
 
-def run(config, workdir: str, stop_after: int | None = None) -> dict:
-    """Runs (or resumes) the job: trainer.train with this one run (R = 1). ``stop_after`` ends
+def run(config: ml_collections.ConfigDict | RunSpec,
+        workdir: str,
+        stop_after: int | None = None) -> dict:
+    """Runs (or resumes) the job: trainer.train with this one run (R = 1). ``config``: the
+    ConfigDict (translated here, once) or its RunSpec (an entry point that translated it already,
+    e.g. to personalize the run after). ``stop_after`` ends
     the process early after that many rounds (as a kill between rounds would) and returns
     {'stopped_after': n}; else the summary dict (JSON-safe). A run that already finished with
     exactly this config returns its summary.json at once (nothing read, computed or written); a
     run that fails before writing anything leaves no directory it created behind."""
     t_start = time.time()
     primary = population.is_primary()
-    done = writers.finished(config.to_json_best_effort(), workdir)
+    spec = config if isinstance(config, RunSpec) else translate.spec(config)  # checks, no data
+    done = writers.finished(spec.record, workdir)
     if done is not None:
         log(f'{workdir} holds this run, finished; its summary (nothing recomputed):')
         log_summary(done)
         return done
     with writers.workdir_made(workdir, primary):
         population.barrier('workdir')
-        prepare.check_workdir(config, workdir)
-        r = prepare.setup(config, workdir)
-        member = trainer.Member(config, r, workdir, workdir)
+        prepare.check_workdir(spec, workdir)
+        r = prepare.setup(spec, workdir)
+        member = trainer.Member(spec, r, workdir, workdir)
         (summary, ), _ = trainer.train([member],
                                        mesh=r['mesh'],
                                        stop_after=stop_after,

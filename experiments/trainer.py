@@ -3,7 +3,7 @@
     summaries, times = trainer.train(members, mesh=None, stop_after=None, samples=True, hooks=())
 
 experiments.train is R = 1; experiments.sweep is R runs of one group. R = 1 runs the jitted
-``apply(state, frozen, data)`` (its client axis sharded over ``mesh`` when the config has one);
+``apply(state, frozen, data)`` (its client axis sharded over ``mesh`` when the run has one);
 R > 1 stacks the runs on a leading run axis and runs ``vmap(apply, in_axes=(0, None, 0))``
 (fedgen/fl/runs.py): states [R, ...], data [R, C, S, ...], the frozen backbone passed once (no
 mesh). Run r's numbers equal its R = 1 run's up to float32 reassociation of batched matmuls.
@@ -17,10 +17,10 @@ r's own evaluation) -> metrics.jsonl and events (writers.RunWriter) -> r's check
 A row is written before its checkpoint, so a kill at any moment resumes into exactly the rows and
 byte totals of an unbroken run (writers.py).
 
-Metric hooks: ``hook(config, t, state, row) -> dict`` with run r's host state after round t and its
-row so far; the returned keys join the row. Client drift and the LoRA aggregation error are
-in-graph hooks of the aggregators (fed.log_client_drift; the LoRA rules' diagnostics) and reach
-the row through the round's metrics.
+Metric hooks: ``hook(spec, t, state, row) -> dict`` with run r's RunSpec, its host state after
+round t and its row so far; the returned keys join the row. Client drift and the LoRA
+aggregation error are in-graph hooks of the aggregators (fed.log_client_drift; the LoRA rules'
+diagnostics) and reach the row through the round's metrics.
 
 Resume: every run restores its newest good step s_r and all continue from s = min_r s_r; a run
 ahead restores step s and drops its later steps (recomputed identically); a run that no longer
@@ -42,24 +42,24 @@ from typing import Any, Callable, Sequence
 import jax
 
 from experiments import backbones, prepare, rows, writers
-from experiments import translate
 from experiments.console import log, progress
+from experiments.runspec import RunSpec
 from fedgen import algorithms
 from fedgen.fl import comm
 from fedgen.fl import mesh as population
 from fedgen.fl import runs as fsweep
 from fedgen.io import checkpoint
 
-Hook = Callable[[Any, int, Any, dict], dict]
+Hook = Callable[[RunSpec, int, Any, dict], dict]
 
 
 @dataclasses.dataclass
 class Member:
-    """One run: its config, prepare.setup's dict, the directory it writes (``dir``), where its
+    """One run: its RunSpec, prepare.setup's dict, the directory it writes (``dir``), where its
     caches live (``cache``: backbone/ and evaluation networks), the RoundData fields it traces
     (``replace``: hparams, rates) and keys added to its summary (``extra``). ``error`` is set
     when it failed (it writes no more rows)."""
-    config: Any
+    spec: RunSpec
     setup: dict
     dir: str
     cache: str
@@ -69,13 +69,13 @@ class Member:
 
     def open(self, start: int, primary: bool) -> None:
         """Writer from round ``start``, config.json, evaluator and backbone metrics, bytes."""
-        c, task = self.config, self.setup['task']
+        c, task = self.spec, self.setup['task']
         self.phases = {}  # wall seconds per phase of this session (summary's phases_s)
         self.writer = writers.RunWriter(self.dir, start, primary)
         if [row['round'] for row in self.writer.rows] != list(range(1, start + 1)):
             log(f'warning: metrics.jsonl does not hold one row for each of rounds 1..{start}; '
                 'its byte totals count only the rounds it holds')
-        self.writer.config(c.to_json_best_effort(indent=1))
+        self.writer.config(c.record)
         log(f'data: {json.dumps(task.info)}')
         if primary:
             rows.describe_clients(task, self.dir)
@@ -84,9 +84,8 @@ class Member:
         log('evaluating the frozen backbone (zero-shot)...')
         self.backbone = self.evaluate({'params': self.setup['params']})
         log(f'backbone: {rows.fmt(self.backbone)}  ({self.setup["bb_info"]})')
-        self.up, self.down = translate.client_bytes(c, self.setup['alg'],
-                                                    self.setup['state'].trainable)
-        self.acct = translate.accountant(c)
+        self.up, self.down = c.client_bytes(self.setup['alg'], self.setup['state'].trainable)
+        self.acct = c.accountant()
         last = self.writer.rows[-1] if self.writer.rows else {}
         self.totals = [last.get('up_bytes_total', 0), last.get('down_bytes_total', 0)]
         self.sample_key = jax.random.fold_in(self.setup['rng'], 3)
@@ -94,7 +93,7 @@ class Member:
     def round(self, t: int, host, metrics: dict, ids, sampled, compute_s: float,
               hooks: Sequence[Hook], samples: bool) -> None:
         """Round t's row (module docstring), then the checkpoint of step t; or the failure."""
-        c, t1 = self.config, time.time()
+        c, t1 = self.spec, time.time()
         live = metrics.pop('live')
         try:
             row = rows.round_row(t, metrics, t - 1, host)
@@ -110,10 +109,10 @@ class Member:
                    up_bytes_total=self.totals[0],
                    down_bytes_total=self.totals[1])
         t_eval = time.time()
-        if t % c.eval.every == 0 or t == c.fed.rounds:
+        if t % c.schedule.eval_every == 0 or t == c.schedule.rounds:
             variables, ema = rows.eval_variables(self.setup['alg'], host, self.setup['frozen'])
             row.update(rows.evaluate_both(self.evaluate, variables, ema))
-            if samples and c.eval.samples_every_eval and self.writer.primary:  # EMA's, if any
+            if samples and c.schedule.samples_every_eval and self.writer.primary:  # EMA's, if any
                 rows.write_samples(self.setup['task'],
                                    self.setup['task'].sample(ema or variables, self.sample_key),
                                    self.writer, t, f'round{t:04d}')
@@ -152,7 +151,7 @@ class Member:
         evaluation is reused, the test split evaluated here."""
         if self.error is not None:
             return {'error': self.error}
-        c, task, alg, frozen = (self.config, self.setup['task'], self.setup['alg'],
+        c, task, alg, frozen = (self.spec, self.setup['task'], self.setup['alg'],
                                 self.setup['frozen'])
         t_final = time.time()
         variables, ema = rows.eval_variables(alg, host, frozen)
@@ -163,9 +162,9 @@ class Member:
         if task.test is not None:
             evaluate_test = task.evaluator('test', self.aux)
             final.update(rows.evaluate_both(evaluate_test, variables, ema))
-            if c.eval.get('zero_shot_test', False):  # the frozen backbone on test, too
+            if c.schedule.zero_shot_test:  # the frozen backbone on test, too
                 bb.update(evaluate_test({'params': self.setup['params']}))
-        summary = {'algorithm': c.fed.algorithm, 'rounds': c.fed.rounds}
+        summary = {'algorithm': c.method.name, 'rounds': c.schedule.rounds}
         summary.update({f'backbone_{k}': v for k, v in bb.items()})
         summary.update({f'final_{k}': v for k, v in final.items()})
         summary.update(costs)
@@ -174,7 +173,7 @@ class Member:
                        local_steps=self.setup['steps'],
                        client_chunk=self.setup['method'].chunk)
         if self.acct is not None:
-            summary.update(dp_epsilon=last.get('dp_epsilon'), dp_delta=translate.dp_delta(c))
+            summary.update(dp_epsilon=last.get('dp_epsilon'), dp_delta=c.privacy.delta)
         summary.update(self.extra)
         _add(self.phases, 'final evaluation', time.time() - t_final)
         summary['phases_s'] = {k: round(v, 2) for k, v in self.phases.items()}
@@ -182,7 +181,7 @@ class Member:
         summary = self.writer.summary({**summary, 'wall_s': round(time.time() - t_start, 1)})
         if samples and self.writer.primary:
             rows.write_samples(task, task.sample(ema or variables, self.sample_key), self.writer,
-                               c.fed.rounds, 'final')
+                               c.schedule.rounds, 'final')
         return summary
 
 
@@ -192,8 +191,8 @@ def _add(phases: dict, name: str, seconds: float) -> None:
 
 def costs(member: Member) -> dict:
     """The summary's byte costs, shared by a group's runs (same shapes), logged once."""
-    r, fed = member.setup, member.config.fed
-    cost = comm.round_cost(r['alg'], r['state'].trainable, fed.clients_per_round)
+    r, spec = member.setup, member.spec
+    cost = comm.round_cost(r['alg'], r['state'].trainable, spec.clients.per_round)
     full = comm.num_bytes(r['params'])
     # The LoRA adapters this config's lora.* would train (also for full-model methods: the
     # uplink comparison is against them).
@@ -202,7 +201,7 @@ def costs(member: Member) -> dict:
         jax.eval_shape(lambda p: algorithms.variables(as_lora, p, jax.random.PRNGKey(0))[1],
                        r['params']))
     log(f'per client per round: up {cost.up_per_client:,} B, down {cost.down_per_client:,} B '
-        f'({fed.algorithm}); LoRA adapters {adapters:,} B = {100 * adapters / full:.3f}% of the '
+        f'({spec.method.name}); LoRA adapters {adapters:,} B = {100 * adapters / full:.3f}% of the '
         f'full model {full:,} B; local steps S={r["steps"]}')
     return {
         'up_bytes_per_client_round': cost.up_per_client,
@@ -216,7 +215,7 @@ def restore(members: list[Member], primary: bool) -> tuple[int, list]:
     """(s, host states at step s): the resume point of every run (module docstring)."""
     starts, states = [], []
     for m in members:
-        m.mngr = checkpoint.manager(m.dir, m.config.checkpoint.keep)
+        m.mngr = checkpoint.manager(m.dir, m.spec.schedule.keep)
         init = jax.device_get(m.setup['state'])
         step, items, warnings = checkpoint.restore_latest(m.mngr, state=init)
         for w in warnings:
@@ -261,13 +260,13 @@ def train(members: list[Member],
           samples: bool = True,
           hooks: Sequence[Hook] = (),
           t_start: float | None = None) -> tuple[list[dict], list[float]]:
-    """Runs (or resumes) ``members`` together to fed.rounds (or ``stop_after`` rounds, as a kill
+    """Runs (or resumes) ``members`` together to their rounds T (or ``stop_after`` rounds, as a kill
     between rounds would: each summary is then ``{'stopped_after': n}``). Returns (one summary
-    per member, the compute seconds of each round). The runs share fed.rounds, the algorithm's
+    per member, the compute seconds of each round). The runs share T, the algorithm's
     compiled round (member 0's) and the frozen backbone; ``mesh`` needs R = 1."""
     t_start = time.time() if t_start is None else t_start
     n, m0, primary = len(members), members[0], population.is_primary()
-    c0, alg, frozen = m0.config, m0.setup['alg'], m0.setup['frozen']
+    c0, alg, frozen = m0.spec, m0.setup['alg'], m0.setup['frozen']
     if n > 1 and mesh is not None:
         raise ValueError('runs stacked on a run axis run on one device (fed.num_devices=1)')
     start, states = restore(members, primary)
@@ -277,7 +276,7 @@ def train(members: list[Member],
         for m in members:
             m.open(start, primary)
         state, frozen_dev = _place(states[0] if n == 1 else fsweep.stack(states), frozen, mesh)
-        per_round = translate.dp_capacity(c0)  # C, ceil(C (1 + over_select)) or DP capacity
+        per_round = c0.clients.capacity  # C, ceil(C (1 + over_select)) or the DP capacity
         width = per_round + (-per_round) % (mesh.size if mesh else 1)
         span = population.process_rows(mesh, width)
         steps = max(m.setup['steps'] for m in members)
@@ -285,13 +284,14 @@ def train(members: list[Member],
             f'{jax.process_count()} process(es); this process packs rows {span[0]}..{span[1] - 1}' +
             (f'; {n} runs vmapped' if n > 1 else ''))
         shared = costs(m0)
-        for note in translate.privacy_notes(c0):
+        for note in c0.privacy.notes:
             log(note)
         apply = jax.jit(alg.apply if n == 1 else fsweep.vmap_round(alg.apply), donate_argnums=0)
-        end = c0.fed.rounds if stop_after is None else min(c0.fed.rounds, stop_after)
+        rounds = c0.schedule.rounds
+        end = rounds if stop_after is None else min(rounds, stop_after)
         times, host, phases = [], population.to_host(state), {}
         bar = progress(range(start, end),
-                       total=c0.fed.rounds,
+                       total=rounds,
                        desc='rounds',
                        unit='round',
                        initial=start,
@@ -300,7 +300,7 @@ def train(members: list[Member],
             for rnd in bar:
                 t0 = time.time()
                 data = [
-                    prepare.round_data(m.config, m.setup['task'], steps, rnd, mesh, span,
+                    prepare.round_data(m.spec, m.setup['task'], steps, rnd, mesh, span,
                                        width).replace(**m.replace) for m in members
                 ]
                 data = data[0] if n == 1 else fsweep.stack(data)
@@ -329,7 +329,7 @@ def train(members: list[Member],
             bar.close()
             for m in members:  # the last good step is committed even when a round failed
                 checkpoint.wait(m.mngr)
-        if end < c0.fed.rounds:
+        if end < rounds:
             return [{
                 'error': m.error
             } if m.error else {

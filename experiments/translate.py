@@ -1,25 +1,22 @@
 """The one place where a run's ml_collections config becomes typed hyper-parameters.
 
-Library code never reads a ConfigDict; every entry point (train, personalize, compare, sweep)
-calls these translators once and hands the typed values down.
+    spec = translate.spec(config)    # experiments.runspec.RunSpec, frozen, validated as a whole
+
+Library code never reads a ConfigDict; every entry point (train, sweep, personalize, export, grid,
+reproduce, the Flower apps) calls :func:`spec` once and hands the RunSpec down. The helpers below
+are this translation's parts; only :func:`spec` and :func:`build` are used outside.
 """
 import dataclasses
 import typing
 
-import jax
-from jax.sharding import Mesh
-
-import numpy as np
-
+from experiments import runspec
 from fedgen import aggregators, algorithms, tasks
 from fedgen.fl import algorithm as base
 from fedgen.fl import engine
 from fedgen.fl import fates
 from fedgen.aggregators import lora_math as lora_aggregation
 from fedgen.lora import ranks as lora_ranks
-from fedgen.fl import mesh as population
 from fedgen.aggregators import robust
-from fedgen.data import batching
 from fedgen.privacy import accounting
 from fedgen.privacy import dp as dp_lib
 from fedgen.privacy import sampling as dp_sampling
@@ -51,23 +48,75 @@ def build(cls, section, path: str = ''):
     return cls(**kwargs)
 
 
-def task_settings(config):
-    """The task's typed Settings (fedgen.tasks.<config.task>.Settings) from the config."""
-    return build(tasks.get(config.task).Settings, config.to_dict())
+def spec(config) -> runspec.RunSpec:
+    """The run's RunSpec from its config: every field and every pairing of fields checked (one
+    line naming the field(s) on the first that fails), before any data is read."""
+    _check_schedule(config)
+    fed, d = config.fed, config.fed.dp
+    settings = build(tasks.get(config.task).Settings, config.to_dict())
+    method = _method_params(config)
+    ema = _fed_ema_decay(config)
+    dp = _dp_enabled(config)
+    privacy = runspec.Privacy()
+    if dp:
+        privacy = runspec.Privacy(enabled=True,
+                                  clip_norm=float(d.clip_norm),
+                                  noise_multiplier=_noise_multiplier(config),
+                                  delta=_dp_delta(config),
+                                  accountant=d.accountant,
+                                  sampling=d.sampling,
+                                  secagg=(int(fed.secagg.bits),
+                                          float(fed.secagg.scale)) if fed.secagg.enabled else None,
+                                  notes=tuple(_privacy_notes(config)))
+    clients = runspec.Clients(num_clients=fed.num_clients,
+                              per_round=fed.clients_per_round,
+                              sampled=_round_clients(config),
+                              capacity=_dp_capacity(config),
+                              poisson=dp and d.sampling == 'poisson',
+                              rate=_sampling_rate(config),
+                              batch_size=fed.batch_size,
+                              local_epochs=fed.local_epochs,
+                              max_steps_per_epoch=fed.max_steps_per_epoch,
+                              chunk=fed.client_chunk,
+                              mem_budget_mb=fed.client_mem_budget_mb,
+                              num_devices=fed.num_devices)
+    ev = config.eval
+    schedule = runspec.Schedule(rounds=fed.rounds,
+                                eval_every=ev.every,
+                                samples_every_eval=bool(ev.get('samples_every_eval', False)),
+                                zero_shot_test=bool(ev.get('zero_shot_test', False)),
+                                keep=int(config.checkpoint.keep),
+                                overwrite=bool(config.checkpoint.overwrite))
+    pc = config.get('personalize')
+    personal = None if pc is None else runspec.Personalize(int(pc.epochs), pc.opt, float(pc.lr),
+                                                           int(pc.get('max_steps', 0)))
+    metrics = config.get('metrics') or {}
+    out = runspec.RunSpec(task=config.task,
+                          seed=config.seed,
+                          settings=settings,
+                          method=method,
+                          ema_decay=ema,
+                          schedule=schedule,
+                          clients=clients,
+                          privacy=privacy,
+                          personalize=personal,
+                          lora_aggregation=fed.lora_aggregation,
+                          residual_rank=fed.residual_rank,
+                          cache_dir=str(metrics.get('cache_dir', '') or ''),
+                          inception_path=str(metrics.get('inception_path', '') or ''),
+                          init_from=str(config.lora.get('init_from', '') or ''),
+                          record=config.to_json_best_effort())
+    out.make_algorithm(runspec.shapes_only_loss)  # method x aggregator x EMA (no compute)
+    return out
 
 
-def prepare_task(config) -> tasks.Task:
-    """The task of ``config``, ready to train."""
-    return tasks.get(config.task).prepare(task_settings(config))
-
-
-def lora_spec(config) -> algorithms.LoraSpec:
+def _lora_spec(config) -> algorithms.LoraSpec:
     lo = config.lora
     targets = (lo.targets, ) if isinstance(lo.targets, str) else tuple(lo.targets)
     return algorithms.LoraSpec(rank=lo.rank, alpha=float(lo.alpha), targets=targets)
 
 
-def faults(config) -> engine.Faults:
+def _faults(config) -> engine.Faults:
     """Simulated dropouts, stragglers and attackers from ``config.fed``."""
     fed = config.fed
     fates.check_rates(fed.dropout_rate, fed.straggler_rate, fed.straggler_min_frac, fed.over_select)
@@ -82,46 +131,46 @@ def faults(config) -> engine.Faults:
                          attack_seed=config.seed)
 
 
-def round_clients(config) -> int:
+def _round_clients(config) -> int:
     """Clients sampled per round: ceil(C (1 + fed.over_select)), so that about C report."""
     return fates.over_select(config.fed.clients_per_round, config.fed.over_select)
 
 
-def dp_enabled(config) -> bool:
+def _dp_enabled(config) -> bool:
     """DP-FedAvg is on when fed.dp.clip_norm > 0."""
     return config.fed.dp.clip_norm != 0
 
 
-def dp_delta(config) -> float:
+def _dp_delta(config) -> float:
     """fed.dp.delta, or N^-1.1 when it is 0 (well below 1/N: a mechanism that publishes one random
     user's data is (0, 1/N)-DP, so delta >= 1/N is refused)."""
     return config.fed.dp.delta or accounting.default_delta(config.fed.num_clients)
 
 
-def sampling_rate(config) -> float:
+def _sampling_rate(config) -> float:
     """q = C / N, the expected share of clients in a round."""
-    return round_clients(config) / config.fed.num_clients
+    return _round_clients(config) / config.fed.num_clients
 
 
-def dp_capacity(config) -> int:
+def _dp_capacity(config) -> int:
     """Padded clients per round: C for fixed-size sampling; for Poisson sampling the smallest c
     with T * P(Binomial(N, q) > c) <= 1e-6."""
     d, fed = config.fed.dp, config.fed
-    if not dp_enabled(config) or d.sampling == 'fixed':
-        return round_clients(config)
-    return dp_sampling.poisson_capacity(fed.num_clients, sampling_rate(config), fed.rounds)
+    if not _dp_enabled(config) or d.sampling == 'fixed':
+        return _round_clients(config)
+    return dp_sampling.poisson_capacity(fed.num_clients, _sampling_rate(config), fed.rounds)
 
 
-def noise_multiplier(config) -> float:
+def _noise_multiplier(config) -> float:
     """z: fed.dp.noise_multiplier, or calibrated to fed.dp.target_epsilon over fed.rounds."""
     d, fed = config.fed.dp, config.fed
     if not d.target_epsilon:
         return float(d.noise_multiplier)
-    return accounting.calibrate_noise(d.target_epsilon, sampling_rate(config), fed.rounds,
-                                      dp_delta(config), d.accountant, d.sampling, fed.num_clients)
+    return accounting.calibrate_noise(d.target_epsilon, _sampling_rate(config), fed.rounds,
+                                      _dp_delta(config), d.accountant, d.sampling, fed.num_clients)
 
 
-def dp_params(config):
+def _dp_params(config):
     """(DPParams, SecAggParams or None) of the run; validated before any compute."""
     d, fed = config.fed.dp, config.fed
     if not (isinstance(d.clip_norm, (int, float)) and d.clip_norm > 0):
@@ -129,39 +178,39 @@ def dp_params(config):
     if d.target_epsilon and d.noise_multiplier:
         raise ValueError('fed.dp.noise_multiplier cannot run with fed.dp.target_epsilon: the '
                          'target calibrates the noise multiplier; set one of them (the other 0)')
-    delta = dp_delta(config)
-    accounting.check(delta, d.accountant, d.sampling, sampling_rate(config), fed.num_clients)
-    params = dp_lib.make_params(d.clip_norm, noise_multiplier(config), round_clients(config),
+    delta = _dp_delta(config)
+    accounting.check(delta, d.accountant, d.sampling, _sampling_rate(config), fed.num_clients)
+    params = dp_lib.make_params(d.clip_norm, _noise_multiplier(config), _round_clients(config),
                                 d.adaptive, d.target_quantile, d.clip_lr, d.count_stddev)
     sec = None
     if fed.secagg.enabled:
         sec = secagg.make_params(d.clip_norm,
-                                 dp_capacity(config),
+                                 _dp_capacity(config),
                                  fed.secagg.bits,
                                  fed.secagg.scale,
                                  simulate_masks=fed.secagg.simulate_masks)
     return params, sec
 
 
-def base_aggregator(config) -> aggregators.Aggregator:
+def _base_aggregator(config) -> aggregators.Aggregator:
     """The reduction before any LoRA wrapper: DP-FedAvg (+ SecAgg) when fed.dp.clip_norm > 0,
     else ``fed.aggregator`` with ``fed.robust.*``."""
     fed = config.fed
     name, hp = fed.aggregator, dict(fed.robust.to_dict())
-    robust.check(name, round_clients(config), fed.attack.fraction, **hp)
+    robust.check(name, _round_clients(config), fed.attack.fraction, **hp)
     reduction = f'fed.aggregator={name!r}'
     if fed.secagg.enabled and name != 'mean':
         aggregators.refuse('fed.secagg.enabled', reduction,
                            'the server never sees individual updates, only their masked sum')
-    if fed.secagg.enabled and not dp_enabled(config):
+    if fed.secagg.enabled and not _dp_enabled(config):
         aggregators.refuse('fed.secagg.enabled', 'fed.dp.clip_norm=0',
                            'the quantization range comes from the clip norm; set fed.dp.clip_norm')
-    if dp_enabled(config):
+    if _dp_enabled(config):
         if name != 'mean':
             aggregators.refuse(
                 'fed.dp', reduction, 'DP-FedAvg is a clipped, noised mean; a '
                 'robust reduction reads individual updates its noise does not cover')
-        return aggregators.dp_mean(*dp_params(config))
+        return aggregators.dp_mean(*_dp_params(config))
     if name == 'mean':
         return aggregators.weighted_mean(drift=bool(fed.log_client_drift))
     if fed.log_client_drift:
@@ -171,14 +220,14 @@ def base_aggregator(config) -> aggregators.Aggregator:
     return aggregators.robust_reduction(name, label=reduction, **hp)
 
 
-def aggregator(config) -> aggregators.Aggregator:
+def _aggregator(config) -> aggregators.Aggregator:
     """The run's one server Aggregator: the base reduction wrapped by heterogeneous ranks and the
     LoRA aggregation (fedgen.aggregators); refused combinations raise one line naming both."""
     fed = config.fed
     method = fed.lora_aggregation
     lora_aggregation.validate(method, fed.residual_rank)
-    agg = base_aggregator(config)
-    ranks = client_ranks(config)
+    agg = _base_aggregator(config)
+    ranks = _client_ranks(config)
     hetero = ranks is not None and len(set(ranks)) > 1
     if ranks is not None:
         agg = aggregators.hetlora(agg)
@@ -200,7 +249,7 @@ def aggregator(config) -> aggregators.Aggregator:
     return agg
 
 
-def client_ranks(config) -> tuple | None:
+def _client_ranks(config) -> tuple | None:
     """Every client's LoRA rank from lora.client_ranks ('' = all lora.rank)."""
     spec = config.lora.client_ranks
     if spec in ('', None) or spec == ():
@@ -211,79 +260,41 @@ def client_ranks(config) -> tuple | None:
     return tuple(int(r) for r in ranks)
 
 
-def sample_round(config, rnd: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """(client ids [C_pad], present [C_pad] or None): this round's sampled clients, a pure
-    function of (seed, round). Poisson sampling (DP) pads to a fixed capacity; padding slots are
-    marked absent and carry no data (batching.drop_absent)."""
-    fed = config.fed
-    if dp_enabled(config) and fed.dp.sampling == 'poisson':
-        return dp_sampling.poisson_clients(config.seed, rnd, fed.num_clients, sampling_rate(config),
-                                           dp_capacity(config))
-    return batching.sample_clients(config.seed, rnd, fed.num_clients, round_clients(config)), None
-
-
-def server_spec(config) -> optim.ServerOptSpec:
+def _server_spec(config) -> optim.ServerOptSpec:
     fed = config.fed
     return optim.ServerOptSpec(fed.server_opt, fed.server_lr, fed.server_b1, fed.server_b2,
                                fed.server_tau)
 
 
-def method_params(config, chunk: int | None = None) -> algorithms.MethodParams:
-    """MethodParams from ``config.fed`` and ``config.lora`` (``chunk`` overrides the config's)."""
+def _method_params(config) -> algorithms.MethodParams:
+    """MethodParams from ``config.fed`` and ``config.lora``."""
     fed = config.fed
-    server = server_spec(config)
+    server = _server_spec(config)
     return algorithms.MethodParams(name=fed.algorithm,
                                    num_clients=fed.num_clients,
                                    client_tx=optim.build(fed.client_opt, fed.client_lr,
                                                          'fed.client_opt', 'fed.client_lr'),
                                    server_tx=optim.build_server(server),
-                                   lora=lora_spec(config),
-                                   chunk=fed.client_chunk if chunk is None else chunk,
+                                   lora=_lora_spec(config),
+                                   chunk=fed.client_chunk,
                                    prox_mu=float(fed.prox_mu),
                                    prox_target=fed.prox_target,
                                    ditto_lambda=float(fed.ditto_lambda),
-                                   aggregator=aggregator(config),
+                                   aggregator=_aggregator(config),
                                    server_opt=server,
-                                   faults=faults(config),
-                                   client_ranks=client_ranks(config),
+                                   faults=_faults(config),
+                                   client_ranks=_client_ranks(config),
                                    log_diagnostics=bool(fed.dp.log_diagnostics))
 
 
-def make_algorithm(config, task, chunk: int | None = None, mesh=None):
-    """(MethodParams, Algorithm) of the run: the method with its aggregator and, with
-    fed.ema_decay > 0, the server EMA (every command builds the algorithm here)."""
-    p = method_params(config, chunk)
-    return p, base.with_ema(algorithms.make(p, task.loss_fn, mesh), fed_ema_decay(config))
-
-
-def check_run(config) -> None:
-    """Every fed / lora field and every pairing of them (method, aggregator, server optimizer,
-    EMA), before any data is read: builds the algorithm on a loss that is never called."""
-    check_schedule(config)
-    make_algorithm(config, _NoTask())
-
-
-class _NoTask:
-    """A task stand-in for :func:`check_run`: the loss is only closed over, never traced."""
-
-    @staticmethod
-    def loss_fn(variables, batch, key):
-        raise RuntimeError('check_run builds the algorithm only')
-
-
-def fed_ema_decay(config) -> float:
+def _fed_ema_decay(config) -> float:
     """fed.ema_decay, checked (a number in [0, 1))."""
     decay = config.fed.ema_decay
     base.check_ema_decay(decay)
     return float(decay)
 
 
-def mesh(config) -> Mesh | None:
-    """The client mesh of ``fed.num_devices`` (0 = every device; None for one device)."""
-    return population.mesh_for(config.fed.num_devices)
-
-
-def check_schedule(config) -> None:
+def _check_schedule(config) -> None:
     """One-line errors for the loop's own fields (before any compute)."""
     if not (isinstance(config.fed.rounds, int) and config.fed.rounds >= 0):
         raise ValueError(f'fed.rounds must be an int >= 0, got {config.fed.rounds!r}')
@@ -291,45 +302,17 @@ def check_schedule(config) -> None:
         raise ValueError(f'eval.every must be an int >= 1, got {config.eval.every!r}')
 
 
-def preflight(config, task) -> algorithms.MethodParams:
-    """Checks the method, optimizers and LoRA targets/rank on abstract shapes (no compute)."""
-    check_schedule(config)
-    p = method_params(config)
-    abstract = task.backbone_shapes()
-    _, trainable = jax.eval_shape(lambda b, r: algorithms.variables(p, b, r), abstract,
-                                  jax.random.PRNGKey(0))
-    if dp_enabled(config) and config.fed.secagg.enabled:  # S' = S - 1.5 sqrt(D) / s must be > 0
-        fed = config.fed
-        upload = jax.eval_shape(algorithms.make(p, _NoTask.loss_fn).upload, trainable)
-        secagg.make_params(fed.dp.clip_norm,
-                           dp_capacity(config),
-                           fed.secagg.bits,
-                           fed.secagg.scale,
-                           num_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(upload)))
-    return p
-
-
-def accountant(config) -> accounting.RoundAccountant | None:
-    """The run's privacy accountant (epsilon after t rounds at delta), or None without DP or with
-    noise multiplier 0 (clipping only: no epsilon to report)."""
-    if not dp_enabled(config) or noise_multiplier(config) == 0:
-        return None
-    d, fed = config.fed.dp, config.fed
-    return accounting.RoundAccountant(sampling_rate(config), noise_multiplier(config),
-                                      dp_delta(config), d.accountant, d.sampling, fed.num_clients)
-
-
-def privacy_notes(config) -> list[str]:
+def _privacy_notes(config) -> list[str]:
     """What the run's privacy settings mean, one line each, for the start of the log."""
     fed = config.fed
-    if not dp_enabled(config):
+    if not _dp_enabled(config):
         return []
     d = fed.dp
-    z = noise_multiplier(config)
+    z = _noise_multiplier(config)
     default = '' if d.delta else f' (default N^-1.1 for N={fed.num_clients})'
     notes = [
         f'DP-FedAvg: clip {d.clip_norm} (adaptive: {d.adaptive}), noise multiplier z={z:.4g}, '
-        f'{d.sampling} sampling q={sampling_rate(config):.4g}, delta={dp_delta(config):.3g}'
+        f'{d.sampling} sampling q={_sampling_rate(config):.4g}, delta={_dp_delta(config):.3g}'
         f'{default}, '
         f'{d.accountant} accountant; uniform client weights (n_k would break the sensitivity)',
         'trust: ' + ('SecAgg (pairwise masks, the server sees only the sum) plus central noise '
@@ -357,27 +340,3 @@ def privacy_notes(config) -> list[str]:
         notes.append('logged under DP: only what epsilon covers (the noised aggregate, the clip '
                      'norm, the noise std, evaluations of the noised model)')
     return notes
-
-
-def client_bytes(config, alg, trainable: dict) -> tuple:
-    """(up, down) bytes per client: plain ints, or [N] arrays when clients differ (true ranks
-    r_k) or the protocol adds to them (the frozen delta of FedEx-LoRA / FLoRA, SecAgg)."""
-    from fedgen.fl import comm
-    from fedgen.lora import bytes as lora_bytes
-    fed = config.fed
-    cost = comm.round_cost(alg, trainable, 1)
-    up, down = cost.up_per_client, cost.down_per_client
-    ranks = client_ranks(config)
-    method = fed.lora_aggregation
-    if 'lora' in trainable and (ranks is not None or method != 'avg_ab'):
-        r = np.asarray(ranks if ranks is not None else [config.lora.rank] * fed.num_clients)
-        up = lora_bytes.upload_bytes(method, trainable['lora'], r)
-        down = lora_bytes.download_bytes(method,
-                                         trainable['lora'],
-                                         r,
-                                         residual_rank=fed.residual_rank,
-                                         round_clients=fed.clients_per_round)['total']
-    if dp_enabled(config) and fed.secagg.enabled:
-        up = secagg.protocol_bytes(comm.num_params(alg.upload(trainable)), dp_capacity(config),
-                                   fed.secagg.bits)['total']
-    return up, down

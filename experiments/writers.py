@@ -185,9 +185,11 @@ class RunWriter:
     def _write_rows(self) -> None:
         write_atomic(self.metrics_path, ''.join(json.dumps(r) + '\n' for r in self.rows))
 
-    def config(self, config_json: str) -> None:
-        """config.json and the config as TensorBoard text (a code block)."""
+    def config(self, record: str) -> None:
+        """config.json (the run's config JSON ``record``, indented) and the config as TensorBoard
+        text (a code block)."""
         if self.primary:
+            config_json = json.dumps(json.loads(record), indent=1)
             write_atomic(os.path.join(self.workdir, 'config.json'), config_json)
             self.tb.add_text('config', '```\n' + config_json + '\n```', 0)
             self.tb.flush()

@@ -9,6 +9,10 @@ gguf or flwr wheel, a missing data package) fails the run instead of passing qui
 Compilation: one persistent XLA cache per pytest run, shared by the xdist workers and the child
 processes the tests start (JAX_COMPILATION_CACHE_DIR and friends are inherited); it is removed
 when the run ends.
+
+Order: xdist's ``--dist loadfile`` hands files to the workers in collection order, so the files
+that take longest (SLOWEST_FIRST, from ``--durations`` on 2 cores) are collected first and the
+short ones fill the tail; within a file the order is unchanged.
 """
 import os
 import shutil
@@ -135,6 +139,19 @@ def compilation_cache(tmp_path_factory):
         jax.config.update(name, value)
         os.environ[name.upper()] = str(value)
     yield
+
+
+# Test files by measured cost, slowest first (each tier's own; the rest follow in name order).
+SLOWEST_FIRST = ('test_deploy', 'test_sharding', 'test_combinations', 'test_combinations_b',
+                 'test_chaos', 'test_reproduce', 'test_configs', 'test_train_cifar', 'test_fmnist',
+                 'test_sweep', 'test_train', 'test_ptb_task', 'test_llama', 'test_train_loop',
+                 'test_unet', 'test_generate', 'test_engine', 'test_engine_round',
+                 'test_lora_aggregation', 'test_population', 'test_algorithms', 'test_cli')
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: file order kept
 
 
 def _ci() -> bool:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import compare
-from experiments import translate as settings_lib
+from experiments import translate
 from experiments import train
 from fedgen.data import brown, ptb
 from fedgen.tasks import brown as brown_task
@@ -88,7 +88,7 @@ def _owners(task, settings):
 
 
 def test_document_split_is_stratified_and_held_out(unique_corpus):
-    s = settings_lib.task_settings(_config(unique_corpus, **{'data.vocab_size': 1000}))
+    s = translate.spec(_config(unique_corpus, **{'data.vocab_size': 1000})).settings
     corpus = brown.load(unique_corpus, verify=False)
     sets = brown_task.split_documents(corpus, s.data)
     # Per genre of 8: test round(1.2) = 1, valid 1, public round(1.6) = 2, clients the other 4.
@@ -125,8 +125,8 @@ def test_clients_hold_only_their_own_documents(unique_corpus, kind, clients):
             'data.partition.kind': kind,
             'fed.num_clients': clients
         })
-    task = settings_lib.prepare_task(c)
-    pool_owner, _ = _owners(task, settings_lib.task_settings(c))
+    task = translate.spec(c).prepare_task()
+    pool_owner, _ = _owners(task, translate.spec(c).settings)
     corpus = brown.load(unique_corpus, verify=False)
     assert len(task.client_train) == len(task.client_test) == clients
     held = []
@@ -174,7 +174,7 @@ def test_one_line_errors(unique_corpus):
     ]
     for fields, msg in cases:
         with pytest.raises(ValueError, match=msg):
-            settings_lib.prepare_task(_config(unique_corpus, **fields))
+            translate.spec(_config(unique_corpus, **fields)).prepare_task()
 
 
 def test_word_vocab_cap():
@@ -188,7 +188,7 @@ def test_tiny_config_trains(genre_corpus, tmp_path):
     """configs/brown_fedgen_edge.py:tiny, 2 rounds: the 32-entry vocabulary (of 38 words), the
     PTB protocol and federated LoRA lowering the valid perplexity of the pre-trained backbone."""
     c = _config(genre_corpus)
-    task = settings_lib.prepare_task(c)
+    task = translate.spec(c).prepare_task()
     assert task.info['model']['vocab'] == 32 and task.info['documents']['client'] == 12
     summary = train.run(c, str(tmp_path / 'run'))
     assert np.isfinite(summary['final_valid_ppl']) and np.isfinite(summary['final_test_ppl'])
@@ -208,7 +208,7 @@ def test_real_corpus_genre_task():
             'fed.num_clients': 15,
             'fed.clients_per_round': 5
         })
-    task = settings_lib.prepare_task(c)
+    task = translate.spec(c).prepare_task()
     assert task.info['documents'] == {'test': 52, 'valid': 52, 'public': 100, 'client': 296}
     assert task.info['client_documents'] == {'min': 3, 'max': 48}
     assert len(task.client_train) == 15 and task.info['model']['vocab'] == 10000
@@ -217,6 +217,6 @@ def test_real_corpus_genre_task():
         assert set(task.labels[idx].tolist()) == {k}
     assert task.pool['tokens'].shape[1] == 33 and task.valid['tokens'].shape[1] == 33
     corpus = brown.load()
-    valid = brown_task.split_documents(corpus, settings_lib.task_settings(c).data)['valid']
+    valid = brown_task.split_documents(corpus, translate.spec(c).settings.data)['valid']
     words = int(corpus.tokens[valid].sum() + corpus.sentences[valid].sum())  # + one <eos> each
     assert task.info['eval']['valid_words'] == words and corpus.tokens[valid].sum() == 121_192

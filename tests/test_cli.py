@@ -4,7 +4,6 @@ a pipe is one plain line per round; experiments.export is quiet, writes readable
 refuses a bad --workdir in one line; one machine line; constraints.txt pins setup.cfg's
 dependencies."""
 import configparser
-import json
 import os
 import re
 import stat
@@ -16,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs import ptb_fedgen_edge
 from experiments import console
 from experiments import machine
 
@@ -151,27 +151,12 @@ def _tiny_run(work) -> None:
     cfg = gpt.GPTConfig(vocab_size=29, n_positions=8, n_embd=16, n_layer=1, n_head=2)
     params = gpt.init_params(cfg, jax.random.PRNGKey(0))
     checkpoint.save_tree(str(work / 'bb'), params)
-    (work / 'config.json').write_text(
-        json.dumps({
-            'model': {
-                'name': 'gpt',
-                'source': 'local',
-                'n_head': 2
-            },
-            'lora': {
-                'alpha': 16.0,
-                'rank': 2
-            },
-            'pretrain': {
-                'backbone_path': str(work / 'bb')
-            },
-            'fed': {
-                'lora_aggregation': 'avg_ab'
-            },
-            'checkpoint': {
-                'keep': 2
-            }
-        }))
+    c = ptb_fedgen_edge.get_config('tiny')  # a whole run config, as experiments.train writes it
+    c.model.update(n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    c.lora.update(alpha=16.0, rank=2)
+    c.pretrain.backbone_path = str(work / 'bb')
+    c.checkpoint.keep = 2
+    (work / 'config.json').write_text(c.to_json_best_effort(indent=1))
     trainable = {'lora': lora.init(jax.random.PRNGKey(1), params, 'qv', 2)}
     state = base.ServerState(round=np.int32(1),
                              trainable=trainable,

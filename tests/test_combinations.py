@@ -168,14 +168,14 @@ def toy():
 def two_rounds(cfg, toy):
     """(initial state, state after 2 rounds, the algorithm) of ``cfg`` on the toy problem."""
     pool, clients, params = toy
-    p, alg = translate.make_algorithm(cfg, ToyTask)
+    p, alg = translate.spec(cfg).make_algorithm(ToyTask.loss_fn)
     frozen, trainable = algorithms.variables(p, params, jax.random.PRNGKey(1))
     state0 = alg.init(trainable, jax.random.PRNGKey(2))
     device = jax.local_devices()[0]  # committed inputs: round 2 reuses round 1's program
     apply, state, frozen = jax.jit(alg.apply), jax.device_put(state0, device), jax.device_put(
         frozen, device)
     for rnd in range(2):
-        ids, _ = translate.sample_round(cfg, rnd)
+        ids, _ = translate.spec(cfg).sample_round(rnd)
         data = batching.pack_clients(pool, clients, ids, 0, rnd, 4, 1, 3)
         state, metrics = apply(state, frozen, data)
     return state0, jax.device_get(state), alg
@@ -206,12 +206,12 @@ def check(combo: dict, toy) -> None:
     cfg = config_of(combo)
     if pairs:
         with pytest.raises(ValueError) as err:
-            translate.check_run(cfg)
+            translate.spec(cfg)
         msg = str(err.value)
         assert '\n' not in msg
         assert any(FIELD[a] in msg and FIELD[b] in msg for a, b in pairs), (msg, pairs)
         return
-    translate.check_run(cfg)
+    translate.spec(cfg)
     state0, state, alg = two_rounds(cfg, toy)
     assert int(state.round) == 2
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.trainable))
@@ -220,11 +220,11 @@ def check(combo: dict, toy) -> None:
     if alg.personal is not None:  # the clients' own trees moved
         assert distance(alg.personal(state), alg.personal(jax.device_get(state0))) > 0
     if not combo.get('dp'):
-        assert translate.accountant(cfg) is None
+        assert translate.spec(cfg).accountant() is None
         return
-    assert translate.accountant(cfg) is None  # z = 0: clipping only, no epsilon
+    assert translate.spec(cfg).accountant() is None  # z = 0: clipping only, no epsilon
     noisy_cfg = config_of(combo, z=1e4)
-    assert translate.accountant(noisy_cfg).epsilon_after(2) < float('inf')
+    assert translate.spec(noisy_cfg).accountant().epsilon_after(2) < float('inf')
     _, noisy, _ = two_rounds(noisy_cfg, toy)
     assert distance(noisy.trainable, state.trainable) > 0  # the noise is really added
     if combo.get('server_opt') is None:  # sgd(1): a clipped mean moves at most CLIP a round

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import write_image_folder, write_ptb_corpus
 from experiments import personalize as personal_exp
-from experiments import train
+from experiments import train, translate
 from fedgen.io import checkpoint
 from fedgen.lora import adapters as lora
 
@@ -148,8 +148,9 @@ def test_ditto_resumes_equal_to_unbroken(runs, tmp_path):
     [pytest.param('cifar10', m, marks=pytest.mark.heavy) for m in ('fedgen_edge', 'local_only')])
 def test_personalization_columns_and_saved_trees(runs, task, method):
     cfg, wd, summary = runs.get(task, method)
-    run = personal_exp.restore(cfg, wd)
-    res, rows, s = personal_exp.run_personalize(cfg, 1, run)
+    spec = translate.spec(cfg)
+    run = personal_exp.restore(spec, wd)
+    res, rows, s = personal_exp.run_personalize(spec, 1, run)
     personal_exp.write(wd, rows, s)
     kept = method in ('fedsa', 'local_only')
     m = s['metric']
@@ -176,7 +177,8 @@ def test_personalization_columns_and_saved_trees(runs, task, method):
     other = 'fedsa' if method == 'fedgen_edge' and task == 'ptb' else None
     if other:
         o_cfg, o_wd, _ = runs.get(task, other)
-        _, o_rows, _ = personal_exp.run_personalize(o_cfg, 1, personal_exp.restore(o_cfg, o_wd))
+        o_spec = translate.spec(o_cfg)
+        _, o_rows, _ = personal_exp.run_personalize(o_spec, 1, personal_exp.restore(o_spec, o_wd))
         assert [r[f'backbone_{m}'] for r in o_rows] == [r[f'backbone_{m}'] for r in rows]
     if kept:  # the kept trees are the method's own, untouched
         chex.assert_trees_all_equal(res.personal, run['alg'].personal(run['state']))

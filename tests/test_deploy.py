@@ -63,7 +63,7 @@ def runs(corpus, tmp_path_factory):
     # instead of pre-training it again (its content checksum is verified on load).
     shutil.copytree(os.path.join(sim, 'backbone'), os.path.join(dep, 'backbone'))
     cfg4 = _config(corpus, rounds=4)
-    victim = int(translate.sample_round(cfg4, 3)[0][0])
+    victim = int(translate.spec(cfg4).sample_round(3)[0][0])
     killed = []
 
     def kill_when_sent(line, fleet):
@@ -109,12 +109,15 @@ def test_deployed_personal_rows_equal_simulation(fedsa_runs):
         assert y['up_bytes_round'] == x['up_bytes_round'] == y['deploy_payload_up_bytes']
         assert y['train_loss'] == pytest.approx(x['train_loss'], rel=1e-4)
     last = personal.last_used(rows)
-    sampled = sorted({i for rnd in range(3) for i in translate.sample_round(cfg, rnd)[0].tolist()})
+    sampled = sorted(
+        {i
+         for rnd in range(3)
+         for i in translate.spec(cfg).sample_round(rnd)[0].tolist()})
     assert sorted(last) == sampled
     # Every client's row as its node holds it (the initial row for the ones never sampled),
     # stacked [N, ...] into the simulation's layout, then both sides' alg.personal.
-    r = train.setup(cfg, sim)
-    key = personal.run_key(cfg, dep)
+    r = train.setup(translate.spec(cfg), sim)
+    key = personal.run_key(translate.spec(cfg).record, dep)
     held = [
         personal.start_row(dep, key, k, last.get(k, -1), r['state'].clients)
         for k in range(cfg.fed.num_clients)
@@ -137,7 +140,7 @@ def test_deployed_run_equals_simulation(runs):
     sim_rows, dep_rows = _rows(sim), _rows(dep)[:3]
     assert len(sim_rows) == len(dep_rows) == 3
     for rnd, (x, y) in enumerate(zip(sim_rows, dep_rows)):
-        assert y['deploy_client_ids'] == translate.sample_round(cfg, rnd)[0].tolist()
+        assert y['deploy_client_ids'] == translate.spec(cfg).sample_round(rnd)[0].tolist()
         assert y['deploy_dropped'] == []
         assert set(x) - {'round_s'} == {k for k in y if not k.startswith('deploy_')} - {'round_s'}
         for k, v in x.items():

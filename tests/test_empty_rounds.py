@@ -69,8 +69,9 @@ def _poisson_config(corpus):
     c.fed.dp.update(clip_norm=0.1, noise_multiplier=1.0, sampling='poisson', delta=1e-3)
     c.eval.every = 3
     for seed in range(50):  # the first seed whose round 1 samples nobody
-        ids, present = sampling.poisson_clients(seed, 1, 4, translate.sampling_rate(c),
-                                                translate.dp_capacity(c))
+        ids, present = sampling.poisson_clients(seed, 1, 4,
+                                                translate.spec(c).clients.rate,
+                                                translate.spec(c).clients.capacity)
         if present.sum() == 0:
             c.seed = seed
             return c

@@ -107,14 +107,14 @@ def test_task_wires_flip_and_dropout(source):
     before any data is read."""
     c = _config(source)
     c.model.dropout = 0.25
-    s = translate.task_settings(c)
+    s = translate.spec(c).settings
     assert s.data.flip and cifar10.model_config(s).dropout == 0.25
     parts = cifar10.prepare_parts(s)
     assert parts.model_cfg.dropout == 0.25 and parts.eval_loss_fn is not parts.loss_fn
     assert cifar10.recipe(s)['public']['flip'] and cifar10.recipe(s)['model']['dropout'] == 0.25
     c.model.dropout = 1.0
     with pytest.raises(ValueError, match=r'model\.dropout'):
-        cifar10.validate(translate.task_settings(c))
+        cifar10.validate(translate.spec(c).settings)
     bad = dataclasses.replace(s, data=dataclasses.replace(s.data, flip=1))
     with pytest.raises(ValueError, match=r'data\.flip'):
         cifar10.validate(bad)

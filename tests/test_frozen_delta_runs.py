@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import ptb_fedgen_edge
-from experiments import export, train
+from experiments import export, train, translate
 from experiments import personalize as personal_exp
 from fedgen.aggregators import lora_math as lora_aggregation
 from fedgen.lora import peft
@@ -26,12 +26,13 @@ def stack_run(corpus, tmp_path_factory):
 
 def test_personalization_fine_tunes_on_the_trained_frozen_delta(stack_run):
     config, workdir = stack_run
-    run = personal_exp.restore(config, workdir)
+    spec = translate.spec(config)
+    run = personal_exp.restore(spec, workdir)
     delta = run['state'].aux['agg']['delta']
     assert max(float(np.abs(x).max()) for x in jax.tree.leaves(delta)) > 0  # FLoRA folded rounds
     want = lora_aggregation.apply_delta(run['backbone']['params'], delta)
     chex.assert_trees_all_close(run['frozen']['params'], want)
-    _, rows, summary = personal_exp.run_personalize(config, 1, run)
+    _, rows, summary = personal_exp.run_personalize(spec, 1, run)
     assert rows and np.isfinite(summary['mean_global'])
 
 
@@ -44,5 +45,5 @@ def test_export_refuses_a_plain_adapter_and_merges_the_delta(stack_run, tmp_path
     monkeypatch.setattr(peft, 'export_merged',
                         lambda out, arch, cfg, params, tree, alpha: seen.update(params=params))
     export.export(workdir, str(tmp_path / 'merged'), merged=True)
-    run = personal_exp.restore(config, workdir)
+    run = personal_exp.restore(translate.spec(config), workdir)
     chex.assert_trees_all_close(seen['params'], run['frozen']['params'], atol=1e-6)

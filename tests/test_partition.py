@@ -127,6 +127,8 @@ def test_local_split():
     (lambda: partition.k_classes(LABELS, 2, 1, 0), 'data.partition.k'),
     (lambda: partition.local_split([np.arange(4)], 1.0, 0), 'data.partition.local_test_fraction'),
     (lambda: partition.local_split([np.arange(4)], -0.1, 0), 'data.partition.local_test_fraction'),
+    (lambda: partition.local_split_documents([np.arange(4)], np.arange(4), 1.0, 0),
+     'data.partition.local_test_fraction'),
     (lambda: partition.make('zipf', N, K, 0), 'data.partition.kind'),
     (lambda: partition.make('dirichlet_label', N, K, 0), 'data.partition.kind'),
     (lambda: partition.make('dirichlet_client', N, K, 0, labels=LABELS[:-1]),
@@ -239,3 +241,43 @@ def test_quantity_skew_size_dispersion_and_global_label_mix(alpha):
     # Over 8 repeats both ratios below are 1.00 +- 0.05 (1 sd).
     assert np.mean(sds) == pytest.approx(want_sd, rel=0.15)
     assert np.mean(chi) == pytest.approx(1.0, rel=0.15)
+
+
+def _scattered_clients(n=400, num_clients=5, seed=0):
+    """Windows dealt to clients in runs of random length (a topic partition's shape)."""
+    rng = np.random.default_rng(seed)
+    owner = np.repeat(rng.integers(0, num_clients, n // 4), 4)  # runs of 4 consecutive windows
+    return [np.flatnonzero(owner == k) for k in range(num_clients)]
+
+
+def test_document_split_holds_out_whole_documents_no_train_window_touches():
+    """Whole documents go to test; no train window is a test window's pool neighbour (windows
+    overlap by one token); the split is deterministic and about test_fraction of each client."""
+    parts, doc_of = _scattered_clients(), np.arange(400) // 8
+    train, test = partition.local_split_documents(parts, doc_of, 0.2, seed=3)
+    for idx, tr, te in zip(parts, train, test):
+        assert te.size > 0 and tr.size > 0
+        assert set(tr) | set(te) <= set(idx) and not set(tr) & set(te)
+        assert (np.diff(tr) > 0).all() and (np.diff(te) > 0).all()
+        held = set(doc_of[te])
+        assert not held & set(doc_of[tr])  # no document on both sides
+        assert not (set(tr + 1) | set(tr - 1)) & set(te)  # no train window touches a test one
+        assert te.size >= round(0.2 * idx.size)
+        assert te.size - max(np.sum(doc_of[idx] == d) for d in held) < round(0.2 * idx.size)
+    again = partition.local_split_documents(parts, doc_of, 0.2, seed=3)
+    assert _same(train, again[0]) and _same(test, again[1])
+    # The window split of the same clients puts test windows next to train windows (the leak).
+    w_train, w_test = partition.local_split(parts, 0.2, seed=3)
+    assert any((set(tr + 1) | set(tr - 1)) & set(te) for tr, te in zip(w_train, w_test))
+
+
+def test_document_split_keeps_a_one_document_client_for_training():
+    train, test = partition.local_split_documents([np.arange(8), np.arange(8, 24)],
+                                                  np.arange(24) // 8,
+                                                  0.3,
+                                                  seed=0)
+    np.testing.assert_array_equal(train[0], np.arange(8))
+    assert test[0].size == 0
+    assert test[1].size == 8 and train[1].size == 7  # one document each; the guard drops one
+    zero = partition.local_split_documents([np.arange(24)], np.arange(24) // 8, 0.0, seed=0)
+    assert zero[1][0].size == 0 and zero[0][0].size == 24

@@ -140,10 +140,9 @@ def test_import_errors(tmp_path):
 def test_export_cli_reads_a_workdir(tmp_path):
     """experiments.export on a run directory: the global adapter from the Orbax server state and
     client K's from the personal trees, through an hf_dir backbone."""
-    import json
-
     import optax
 
+    from configs import ptb_fedgen_edge
     from experiments import export
     from fedgen.fl import algorithm as base
     from fedgen.io import checkpoint
@@ -151,26 +150,11 @@ def test_export_cli_reads_a_workdir(tmp_path):
     ad = _random_adapters(bb.params, 'llama_qv', 4)
     work = tmp_path / 'run'
     work.mkdir()
-    (work / 'config.json').write_text(
-        json.dumps({
-            'model': {
-                'name': 'llama',
-                'source': f'hf_dir:{tmp_path / "base"}'
-            },
-            'lora': {
-                'alpha': ALPHA,
-                'rank': 4
-            },
-            'pretrain': {
-                'backbone_path': ''
-            },
-            'fed': {
-                'lora_aggregation': 'avg_ab'
-            },
-            'checkpoint': {
-                'keep': 2
-            }
-        }))
+    c = ptb_fedgen_edge.get_config('tiny')  # a whole run config, as experiments.train writes it
+    c.model.update(name='llama', source=f'hf_dir:{tmp_path / "base"}')
+    c.lora.update(alpha=ALPHA, rank=4)
+    c.checkpoint.keep = 2
+    (work / 'config.json').write_text(c.to_json_best_effort(indent=1))
     trainable = {'lora': ad}
     state = base.ServerState(round=np.int32(3),
                              trainable=trainable,

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import pre_tokenizers
 
 from experiments import compare
-from experiments import translate as settings_lib
+from experiments import translate
 from experiments import train
 from fedgen.lora import adapters as lora
 from fedgen.tasks import objectives
@@ -70,7 +70,7 @@ def _hf_config(corpus, hf_dir, **fields):
 
 def test_word_level_task_counts_ptb_words_and_reports_the_protocol(corpus):
     c = _config(corpus, **{'eval.subset_lines': 7})
-    task = settings_lib.prepare_task(c)
+    task = translate.spec(c).prepare_task()
     text = ptb.first_lines(ptb.load_texts(corpus, verify=False)['valid'], 7)
     words = len(text.split()) + 7
     assert task.info['eval'] == {
@@ -96,7 +96,7 @@ def test_subword_task_from_an_hf_dir(corpus, hf_llama):
     """The checkpoint's tokenizer and weights, the stream after <|endoftext|>, the same PTB word
     count as the word-level task, and ce_chunk leaving every number unchanged."""
     c = _hf_config(corpus, hf_llama)
-    task = settings_lib.prepare_task(c)
+    task = translate.spec(c).prepare_task()
     assert task.info['model']['arch'] == 'llama' and task.info['model']['vocab'] == 261
     assert task.client_metric[0] == 'token_ppl'
     texts = ptb.load_texts(corpus, verify=False)
@@ -114,7 +114,7 @@ def test_subword_task_from_an_hf_dir(corpus, hf_llama):
     assert all(jax.tree.leaves(same))
     ev = task.evaluator('valid', {})({'params': params})
     assert (ev['valid_window'], ev['valid_stride']) == (32, 16) and np.isfinite(ev['valid_ppl'])
-    chunked = settings_lib.prepare_task(_hf_config(corpus, hf_llama, **{'model.ce_chunk': 7}))
+    chunked = translate.spec(_hf_config(corpus, hf_llama, **{'model.ce_chunk': 7})).prepare_task()
     ev2 = chunked.evaluator('valid', {})({'params': params})
     np.testing.assert_allclose(ev2['valid_ppl'], ev['valid_ppl'], rtol=1e-5)
     batch = {'tokens': task.pool['tokens'][:3], 'weight': np.ones(3, np.float32)}
@@ -131,16 +131,16 @@ def test_lora_init_from_a_peft_export(corpus, hf_llama, tmp_path):
     ad = lora.init(jax.random.PRNGKey(3), bb.params, 'llama_qv', 2)
     ad = jax.tree.map(lambda x: x + 0.1 * np.ones_like(x), ad)
     peft.export_adapter(str(tmp_path / 'ad'), 'llama', bb.params, ad, 16.0, hf_llama)
-    r = train.setup(_hf_config(corpus, hf_llama, **{'lora.init_from': str(tmp_path / 'ad')}),
-                    str(tmp_path / 'run'))
+    c = _hf_config(corpus, hf_llama, **{'lora.init_from': str(tmp_path / 'ad')})
+    r = train.setup(translate.spec(c), str(tmp_path / 'run'))
     got = r['state'].trainable['lora']
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, ad)
     c = _hf_config(corpus, hf_llama, **{'lora.init_from': str(tmp_path / 'ad'), 'lora.rank': 4})
     with pytest.raises(ValueError, match=r'lora.init_from: .* the run needs .*lora.rank=4'):
-        train.setup(c, str(tmp_path / 'run2'))
+        train.setup(translate.spec(c), str(tmp_path / 'run2'))
     c = _hf_config(corpus, hf_llama, **{'lora.init_from': str(tmp_path / 'nothing')})
     with pytest.raises(ValueError, match='lora.init_from: .* holds no adapter_config.json'):
-        train.setup(c, str(tmp_path / 'run3'))
+        train.setup(translate.spec(c), str(tmp_path / 'run3'))
 
 
 def test_one_line_errors_before_loading(corpus, hf_llama):
@@ -160,14 +160,32 @@ def test_one_line_errors_before_loading(corpus, hf_llama):
         ({
             'model.ce_chunk': -1
         }, 'model.ce_chunk must be an int >= 0'),
+        ({
+            'data.partition.local_test_unit': 'sentence'
+        }, r"data.partition.local_test_unit must be one of \('window', 'document'\)"),
     ]
     for fields, msg in cases:
         with pytest.raises(ValueError, match=msg):
-            settings_lib.prepare_task(_config(corpus, **fields))
+            translate.spec(_config(corpus, **fields)).prepare_task()
     with pytest.raises(ValueError, match="model.name='gpt' but .* holds a llama checkpoint"):
-        settings_lib.prepare_task(_hf_config(corpus, hf_llama, **{'model.name': 'gpt'}))
+        translate.spec(_hf_config(corpus, hf_llama, **{'model.name': 'gpt'})).prepare_task()
     with pytest.raises(ValueError, match=r'eval.window must be in \[2, model.n_positions=64\]'):
-        settings_lib.prepare_task(_hf_config(corpus, hf_llama, **{'eval.window': 65}))
+        translate.spec(_hf_config(corpus, hf_llama, **{'eval.window': 65})).prepare_task()
+
+
+def test_document_local_split_trains_on_no_test_text(corpus):
+    """data.partition.local_test_unit='document': each client's test windows are whole
+    doc_windows-window documents and none of its train windows is their pool neighbour; the
+    default window split has such neighbours."""
+    leaks = {}
+    for unit in ('window', 'document'):
+        task = translate.spec(_config(corpus, **{'data.partition.local_test_unit':
+                                                 unit})).prepare_task()
+        assert sum(len(t) for t in task.client_test) > 0
+        leaks[unit] = sum(
+            len((set(tr + 1) | set(tr - 1)) & set(te))
+            for tr, te in zip(task.client_train, task.client_test))
+    assert leaks['document'] == 0 and leaks['window'] > 0
 
 
 # A one-block Llama with GQA, for the LoRA rule and dtype tests.

@@ -51,7 +51,7 @@ def test_noise_multiplier_with_target_epsilon_is_refused():
     c = ptb_fedgen_edge.get_config('tiny')
     c.fed.dp.update(clip_norm=0.1, noise_multiplier=1.0, target_epsilon=8.0)
     with pytest.raises(ValueError) as err:
-        translate.check_run(c)
+        translate.spec(c)
     msg = str(err.value)
     assert 'fed.dp.noise_multiplier' in msg and 'fed.dp.target_epsilon' in msg and '\n' not in msg
 
@@ -60,6 +60,6 @@ def test_client_drift_hook_with_a_robust_reduction_is_refused():
     c = ptb_fedgen_edge.get_config('tiny')
     c.fed.update(log_client_drift=True, aggregator='median')
     with pytest.raises(ValueError) as err:
-        translate.check_run(c)
+        translate.spec(c)
     msg = str(err.value)
     assert 'fed.log_client_drift' in msg and 'fed.aggregator' in msg and '\n' not in msg

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import ptb_fedavg_full, ptb_fedgen_edge
-from experiments import train, trainer, translate
+from experiments import runspec, train, trainer, translate
 from fedgen.io import checkpoint
 
 
@@ -146,7 +146,7 @@ def test_rerun_of_a_finished_run_returns_its_summary_and_changes_nothing(
     def refuse(*args, **kwargs):
         raise RuntimeError('a finished run read its data again')
 
-    monkeypatch.setattr(translate, 'prepare_task', refuse)
+    monkeypatch.setattr(runspec.RunSpec, 'prepare_task', refuse)
     assert train.run(cfg, workdir) == summary
     assert _files(workdir) == before
     assert len([f for f in before if 'tfevents' in f]) == 1
@@ -175,14 +175,15 @@ def test_metric_hooks_add_their_keys_to_every_row(corpus, tmp_path):
     workdir = str(tmp_path / 'hooked')
     seen = []
 
-    def norm(config, t, state, row):
+    def norm(spec, t, state, row):
         seen.append((t, row['round']))
         return {
             'adapter_sq_norm':
             float(sum(np.sum(np.square(x)) for x in jax.tree.leaves(state.trainable)))
         }
 
-    member = trainer.Member(cfg, train.setup(cfg, workdir), workdir, workdir)
+    spec = translate.spec(cfg)
+    member = trainer.Member(spec, train.setup(spec, workdir), workdir, workdir)
     (summary, ), times = trainer.train([member], hooks=[norm])
     assert seen == [(1, 1), (2, 2)] and len(times) == 2
     rows = _rows(workdir)
@@ -191,3 +192,26 @@ def test_metric_hooks_add_their_keys_to_every_row(corpus, tmp_path):
     assert rows[-1]['adapter_sq_norm'] == pytest.approx(float(want), rel=1e-6)
     assert rows[0]['adapter_sq_norm'] != rows[1]['adapter_sq_norm'] > 0
     assert summary['rounds'] == 2
+
+
+def test_the_config_is_translated_once_and_the_spec_is_frozen(corpus, tmp_path, monkeypatch):
+    """train.run and experiments.personalize translate the ConfigDict exactly once (one
+    translate.spec call each) and hand the frozen RunSpec down; a RunSpec given to train.run is
+    used as is (no translation at all)."""
+    from experiments import personalize as personal_exp
+    calls = []
+    real = translate.spec
+    monkeypatch.setattr(translate, 'spec', lambda c: calls.append(1) or real(c))
+    cfg = _config(corpus)
+    cfg.fed.rounds = 1
+    workdir = str(tmp_path / 'once')
+    train.run(cfg, workdir)
+    assert len(calls) == 1
+    personal_exp.main_run(None, workdir, 1, 0)  # reads <workdir>/config.json
+    assert len(calls) == 2
+    spec = real(cfg)
+    with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError
+        spec.seed = 1
+    assert train.run(spec, workdir) == train.run(cfg, workdir) and len(calls) == 3
+    assert json.loads(spec.record) == json.loads(cfg.to_json_best_effort())
+    assert spec.method.name == cfg.fed.algorithm and spec.clients.capacity == 2

@@ -241,6 +241,46 @@ def local_split(client_indices, test_fraction: float, seed: int):
     return train, test
 
 
+LOCAL_TEST_UNITS = ('window', 'document')
+
+
+def local_split_documents(client_indices, doc_of, test_fraction: float, seed: int):
+    """Split each client's examples into local (train, test) by whole documents, so that no test
+    text is also trained on: lists of sorted int64 arrays.
+
+    ``doc_of`` int [M]: the document of every pool example (consecutive windows of one text
+    share one id; ids increase along the text). Per client, its documents in a random order go
+    to test until test holds >= round(test_fraction * n_k) examples (at least one document when
+    test_fraction > 0 and the client has >= 2 documents; at least one document stays in train).
+    Windows overlap their neighbours by one token, so a train window whose pool neighbour
+    (index +-1) is a test window of another document is dropped from train (the guard);
+    a client with one document keeps it for training and has no test set.
+    """
+    if not np.isfinite(test_fraction) or not 0 <= test_fraction < 1:
+        raise ValueError(f"data.partition.local_test_fraction={test_fraction!r}: must be in "
+                         f"[0, 1)")
+    doc_of = np.asarray(doc_of)
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for idx in client_indices:
+        idx = np.sort(np.asarray(idx, dtype=np.int64))
+        docs = np.unique(doc_of[idx])
+        chosen = []
+        if test_fraction > 0 and docs.size >= 2:
+            target, held = int(round(test_fraction * idx.size)), 0
+            for d in rng.permutation(docs)[:docs.size - 1]:
+                if chosen and held >= target:
+                    break
+                chosen.append(d)
+                held += int(np.sum(doc_of[idx] == d))
+        in_test = np.isin(doc_of[idx], chosen)
+        held_out = idx[in_test]
+        touching = np.isin(idx - 1, held_out) | np.isin(idx + 1, held_out)
+        test.append(held_out)
+        train.append(idx[~in_test & ~touching])
+    return train, test
+
+
 def make(kind: str,
          n: int,
          num_clients: int,

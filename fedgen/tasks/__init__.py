@@ -28,7 +28,9 @@ SAMPLE_KINDS = ('text', 'images')
 @dataclasses.dataclass(frozen=True)
 class Partition:
     """How the client pool is split (data.partition): kind, Dirichlet alpha, minimum client size,
-    each client's local test share; topic clustering (text) and k classes (k_classes)."""
+    each client's local test share and its unit (``local_test_unit``: random 'window's, or whole
+    'document's of ``doc_windows`` consecutive windows, text only: no test text is trained on);
+    topic clustering (text) and k classes (k_classes)."""
     kind: str
     alpha: float
     min_size: int
@@ -36,6 +38,7 @@ class Partition:
     num_topics: int = 10
     doc_windows: int = 8
     k: int = 2
+    local_test_unit: str = 'window'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +114,15 @@ def get(name: str):
     return importlib.import_module(f'fedgen.tasks.{name}')
 
 
-def validate_split(s, partitions: tuple[str, ...]) -> None:
+def validate_split(s, partitions: tuple[str, ...], units: tuple[str, ...] = ('window', )) -> None:
     """One-line ValueErrors for the public/partition/federation fields every task reads
-    (``s`` is a task's Settings with sections data and fed)."""
+    (``s`` is a task's Settings with sections data and fed; ``units``: the local test units the
+    task can split by)."""
     d, f = s.data, s.fed
+    unit = getattr(d.partition, 'local_test_unit', 'window')
+    if unit not in units:
+        raise ValueError(f'data.partition.local_test_unit must be one of {units} for this task, '
+                         f'got {unit!r}')
     if not 0.0 < d.public_fraction < 1.0:
         raise ValueError(f'data.public_fraction must be in (0, 1), got {d.public_fraction}')
     if d.partition.kind not in partitions:

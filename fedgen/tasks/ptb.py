@@ -97,7 +97,7 @@ class Settings:
 def validate(settings: Settings) -> None:
     """One-line ValueErrors for the fields this task reads, before any loading (the limits
     that depend on a loaded checkpoint are checked by :func:`validate_lengths`)."""
-    tasks.validate_split(settings, PARTITIONS)
+    tasks.validate_split(settings, PARTITIONS, partition.LOCAL_TEST_UNITS)
     validate_model(settings)
 
 
@@ -149,7 +149,12 @@ def split_clients(settings: Settings, pool_windows: np.ndarray, vocab_size: int)
                                seed,
                                alpha=p.alpha,
                                min_size=p.min_size)
-    train, test = partition.local_split(parts, p.local_test_fraction, seed)
+    if p.local_test_unit == 'document':  # pseudo-documents: doc_windows consecutive windows
+        train, test = partition.local_split_documents(parts,
+                                                      np.arange(n) // p.doc_windows,
+                                                      p.local_test_fraction, seed)
+    else:
+        train, test = partition.local_split(parts, p.local_test_fraction, seed)
     return train, test, labels
 
 

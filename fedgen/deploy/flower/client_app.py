@@ -37,7 +37,6 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  #
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from experiments import train  # noqa: E402
-from experiments import translate  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 from fedgen.fl import client_state  # noqa: E402
@@ -49,21 +48,22 @@ _SETUPS = {}  # (config json, cache dir) -> train.setup's dict; one per process 
 
 
 def _setup(opts: spec.RunOptions, node_config) -> dict:
-    key = (opts.config.to_json_best_effort(), str(node_config.get('cache-dir', '')))
+    key = (opts.run.record, str(node_config.get('cache-dir', '')))
     if key not in _SETUPS:
-        spec.check_config(opts.config)
+        spec.check_run(opts.run)
         cache = str(node_config.get('cache-dir', '')) or opts.workdir
-        r = train.setup(opts.config, cache)
-        spec.check_algorithm(r['alg'], r['state'].trainable, opts.config.fed.algorithm)
+        r = train.setup(opts.run, cache)
+        spec.check_algorithm(r['alg'], r['state'].trainable, opts.run.method.name)
         _SETUPS[key] = r
     return _SETUPS[key]
 
 
-def one_client(config, task, steps: int, cid: int, rnd: int) -> batching.RoundData:
-    """Client ``cid``'s RoundData of round ``rnd``: [1, ...] rows, packed as the simulation does."""
-    fed = config.fed
-    return batching.pack_clients(task.pool, task.client_train, [cid], config.seed, rnd,
-                                 fed.batch_size, fed.local_epochs, steps, fed.max_steps_per_epoch)
+def one_client(run, task, steps: int, cid: int, rnd: int) -> batching.RoundData:
+    """Client ``cid``'s RoundData of round ``rnd``: [1, ...] rows, packed as the simulation does
+    (``run``: the RunSpec)."""
+    c = run.clients
+    return batching.pack_clients(task.pool, task.client_train, [cid], run.seed, rnd, c.batch_size,
+                                 c.local_epochs, steps, c.max_steps_per_epoch)
 
 
 def outgoing(out):
@@ -99,7 +99,7 @@ def query(msg: Message, context: Context) -> Message:
     """Replies with the ids this node holds and their example counts n_k (for the roster)."""
     opts = spec.run_options(context.run_config)
     ids = spec.node_client_ids(context.node_config)
-    task = translate.prepare_task(opts.config)
+    task = opts.run.prepare_task()
     bad = [i for i in ids if not 0 <= i < len(task.client_train)]
     if bad:
         raise ValueError(f'node config client-ids {bad} are outside the partition\'s '
@@ -117,20 +117,20 @@ def train_round(msg: Message, context: Context) -> Message:
     last = int(cfg.get('last-used', -1))
     _mine(context, cid)
     r = _setup(opts, context.node_config)
-    data = one_client(opts.config, r['task'], r['steps'], cid, rnd)
+    data = one_client(opts.run, r['task'], r['steps'], cid, rnd)
     t0 = time.time()
     init, alg = r['state'], r['alg']
     down = wire.from_record(msg.content['down'], jax.eval_shape(alg.download, init.trainable))
     state = init.replace(round=jnp.asarray(rnd, jnp.int32),
                          trainable=jax.tree.map(jnp.asarray, complete(init.trainable, down)))
-    keeps = opts.config.fed.algorithm in personal.PERSONAL
+    keeps = opts.run.method.name in personal.PERSONAL
     phase = alg.client_phase
     if keeps:
         cache = str(context.node_config.get('cache-dir', '')) or opts.workdir
-        key = personal.run_key(opts.config, opts.workdir)
+        key = personal.run_key(opts.run.record, opts.workdir)
         row = personal.start_row(cache, key, cid, last, init.clients)
         state = state.replace(clients=jax.tree.map(jnp.asarray, row))
-        phase = with_row(phase, opts.config.fed.num_clients)
+        phase = with_row(phase, opts.run.clients.num_clients)
     t1 = time.time()
     step = jax.jit(phase).lower(state, r['frozen'], data).compile()
     t2 = time.time()

@@ -31,10 +31,10 @@ from experiments import writers
 PERSONAL = ('ditto', 'fedsa', 'local_only')
 
 
-def run_key(config, workdir: str) -> str:
+def run_key(record: str, workdir: str) -> str:
     """16 hex digits identifying the run: sha256 of the server's workdir and the config's JSON
-    without writers.RUN_FREE fields (rounds, eval, checkpoint, ... may change on resume)."""
-    flat = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep='.')
+    (``record``) without writers.RUN_FREE fields (rounds, eval, ... may change on resume)."""
+    flat = traverse_util.flatten_dict(json.loads(record), sep='.')
     kept = {
         k: v
         for k, v in flat.items()

@@ -1,9 +1,10 @@
 """What both sides of a deployed run agree on: the run's options, the config, the message layout.
 
 The run config (Flower's ``--run-config``, seen by the ServerApp and every ClientApp) carries the
-fedgen config as JSON, so the clients build exactly the server's task, partition, backbone recipe
-and algorithm. A node's own config (``flower-supernode --node-config``) says which client ids it
-serves and where its caches are:
+fedgen config as JSON; each side translates it once into the run's RunSpec
+(experiments.translate.spec), so the clients build exactly the server's task, partition, backbone
+recipe and algorithm. A node's own config (``flower-supernode --node-config``) says which client
+ids it serves and where its caches are:
 
     client-ids = "0 4 8"     the partition's client ids this SuperNode holds (space-separated)
     cache-dir  = "<dir>"     where <dir>/backbone/<recipe hash> is read (or pre-trained once)
@@ -21,10 +22,12 @@ Messages (content names):
 """
 import dataclasses
 import json
+from typing import Any
 
 import jax
 import ml_collections
 
+from experiments import translate
 from fedgen.fl import comm
 
 QUERY, TRAIN = 'query', 'train'
@@ -36,10 +39,11 @@ DEPLOYABLE = ('fedgen_edge', 'fedavg_full', 'fedprox', 'ditto', 'fedsa', 'local_
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
-    """config: the fedgen ConfigDict; workdir: the server's run directory; round_timeout: seconds
-    the server waits for a round's replies (clients that miss it count as dropped);
-    connect_timeout: seconds it waits until every client id is served by some node."""
-    config: ml_collections.ConfigDict
+    """run: the run's RunSpec (experiments.runspec), translated once from the run config's
+    config JSON; workdir: the server's run directory; round_timeout: seconds the server waits for
+    a round's replies (clients that miss it count as dropped); connect_timeout: seconds it waits
+    until every client id is served by some node."""
+    run: Any
     workdir: str
     round_timeout: float
     connect_timeout: float
@@ -57,7 +61,7 @@ def run_options(run_config) -> RunOptions:
     text = str(run_config.get('config-json', ''))
     if not text:
         raise ValueError('the run config has no config-json (start runs with experiments.deploy)')
-    return RunOptions(config_from_json(text), str(run_config.get('workdir', '')),
+    return RunOptions(translate.spec(config_from_json(text)), str(run_config.get('workdir', '')),
                       float(run_config.get('round-timeout', 600.0)),
                       float(run_config.get('connect-timeout', 120.0)))
 
@@ -71,18 +75,19 @@ def node_client_ids(node_config) -> list[int]:
         raise ValueError(f'node config client-ids must be integers, got {raw!r}') from None
 
 
-def check_config(config) -> None:
-    """One-line ValueError for configs the deployment does not run (before any compute)."""
-    fed = config.fed
-    if fed.algorithm not in DEPLOYABLE:
-        raise ValueError(f'fed.algorithm={fed.algorithm!r} is not deployable yet: the deployed '
+def check_run(run) -> None:
+    """One-line ValueError for runs (RunSpecs) the deployment does not run (before any
+    compute)."""
+    name = run.method.name
+    if name not in DEPLOYABLE:
+        raise ValueError(f'fed.algorithm={name!r} is not deployable yet: the deployed '
                          f'methods are {", ".join(DEPLOYABLE)}')
-    if fed.lora_aggregation not in ('avg_ab', ):
-        raise ValueError(f'fed.lora_aggregation={fed.lora_aggregation!r} is not deployable yet '
+    if run.lora_aggregation not in ('avg_ab', ):
+        raise ValueError(f'fed.lora_aggregation={run.lora_aggregation!r} is not deployable yet '
                          '(only avg_ab sends the whole adapter both ways)')
-    if str(config.lora.get('client_ranks', '')):
+    if run.method.client_ranks is not None:
         raise ValueError('lora.client_ranks is not deployable yet (heterogeneous ranks)')
-    if config.fed.get('num_devices', 0) not in (0, 1):
+    if run.clients.num_devices not in (0, 1):
         raise ValueError('fed.num_devices must be 0 or 1 for a deployed run (one server process)')
 
 
