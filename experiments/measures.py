@@ -64,6 +64,28 @@ def no_global(personal: dict | None) -> dict:
     }
 
 
+def personal_shares(runs: list) -> dict:
+    """Claim 4's numbers from experiments.reproduce.personalization outputs, one per training
+    seed: seed 0's clients, share improved vs the global model with its bootstrap 95% CI and
+    median gain (Fig. 5), and every seed's (share, lo, hi)."""
+    seeds = []
+    for run in runs:
+        rows = [r for r in run['rows'] if r['gain_vs_global'] is not None]
+        gains = [r['gain_vs_global'] for r in rows]
+        seeds.append({
+            'clients': len(rows),
+            'ci': bootstrap_share([g > 0 for g in gains]),
+            'median_gain': float(np.median(gains)) if rows else None
+        })
+    return {
+        'clients': seeds[0]['clients'],
+        'share': seeds[0]['ci'][0],
+        'ci': list(seeds[0]['ci'][1:]),
+        'median_gain': seeds[0]['median_gain'],
+        'per_seed': [list(s['ci']) for s in seeds]
+    }
+
+
 def method_stats(run: dict, metric: str) -> dict:
     """One single run's stats: ``run`` is {summary, rows, has_global (default True), personal
     (experiments.reproduce.personalization's output, for methods without a global model)}."""
@@ -100,27 +122,13 @@ def measure(res: dict) -> dict:
         'reduction_blocks': 1 - e_up / (f_up * pb['blocks'] / pb['whole'])
     }
     m['ptb'] = {k: {**stats(g, 'valid_ppl'), 'global': True} for k, g in p['main'].items()}
-    m['ptb']['fedgen_edge']['personal'] = personal_stats(p['personal']['summary'])
+    main_run = (p.get('personal_window_seeds') or [p['personal']])[0]  # the main runs' seed 0
+    m['ptb']['fedgen_edge']['personal'] = personal_stats(main_run['summary'])
     m['ptb'].update({k: method_stats(r, 'valid_ppl') for k, r in p['baselines'].items()})
     m['ptb_backbone'] = edge['runs'][0]['summary'].get('backbone_valid_ppl')
-    seeds = []
-    for run in p.get('personal_seeds', [p['personal']]):
-        rows = [r for r in run['rows'] if r['gain_vs_global'] is not None]
-        seeds.append({
-            'clients':
-            len(rows),
-            'ci':
-            bootstrap_share([r['gain_vs_global'] > 0 for r in rows]),
-            'median_gain':
-            float(np.median([r['gain_vs_global'] for r in rows])) if rows else None
-        })
-    m['personal'] = {  # seed 0 (Fig. 5's histogram) plus every seed's share and CI
-        'clients': seeds[0]['clients'],
-        'share': seeds[0]['ci'][0],
-        'ci': list(seeds[0]['ci'][1:]),
-        'median_gain': seeds[0]['median_gain'],
-        'per_seed': [list(s['ci']) for s in seeds]
-    }
+    m['personal'] = personal_shares(p['personal_seeds'])
+    if p.get('personal_window_seeds'):
+        m['personal_window'] = personal_shares(p['personal_window_seeds'])
     m['rank'] = {
         r: {
             **stats(g, 'valid_ppl'), 'up_bytes_per_round':

@@ -13,8 +13,10 @@ the markdown and the figures; this module launches the runs:
 - PTB, FedGen-Edge and full-model FedAvg: one experiments.sweep group each (the scale's seeds
   vmapped); every other method of experiments.compare: one seed-0 run (experiments.train).
 - Personalization (Fig. 5): every seed's FedGen-Edge run, fine-tuned E_p epochs per client
-  (the histogram shows seed 0; the claim compares the seeds). FedSA and local-only, which have
-  no global model, are scored by their personal (kept) models.
+  (the histogram shows seed 0; the claim compares the seeds). The claim is scored on runs whose
+  clients hold out whole pseudo-documents as local test data (data.partition.local_test_unit
+  'document': no test text is trained on); the main runs' window split is shown beside it.
+  FedSA and local-only, which have no global model, are scored by their personal (kept) models.
 - Ablations as sweep groups: LoRA rank r with lora.alpha = c r (alpha / r = c, the base config's
   ratio, held fixed so the effective step does not grow with r), local epochs E, and the
   Dirichlet concentration alpha of the split for FedGen-Edge and full FedAvg.
@@ -28,9 +30,10 @@ added to every mean-reduced run's metrics (key client_drift) by the mean aggrega
 
 Resume and reuse: every run lives in its own directory under --workdir with the exact config it
 was given (one pre-trained backbone per task, named by pretrain.backbone_path). A run whose
-summary.json exists with the same config is read back (writers.finished), a partial single run
-resumes from its checkpoint (train.run), and a sweep group with any unfinished seed is
-recomputed (sweeps do not resume). A killed reproduce, rerun, picks up where it stopped.
+summary.json exists with the same config is read back (writers.finished), and a partial run or
+sweep group resumes from its checkpoints (train.run, sweep.run_group). A killed reproduce, rerun,
+picks up where it stopped. Each run's config is translated once (translate.spec), and the
+personalization of a run reuses that RunSpec.
 """
 import copy
 import json
@@ -62,31 +65,37 @@ def read_rows(run_dir: str) -> list[dict]:
 
 
 def single(config, run_dir: str) -> dict:
-    """A finished run's {summary, rows, dir}; runs (or resumes) it first unless finished."""
-    config = measured(config)
-    summary = writers.finished(config.to_json_best_effort(), run_dir)
+    """A finished run's {summary, rows, dir, spec}; runs (or resumes) it first unless finished.
+    The config (with the drift hook, :func:`measured`) is translated here, once."""
+    spec = translate.spec(measured(config))
+    summary = writers.finished(spec.record, run_dir)
     if summary is None:
         log(f'--- run {run_dir}')
-        summary = train.run(config, run_dir)
-    return {'summary': summary, 'rows': read_rows(run_dir), 'dir': run_dir}
+        summary = train.run(spec, run_dir)
+    return {'summary': summary, 'rows': read_rows(run_dir), 'dir': run_dir, 'spec': spec}
 
 
 def group(base, seeds, overrides: dict, workdir: str, name: str, cache: dict) -> dict:
-    """One sweep group (seeds vmapped): {'runs': [single()-like per seed], 'overrides'}; read
-    back when every seed finished with the same config, else recomputed. ``cache`` (config json
-    -> record) merges groups of identical configs (e.g. the rank ablation's base rank)."""
+    """One sweep group (seeds vmapped): {'runs': [single()-like per seed], 'overrides'}; a
+    finished group is read back and a killed one resumes (experiments.sweep.run_group). ``cache``
+    (the first run's config record and the seeds -> record) merges groups of identical configs
+    (e.g. the rank ablation's base rank)."""
     configs = [measured(sweep.with_overrides(base, overrides, s)) for s in seeds]
-    key = configs[0].to_json_best_effort(sort_keys=True) + str(list(seeds))
+    specs = sweep.specs_of(configs)
+    key = specs[0].record + str(list(seeds))
     if key in cache:
         return {**cache[key], 'overrides': overrides}
-    dirs = [os.path.join(workdir, name, f'seed{s}') for s in seeds]
-    if any(writers.finished(c.to_json_best_effort(), d) is None for c, d in zip(configs, dirs)):
-        log(f'--- sweep group {name} {overrides} seeds {list(seeds)}')
-        sweep.run_group(name, configs, workdir)
+    log(f'--- sweep group {name} {overrides} seeds {list(seeds)}')
+    sweep.run_group(name, configs, workdir, specs)
     runs = []
-    for c, d in zip(configs, dirs):
-        summary = writers.finished(c.to_json_best_effort(), d)
-        runs.append({'summary': summary or {}, 'rows': read_rows(d) if summary else [], 'dir': d})
+    for s, d in zip(specs, sweep.run_dirs(name, configs, workdir)):
+        summary = writers.finished(sweep.resolved(s, d, workdir).record, d)
+        runs.append({
+            'summary': summary or {},
+            'rows': read_rows(d) if summary else [],
+            'dir': d,
+            'spec': s
+        })
     cache[key] = {'runs': runs, 'overrides': overrides}
     return cache[key]
 
@@ -100,13 +109,13 @@ def ptb_backbone(config, workdir: str) -> tuple[str, dict]:
     return os.path.abspath(info['source']), measures.param_bytes(params)
 
 
-def personalization(config, run_dir: str) -> dict:
-    """Per-client gains of the FedGen-Edge run (cached in <run_dir>/gains.json)."""
+def personalization(spec, run_dir: str) -> dict:
+    """Per-client gains of the finished run of RunSpec ``spec`` in ``run_dir`` (cached in
+    <run_dir>/gains.json)."""
     path = os.path.join(run_dir, 'gains.json')
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    spec = translate.spec(config)
     restored = personal_exp.restore(spec, run_dir)
     _, rows, summary = personal_exp.run_personalize(spec, spec.personalize.epochs, restored)
     personal_exp.write(run_dir, rows, summary)
@@ -139,13 +148,18 @@ def ptb_section(sc: dict, workdir: str, corpus: str) -> dict:
             log(f'baseline {m} failed: {e}')
             out['baselines'][m] = {'summary': {}, 'rows': [], 'dir': '', 'error': str(e)}
             continue
-        out['baselines'][m]['has_global'] = translate.spec(c).method.has_global
-        if not out['baselines'][m]['has_global']:  # no global model: report the personal one
-            out['baselines'][m]['personal'] = personalization(c, os.path.join(wd, m))
-    runs = out['main']['fedgen_edge']['runs']  # Fig. 5 per main seed: the claim's noise model
-    out['personal_seeds'] = [
-        personalization(sweep.with_overrides(edge, {}, s), r['dir']) for s, r in zip(seeds, runs)
-    ]
+        b = out['baselines'][m]
+        b['has_global'] = b['spec'].method.has_global
+        if not b['has_global']:  # no global model: report the personal one
+            b['personal'] = personalization(b['spec'], b['dir'])
+    # Claim 4 per main seed (the claim's noise model) on both local test splits: 'document'
+    # (whole pseudo-documents held out, no test text trained on: the claim) beside the main
+    # runs' 'window' split (test windows drawn between training windows of the same passages).
+    runs = out['main']['fedgen_edge']['runs']
+    out['personal_window_seeds'] = [personalization(r['spec'], r['dir']) for r in runs]
+    doc = group(edge, seeds, {'data.partition.local_test_unit': 'document'}, wd,
+                'fedgen_edge_document', cache)
+    out['personal_seeds'] = [personalization(r['spec'], r['dir']) for r in doc['runs']]
     out['personal'] = out['personal_seeds'][0]
     ratio = edge.lora.alpha / edge.lora.rank
     out['alpha_over_rank'] = ratio

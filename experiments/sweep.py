@@ -150,10 +150,9 @@ def specs_of(configs: list) -> list[RunSpec]:
     return [translate.spec(c) for c in configs]
 
 
-def check_group(name: str, configs: list, specs: list[RunSpec] | None = None) -> None:
-    """One-line ValueErrors: runs of one vmapped group may differ in VMAPPED settings only
-    (``specs``: the configs' RunSpecs when the caller translated them already)."""
-    specs = specs_of(configs) if specs is None else specs
+def check_group(name: str, configs: list, specs: list[RunSpec]) -> None:
+    """One-line ValueErrors: runs of one vmapped group (``configs`` and their RunSpecs
+    ``specs``, :func:`specs_of`) may differ in VMAPPED settings only."""
     names = [run_name(c, varied(configs)) for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f'group {name}: repeated runs {names}')
@@ -208,23 +207,39 @@ def setup_runs(name: str, configs: list, specs: list[RunSpec],
     return members
 
 
-def finished(specs: list[RunSpec], dirs: list[str]) -> list[dict] | None:
-    """Every run's summary when every run finished with exactly its config (writers.finished),
-    else None."""
-    done = [writers.finished(s.record, d) for s, d in zip(specs, dirs)]
+def resolved(spec: RunSpec, run_dir: str, workdir: str) -> RunSpec:
+    """``spec`` as :func:`setup_runs` wrote it to ``run_dir``/config.json: an empty
+    pretrain.backbone_path (steps > 0) names the group's cached backbone under
+    ``workdir``/backbone/, which the written config holds (every other field, the backbone's
+    recipe among them, is still compared by writers.finished)."""
+    pre = spec.settings.pretrain
+    path = os.path.join(run_dir, 'config.json')
+    if pre.backbone_path or pre.steps <= 0 or not os.path.isfile(path):
+        return spec
+    with open(path) as f:
+        written = json.load(f).get('pretrain', {}).get('backbone_path', '')
+    cache = os.path.join(os.path.abspath(workdir), 'backbone', '')
+    if written.startswith(cache) and os.path.isdir(written):
+        return spec.with_backbone(written)
+    return spec
+
+
+def finished(specs: list[RunSpec], dirs: list[str], workdir: str) -> list[dict] | None:
+    """Every run's summary when every run finished with exactly its config (writers.finished,
+    the backbone :func:`resolved`), else None."""
+    done = [writers.finished(resolved(s, d, workdir).record, d) for s, d in zip(specs, dirs)]
     return done if all(s is not None and 'metric' in s for s in done) else None
 
 
-def run_group(name: str, configs: list, workdir: str, specs: list[RunSpec] | None = None) -> list:
+def run_group(name: str, configs: list, workdir: str, specs: list[RunSpec]) -> list:
     """Runs (or resumes) one vmapped group with trainer.train; returns its records for
     summary.json, one per setting of the varied VMAPPED fields (the final metric's mean ± std
     over that setting's seeds). A group whose runs all finished is read back, not recomputed.
-    ``specs``: the configs' RunSpecs when the caller translated them already."""
+    ``specs``: the configs' RunSpecs (:func:`specs_of`, translated once by the caller)."""
     t_start = time.time()
-    specs = specs_of(configs) if specs is None else specs
     check_group(name, configs, specs)
     dirs, n = run_dirs(name, configs, workdir), len(configs)
-    finals, times = finished(specs, dirs), []
+    finals, times = finished(specs, dirs, workdir), []
     if finals is not None:
         log(f'group {name}: every run finished with this config; their summaries')
     else:

@@ -13,8 +13,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import fmnist_fedgen_edge
-from experiments import train
-from experiments import translate
+from experiments import class_share, train, translate
+from experiments import personalize as personal_exp
 from fedgen.io import checkpoint
 from fedgen.data import idx
 from fedgen.data import images as im
@@ -131,14 +131,20 @@ def _rows(workdir):
         return [{k: v for k, v in json.loads(x).items() if k != 'round_s'} for x in f]
 
 
-def test_tiny_fmnist_run_with_ema(source, tmp_path):
+@pytest.fixture(scope='module')
+def tiny_run(source, tmp_path_factory):
+    """configs/fmnist_fedgen_edge.py:tiny, 2 rounds: (config, workdir, summary)."""
+    cfg = _config(source)
+    cfg.eval.samples_every_eval = False
+    work = str(tmp_path_factory.mktemp('fmnist_run') / 'run')
+    return cfg, work, train.run(cfg, work)
+
+
+def test_tiny_fmnist_run_with_ema(tiny_run):
     """A 2-round run: the checkpointed EMA follows ema_2 = d_1 ema_1 + (1 - d_1) w_2 with
     d_1 = min(0.9, 2/11), and the summary reports the raw and the EMA model (resume of the EMA
     state: tests/test_ema.py)."""
-    cfg = _config(source)
-    cfg.eval.samples_every_eval = False
-    work = str(tmp_path / 'run')
-    summary = train.run(cfg, work)
+    cfg, work, summary = tiny_run
     for key in ('final_fd_classifier', 'final_fd_classifier_ema', 'final_test_eps_mse_ema'):
         assert np.isfinite(summary[key]), key
     assert os.path.isfile(os.path.join(work, 'samples_final.png'))
@@ -150,3 +156,48 @@ def test_tiny_fmnist_run_with_ema(source, tmp_path):
                             for x in (s1['aux']['ema'], s2['trainable'], s2['aux']['ema']))):
         np.testing.assert_allclose(e2, d * e1 + (1 - d) * w2, rtol=1e-5, atol=1e-7)
     assert jax.tree.structure(s2['aux']['ema']) == jax.tree.structure(s2['trainable'])
+
+
+def test_own_classes_and_shares_by_hand():
+    """O_k by hand; a model's 'images' carry its class, read back by the predictor; every model
+    draws from the same keys; the summary counts the clients whose personal share is higher."""
+    labels = np.array([0, 0, 0, 1, 2, 2, 2, 2, 2, 2])
+    assert class_share.own_classes(labels, 4, 0.1).tolist() == [True, True, True, False]
+    assert class_share.own_classes(labels, 4, 0.2).tolist() == [True, False, True, False]
+    assert not class_share.own_classes(np.array([], np.int64), 4, 0.1).any()
+    with pytest.raises(ValueError, match='--min_share'):
+        class_share.own_classes(labels, 4, 0.0)
+    keys = {}
+
+    def sample(v, key):
+        keys.setdefault(v['cls'], []).append(np.asarray(jax.random.key_data(key)).tolist())
+        return np.full((3, 1, 1, 1), v['cls'], np.uint8)
+
+    own = np.array([[True, False, False], [False, True, True]])
+    rows, imgs = class_share.shares(sample, lambda x: x[:, 0, 0, 0].astype(int), {'cls': 2},
+                                    lambda k: {'cls': k}, [0, 1], own, 5, 0)
+    assert [(r['own_classes'], r['share_reference'], r['share_personal'])
+            for r in rows] == [([0], 0.0, 1.0), ([1, 2], 1.0, 1.0)]
+    assert imgs['reference'].shape == (5, 1, 1, 1) and len(keys[2]) == 2  # ceil(5 / 3) calls
+    assert keys[0] == keys[1] == keys[2]
+    s = class_share.summarize(rows)
+    assert s['share_of_clients_higher'] == 0.5 and s['mean_share_reference'] == 0.5
+    assert s['mean_share_personal'] == 1.0 and s['ci'][0] <= 0.5 <= s['ci'][1]
+
+
+def test_class_share_of_a_personalized_run(tiny_run):
+    """experiments.class_share on the personalized tiny run: the files, shares in [0, 1] over
+    trained clients, and the same numbers when run again (seeded)."""
+    _, work, _ = tiny_run
+    personal_exp.main_run(None, work, 1, 0)
+    out = class_share.run(work, 2, 3)
+    assert 1 <= out['clients'] == len(out['rows']) <= 2 and out['reference'] == 'global'
+    for r in out['rows']:
+        assert 0.0 <= r['share_reference'] <= 1.0 and 0.0 <= r['share_personal'] <= 1.0
+        assert r['own_classes']
+    assert 0.0 <= out['classifier_test_accuracy'] <= 1.0
+    for name in ('class_share.json', 'class_share.csv', 'class_share.png'):
+        assert os.path.getsize(os.path.join(work, name)) > 0, name
+    assert class_share.run(work, 2, 3) == out
+    with pytest.raises(ValueError, match='--clients'):
+        class_share.run(work, 0, 3)

@@ -1,4 +1,5 @@
 """experiments.reproduce at smoke scale (report, figures, reuse) and the report's rules."""
+import json
 import os
 import time
 
@@ -57,6 +58,11 @@ def test_smoke_report_has_every_claim_and_figure(smoke):
     assert m['ptb']['fedgen_edge']['std'] is not None and len(
         m['ptb']['fedgen_edge']['per_seed']) == 2
     assert os.path.exists(os.path.join(smoke['wd'], 'results.json'))
+    for k in ('personal', 'personal_window'):  # claim 4 on both local test splits, every seed
+        assert len(m[k]['per_seed']) == 2 and m[k]['clients'] > 0, k
+    for split, group in (('document', 'fedgen_edge_document'), ('window', 'fedgen_edge')):
+        with open(os.path.join(smoke['wd'], 'ptb', group, 'seed0', 'config.json')) as f:
+            assert json.load(f)['data']['partition']['local_test_unit'] == split
 
 
 def test_second_invocation_reuses_the_finished_runs(smoke):

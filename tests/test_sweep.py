@@ -88,8 +88,9 @@ def test_vmapped_hyperparameters_equal_separate_runs(corpus, backbone, tmp_path)
         'fed.dropout_rate': 0.2
     }]
     configs = [sweep.with_overrides(base, o, seed) for o, seed in zip(settings, (0, 0, 1))]
-    sweep.check_group('hp', configs)
-    records = sweep.run_group('hp', configs, str(tmp_path / 'sweep'))
+    specs = sweep.specs_of(configs)
+    sweep.check_group('hp', configs, specs)
+    records = sweep.run_group('hp', configs, str(tmp_path / 'sweep'), specs)
     assert len(records) == 3 and all(r['vmapped_runs'] == 3 for r in records)
     finals = []
     for i, (c, rec) in enumerate(zip(configs, records)):
@@ -125,17 +126,17 @@ def test_vmapped_fields_stay_in_one_group():
     a.fed.client_lr, b.fed.client_lr = 0.0, 0.01
     # Runs vary learning rates as multiples of the first run's, which the spec keeps > 0.
     with pytest.raises(ValueError, match='fed.client_lr must be a number > 0'):
-        sweep.check_group('g', [a, b])
+        sweep.check_group('g', [a, b], sweep.specs_of([a, b]))
 
 
 def test_shape_changing_field_in_a_group_is_one_line_error(corpus):
     a, b = _config(corpus), _config(corpus)
     b.seed, b.lora.rank = 1, 4
     with pytest.raises(ValueError, match='lora.rank: 2 -> 4') as e:
-        sweep.check_group('g', [a, b])
+        sweep.check_group('g', [a, b], sweep.specs_of([a, b]))
     assert '\n' not in str(e.value)
     with pytest.raises(ValueError, match='repeated runs'):
-        sweep.check_group('g', [a, _config(corpus)])
+        sweep.check_group('g', [a, _config(corpus)], sweep.specs_of([a, _config(corpus)]))
 
 
 def test_groups_loop_the_varied_fields():
@@ -167,8 +168,8 @@ def test_killed_sweep_resumes_into_the_unbroken_runs_and_a_finished_one_is_read_
     run from round 1 (seed 0 drops its step 2) and ends with the unbroken rows and states bit for
     bit; rerunning the finished group reads its summaries back and touches no file."""
     configs = [sweep.with_overrides(_config(corpus, backbone), {}, s) for s in (0, 1)]
-    work = str(tmp_path / 'sweep')
-    first = sweep.run_group('base', configs, work)
+    specs, work = sweep.specs_of(configs), str(tmp_path / 'sweep')
+    first = sweep.run_group('base', configs, work, specs)
     dirs = first[0]['dirs']
     ref = [(metrics_rows(d), latest_state(d)) for d in dirs]
     for d in dirs:
@@ -178,7 +179,7 @@ def test_killed_sweep_resumes_into_the_unbroken_runs_and_a_finished_one_is_read_
     with open(os.path.join(dirs[1], 'metrics.jsonl'), 'w') as f:
         f.writelines(kept)
     shutil.rmtree(os.path.join(dirs[1], 'checkpoints', '2'))
-    again = sweep.run_group('base', configs, work)
+    again = sweep.run_group('base', configs, work, specs)
     assert again[0]['final_valid_ppl'] == first[0]['final_valid_ppl']
     for d, (rows, (step, state)) in zip(dirs, ref):
         assert metrics_rows(d) == rows
@@ -187,7 +188,29 @@ def test_killed_sweep_resumes_into_the_unbroken_runs_and_a_finished_one_is_read_
         for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(state)):
             np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
     stamps = {d: os.stat(os.path.join(d, 'summary.json')).st_mtime_ns for d in dirs}
-    read_back = sweep.run_group('base', configs, work)
+    read_back = sweep.run_group('base', configs, work, specs)
     assert read_back[0]['final_valid_ppl'] == again[0]['final_valid_ppl']
     assert read_back[0]['first_round_s'] is None  # nothing ran
     assert {d: os.stat(os.path.join(d, 'summary.json')).st_mtime_ns for d in dirs} == stamps
+
+
+def test_a_finished_group_that_named_its_cached_backbone_is_read_back(corpus, backbone, tmp_path):
+    """Configs without pretrain.backbone_path: the group loads the backbone cached under its
+    workdir and writes that path into every config.json; a rerun with the same configs reads the
+    summaries back (nothing runs), while a run of another config is not taken for it."""
+    work = tmp_path / 'sweep'
+    shutil.copytree(backbone, work / 'backbone' / os.path.basename(backbone))
+    configs = [sweep.with_overrides(_config(corpus), {}, s) for s in (0, 1)]
+    specs = sweep.specs_of(configs)
+    first = sweep.run_group('base', configs, str(work), specs)
+    for d in first[0]['dirs']:
+        with open(os.path.join(d, 'config.json')) as f:
+            path = json.load(f)['pretrain']['backbone_path']
+        assert path == str(work / 'backbone' / os.path.basename(backbone))
+    again = sweep.run_group('base', configs, str(work), specs)
+    assert again[0]['first_round_s'] is None  # read back
+    assert again[0]['final_valid_ppl'] == first[0]['final_valid_ppl']
+    other = [sweep.with_overrides(c, {'fed.client_lr': 0.5}) for c in configs]
+    assert sweep.finished(sweep.specs_of(other), first[0]['dirs'], str(work)) is None
+    elsewhere = sweep.finished(specs, first[0]['dirs'], str(tmp_path / 'other'))
+    assert elsewhere is None  # the written path is not that workdir's cache
