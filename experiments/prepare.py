@@ -40,7 +40,7 @@ def budget_chunk(spec: RunSpec, task: tasks.Task, p: algorithms.MethodParams, fr
     per = population.client_bytes(lambda s, x: update(s[0], s[1], x['data'], x['rng']).delta,
                                   (frozen, trainable), per_client)
     local = -(-c.per_round // (mesh.size if mesh is not None else 1))
-    chunk = population.chunk_for_budget(per, int(c.mem_budget_mb * 2**20), local)
+    chunk = population.chunk_for_budget(per, int(c.mem_budget_mb * 2**20), local, section='fed.')
     log(f'client chunk {chunk} from a {c.mem_budget_mb} MB budget '
         f'({per / 2**20:.1f} MB per client)')
     return chunk
@@ -92,8 +92,11 @@ def setup(spec: RunSpec, workdir: str) -> dict:
             'lora': peft.initial_adapters(init_from, arch, p.lora.alpha, trainable['lora'])
         }
     c = spec.clients
-    steps = batching.num_local_steps([len(i) for i in task.client_train], c.batch_size,
-                                     c.local_epochs, c.max_steps_per_epoch)
+    steps = batching.num_local_steps([len(i) for i in task.client_train],
+                                     c.batch_size,
+                                     c.local_epochs,
+                                     c.max_steps_per_epoch,
+                                     section='fed.')
     mesh = spec.mesh()
     chunk = budget_chunk(spec, task, p, frozen, trainable, steps, mesh)
     p, alg = spec.make_algorithm(task.loss_fn, chunk, mesh)

@@ -128,7 +128,7 @@ class RunSpec:
 
     def mesh(self) -> Mesh | None:
         """The client mesh of fed.num_devices (0 = every device; None for one device)."""
-        return population.mesh_for(self.clients.num_devices)
+        return population.mesh_for(self.clients.num_devices, section='fed.')
 
     def sample_round(self, rnd: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(client ids [C_pad], present [C_pad] or None): round ``rnd``'s sampled clients, a pure
@@ -136,8 +136,14 @@ class RunSpec:
         marked absent and carry no data (batching.drop_absent)."""
         c = self.clients
         if c.poisson:
-            return dp_sampling.poisson_clients(self.seed, rnd, c.num_clients, c.rate, c.capacity)
-        return batching.sample_clients(self.seed, rnd, c.num_clients, c.sampled), None
+            return dp_sampling.poisson_clients(self.seed,
+                                               rnd,
+                                               c.num_clients,
+                                               c.rate,
+                                               c.capacity,
+                                               section='fed.')
+        return batching.sample_clients(self.seed, rnd, c.num_clients, c.sampled,
+                                       section='fed.'), None
 
     def accountant(self) -> accounting.RoundAccountant | None:
         """A fresh privacy accountant (epsilon after t rounds at delta), or None without DP or
@@ -145,14 +151,19 @@ class RunSpec:
         p = self.privacy
         if not p.enabled or p.noise_multiplier == 0:
             return None
-        return accounting.RoundAccountant(self.clients.rate, p.noise_multiplier, p.delta,
-                                          p.accountant, p.sampling, self.clients.num_clients)
+        return accounting.RoundAccountant(self.clients.rate,
+                                          p.noise_multiplier,
+                                          p.delta,
+                                          p.accountant,
+                                          p.sampling,
+                                          self.clients.num_clients,
+                                          section='fed.')
 
     def make_algorithm(self, loss_fn, chunk: int | None = None, mesh=None):
         """(MethodParams, Algorithm): the method with its aggregator and, with ema_decay > 0, the
         server EMA (``chunk`` overrides the spec's)."""
         p = self.method if chunk is None else dataclasses.replace(self.method, chunk=chunk)
-        return p, base.with_ema(algorithms.make(p, loss_fn, mesh), self.ema_decay)
+        return p, base.with_ema(algorithms.make(p, loss_fn, mesh), self.ema_decay, section='fed.')
 
     def preflight(self, backbone_shapes) -> None:
         """Checks the LoRA targets/rank on the backbone's abstract shapes and, with SecAgg, that
@@ -166,7 +177,8 @@ class RunSpec:
                                self.clients.capacity,
                                bits,
                                scale,
-                               num_params=comm.num_params(upload))
+                               num_params=comm.num_params(upload),
+                               section='fed.')
 
     def client_bytes(self, alg, trainable: dict) -> tuple:
         """(up, down) bytes per client: plain ints, or [N] arrays when clients differ (true

@@ -12,6 +12,7 @@ import typing
 from experiments import runspec
 from fedgen import aggregators, algorithms, tasks
 from fedgen.fl import algorithm as base
+from fedgen.fl import attacks
 from fedgen.fl import engine
 from fedgen.fl import fates
 from fedgen.aggregators import lora_math as lora_aggregation
@@ -119,8 +120,13 @@ def _lora_spec(config) -> algorithms.LoraSpec:
 def _faults(config) -> engine.Faults:
     """Simulated dropouts, stragglers and attackers from ``config.fed``."""
     fed = config.fed
-    fates.check_rates(fed.dropout_rate, fed.straggler_rate, fed.straggler_min_frac, fed.over_select)
+    fates.check_rates(fed.dropout_rate,
+                      fed.straggler_rate,
+                      fed.straggler_min_frac,
+                      fed.over_select,
+                      section='fed.')
     a = fed.attack
+    attacks.check(a.kind, a.fraction, a.scale, a.noise_norm, section='fed.')
     return engine.Faults(dropout=float(fed.dropout_rate),
                          straggler=float(fed.straggler_rate),
                          straggler_min_frac=float(fed.straggler_min_frac),
@@ -144,7 +150,7 @@ def _dp_enabled(config) -> bool:
 def _dp_delta(config) -> float:
     """fed.dp.delta, or N^-1.1 when it is 0 (well below 1/N: a mechanism that publishes one random
     user's data is (0, 1/N)-DP, so delta >= 1/N is refused)."""
-    return config.fed.dp.delta or accounting.default_delta(config.fed.num_clients)
+    return config.fed.dp.delta or accounting.default_delta(config.fed.num_clients, section='fed.')
 
 
 def _sampling_rate(config) -> float:
@@ -158,7 +164,10 @@ def _dp_capacity(config) -> int:
     d, fed = config.fed.dp, config.fed
     if not _dp_enabled(config) or d.sampling == 'fixed':
         return _round_clients(config)
-    return dp_sampling.poisson_capacity(fed.num_clients, _sampling_rate(config), fed.rounds)
+    return dp_sampling.poisson_capacity(fed.num_clients,
+                                        _sampling_rate(config),
+                                        fed.rounds,
+                                        section='fed.')
 
 
 def _noise_multiplier(config) -> float:
@@ -166,8 +175,14 @@ def _noise_multiplier(config) -> float:
     d, fed = config.fed.dp, config.fed
     if not d.target_epsilon:
         return float(d.noise_multiplier)
-    return accounting.calibrate_noise(d.target_epsilon, _sampling_rate(config), fed.rounds,
-                                      _dp_delta(config), d.accountant, d.sampling, fed.num_clients)
+    return accounting.calibrate_noise(d.target_epsilon,
+                                      _sampling_rate(config),
+                                      fed.rounds,
+                                      _dp_delta(config),
+                                      d.accountant,
+                                      d.sampling,
+                                      fed.num_clients,
+                                      section='fed.')
 
 
 def _dp_params(config):
@@ -179,16 +194,28 @@ def _dp_params(config):
         raise ValueError('fed.dp.noise_multiplier cannot run with fed.dp.target_epsilon: the '
                          'target calibrates the noise multiplier; set one of them (the other 0)')
     delta = _dp_delta(config)
-    accounting.check(delta, d.accountant, d.sampling, _sampling_rate(config), fed.num_clients)
-    params = dp_lib.make_params(d.clip_norm, _noise_multiplier(config), _round_clients(config),
-                                d.adaptive, d.target_quantile, d.clip_lr, d.count_stddev)
+    accounting.check(delta,
+                     d.accountant,
+                     d.sampling,
+                     _sampling_rate(config),
+                     fed.num_clients,
+                     section='fed.')
+    params = dp_lib.make_params(d.clip_norm,
+                                _noise_multiplier(config),
+                                _round_clients(config),
+                                d.adaptive,
+                                d.target_quantile,
+                                d.clip_lr,
+                                d.count_stddev,
+                                section='fed.')
     sec = None
     if fed.secagg.enabled:
         sec = secagg.make_params(d.clip_norm,
                                  _dp_capacity(config),
                                  fed.secagg.bits,
                                  fed.secagg.scale,
-                                 simulate_masks=fed.secagg.simulate_masks)
+                                 simulate_masks=fed.secagg.simulate_masks,
+                                 section='fed.')
     return params, sec
 
 
@@ -197,7 +224,7 @@ def _base_aggregator(config) -> aggregators.Aggregator:
     else ``fed.aggregator`` with ``fed.robust.*``."""
     fed = config.fed
     name, hp = fed.aggregator, dict(fed.robust.to_dict())
-    robust.check(name, _round_clients(config), fed.attack.fraction, **hp)
+    robust.check(name, _round_clients(config), fed.attack.fraction, section='fed.', **hp)
     reduction = f'fed.aggregator={name!r}'
     if fed.secagg.enabled and name != 'mean':
         aggregators.refuse('fed.secagg.enabled', reduction,
@@ -217,7 +244,7 @@ def _base_aggregator(config) -> aggregators.Aggregator:
         aggregators.refuse(
             'fed.log_client_drift', reduction, 'client drift is measured around '
             'the weighted mean the server applies; a robust reduction has none')
-    return aggregators.robust_reduction(name, label=reduction, **hp)
+    return aggregators.robust_reduction(name, label=reduction, section='fed.', **hp)
 
 
 def _aggregator(config) -> aggregators.Aggregator:
@@ -225,7 +252,7 @@ def _aggregator(config) -> aggregators.Aggregator:
     LoRA aggregation (fedgen.aggregators); refused combinations raise one line naming both."""
     fed = config.fed
     method = fed.lora_aggregation
-    lora_aggregation.validate(method, fed.residual_rank)
+    lora_aggregation.validate(method, fed.residual_rank, section='fed.')
     agg = _base_aggregator(config)
     ranks = _client_ranks(config)
     hetero = ranks is not None and len(set(ranks)) > 1
@@ -240,7 +267,12 @@ def _aggregator(config) -> aggregators.Aggregator:
                 label, 'lora.client_ranks', 'a rank-r_k client downloads a '
                 'truncation of the global adapter, so the residual would not make '
                 "its model the exact mean; use 'stack' or 'svd_refactor'")
-        agg = aggregators.product(method, float(config.lora.alpha), fed.residual_rank, agg, label)
+        agg = aggregators.product(method,
+                                  float(config.lora.alpha),
+                                  fed.residual_rank,
+                                  agg,
+                                  label,
+                                  section='fed.')
     adapters = fed.algorithm not in ('fedavg_full', 'fedsa', 'local_only',
                                      'centralized') and not (fed.algorithm == 'fedprox'
                                                              and fed.prox_target == 'full')
@@ -254,7 +286,13 @@ def _client_ranks(config) -> tuple | None:
     spec = config.lora.client_ranks
     if spec in ('', None) or spec == ():
         return None
-    ranks = lora_ranks.client_ranks(spec, config.fed.num_clients, config.lora.rank, config.seed)
+    if config.fed.num_clients < 1:
+        raise ValueError(f'fed.num_clients must be >= 1, got {config.fed.num_clients}')
+    ranks = lora_ranks.client_ranks(spec,
+                                    config.fed.num_clients,
+                                    config.lora.rank,
+                                    config.seed,
+                                    section='lora.')
     if all(int(r) == config.lora.rank for r in ranks):
         return None  # every client at lora.rank: no masks, the plain adapters
     return tuple(int(r) for r in ranks)
@@ -290,7 +328,7 @@ def _method_params(config) -> algorithms.MethodParams:
 def _fed_ema_decay(config) -> float:
     """fed.ema_decay, checked (a number in [0, 1))."""
     decay = config.fed.ema_decay
-    base.check_ema_decay(decay)
+    base.check_ema_decay(decay, section='fed.')
     return float(decay)
 
 

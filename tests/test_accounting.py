@@ -87,23 +87,23 @@ def test_calibrate_noise_pld_full_participation():
 
 def test_unreachable_target_is_one_line():
     # 1000 full-participation rounds at z = 1000 still spend ~0.11.
-    with pytest.raises(ValueError, match=r'fed.dp.target_epsilon=0.05 is unreachable') as err:
+    with pytest.raises(ValueError, match=r'^dp\.target_epsilon=0.05 is unreachable') as err:
         accounting.calibrate_noise(0.05, 1.0, 1000, DELTA, 'rdp')
     assert '\n' not in str(err.value)
-    with pytest.raises(ValueError, match='fed.dp.target_epsilon'):
-        accounting.calibrate_noise(0.0, Q, T, DELTA)
+    with pytest.raises(ValueError, match=r'^fed\.dp\.target_epsilon'):
+        accounting.calibrate_noise(0.0, Q, T, DELTA, section='fed.')
 
 
 @pytest.mark.parametrize('kwargs,field', [
-    (dict(delta=0.0), 'fed.dp.delta'),
-    (dict(delta=1.0), 'fed.dp.delta'),
-    (dict(accountant='moments'), 'fed.dp.accountant'),
-    (dict(sampling='shuffle'), 'fed.dp.sampling'),
-    (dict(sampling='fixed', accountant='pld', num_clients=100), 'fed.dp.accountant'),
-    (dict(sampling='fixed', num_clients=33), 'fed.dp.sampling'),
+    (dict(delta=0.0), r'^dp\.delta'),
+    (dict(delta=1.0), r'^dp\.delta'),
+    (dict(accountant='moments'), r'^dp\.accountant'),
+    (dict(sampling='shuffle'), r'^dp\.sampling'),
+    (dict(sampling='fixed', accountant='pld', num_clients=100), r'^dp\.accountant'),
+    (dict(sampling='fixed', num_clients=33), r'^dp\.sampling.*num_clients'),
     (dict(q=0.001, num_clients=100), 'expected count'),
-    (dict(delta=0.01, num_clients=100), 'fed.dp.delta'),
-    (dict(delta=0.3, num_clients=4), 'fed.dp.delta'),
+    (dict(delta=0.01, num_clients=100), r'^dp\.delta'),
+    (dict(delta=0.3, num_clients=4), r'^dp\.delta'),
 ])
 def test_validation(kwargs, field):
     args = dict(q=Q, z=Z, steps=T, delta=DELTA, accountant='rdp', sampling='poisson', num_clients=0)
@@ -111,8 +111,8 @@ def test_validation(kwargs, field):
     with pytest.raises(ValueError, match=field) as err:
         accounting.epsilon(**args)
     assert '\n' not in str(err.value)
-    with pytest.raises(ValueError, match='fed.dp.noise_multiplier'):
-        accounting.epsilon(Q, -1.0, T, DELTA)
+    with pytest.raises(ValueError, match=r'^fed\.dp\.noise_multiplier'):
+        accounting.epsilon(Q, -1.0, T, DELTA, section='fed.')
 
 
 def test_default_delta_is_below_one_over_n_and_delta_at_one_over_n_is_refused():
@@ -121,15 +121,20 @@ def test_default_delta_is_below_one_over_n_and_delta_at_one_over_n_is_refused():
         assert d == pytest.approx(n**-1.1, rel=1e-15)
         assert d < 1 / n
         accounting.check(d, 'rdp', 'poisson', 1.0, n)  # the default passes
-    with pytest.raises(ValueError, match=r'fed.dp.delta must be in \(0, 1/N\)') as err:
+    with pytest.raises(ValueError, match=r'^dp\.delta must be in \(0, 1/N\)') as err:
         accounting.check(1 / 100, 'rdp', 'poisson', 0.1, 100)
+    assert 'N = num_clients = 100' in str(err.value)
+    with pytest.raises(ValueError, match=r'^fed\.dp\.delta .* N = fed\.num_clients = 100') as err:
+        accounting.check(1 / 100, 'rdp', 'poisson', 0.1, 100, section='fed.')
     assert '\n' not in str(err.value) and '0.01' in str(err.value)
-    with pytest.raises(ValueError, match='fed.dp.delta'):
-        accounting.RoundAccountant(0.1, 1.0, 0.02, 'rdp', 'poisson', 100)
-    with pytest.raises(ValueError, match='fed.dp.delta'):
+    with pytest.raises(ValueError, match=r'^fed\.dp\.delta'):
+        accounting.RoundAccountant(0.1, 1.0, 0.02, 'rdp', 'poisson', 100, section='fed.')
+    with pytest.raises(ValueError, match=r'^dp\.delta'):
         accounting.calibrate_noise(8.0, 0.1, 10, 0.5, 'rdp', 'poisson', 4)
-    with pytest.raises(ValueError, match='fed.num_clients'):
+    with pytest.raises(ValueError, match='DP needs num_clients >= 2'):
         accounting.default_delta(1)
+    with pytest.raises(ValueError, match=r'DP needs fed\.num_clients >= 2'):
+        accounting.default_delta(1, section='fed.')
     # Just under 1/N is allowed (the range is open at 1/N).
     assert accounting.epsilon(0.1, 1.0, 5, 0.999 / 100, 'rdp', 'poisson', 100) > 0
 

@@ -102,8 +102,12 @@ def test_traced_scale_does_not_recompile():
     (('gaussian', 0.1, 1.0, -1.0), 'fed.attack.noise_norm'),
 ])
 def test_check(args, field):
-    with pytest.raises(ValueError, match=field.replace('.', r'\.')) as e:
+    """The library names its own fields (attack.*); the caller's section prefixes them."""
+    own = field.removeprefix('fed.')
+    with pytest.raises(ValueError, match='^' + own.replace('.', r'\.')) as e:
         attacks.check(*args)
     assert '\n' not in str(e.value)
+    with pytest.raises(ValueError, match='^' + field.replace('.', r'\.')):
+        attacks.check(*args, section='fed.')
     attacks.check('none', 0.0)
     attacks.check('same_value', 0.3, 1.0, 5.0)

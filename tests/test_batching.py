@@ -10,8 +10,10 @@ def test_sampling_is_a_function_of_seed_and_round():
     assert np.array_equal(a, batching.sample_clients(3, 7, 100, 10))
     assert len(set(a.tolist())) == 10 and a.min() >= 0 and a.max() < 100
     assert not np.array_equal(a, batching.sample_clients(3, 8, 100, 10))
-    with pytest.raises(ValueError, match='fed.clients_per_round'):
+    with pytest.raises(ValueError, match=r'^clients_per_round must be in \[1, num_clients=5\]'):
         batching.sample_clients(0, 0, 5, 6)
+    with pytest.raises(ValueError, match=r'^fed\.clients_per_round .*\[1, fed\.num_clients=5\]'):
+        batching.sample_clients(0, 0, 5, 6, section='fed.')
 
 
 def test_pack_covers_each_local_example_once_per_epoch():
@@ -65,7 +67,7 @@ def test_batch_all_weights_padding():
 
 
 def test_bad_values():
-    with pytest.raises(ValueError, match='fed.local_epochs'):
+    with pytest.raises(ValueError, match=r'^local_epochs'):
         batching.num_local_steps([3], 2, 0)
-    with pytest.raises(ValueError, match='fed.batch_size'):
-        batching.num_local_steps([3], 0, 1)
+    with pytest.raises(ValueError, match=r'^fed\.batch_size'):
+        batching.num_local_steps([3], 0, 1, section='fed.')

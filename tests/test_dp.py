@@ -178,19 +178,20 @@ def test_private_mean_traces_once_over_values_and_counts():
 
 
 def test_validation_messages():
-    with pytest.raises(ValueError, match='fed.dp.clip_norm'):
+    """The library names its own fields (dp.clip_norm, ...); the caller's section prefixes them."""
+    with pytest.raises(ValueError, match=r'^dp\.clip_norm'):
         dp.make_params(0.0, 1.0, 10.0)
-    with pytest.raises(ValueError, match='fed.dp.clip_norm'):
-        dp.make_params(-1.0, 1.0, 10.0)
-    with pytest.raises(ValueError, match='fed.dp.clip_norm'):
+    with pytest.raises(ValueError, match=r'^fed\.dp\.clip_norm'):
+        dp.make_params(-1.0, 1.0, 10.0, section='fed.')
+    with pytest.raises(ValueError, match=r'^dp\.clip_norm .* dp\.noise_multiplier > 0'):
         dp.make_params(math.inf, 1.0, 10.0)
-    with pytest.raises(ValueError, match='fed.dp.noise_multiplier'):
+    with pytest.raises(ValueError, match=r'^dp\.noise_multiplier'):
         dp.make_params(1.0, -0.1, 10.0)
-    with pytest.raises(ValueError, match='expected clients'):
-        dp.make_params(1.0, 1.0, 0.5)
-    with pytest.raises(ValueError, match='fed.dp.count_stddev'):
-        dp.make_params(1.0, 1.0, 10.0, adaptive=True, count_stddev=0.5)
-    with pytest.raises(ValueError, match='fed.dp.target_quantile'):
+    with pytest.raises(ValueError, match=r'expected clients .*fed\.num_clients'):
+        dp.make_params(1.0, 1.0, 0.5, section='fed.')
+    with pytest.raises(ValueError, match=r'^fed\.dp\.count_stddev .* fed\.dp\.noise_multiplier'):
+        dp.make_params(1.0, 1.0, 10.0, adaptive=True, count_stddev=0.5, section='fed.')
+    with pytest.raises(ValueError, match=r'^dp\.target_quantile'):
         dp.make_params(1.0, 1.0, 10.0, adaptive=True, target_quantile=1.0)
 
 

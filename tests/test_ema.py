@@ -69,9 +69,11 @@ def test_decay_zero_changes_nothing(tiny):
 
 @pytest.mark.parametrize('decay', [1.0, -0.1, 1.5, True, '0.9', None])
 def test_bad_decay_is_one_line_naming_the_field(decay):
-    with pytest.raises(ValueError, match=r'^fed\.ema_decay must be a number in \[0, 1\)') as e:
+    with pytest.raises(ValueError, match=r'^ema_decay must be a number in \[0, 1\)') as e:
         base.with_ema(_counting_algorithm(), decay)
     assert '\n' not in str(e.value)
+    with pytest.raises(ValueError, match=r'^fed\.ema_decay must be a number in \[0, 1\)'):
+        base.with_ema(_counting_algorithm(), decay, section='fed.')
 
 
 def test_ema_state_checkpointed_resume_equals_unbroken(tiny, tmp_path):

@@ -121,8 +121,12 @@ def test_over_select():
     ((0.0, 0.0, 0.5, 1.0), 'fed.over_select'),
 ])
 def test_check_rates(args, field):
-    with pytest.raises(ValueError, match=field.replace('.', r'\.')) as e:
+    """The library names its own fields; the caller's section prefixes them."""
+    own = field.removeprefix('fed.')
+    with pytest.raises(ValueError, match='^' + own) as e:
         fates.check_rates(*args)
     assert '\n' not in str(e.value)
+    with pytest.raises(ValueError, match='^' + field.replace('.', r'\.')):
+        fates.check_rates(*args, section='fed.')
     fates.check_rates(0.0, 0.0, 1.0, 0.0)
     fates.check_rates(0.5, 0.99, 0.1, 0.2)

@@ -99,13 +99,19 @@ def test_each_layer_adapter_acts_on_its_own_layer(setup):
 @pytest.mark.parametrize('rank', [0, -1, 17, 2.5])
 def test_bad_rank(setup, rank):
     _, params, _ = setup
-    with pytest.raises(ValueError, match='lora.rank'):
+    with pytest.raises(ValueError, match=r'^rank must be an int'):
         lora.init(jax.random.PRNGKey(0), params, 'qv', rank)
+    with pytest.raises(ValueError, match=r'^lora\.rank must be an int'):
+        lora.init(jax.random.PRNGKey(0), params, 'qv', rank, section='lora.')
 
 
 def test_rule_matching_nothing(setup):
     _, params, _ = setup
-    with pytest.raises(ValueError, match='lora.targets'):
+    with pytest.raises(ValueError, match=r'^targets rule'):
         lora.init(jax.random.PRNGKey(0), params, [r'decoder/cross/kernel$'], 2)
-    with pytest.raises(ValueError, match='lora.targets'):
+    with pytest.raises(ValueError, match=r'^lora\.targets rule'):
+        lora.init(jax.random.PRNGKey(0), params, [r'decoder/cross/kernel$'], 2, section='lora.')
+    with pytest.raises(ValueError, match=r'^targets must name'):
         lora.resolve_rules('')
+    with pytest.raises(ValueError, match=r'^lora\.targets must name'):
+        lora.resolve_rules('', section='lora.')

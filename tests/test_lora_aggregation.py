@@ -375,22 +375,27 @@ def test_byte_counts():
 
 
 @pytest.mark.parametrize('kwargs, field', [
-    (dict(method='fedavg'), 'fed.lora_aggregation'),
-    (dict(method='exact_residual', residual_rank=0), 'fed.residual_rank'),
-    (dict(method='exact_residual', residual_rank=-2), 'fed.residual_rank'),
-    (dict(method='avg_ab', residual_rank=2), 'fed.residual_rank'),
+    (dict(method='fedavg'), 'lora_aggregation'),
+    (dict(method='exact_residual', residual_rank=0), 'residual_rank'),
+    (dict(method='exact_residual', residual_rank=-2), 'residual_rank'),
+    (dict(method='avg_ab', residual_rank=2), 'residual_rank'),
 ])
 def test_refused_settings(kwargs, field):
-    """The aggregation's own fields; pairings with other features: tests/test_combinations.py."""
-    with pytest.raises(ValueError, match=field.replace('.', r'\.')):
+    """The aggregation's own fields; pairings with other features: tests/test_combinations.py.
+    The library names its own parameters; the caller's section prefixes them."""
+    with pytest.raises(ValueError, match='^' + field):
         la.validate(**kwargs)
+    with pytest.raises(ValueError, match='^fed\\.' + field):
+        la.validate(**kwargs, section='fed.')
 
 
 def test_accepted_settings():
     la.validate('avg_ab')
     la.validate('exact_residual', residual_rank=4)
-    with pytest.raises(ValueError, match='fed.lora_aggregation'):
+    with pytest.raises(ValueError, match='^lora_aggregation'):
         lora_rules.LoraAggregation('avg')
+    with pytest.raises(ValueError, match=r"only to fed\.lora_aggregation='exact_residual'"):
+        la.validate('stack', 2, section='fed.')
 
 
 CHILD = r'''

@@ -28,8 +28,18 @@ def test_client_ranks_cycle_and_uniform():
 
 @pytest.mark.parametrize('spec', [[2, 9], 'uniform:4,16', [0], [2.5], 'gauss:2,4', '', 'a,b'])
 def test_client_ranks_refused(spec):
-    with pytest.raises(ValueError, match='lora.client_ranks'):
+    """The library names its own fields; the caller's section prefixes them."""
+    with pytest.raises(ValueError, match=r'^client_ranks'):
         lora_ranks.client_ranks(spec, 4, 8, 0)
+    with pytest.raises(ValueError, match=r'^lora\.client_ranks'):
+        lora_ranks.client_ranks(spec, 4, 8, 0, section='lora.')
+
+
+def test_client_ranks_section_prefixes_both_fields():
+    with pytest.raises(ValueError, match=r'^lora\.client_ranks: .*\[1, lora\.rank=8\]'):
+        lora_ranks.client_ranks([2, 9], 4, 8, 0, section='lora.')
+    with pytest.raises(ValueError, match=r'^num_clients must be >= 1'):
+        lora_ranks.client_ranks([2], 0, 8, 0, section='lora.')
 
 
 def test_rank_mask_and_mask_adapters():

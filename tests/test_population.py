@@ -51,8 +51,10 @@ def test_round_equal_across_chunk_sizes(tiny):
 
 
 def test_bad_chunk(tiny):
-    with pytest.raises(ValueError, match='fed.client_chunk'):
+    with pytest.raises(ValueError, match=r'^client_chunk must be >= 1'):
         population.map_clients(lambda s, x: x, None, np.zeros((3, 1)), 0)
+    with pytest.raises(ValueError, match=r'^fed\.client_chunk must be >= 1'):
+        population.map_clients(lambda s, x: x, None, np.zeros((3, 1)), 0, section='fed.')
 
 
 def test_client_keys_independent_of_order():

@@ -72,10 +72,14 @@ def test_overflow_raises_instead_of_truncating():
 
 
 def test_rate_validation():
-    with pytest.raises(ValueError, match='expected count'):
+    with pytest.raises(ValueError, match=r'expected count .* x num_clients = 100'):
         sampling.poisson_clients(0, 0, 100, 0.005, 10)
-    with pytest.raises(ValueError, match='sampling rate'):
+    with pytest.raises(ValueError, match=r'^dp sampling rate'):
         sampling.poisson_capacity(100, 1.5, 10)
+    with pytest.raises(ValueError, match=r'^fed\.dp sampling rate'):
+        sampling.poisson_capacity(100, 1.5, 10, section='fed.')
+    with pytest.raises(ValueError, match=r'\[1, fed\.num_clients=100\]'):
+        sampling.poisson_clients(0, 0, 100, 0.5, 101, section='fed.')
 
 
 def test_fixed_is_the_runs_sampling():

@@ -217,20 +217,31 @@ def test_finite_mask():
 
 
 @pytest.mark.parametrize('args,kw,field', [
-    (('mediam', 10), {}, 'fed.aggregator'),
-    (('median', 10, 0.5), {}, 'fed.attack.fraction'),
-    (('trimmed_mean', 10), dict(beta=0.5), 'fed.robust.beta'),
-    (('multi_krum', 6), dict(f=2), 'fed.robust.f'),
-    (('multi_krum', 10), dict(f=1, m=10), 'fed.robust.m'),
-    (('norm_bound', 10), dict(bound=-1.0), 'fed.robust.bound'),
-    (('geometric_median', 10), dict(iters=0), 'fed.robust.iters'),
-    (('geometric_median', 10), dict(nu=0.0), 'fed.robust.nu'),
-    (('mean', 10), dict(gamma=1), 'fed.robust'),
+    (('mediam', 10), {}, 'aggregator'),
+    (('median', 10, 0.5), {}, 'attack.fraction'),
+    (('trimmed_mean', 10), dict(beta=0.5), 'robust.beta'),
+    (('multi_krum', 6), dict(f=2), 'robust.f'),
+    (('multi_krum', 10), dict(f=1, m=10), 'robust.m'),
+    (('norm_bound', 10), dict(bound=-1.0), 'robust.bound'),
+    (('geometric_median', 10), dict(iters=0), 'robust.iters'),
+    (('geometric_median', 10), dict(nu=0.0), 'robust.nu'),
+    (('mean', 10), dict(gamma=1), 'robust'),
 ])
 def test_check(args, kw, field):
-    with pytest.raises(ValueError, match=field.replace('.', r'\.')) as e:
+    """The library names its own parameters; a caller's section prefixes every name."""
+    with pytest.raises(ValueError, match='^' + field.replace('.', r'\.')) as e:
         robust.check(*args, **kw)
     assert '\n' not in str(e.value)
+    with pytest.raises(ValueError, match='^fed\\.' + field.replace('.', r'\.')):
+        robust.check(*args, section='fed.', **kw)
+
+
+def test_section_prefixes_both_fields():
+    with pytest.raises(ValueError) as e:
+        robust.check('median', 10, 0.5, section='fed.')
+    assert 'fed.attack.fraction' in str(e.value) and 'fed.aggregator=median' in str(e.value)
+    with pytest.raises(ValueError, match=r'^aggregator must be one of'):
+        robust.reduce('mediam', {'a': np.ones((2, 3))}, np.ones(2))
 
 
 def test_check_accepts_valid():

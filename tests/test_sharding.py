@@ -170,8 +170,10 @@ def test_chunk_for_budget():
     assert population.chunk_for_budget(100, 1000, 32) == 10
     assert population.chunk_for_budget(100, 50, 32) == 1  # never below one client
     assert population.chunk_for_budget(100, 10**9, 32) == 32  # never above C
-    with pytest.raises(ValueError, match='fed.client_mem_budget_mb'):
+    with pytest.raises(ValueError, match=r'^client_mem_budget_mb'):
         population.chunk_for_budget(100, 0, 32)
+    with pytest.raises(ValueError, match=r'^fed\.client_mem_budget_mb'):
+        population.chunk_for_budget(100, 0, 32, section='fed.')
 
 
 def test_client_bytes_grows_with_the_per_client_data():

@@ -80,16 +80,20 @@ def product(method: str,
             alpha: float,
             residual_rank: int | None = None,
             inner: Aggregator | None = None,
-            label: str = '') -> Aggregator:
+            label: str = '',
+            *,
+            section: str = '') -> Aggregator:
     """FedEx-LoRA / FlexLoRA / FLoRA (``method`` in lora_aggregation.NO_SERVER_OPT).
 
     state {'delta': dW per adapted kernel}. Being ``sets_global``, it returns the next global
     tree itself in place of a delta ({'lora': new adapter}; the server step is sgd(1.0) by
-    construction, applied exactly). FLoRA re-draws A from the round's server key."""
-    label = label or f'fed.lora_aggregation={method!r}'
+    construction, applied exactly). FLoRA re-draws A from the round's server key.
+    section: the caller's prefix for the names in error messages and the default label, e.g.
+    'fed.'."""
+    label = label or f'{section}lora_aggregation={method!r}'
     if method not in lora_aggregation.NO_SERVER_OPT:
-        raise ValueError(f'fed.lora_aggregation: {method!r} is not a product aggregator; one of '
-                         f'{lora_aggregation.NO_SERVER_OPT}')
+        raise ValueError(f'{section}lora_aggregation: {method!r} is not a product aggregator; '
+                         f'one of {lora_aggregation.NO_SERVER_OPT}')
     if inner is not None and (inner.private or inner.individual or inner.diagnostics):
         why = ('the server needs each client\'s factors A_k, B_k to form sum_k p_k A_k B_k; '
                'clipping and noising the sum of factors does not bound that product'

@@ -53,20 +53,21 @@ TINY = float(np.finfo(np.float32).tiny)
 DEAD = 1e-6  # relative singular value below which an SVD direction counts as empty
 
 
-def validate(method: str, residual_rank: int | None = None) -> None:
-    """Raises ValueError (one line, naming the config field) for an unknown method, or a
-    residual_rank <= 0 or given to a method other than exact_residual. Which methods, optimizers,
-    ranks and reductions each aggregation runs with is decided where the pieces meet
-    (fedgen.aggregators.lora and fedgen.algorithms.check_combination)."""
+def validate(method: str, residual_rank: int | None = None, *, section: str = '') -> None:
+    """Raises ValueError (one line, naming the field: lora_aggregation, residual_rank) for an
+    unknown method, or a residual_rank <= 0 or given to a method other than exact_residual. Which
+    methods, optimizers, ranks and reductions each aggregation runs with is decided where the
+    pieces meet (fedgen.aggregators.lora and fedgen.algorithms.check_combination).
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'."""
     if method not in METHODS:
-        raise ValueError(f'fed.lora_aggregation must be one of {METHODS}, got {method!r}')
+        raise ValueError(f'{section}lora_aggregation must be one of {METHODS}, got {method!r}')
     if residual_rank is not None:
         if isinstance(residual_rank, bool) or not isinstance(residual_rank, (int, np.integer)) \
                 or residual_rank <= 0:
-            raise ValueError(f'fed.residual_rank must be an int >= 1 (None: dense residual), '
+            raise ValueError(f'{section}residual_rank must be an int >= 1 (None: dense residual), '
                              f'got {residual_rank!r}')
         if method != 'exact_residual':
-            raise ValueError(f'fed.residual_rank applies only to fed.lora_aggregation='
+            raise ValueError(f'{section}residual_rank applies only to {section}lora_aggregation='
                              f"'exact_residual', got {method!r}")
 
 

@@ -48,20 +48,22 @@ def weighted_mean(drift: bool = False, label: str = "fed.aggregator='mean'") -> 
     return Aggregator(_no_state, agg, label, diagnostics=('client_drift', ) if drift else ())
 
 
-def robust_reduction(name: str, label: str = '', **hp) -> Aggregator:
+def robust_reduction(name: str, label: str = '', *, section: str = '', **hp) -> Aggregator:
     """fedgen.aggregators.robust's ``name`` reduction with hyper-parameters ``hp`` (beta, bound, f,
-    m, iters, nu; unused ones ignored). Multi-Krum's [C] selection stays internal."""
+    m, iters, nu; unused ones ignored). Multi-Krum's [C] selection stays internal.
+    section: the caller's prefix for the names in error messages and the default label, e.g.
+    'fed.'."""
     if name not in robust.NAMES:
-        raise ValueError(f'fed.aggregator must be one of {robust.NAMES}, got {name!r}')
+        raise ValueError(f'{section}aggregator must be one of {robust.NAMES}, got {name!r}')
     if name == 'mean':
-        return weighted_mean(label=label or "fed.aggregator='mean'")
+        return weighted_mean(label=label or f"{section}aggregator='mean'")
 
     def agg(updates, weights, state, key, ctx):
         del key, ctx
-        out, metrics = robust.reduce(name, updates, weights, **hp)
+        out, metrics = robust.reduce(name, updates, weights, section=section, **hp)
         return out, state, {k: v for k, v in metrics.items() if k != 'selected'}
 
-    return Aggregator(_no_state, agg, label or f'fed.aggregator={name!r}', individual=True)
+    return Aggregator(_no_state, agg, label or f'{section}aggregator={name!r}', individual=True)
 
 
 def median(**kw) -> Aggregator:

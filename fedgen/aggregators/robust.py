@@ -161,18 +161,24 @@ def geometric_median(stacked: PyTree, w: jax.Array, iters: int, nu: float) -> tu
     return z, {'gm_objective': obj}
 
 
-def reduce(name: str, stacked: PyTree, w: jax.Array, **hp) -> tuple[PyTree, dict]:
+def reduce(name: str,
+           stacked: PyTree,
+           w: jax.Array,
+           *,
+           section: str = '',
+           **hp) -> tuple[PyTree, dict]:
     """The ``name`` reduction (static) of stacked [C, ...] with weights w [C] -> (tree, metrics).
 
     hp: any of beta, bound, f, m, iters, nu (see DEFAULTS); keys the method does not use are
     ignored, so one dict of hyper-parameters serves every name. metrics always holds
     'num_present'; 'multi_krum' adds 'selected' [C].
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
     """
     unknown = set(hp) - set(DEFAULTS)
     if unknown:
         raise ValueError(f'robust.reduce: unknown hyper-parameters {sorted(unknown)}')
     if name not in NAMES:
-        raise ValueError(f'fed.aggregator must be one of {NAMES}, got {name!r}')
+        raise ValueError(f'{section}aggregator must be one of {NAMES}, got {name!r}')
     hp = {**DEFAULTS, **hp}
     w = jnp.asarray(w, jnp.float32)
     present = _present(w)
@@ -202,41 +208,49 @@ def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def check(name: str, clients_per_round: int, attack_fraction: float = 0.0, **hp) -> None:
-    """One-line ValueErrors naming the config field (fed.aggregator, fed.robust.*), before compute.
+def check(name: str,
+          clients_per_round: int,
+          attack_fraction: float = 0.0,
+          *,
+          section: str = '',
+          **hp) -> None:
+    """One-line ValueErrors naming the field (aggregator, attack.fraction, robust.*) early.
 
     clients_per_round is the static C the reduction sees (after over-selection).
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
     """
     if name not in NAMES:
-        raise ValueError(f'fed.aggregator must be one of {NAMES}, got {name!r}')
+        raise ValueError(f'{section}aggregator must be one of {NAMES}, got {name!r}')
     unknown = set(hp) - set(DEFAULTS)
     if unknown:
-        raise ValueError(f'fed.robust has unknown fields {sorted(unknown)}; known: '
+        raise ValueError(f'{section}robust has unknown fields {sorted(unknown)}; known: '
                          f'{sorted(DEFAULTS)}')
     hp = {**DEFAULTS, **hp}
     num = lambda v: (
         isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
         and math.isfinite(v))
     if name == 'median' and attack_fraction >= 0.5:
-        raise ValueError(f'fed.attack.fraction {attack_fraction} >= 0.5 breaks the median '
-                         f'(fed.aggregator=median resists fewer than half); use a fraction < 0.5')
+        raise ValueError(f'{section}attack.fraction {attack_fraction} >= 0.5 breaks the median '
+                         f'({section}aggregator=median resists fewer than half); '
+                         f'use a fraction < 0.5')
     if name == 'trimmed_mean' and not (num(hp['beta']) and 0.0 <= hp['beta'] < 0.5):
-        raise ValueError(f'fed.robust.beta must be in [0, 0.5), got {hp["beta"]!r}')
+        raise ValueError(f'{section}robust.beta must be in [0, 0.5), got {hp["beta"]!r}')
     if name == 'norm_bound' and not (num(hp['bound']) and hp['bound'] >= 0.0):
-        raise ValueError(f'fed.robust.bound must be >= 0 (0 = median norm), got {hp["bound"]!r}')
+        raise ValueError(f'{section}robust.bound must be >= 0 (0 = median norm), '
+                         f'got {hp["bound"]!r}')
     if name == 'multi_krum':
         f, m = hp['f'], hp['m']
         if not (_int(f) and f >= 0):
-            raise ValueError(f'fed.robust.f must be an int >= 0, got {f!r}')
+            raise ValueError(f'{section}robust.f must be an int >= 0, got {f!r}')
         if not clients_per_round > 2 * f + 2:
             raise ValueError(
-                f'fed.robust.f={f} is too large for {clients_per_round} clients per '
+                f'{section}robust.f={f} is too large for {clients_per_round} clients per '
                 f'round: Multi-Krum needs C > 2f + 2 (f <= {(clients_per_round - 3) // 2})')
         if not (_int(m) and 0 <= m <= clients_per_round - f):
-            raise ValueError(f'fed.robust.m must be an int in [0, C - f] = '
+            raise ValueError(f'{section}robust.m must be an int in [0, C - f] = '
                              f'[0, {clients_per_round - f}] (0 = C - f), got {m!r}')
     if name == 'geometric_median':
         if not (_int(hp['iters']) and hp['iters'] >= 1):
-            raise ValueError(f'fed.robust.iters must be an int >= 1, got {hp["iters"]!r}')
+            raise ValueError(f'{section}robust.iters must be an int >= 1, got {hp["iters"]!r}')
         if not (num(hp['nu']) and hp['nu'] > 0):
-            raise ValueError(f'fed.robust.nu must be > 0, got {hp["nu"]!r}')
+            raise ValueError(f'{section}robust.nu must be > 0, got {hp["nu"]!r}')

@@ -140,7 +140,7 @@ def variables(p: MethodParams, backbone: dict, rng: jax.Array) -> tuple[dict, di
     if p.lora is None:
         raise ValueError('lora: adapter methods need a LoraSpec (lora.rank, lora.alpha, '
                          'lora.targets)')
-    adapters = lora.init(rng, backbone, p.lora.targets, p.lora.rank)
+    adapters = lora.init(rng, backbone, p.lora.targets, p.lora.rank, section='lora.')
     return {'params': backbone}, {'lora': adapters}
 
 

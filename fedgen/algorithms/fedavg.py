@@ -73,7 +73,8 @@ def make(p, loss_fn, mesh=None, local_leaves: frozenset = frozenset()) -> Algori
     def rank_mask(state, ids):
         if ranks is None:
             return None
-        return lora_ranks.rank_mask(ranks[ids], lora_ranks.adapter_rank(state.trainable['lora']))
+        r_max = lora_ranks.adapter_rank(state.trainable['lora'], section='lora.')
+        return lora_ranks.rank_mask(ranks[ids], r_max)
 
     def starts(state, ids, mask):
         """Per-client starting trees [C, ...], or None when every client starts at w_G."""

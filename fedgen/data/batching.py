@@ -28,10 +28,20 @@ class RoundData:
     hparams: Any = None
 
 
-def sample_clients(seed: int, rnd: int, num_clients: int, per_round: int) -> np.ndarray:
-    """Sorted ids of ``per_round`` distinct clients, a pure function of (seed, rnd)."""
+def sample_clients(seed: int,
+                   rnd: int,
+                   num_clients: int,
+                   per_round: int,
+                   *,
+                   section: str = '') -> np.ndarray:
+    """Sorted ids of ``per_round`` distinct clients, a pure function of (seed, rnd); errors call
+    per_round clients_per_round.
+
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
+    """
     if not 1 <= per_round <= num_clients:
-        raise ValueError(f'fed.clients_per_round must be in [1, fed.num_clients={num_clients}], '
+        raise ValueError(f'{section}clients_per_round must be in '
+                         f'[1, {section}num_clients={num_clients}], '
                          f'got {per_round}')
     rng = np.random.default_rng([seed, rnd, 0x5A])
     return np.sort(rng.choice(num_clients, size=per_round, replace=False)).astype(np.int32)
@@ -43,12 +53,21 @@ def steps_per_epoch(n: int, batch_size: int, max_steps: int = 0) -> int:
     return min(s, max_steps) if max_steps > 0 else s
 
 
-def num_local_steps(sizes: Sequence[int], batch_size: int, epochs: int, max_steps: int = 0) -> int:
-    """The fixed S of a run: E * steps_per_epoch of the largest client."""
+def num_local_steps(sizes: Sequence[int],
+                    batch_size: int,
+                    epochs: int,
+                    max_steps: int = 0,
+                    *,
+                    section: str = '') -> int:
+    """The fixed S of a run: E * steps_per_epoch of the largest client; errors call ``epochs``
+    local_epochs.
+
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
+    """
     if epochs < 1:
-        raise ValueError(f'fed.local_epochs must be >= 1, got {epochs}')
+        raise ValueError(f'{section}local_epochs must be >= 1, got {epochs}')
     if batch_size < 1:
-        raise ValueError(f'fed.batch_size must be >= 1, got {batch_size}')
+        raise ValueError(f'{section}batch_size must be >= 1, got {batch_size}')
     return epochs * steps_per_epoch(max(sizes), batch_size, max_steps)
 
 

@@ -70,10 +70,13 @@ class Algorithm(NamedTuple):
 EMA_KEY = 'ema'  # state.aux[EMA_KEY]: the server's EMA of the global trainable tree
 
 
-def check_ema_decay(decay) -> None:
-    """One-line ValueError unless ``decay`` (config ``fed.ema_decay``) is a number in [0, 1)."""
+def check_ema_decay(decay, *, section: str = '') -> None:
+    """One-line ValueError (naming ``ema_decay``) unless ``decay`` is a number in [0, 1).
+
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
+    """
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
-        raise ValueError(f'fed.ema_decay must be a number in [0, 1), got {decay!r}')
+        raise ValueError(f'{section}ema_decay must be a number in [0, 1), got {decay!r}')
 
 
 def ema_decay_at(decay: float, rnd: jax.Array) -> jax.Array:
@@ -93,7 +96,7 @@ def ema_update(ema: PyTree, trainable: PyTree, d: jax.Array) -> PyTree:
     return jax.tree.map(lambda e, w: (d * e + (1.0 - d) * w).astype(e.dtype), ema, trainable)
 
 
-def with_ema(alg: Algorithm, decay: float) -> Algorithm:
+def with_ema(alg: Algorithm, decay: float, *, section: str = '') -> Algorithm:
     """``alg`` plus a server-side EMA of the global trainable tree, in ``state.aux['ema']``.
 
     After every round t (t = rounds done before it, w_G^{t+1} the new global tree):
@@ -107,17 +110,20 @@ def with_ema(alg: Algorithm, decay: float) -> Algorithm:
     Refused (one line) for methods without a global model and for aggregators that re-base the
     global adapter every round (FlexLoRA's SVD, FLoRA's re-drawn A) or keep a frozen delta
     (FedEx-LoRA): an average of their A and B leaves describes no model that ever existed.
+    Errors name ema_decay and algorithm; section: the caller's prefix for those names, e.g.
+    'fed.'.
     """
-    check_ema_decay(decay)
+    check_ema_decay(decay, section=section)
     if decay == 0:
         return alg
     agg = alg.aggregator
     if not alg.has_global:
-        raise ValueError("fed.ema_decay cannot run with fed.algorithm='fedsa' or 'local_only': "
-                         'the method has no global model to average')
+        raise ValueError(f"{section}ema_decay cannot run with {section}algorithm='fedsa' or "
+                         "'local_only': the method has no global model to average")
     if agg is not None and (agg.sets_global or agg.frozen_delta is not None):
-        raise ValueError(f'fed.ema_decay cannot run with {agg.label}: it re-bases A and B every '
-                         'round, so an EMA of them is no model that existed; use avg_ab or ffa')
+        raise ValueError(
+            f'{section}ema_decay cannot run with {agg.label}: it re-bases A and B '
+            'every round, so an EMA of them is no model that existed; use avg_ab or ffa')
 
     def init(trainable, rng):
         state = alg.init(trainable, rng)

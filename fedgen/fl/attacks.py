@@ -56,10 +56,15 @@ def apply(kind: str,
           is_attacker: jax.Array,
           key: jax.Array,
           scale=1.0,
-          noise_norm=1.0) -> PyTree:
-    """Replaces the attackers' uploads (see the module docstring); ``key`` is the round's key."""
+          noise_norm=1.0,
+          *,
+          section: str = '') -> PyTree:
+    """Replaces the attackers' uploads (see the module docstring); ``key`` is the round's key.
+
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
+    """
     if kind not in KINDS:
-        raise ValueError(f'fed.attack.kind must be one of {KINDS}, got {kind!r}')
+        raise ValueError(f'{section}attack.kind must be one of {KINDS}, got {kind!r}')
     if kind == 'none':
         return uploads
     num = is_attacker.shape[0]
@@ -85,17 +90,27 @@ def apply(kind: str,
     return jax.tree.map(pick, uploads, bad)
 
 
-def check(kind: str, fraction: float, scale: float = 1.0, noise_norm: float = 1.0) -> None:
-    """One-line ValueErrors naming the fed.attack.* field, before any compute."""
+def check(kind: str,
+          fraction: float,
+          scale: float = 1.0,
+          noise_norm: float = 1.0,
+          *,
+          section: str = '') -> None:
+    """One-line ValueErrors naming the attack.* field (kind, fraction, scale, noise_norm), before
+    any compute.
+
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
+    """
     if kind not in KINDS:
-        raise ValueError(f'fed.attack.kind must be one of {KINDS}, got {kind!r}')
+        raise ValueError(f'{section}attack.kind must be one of {KINDS}, got {kind!r}')
 
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
     if not (number(fraction) and 0.0 <= fraction < 1.0):
-        raise ValueError(f'fed.attack.fraction must be a number in [0, 1), got {fraction!r}')
+        raise ValueError(f'{section}attack.fraction must be a number in [0, 1), got {fraction!r}')
     if not number(scale):
-        raise ValueError(f'fed.attack.scale must be a finite number, got {scale!r}')
+        raise ValueError(f'{section}attack.scale must be a finite number, got {scale!r}')
     if not (number(noise_norm) and noise_norm >= 0.0):
-        raise ValueError(f'fed.attack.noise_norm must be a finite number >= 0, got {noise_norm!r}')
+        raise ValueError(f'{section}attack.noise_norm must be a finite number >= 0, '
+                         f'got {noise_norm!r}')

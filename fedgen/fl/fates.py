@@ -75,11 +75,21 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def check_rates(dropout: float, straggler: float, min_frac: float, over_select: float) -> None:
-    """One-line ValueError naming the config field when a rate is out of range (before compute)."""
-    for field, v in (('fed.dropout_rate', dropout), ('fed.straggler_rate', straggler),
-                     ('fed.over_select', over_select)):
+def check_rates(dropout: float,
+                straggler: float,
+                min_frac: float,
+                over_select: float,
+                *,
+                section: str = '') -> None:
+    """One-line ValueError naming the field (dropout_rate, straggler_rate, straggler_min_frac,
+    over_select) when a rate is out of range (before compute).
+
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
+    """
+    for field, v in (('dropout_rate', dropout), ('straggler_rate', straggler), ('over_select',
+                                                                                over_select)):
         if not (_number(v) and 0.0 <= v < 1.0):
-            raise ValueError(f'{field} must be a number in [0, 1), got {v!r}')
+            raise ValueError(f'{section}{field} must be a number in [0, 1), got {v!r}')
     if not (_number(min_frac) and 0.0 < min_frac <= 1.0):
-        raise ValueError(f'fed.straggler_min_frac must be a number in (0, 1], got {min_frac!r}')
+        raise ValueError(f'{section}straggler_min_frac must be a number in (0, 1], '
+                         f'got {min_frac!r}')

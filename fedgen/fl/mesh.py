@@ -78,17 +78,21 @@ def map_clients(fn: Callable,
                 per_client: PyTree,
                 chunk: int,
                 mesh: Mesh | None = None,
-                active: jax.Array | None = None) -> PyTree:
+                active: jax.Array | None = None,
+                *,
+                section: str = '') -> PyTree:
     """Stacked [C, ...] outputs of fn(shared, x_k) over the leading axis of ``per_client``.
 
     ``chunk`` counts clients per vmap on one device; with a ``mesh`` the [C, ...] inputs and
     outputs are sharded over its 'clients' axis and ``shared`` is replicated. ``active`` [C] bool:
     the clients whose outputs will be used (sampled and reporting); chunks without one are not
     computed (:func:`_active_map`), so padded Poisson capacity and dropouts cost no local steps.
+    Errors call ``chunk`` client_chunk, C clients_per_round and the mesh size num_devices.
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
     """
     c = jax.tree.leaves(per_client)[0].shape[0]
     if chunk < 1:
-        raise ValueError(f'fed.client_chunk must be >= 1, got {chunk}')
+        raise ValueError(f'{section}client_chunk must be >= 1, got {chunk}')
 
     def local(s, x):
         if active is None:
@@ -101,9 +105,9 @@ def map_clients(fn: Callable,
         return local(shared, inputs)
     n = mesh.shape['clients']
     if c % n:
-        raise ValueError(
-            f'fed.clients_per_round (C={c}) must be a multiple of fed.num_devices={n}; '
-            'pad with batching.pad_clients')
+        raise ValueError(f'{section}clients_per_round (C={c}) must be a multiple of '
+                         f'{section}num_devices={n}; '
+                         'pad with batching.pad_clients')
     # Explicit SPMD: every device maps fn over its own C/n clients; nothing crosses devices here.
     # check_vma is off because a client's scan carry starts from the replicated w_G and becomes
     # device-varying after one step (jax rejects that carry type change under check_vma=True).
@@ -122,25 +126,30 @@ def loop_clients(fn: Callable, shared: PyTree, per_client: PyTree) -> PyTree:
     return jax.tree.map(lambda *xs: jax.numpy.stack(xs), *outs)
 
 
-def client_mesh(num_devices: int | None = None) -> Mesh:
-    """1-D mesh over the first ``num_devices`` devices (default: all), axis name 'clients'."""
+def client_mesh(num_devices: int | None = None, *, section: str = '') -> Mesh:
+    """1-D mesh over the first ``num_devices`` devices (default: all), axis name 'clients'.
+
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
+    """
     devices = jax.devices()
     n = len(devices) if num_devices is None else num_devices
     if not 1 <= n <= len(devices):
-        raise ValueError(f'fed.num_devices must be in [1, {len(devices)}], got {n}')
+        raise ValueError(f'{section}num_devices must be in [1, {len(devices)}], got {n}')
     return Mesh(np.asarray(devices[:n]), ('clients', ))
 
 
-def mesh_for(num_devices: int) -> Mesh | None:
-    """The config's mesh: fed.num_devices = 0 means every device; None when it is one device.
+def mesh_for(num_devices: int, *, section: str = '') -> Mesh | None:
+    """The run's mesh: num_devices = 0 means every device; None when it is one device.
 
     With several processes the mesh must span every process's devices (each process runs its
-    share of the clients), so only 0 or the global device count is allowed."""
+    share of the clients), so only 0 or the global device count is allowed.
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
+    """
     n = jax.device_count() if num_devices == 0 else num_devices
     if jax.process_count() > 1 and n != jax.device_count():
-        raise ValueError(f'fed.num_devices must be 0 or {jax.device_count()} (every device) in a '
-                         f'run of {jax.process_count()} processes, got {num_devices}')
-    return client_mesh(n) if n != 1 else None
+        raise ValueError(f'{section}num_devices must be 0 or {jax.device_count()} (every device) '
+                         f'in a run of {jax.process_count()} processes, got {num_devices}')
+    return client_mesh(n, section=section) if n != 1 else None
 
 
 def process_rows(mesh: Mesh | None, num_clients: int) -> tuple[int, int]:
@@ -224,14 +233,21 @@ def client_bytes(fn: Callable, shared: PyTree, per_client: PyTree) -> int:
     return max(int(cost(2) - cost(1)), 1)
 
 
-def chunk_for_budget(bytes_per_client: int, budget_bytes: int, num_clients: int) -> int:
+def chunk_for_budget(bytes_per_client: int,
+                     budget_bytes: int,
+                     num_clients: int,
+                     *,
+                     section: str = '') -> int:
     """Clients per vmap that fit ``budget_bytes``: clip(budget // bytes_per_client, 1, C).
 
     num_clients is the per-device client count C / num_devices. A chunk of 1 is always allowed (the
-    budget can then be exceeded; nothing smaller exists).
+    budget can then be exceeded; nothing smaller exists). The budget's error calls it
+    client_mem_budget_mb (in MB).
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
     """
     if budget_bytes <= 0:
-        raise ValueError(f'fed.client_mem_budget_mb must be > 0, got {budget_bytes / 2**20:g} MB')
+        raise ValueError(f'{section}client_mem_budget_mb must be > 0, '
+                         f'got {budget_bytes / 2**20:g} MB')
     if bytes_per_client <= 0 or num_clients < 1:
         raise ValueError(f'bytes_per_client must be > 0 and C >= 1, got {bytes_per_client}, '
                          f'{num_clients}')

@@ -45,49 +45,64 @@ PRESETS = {
 DEFAULT_RULES = PRESETS['qv']
 
 
-def resolve_rules(rules: str | Sequence[str]) -> tuple[str, ...]:
-    """Expands a preset name (or a comma-separated list of presets/regexes) into regexes."""
+def resolve_rules(rules: str | Sequence[str], *, section: str = '') -> tuple[str, ...]:
+    """Expands a preset name (or a comma-separated list of presets/regexes) into regexes; errors
+    call the rules ``targets``.
+
+    section: the caller's prefix for the names in error messages, e.g. 'lora.'.
+    """
     if isinstance(rules, str):
         rules = [r.strip() for r in rules.split(',') if r.strip()]
     out: list[str] = []
     for r in rules:
         out.extend(PRESETS.get(r, (r, )))
     if not out:
-        raise ValueError('lora.targets must name at least one rule or preset '
+        raise ValueError(f'{section}targets must name at least one rule or preset '
                          f'(presets: {sorted(PRESETS)})')
     return tuple(out)
 
 
-def target_paths(params: PyTree, rules: str | Sequence[str]) -> list[tuple[str, ...]]:
+def target_paths(params: PyTree,
+                 rules: str | Sequence[str],
+                 *,
+                 section: str = '') -> list[tuple[str, ...]]:
     """Paths (tuples of keys, ending in 'kernel') of the kernels selected by ``rules``.
 
-    Raises ValueError naming the rule when a rule matches no kernel.
+    Raises ValueError naming the rule (one of the ``targets``) when a rule matches no kernel.
+    section: the caller's prefix for the names in error messages, e.g. 'lora.'.
     """
     flat = traverse_util.flatten_dict(params)
     kernels = [p for p in flat if p[-1] == 'kernel']
     chosen: list[tuple[str, ...]] = []
-    for rule in resolve_rules(rules):
+    for rule in resolve_rules(rules, section=section):
         pat = re.compile(rule)
         hits = [p for p in kernels if pat.search('/'.join(p))]
         if not hits:
             modules = sorted({p[-2] for p in kernels if len(p) >= 2})
-            raise ValueError(f'lora.targets rule {rule!r} matches no kernel; the model\'s '
+            raise ValueError(f'{section}targets rule {rule!r} matches no kernel; the model\'s '
                              f'modules with a kernel are {", ".join(modules) or "<none>"} '
                              f'(paths look like {"/".join(kernels[0]) if kernels else "<none>"})')
         chosen.extend(h for h in hits if h not in chosen)
     return sorted(chosen)
 
 
-def init(rng: jax.Array, params: PyTree, rules: str | Sequence[str], rank: int) -> PyTree:
+def init(rng: jax.Array,
+         params: PyTree,
+         rules: str | Sequence[str],
+         rank: int,
+         *,
+         section: str = '') -> PyTree:
     """Creates adapters {path: {'a': A, 'b': B = 0}} for the target kernels (shapes: module doc).
 
     Adapters are float32 whatever the frozen kernel's dtype (a bf16 backbone trains f32 adapters
     and keeps f32 optimizer state; the layers cast them to the compute dtype).
 
-    Raises ValueError when ``rank`` is not in [1, min(in, out)] for some target.
+    Raises ValueError when ``rank`` is not in [1, min(in, out)] for some target, or a rule of
+    ``rules`` (the ``targets``) matches no kernel.
+    section: the caller's prefix for the names in error messages, e.g. 'lora.'.
     """
     flat = traverse_util.flatten_dict(params)
-    paths = target_paths(params, rules)
+    paths = target_paths(params, rules, section=section)
     out = {}
     for i, path in enumerate(paths):
         w = flat[path]
@@ -96,7 +111,7 @@ def init(rng: jax.Array, params: PyTree, rules: str | Sequence[str], rank: int) 
         fan_out = w.shape[-1]
         limit = min(w.shape[-2], fan_out)
         if not isinstance(rank, (int, np.integer)) or not 1 <= rank <= limit:
-            raise ValueError(f'lora.rank must be an int in [1, {limit}] for kernel '
+            raise ValueError(f'{section}rank must be an int in [1, {limit}] for kernel '
                              f'{"/".join(path)} {tuple(w.shape)}, got {rank!r}')
         key = jax.random.fold_in(rng, i)
         a = jax.random.normal(key, w.shape[:-1] + (rank, ), jnp.float32) / math.sqrt(fan_in)

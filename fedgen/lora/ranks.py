@@ -45,38 +45,46 @@ _RANK_STREAM = 0x72616E6B
 DISTRIBUTIONS = ('cycle', 'uniform')
 
 
-def _parse(spec: str | Sequence[int]) -> tuple[str, list]:
+def _parse(spec: str | Sequence[int], section: str = '') -> tuple[str, list]:
     if isinstance(spec, str):
         kind, _, body = spec.partition(':') if ':' in spec else ('cycle', '', spec)
         kind = kind.strip()
         if kind not in DISTRIBUTIONS:
-            raise ValueError(f'lora.client_ranks: unknown distribution {kind!r}; use a list of '
-                             f'ranks or one of {DISTRIBUTIONS} as "uniform:2,4,8"')
+            raise ValueError(f'{section}client_ranks: unknown distribution {kind!r}; use a list '
+                             f'of ranks or one of {DISTRIBUTIONS} as "uniform:2,4,8"')
         try:
             ranks = [int(x) for x in body.split(',') if x.strip()]
         except ValueError:
-            raise ValueError(f'lora.client_ranks must list integer ranks, got {spec!r}') from None
+            raise ValueError(f'{section}client_ranks must list integer ranks, '
+                             f'got {spec!r}') from None
         return kind, ranks
     return 'cycle', list(spec)
 
 
-def client_ranks(spec: str | Sequence[int], num_clients: int, r_max: int, seed: int) -> np.ndarray:
+def client_ranks(spec: str | Sequence[int],
+                 num_clients: int,
+                 r_max: int,
+                 seed: int,
+                 *,
+                 section: str = '') -> np.ndarray:
     """r_k for clients 0..N-1 as int32 [N].
 
     spec: a list of ranks cycled over client ids ([2, 4, 8] -> 2, 4, 8, 2, ...), the same as a
     string 'cycle:2,4,8' or '2,4,8', or 'uniform:2,4,8' (each client draws one of the listed ranks
     uniformly, from np.random.default_rng([seed, stream])). Raises ValueError naming
-    ``lora.client_ranks`` for an empty list, a non-integer, a rank < 1 or a rank > r_max.
+    ``client_ranks`` for an empty list, a non-integer, a rank < 1 or a rank > r_max (named
+    ``rank``), and ``num_clients`` (unprefixed) for num_clients < 1.
+    section: the caller's prefix for client_ranks and rank in error messages, e.g. 'lora.'.
     """
-    kind, ranks = _parse(spec)
+    kind, ranks = _parse(spec, section)
     if not ranks:
-        raise ValueError(f'lora.client_ranks must list at least one rank, got {spec!r}')
+        raise ValueError(f'{section}client_ranks must list at least one rank, got {spec!r}')
     for r in ranks:
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 1 <= r <= r_max:
-            raise ValueError(f'lora.client_ranks: every rank must be an int in [1, lora.rank='
-                             f'{r_max}], got {r!r}')
+            raise ValueError(f'{section}client_ranks: every rank must be an int in '
+                             f'[1, {section}rank={r_max}], got {r!r}')
     if num_clients < 1:
-        raise ValueError(f'fed.num_clients must be >= 1, got {num_clients}')
+        raise ValueError(f'num_clients must be >= 1, got {num_clients}')
     if kind == 'cycle':
         return np.resize(np.asarray(ranks, np.int32), num_clients)
     rng = np.random.default_rng([seed, _RANK_STREAM])
@@ -171,9 +179,13 @@ def rank_bytes(adapters: PyTree, ranks: np.ndarray,
     return ranks * per_rank
 
 
-def adapter_rank(adapters: PyTree) -> int:
-    """r_max: the (common) rank axis size of an unstacked adapter tree."""
+def adapter_rank(adapters: PyTree, *, section: str = '') -> int:
+    """r_max: the (common) rank axis size of an unstacked adapter tree.
+
+    section: the caller's prefix for the names in error messages, e.g. 'lora.'.
+    """
     ranks = {v.shape[-1] for p, v in traverse_util.flatten_dict(adapters).items() if p[-1] == 'a'}
     if len(ranks) != 1:
-        raise ValueError(f'lora.rank: adapters must share one rank axis size, got {sorted(ranks)}')
+        raise ValueError(f'{section}rank: adapters must share one rank axis size, '
+                         f'got {sorted(ranks)}')
     return ranks.pop()

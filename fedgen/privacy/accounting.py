@@ -26,40 +26,56 @@ SAMPLINGS = ('poisson', 'fixed')
 MAX_NOISE_MULTIPLIER = 1e3  # calibration gives up beyond this z: the model would learn nothing
 
 
-def default_delta(num_clients: int) -> float:
-    """delta = N^-1.1 for a population of N = fed.num_clients >= 2 users."""
+def default_delta(num_clients: int, *, section: str = '') -> float:
+    """delta = N^-1.1 for a population of N = num_clients >= 2 users.
+
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
+    """
     if not num_clients >= 2:
-        raise ValueError(f'DP needs fed.num_clients >= 2 (delta = N^-1.1 < 1/N), got {num_clients}')
+        raise ValueError(f'DP needs {section}num_clients >= 2 (delta = N^-1.1 < 1/N), '
+                         f'got {num_clients}')
     return float(num_clients)**-1.1
 
 
-def check(delta: float, accountant: str, sampling: str, q: float, num_clients: int = 0) -> None:
-    """One-line ValueErrors for the accounting fields, before any compute.
+def check(delta: float,
+          accountant: str,
+          sampling: str,
+          q: float,
+          num_clients: int = 0,
+          *,
+          section: str = '') -> None:
+    """One-line ValueErrors for the accounting fields (dp.delta, dp.accountant, dp.sampling,
+    num_clients), before any compute.
 
     num_clients: N, the population; 0 means unknown (then only 0 < delta < 1 is checked). With
     N >= 1 the allowed range is 0 < delta < 1/N.
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
     """
     if not 0 < delta < 1:
-        raise ValueError(f'fed.dp.delta must be in (0, 1), got {delta}')
+        raise ValueError(f'{section}dp.delta must be in (0, 1), got {delta}')
     if num_clients >= 1 and not delta < 1.0 / num_clients:
-        raise ValueError(f'fed.dp.delta must be in (0, 1/N) = (0, {1.0 / num_clients:.4g}) for '
-                         f'N = fed.num_clients = {num_clients}, got {delta:.4g}: publishing one '
-                         f'random user\'s data is already (0, 1/N)-DP; the default is N^-1.1 = '
-                         f'{float(num_clients)**-1.1:.4g}')
+        raise ValueError(
+            f'{section}dp.delta must be in (0, 1/N) = (0, {1.0 / num_clients:.4g}) '
+            f'for N = {section}num_clients = {num_clients}, got {delta:.4g}: '
+            f'publishing one random user\'s data is already (0, 1/N)-DP; the default is N^-1.1 = '
+            f'{float(num_clients)**-1.1:.4g}')
     if accountant not in ACCOUNTANTS:
-        raise ValueError(f'fed.dp.accountant must be one of {ACCOUNTANTS}, got {accountant!r}')
+        raise ValueError(f'{section}dp.accountant must be one of {ACCOUNTANTS}, '
+                         f'got {accountant!r}')
     if sampling not in SAMPLINGS:
-        raise ValueError(f'fed.dp.sampling must be one of {SAMPLINGS}, got {sampling!r}')
+        raise ValueError(f'{section}dp.sampling must be one of {SAMPLINGS}, got {sampling!r}')
     if not 0 < q <= 1:
         raise ValueError(f'client sampling rate q must be in (0, 1], got {q}')
     if sampling == 'fixed':
         if accountant != 'rdp':
-            raise ValueError("fed.dp.accountant='pld' has no accounting for fed.dp.sampling="
-                             "'fixed' (sampling without replacement) in dp-accounting; use 'rdp'")
+            raise ValueError(
+                f"{section}dp.accountant='pld' has no accounting for "
+                f"{section}dp.sampling='fixed' (sampling without replacement) in dp-accounting; "
+                f"use 'rdp'")
         m = q * num_clients
         if num_clients < 1 or abs(m - round(m)) > 1e-9 or round(m) < 1:
-            raise ValueError(f"fed.dp.sampling='fixed' needs q * fed.num_clients to be a whole "
-                             f"count >= 1, got q = {q}, N = {num_clients}")
+            raise ValueError(f"{section}dp.sampling='fixed' needs q * {section}num_clients to be a "
+                             f"whole count >= 1, got q = {q}, N = {num_clients}")
     elif num_clients and q * num_clients < 1:
         raise ValueError(f'Poisson sampling needs an expected count q N >= 1, got '
                          f'{q * num_clients:g}')
@@ -89,11 +105,16 @@ def epsilon(q: float,
             delta: float,
             accountant: str = 'rdp',
             sampling: str = 'poisson',
-            num_clients: int = 0) -> float:
-    """epsilon spent after ``steps`` rounds at ``delta`` (inf when z = 0 and steps > 0)."""
-    check(delta, accountant, sampling, q, num_clients)
+            num_clients: int = 0,
+            *,
+            section: str = '') -> float:
+    """epsilon spent after ``steps`` rounds at ``delta`` (inf when z = 0 and steps > 0).
+
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
+    """
+    check(delta, accountant, sampling, q, num_clients, section=section)
     if not z >= 0:
-        raise ValueError(f'fed.dp.noise_multiplier must be >= 0, got {z}')
+        raise ValueError(f'{section}dp.noise_multiplier must be >= 0, got {z}')
     if steps <= 0:
         return 0.0
     if z == 0:
@@ -109,20 +130,26 @@ def calibrate_noise(target_epsilon: float,
                     accountant: str = 'rdp',
                     sampling: str = 'poisson',
                     num_clients: int = 0,
-                    tol: float = 1e-3) -> float:
-    """Smallest z (within tol, rounded up) whose epsilon after ``steps`` rounds is <= target."""
-    check(delta, accountant, sampling, q, num_clients)
+                    tol: float = 1e-3,
+                    *,
+                    section: str = '') -> float:
+    """Smallest z (within tol, rounded up) whose epsilon after ``steps`` rounds is <= target.
+
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
+    """
+    check(delta, accountant, sampling, q, num_clients, section=section)
     if not target_epsilon > 0 or math.isinf(target_epsilon):
-        raise ValueError(f'fed.dp.target_epsilon must be finite and > 0, got {target_epsilon}')
+        raise ValueError(f'{section}dp.target_epsilon must be finite and > 0, '
+                         f'got {target_epsilon}')
     if steps < 1:
-        raise ValueError(f'calibrating fed.dp.target_epsilon needs >= 1 round, got {steps}')
+        raise ValueError(f'calibrating {section}dp.target_epsilon needs >= 1 round, got {steps}')
 
     def eps(z):
         return epsilon(q, z, steps, delta, accountant, sampling, num_clients)
 
     if eps(MAX_NOISE_MULTIPLIER) > target_epsilon:
-        raise ValueError(f'fed.dp.target_epsilon={target_epsilon:g} is unreachable in {steps} '
-                         f'rounds at q={q:g}, delta={delta:g} ({accountant}): even z='
+        raise ValueError(f'{section}dp.target_epsilon={target_epsilon:g} is unreachable in '
+                         f'{steps} rounds at q={q:g}, delta={delta:g} ({accountant}): even z='
                          f'{MAX_NOISE_MULTIPLIER:g} spends more')
     # Bracket by doubling/halving from z = 1 (epsilon is decreasing in z), then let
     # dp-accounting's calibration (Brent's method) find the root inside the bracket.
@@ -149,6 +176,7 @@ class RoundAccountant:
     """Running epsilon of a run: ``epsilon_after(t)`` composes only the rounds not yet counted.
 
     Works for resumed runs (the first call composes all t rounds at once).
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
     """
 
     def __init__(self,
@@ -157,8 +185,10 @@ class RoundAccountant:
                  delta: float,
                  accountant: str = 'rdp',
                  sampling: str = 'poisson',
-                 num_clients: int = 0):
-        check(delta, accountant, sampling, q, num_clients)
+                 num_clients: int = 0,
+                 *,
+                 section: str = ''):
+        check(delta, accountant, sampling, q, num_clients, section=section)
         self._event = round_event(q, z, sampling, num_clients) if z > 0 else None
         self._acc = make_accountant(accountant, sampling)
         self._delta = delta

@@ -65,28 +65,38 @@ def make_params(clip_norm: float,
                 adaptive: bool = False,
                 target_quantile: float = 0.5,
                 clip_lr: float = 0.2,
-                count_stddev: float = -1.0) -> DPParams:
-    """Validated DPParams; count_stddev < 0 picks the paper's default m / 20."""
+                count_stddev: float = -1.0,
+                *,
+                section: str = '') -> DPParams:
+    """Validated DPParams; count_stddev < 0 picks the paper's default m / 20. Errors name the
+    fields dp.clip_norm, dp.noise_multiplier, ... and num_clients after ``section``.
+
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
+    """
     if not clip_norm > 0:
-        raise ValueError(f'fed.dp.clip_norm must be > 0, got {clip_norm}')
+        raise ValueError(f'{section}dp.clip_norm must be > 0, got {clip_norm}')
     if not noise_multiplier >= 0 or math.isinf(noise_multiplier):
-        raise ValueError(f'fed.dp.noise_multiplier must be finite and >= 0, '
+        raise ValueError(f'{section}dp.noise_multiplier must be finite and >= 0, '
                          f'got {noise_multiplier}')
     if noise_multiplier > 0 and math.isinf(clip_norm):
-        raise ValueError('fed.dp.clip_norm must be finite when fed.dp.noise_multiplier > 0')
+        raise ValueError(f'{section}dp.clip_norm must be finite when '
+                         f'{section}dp.noise_multiplier > 0')
     if not expected_clients >= 1:
-        raise ValueError(f'expected clients per round (fed.dp sampling rate x fed.num_clients) '
-                         f'must be >= 1, got {expected_clients}')
+        raise ValueError(f'expected clients per round ({section}dp sampling rate x '
+                         f'{section}num_clients) must be >= 1, got {expected_clients}')
     if adaptive:
         if not 0 < target_quantile < 1:
-            raise ValueError(f'fed.dp.target_quantile must be in (0, 1), got {target_quantile}')
+            raise ValueError(f'{section}dp.target_quantile must be in (0, 1), '
+                             f'got {target_quantile}')
         if not clip_lr > 0:
-            raise ValueError(f'fed.dp.clip_lr must be > 0, got {clip_lr}')
+            raise ValueError(f'{section}dp.clip_lr must be > 0, got {clip_lr}')
         if count_stddev < 0:
             count_stddev = expected_clients / 20.0
         if noise_multiplier > 0 and not count_stddev > noise_multiplier / 2:
-            raise ValueError(f'fed.dp.count_stddev must exceed fed.dp.noise_multiplier / 2 = '
-                             f'{noise_multiplier / 2} (noise split), got {count_stddev}')
+            raise ValueError(
+                f'{section}dp.count_stddev must exceed '
+                f'{section}dp.noise_multiplier / 2 = {noise_multiplier / 2} (noise split), '
+                f'got {count_stddev}')
     return DPParams(float(clip_norm), float(noise_multiplier), float(expected_clients),
                     float(target_quantile), float(clip_lr), float(max(count_stddev, 0.0)),
                     bool(adaptive))

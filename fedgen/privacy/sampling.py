@@ -24,13 +24,16 @@ from fedgen.data import batching
 _TAG = 0xD9  # separates this stream from the other (seed, round) streams
 
 
-def check_rate(num_clients: int, q: float) -> None:
-    """One-line ValueErrors for a sampling rate that cannot work."""
+def check_rate(num_clients: int, q: float, *, section: str = '') -> None:
+    """One-line ValueErrors for a sampling rate that cannot work.
+
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
+    """
     if not 0 < q <= 1:
-        raise ValueError(f'fed.dp sampling rate q must be in (0, 1], got {q}')
+        raise ValueError(f'{section}dp sampling rate q must be in (0, 1], got {q}')
     if q * num_clients < 1:
         raise ValueError(f'Poisson sampling needs an expected count q N >= 1, got q = {q} x '
-                         f'fed.num_clients = {num_clients} = {q * num_clients:g}')
+                         f'{section}num_clients = {num_clients} = {q * num_clients:g}')
 
 
 def binomial_tail(n: int, q: float) -> np.ndarray:
@@ -47,9 +50,17 @@ def binomial_tail(n: int, q: float) -> np.ndarray:
     return np.append(upper[1:], 0.0)  # P(X > c) = P(X >= c + 1)
 
 
-def poisson_capacity(num_clients: int, q: float, rounds: int, overflow_prob: float = 1e-6) -> int:
-    """Smallest c with rounds * P(Binomial(N, q) > c) <= overflow_prob."""
-    check_rate(num_clients, q)
+def poisson_capacity(num_clients: int,
+                     q: float,
+                     rounds: int,
+                     overflow_prob: float = 1e-6,
+                     *,
+                     section: str = '') -> int:
+    """Smallest c with rounds * P(Binomial(N, q) > c) <= overflow_prob.
+
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
+    """
+    check_rate(num_clients, q, section=section)
     if not 0 < overflow_prob < 1:
         raise ValueError(f'overflow probability must be in (0, 1), got {overflow_prob}')
     tail = binomial_tail(num_clients, q)
@@ -57,15 +68,21 @@ def poisson_capacity(num_clients: int, q: float, rounds: int, overflow_prob: flo
     return int(max(ok[0], 1))
 
 
-def poisson_clients(seed: int, rnd: int, num_clients: int, q: float,
-                    capacity: int) -> Tuple[np.ndarray, np.ndarray]:
+def poisson_clients(seed: int,
+                    rnd: int,
+                    num_clients: int,
+                    q: float,
+                    capacity: int,
+                    *,
+                    section: str = '') -> Tuple[np.ndarray, np.ndarray]:
     """(ids [capacity] int32, present [capacity] float32), a pure function of (seed, rnd).
 
     ids[:K] are the sampled clients (sorted), ids[K:] padding with present 0.
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
     """
-    check_rate(num_clients, q)
+    check_rate(num_clients, q, section=section)
     if not 1 <= capacity <= num_clients:
-        raise ValueError(f'Poisson capacity must be in [1, fed.num_clients={num_clients}], '
+        raise ValueError(f'Poisson capacity must be in [1, {section}num_clients={num_clients}], '
                          f'got {capacity}')
     rng = np.random.default_rng([seed, rnd, _TAG])
     chosen = np.nonzero(rng.random(num_clients) < q)[0]
@@ -78,8 +95,15 @@ def poisson_clients(seed: int, rnd: int, num_clients: int, q: float,
     return ids, present
 
 
-def fixed_clients(seed: int, rnd: int, num_clients: int,
-                  per_round: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(ids [per_round], ones): the run's sampling without replacement, in the same form."""
-    ids = batching.sample_clients(seed, rnd, num_clients, per_round)
+def fixed_clients(seed: int,
+                  rnd: int,
+                  num_clients: int,
+                  per_round: int,
+                  *,
+                  section: str = '') -> Tuple[np.ndarray, np.ndarray]:
+    """(ids [per_round], ones): the run's sampling without replacement, in the same form.
+
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
+    """
+    ids = batching.sample_clients(seed, rnd, num_clients, per_round, section=section)
     return ids, np.ones(per_round, np.float32)

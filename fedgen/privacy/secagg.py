@@ -87,21 +87,30 @@ def max_scale(clip_norm, num_clients: int, bits: int):
         clip_norm, jax.Array) else min(ring, FLOAT_EXACT_LEVELS / clip_norm)
 
 
-def overflow_check(scale: float, clip_norm: float, num_clients: int, bits: int) -> None:
-    """Refuses a scale at which n clients of norm S can wrap around 2^b (one-line ValueError)."""
+def overflow_check(scale: float,
+                   clip_norm: float,
+                   num_clients: int,
+                   bits: int,
+                   *,
+                   section: str = '') -> None:
+    """Refuses a scale at which n clients of norm S can wrap around 2^b (one-line ValueError).
+
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
+    """
     if not 2 <= bits <= 32:
-        raise ValueError(f'fed.secagg.bits must be in [2, 32], got {bits}')
+        raise ValueError(f'{section}secagg.bits must be in [2, 32], got {bits}')
     if not (clip_norm > 0 and math.isfinite(clip_norm)):
-        raise ValueError(f'secure aggregation needs a finite fed.dp.clip_norm > 0, got {clip_norm}')
+        raise ValueError(f'secure aggregation needs a finite {section}dp.clip_norm > 0, '
+                         f'got {clip_norm}')
     bound = num_clients * (clip_norm * scale + 2.0)
     if not scale > 0 or bound > 2.0**(bits - 1) - 1:
-        raise ValueError(f'fed.secagg scale {scale:g} overflows {bits} bits: n (S s + 2) = '
+        raise ValueError(f'{section}secagg scale {scale:g} overflows {bits} bits: n (S s + 2) = '
                          f'{bound:.4g} > 2^{bits - 1} - 1 for n = {num_clients} clients at '
                          f'S = {clip_norm:g}; the largest safe scale is '
                          f'{max_scale(clip_norm, num_clients, bits):.6g}')
     if clip_norm * scale > FLOAT_EXACT_LEVELS:
         raise ValueError(
-            f'fed.secagg scale {scale:g}: S s = {clip_norm * scale:.4g} exceeds 2^22, '
+            f'{section}secagg scale {scale:g}: S s = {clip_norm * scale:.4g} exceeds 2^22, '
             f'beyond float32 exact rounding; use s <= {FLOAT_EXACT_LEVELS / clip_norm:g}')
 
 
@@ -132,24 +141,34 @@ def _min_bits(num_params: int, num_clients: int) -> int:
     return 33
 
 
-def quantization_check(scale: float, clip_norm: float, num_params: int, num_clients: int,
-                       bits: int) -> None:
-    """Refuses S s <= 1.5 sqrt(D), where the SecAgg clip S' = S - 1.5 sqrt(D) / s is <= 0."""
+def quantization_check(scale: float,
+                       clip_norm: float,
+                       num_params: int,
+                       num_clients: int,
+                       bits: int,
+                       *,
+                       section: str = '') -> None:
+    """Refuses S s <= 1.5 sqrt(D), where the SecAgg clip S' = S - 1.5 sqrt(D) / s is <= 0.
+
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
+    """
     need = ROUNDING_SLACK * math.sqrt(num_params)
     if clip_norm * scale > need:
         return
     best = max_scale(clip_norm, num_clients, bits)
     if best * clip_norm > need:
-        fix = f'raise fed.secagg.scale (now {scale:.6g}; at most {best:.6g} at {bits} bits)'
+        fix = (f'raise {section}secagg.scale (now {scale:.6g}; at most {best:.6g} at '
+               f'{bits} bits)')
     elif _min_bits(num_params, num_clients) <= 32:
-        fix = (f'raise fed.secagg.bits (now {bits}; {_min_bits(num_params, num_clients)} or more '
-               f'fits {num_clients} clients)')
+        fix = (f'raise {section}secagg.bits (now {bits}; {_min_bits(num_params, num_clients)} or '
+               f'more fits {num_clients} clients)')
     else:
         fix = 'no ring of <= 32 bits fits: send fewer parameters or fewer clients per round'
-    raise ValueError(f'fed.secagg: fed.dp.clip_norm x scale = {clip_norm * scale:.4g} <= '
-                     f'1.5 sqrt(D) = {need:.4g} (D = {num_params} uploaded parameters), so '
-                     f'stochastic rounding could add more than the clip norm and the SecAgg clip '
-                     f'S - 1.5 sqrt(D) / s is <= 0; {fix}')
+    raise ValueError(
+        f'{section}secagg: {section}dp.clip_norm x scale = '
+        f'{clip_norm * scale:.4g} <= 1.5 sqrt(D) = {need:.4g} (D = {num_params} uploaded '
+        f'parameters), so stochastic rounding could add more than the clip norm and the SecAgg '
+        f'clip S - 1.5 sqrt(D) / s is <= 0; {fix}')
 
 
 def make_params(clip_norm: float,
@@ -157,17 +176,20 @@ def make_params(clip_norm: float,
                 bits: int = 32,
                 scale: float = 0.0,
                 num_params: int = 0,
-                simulate_masks: bool = False) -> SecAggParams:
+                simulate_masks: bool = False,
+                *,
+                section: str = '') -> SecAggParams:
     """Validated SecAggParams; scale 0 picks ``max_scale`` for capacity ``num_clients``.
 
     num_params: D, coordinates of one client's upload as ``private_mean`` sees it; when given
     (> 0), S s <= 1.5 sqrt(D) is refused here (``quantization_check``).
+    section: the caller's prefix for the names in error messages, e.g. 'fed.'.
     """
     if scale == 0.0 and 2 <= bits <= 32 and 0 < clip_norm < math.inf:
         scale = max_scale(clip_norm, num_clients, bits)
-    overflow_check(scale, clip_norm, num_clients, bits)
+    overflow_check(scale, clip_norm, num_clients, bits, section=section)
     if num_params:
-        quantization_check(scale, clip_norm, num_params, num_clients, bits)
+        quantization_check(scale, clip_norm, num_params, num_clients, bits, section=section)
     return SecAggParams(float(scale), int(bits), bool(simulate_masks))
 
 
