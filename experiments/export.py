@@ -64,7 +64,7 @@ def backbone(spec: RunSpec, workdir: str) -> tuple[str, object, dict, str]:
     m, alpha = spec.settings.model, spec.method.lora.alpha
     source = m.source
     if source != 'local':
-        bb = weights.load(source, lora_alpha=alpha)
+        bb = weights.load(source, lora_alpha=alpha, field='model.source')
         return bb.arch, bb.config, bb.params, HUB_NAMES.get(source, source.partition(':')[2])
     params = _local_backbone(spec, workdir)
     if m.name == 'gpt':  # fedgen's GPT is the GPT-2 architecture

@@ -89,7 +89,8 @@ def setup(spec: RunSpec, workdir: str) -> dict:
         if arch is None:
             raise ValueError(f'lora.init_from is implemented for text tasks, not {task.name!r}')
         trainable = {
-            'lora': peft.initial_adapters(init_from, arch, p.lora.alpha, trainable['lora'])
+            'lora':
+            peft.initial_adapters(init_from, arch, p.lora.alpha, trainable['lora'], section='lora.')
         }
     c = spec.clients
     steps = batching.num_local_steps([len(i) for i in task.client_train],

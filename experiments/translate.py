@@ -237,9 +237,9 @@ def _base_aggregator(config) -> aggregators.Aggregator:
             aggregators.refuse(
                 'fed.dp', reduction, 'DP-FedAvg is a clipped, noised mean; a '
                 'robust reduction reads individual updates its noise does not cover')
-        return aggregators.dp_mean(*_dp_params(config))
+        return aggregators.dp_mean(*_dp_params(config), label='fed.dp', secagg_label='fed.secagg')
     if name == 'mean':
-        return aggregators.weighted_mean(drift=bool(fed.log_client_drift))
+        return aggregators.weighted_mean(drift=bool(fed.log_client_drift), label=reduction)
     if fed.log_client_drift:
         aggregators.refuse(
             'fed.log_client_drift', reduction, 'client drift is measured around '
@@ -257,7 +257,7 @@ def _aggregator(config) -> aggregators.Aggregator:
     ranks = _client_ranks(config)
     hetero = ranks is not None and len(set(ranks)) > 1
     if ranks is not None:
-        agg = aggregators.hetlora(agg)
+        agg = aggregators.hetlora(agg, 'lora.client_ranks')
     label = f'fed.lora_aggregation={method!r}'
     if method == 'ffa':
         agg = aggregators.ffa(agg, label)
@@ -304,6 +304,14 @@ def _server_spec(config) -> optim.ServerOptSpec:
                                fed.server_tau)
 
 
+# MethodParams attributes -> the config fields that set them (named in its error messages).
+METHOD_FIELDS = (('name', 'fed.algorithm'), ('num_clients', 'fed.num_clients'),
+                 ('chunk', 'fed.client_chunk'), ('prox_mu', 'fed.prox_mu'),
+                 ('prox_target', 'fed.prox_target'), ('ditto_lambda', 'fed.ditto_lambda'),
+                 ('server_opt', 'fed.server_opt'), ('server_lr', 'fed.server_lr'),
+                 ('client_ranks', 'lora.client_ranks'), ('lora', 'lora'))
+
+
 def _method_params(config) -> algorithms.MethodParams:
     """MethodParams from ``config.fed`` and ``config.lora``."""
     fed = config.fed
@@ -312,7 +320,7 @@ def _method_params(config) -> algorithms.MethodParams:
                                    num_clients=fed.num_clients,
                                    client_tx=optim.build(fed.client_opt, fed.client_lr,
                                                          'fed.client_opt', 'fed.client_lr'),
-                                   server_tx=optim.build_server(server),
+                                   server_tx=optim.build_server(server, 'fed.server'),
                                    lora=_lora_spec(config),
                                    chunk=fed.client_chunk,
                                    prox_mu=float(fed.prox_mu),
@@ -322,7 +330,8 @@ def _method_params(config) -> algorithms.MethodParams:
                                    server_opt=server,
                                    faults=_faults(config),
                                    client_ranks=_client_ranks(config),
-                                   log_diagnostics=bool(fed.dp.log_diagnostics))
+                                   log_diagnostics=bool(fed.dp.log_diagnostics),
+                                   fields=METHOD_FIELDS)
 
 
 def _fed_ema_decay(config) -> float:
@@ -332,12 +341,24 @@ def _fed_ema_decay(config) -> float:
     return float(decay)
 
 
+# Integer fields the whole run reads, with their least allowed value (checked when present).
+INT_FIELDS = (('fed.rounds', 0), ('eval.every', 1), ('eval.batch_size', 1), ('checkpoint.keep', 1),
+              ('pretrain.steps', 0), ('personalize.epochs', 0), ('personalize.max_steps', 0))
+
+
 def _check_schedule(config) -> None:
-    """One-line errors for the loop's own fields (before any compute)."""
-    if not (isinstance(config.fed.rounds, int) and config.fed.rounds >= 0):
-        raise ValueError(f'fed.rounds must be an int >= 0, got {config.fed.rounds!r}')
-    if not (isinstance(config.eval.every, int) and config.eval.every >= 1):
-        raise ValueError(f'eval.every must be an int >= 1, got {config.eval.every!r}')
+    """One-line errors for the integer fields of the loop, evaluation, checkpoints, pre-training
+    and personalization (before any compute); the library checks its own parameters again."""
+    for path, least in INT_FIELDS:
+        section, name = path.rsplit('.', 1)
+        node = config
+        for key in section.split('.'):
+            node = node.get(key) if node is not None else None
+        if node is None or name not in node:
+            continue
+        value = node[name]
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            raise ValueError(f'{path} must be an int >= {least}, got {value!r}')
 
 
 def _privacy_notes(config) -> list[str]:

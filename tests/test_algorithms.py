@@ -15,6 +15,7 @@ from fedgen.fl import comm
 from fedgen.fl import engine
 from fedgen.fl.algorithm import Algorithm, ServerState
 from fedgen.data.batching import RoundData
+from experiments import translate
 
 LR, MU = 0.1, 0.5
 SPEC = algorithms.LoraSpec(rank=2, alpha=16.0, targets=('attn', ))
@@ -65,7 +66,7 @@ def test_fedprox_gradient_is_plain_gradient_plus_mu_times_drift():
     new0, _ = jax.jit(plain.apply)(plain.init(state.trainable, state.rng), {}, _data([[c1, c2]],
                                                                                      [0]))
     np.testing.assert_allclose(np.asarray(new0.trainable['w']['x']), w1 - LR * (w1 - c2), rtol=1e-6)
-    with pytest.raises(ValueError, match='fed.prox_mu'):
+    with pytest.raises(ValueError, match='^prox_mu must be > 0 for fedprox'):
         params('fedprox', prox_mu=0.0)
 
 
@@ -87,7 +88,7 @@ def test_ditto_personal_update_follows_its_objective():
     w_k = wg - LR * (wg - c[:, 0])  # the global part is plain FedAvg from w_G
     np.testing.assert_allclose(np.asarray(new.trainable['w']['x']), w_k.mean(0), rtol=1e-6)
     chex.assert_trees_all_equal(alg.personal(new), new.clients)
-    with pytest.raises(ValueError, match='fed.ditto_lambda'):
+    with pytest.raises(ValueError, match='^ditto_lambda must be > 0 for ditto'):
         params('ditto')
 
 
@@ -237,12 +238,16 @@ def test_variables_split_frozen_and_trainable(tiny):
     assert frozen == {} and list(trainable) == ['params']
 
 
-@pytest.mark.parametrize('kw,match', [
-    (dict(name='fedsomething'), 'fed.algorithm'),
-    (dict(name='fedprox', prox_mu=0.1, prox_target='half'), 'fed.prox_target'),
-    (dict(name='fedgen_edge', num_clients=0), 'fed.num_clients'),
-    (dict(name='fedgen_edge', chunk=0), 'fed.client_chunk'),
+@pytest.mark.parametrize('kw,own,config', [
+    (dict(name='fedsomething'), 'name', 'fed.algorithm'),
+    (dict(name='fedprox', prox_mu=0.1, prox_target='half'), 'prox_target', 'fed.prox_target'),
+    (dict(name='fedgen_edge', num_clients=0), 'num_clients', 'fed.num_clients'),
+    (dict(name='fedgen_edge', chunk=0), 'chunk', 'fed.client_chunk'),
 ])
-def test_bad_method_params(kw, match):
-    with pytest.raises(ValueError, match=match):
-        algorithms.make(params(**kw), quadratic)
+def test_bad_method_params(kw, own, config):
+    """Built directly, MethodParams names its own attributes; given the translator's field map
+    it names the config fields instead."""
+    with pytest.raises(ValueError, match=f'^{own} must be'):
+        params(**kw)
+    with pytest.raises(ValueError, match=f'^{config} must be'):
+        params(**kw, fields=translate.METHOD_FIELDS)

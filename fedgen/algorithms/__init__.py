@@ -50,7 +50,8 @@ class MethodParams:
     ditto_lambda: Ditto's lambda (> 0 for ditto); aggregator: the server's one Aggregator;
     server_opt: the server optimizer's spec (server_tx is built from it); faults: simulated
     faults; client_ranks: [N] LoRA ranks or None; log_diagnostics: publish statistics of raw
-    client updates under DP (outside epsilon).
+    client updates under DP (outside epsilon); fields: (attribute, caller's name) pairs that error
+    messages use instead of the attribute names (e.g. ('chunk', 'fed.client_chunk')).
     """
     name: str
     num_clients: int
@@ -66,23 +67,30 @@ class MethodParams:
     faults: engine.Faults = engine.Faults()
     client_ranks: Optional[tuple] = None
     log_diagnostics: bool = False
+    fields: tuple[tuple[str, str], ...] = ()
+
+    def field(self, attribute: str) -> str:
+        """The name error messages give ``attribute``: the caller's (``fields``) or its own."""
+        return dict(self.fields).get(attribute, attribute)
 
     def __post_init__(self):
+        f = self.field
         if self.name not in METHODS:
-            raise ValueError(f'fed.algorithm must be one of {list(METHODS)}, got {self.name!r}')
+            raise ValueError(f'{f("name")} must be one of {list(METHODS)}, got {self.name!r}')
         if not (isinstance(self.num_clients, int) and self.num_clients >= 1):
-            raise ValueError(f'fed.num_clients must be an int >= 1, got {self.num_clients!r}')
+            raise ValueError(f'{f("num_clients")} must be an int >= 1, got {self.num_clients!r}')
         if not (isinstance(self.chunk, int) and self.chunk >= 1):
-            raise ValueError(f'fed.client_chunk must be an int >= 1, got {self.chunk!r}')
+            raise ValueError(f'{f("chunk")} must be an int >= 1, got {self.chunk!r}')
         if self.prox_mu < 0:
-            raise ValueError(f'fed.prox_mu must be >= 0, got {self.prox_mu}')
+            raise ValueError(f'{f("prox_mu")} must be >= 0, got {self.prox_mu}')
         if self.name == 'fedprox' and not self.prox_mu > 0:
-            raise ValueError(f'fed.prox_mu must be > 0 for fedprox, got {self.prox_mu!r}')
+            raise ValueError(f'{f("prox_mu")} must be > 0 for fedprox, got {self.prox_mu!r}')
         if self.prox_target not in PROX_TARGETS:
-            raise ValueError(f'fed.prox_target must be one of {PROX_TARGETS}, got '
+            raise ValueError(f'{f("prox_target")} must be one of {PROX_TARGETS}, got '
                              f'{self.prox_target!r}')
         if self.name == 'ditto' and not self.ditto_lambda > 0:
-            raise ValueError(f'fed.ditto_lambda must be > 0 for ditto, got {self.ditto_lambda!r}')
+            raise ValueError(f'{f("ditto_lambda")} must be > 0 for ditto, got '
+                             f'{self.ditto_lambda!r}')
         check_combination(self)
 
     @property
@@ -99,7 +107,9 @@ class MethodParams:
 
 def check_combination(p: MethodParams) -> None:
     """Refuses (one line naming both settings) what the method cannot run with."""
-    agg, method = p.aggregator, f'fed.algorithm={p.name!r}'
+    f = p.field
+    agg, method = p.aggregator, f'{f("name")}={p.name!r}'
+    opt = f'{f("server_opt")}={p.server_opt.name!r}'
     sgd1 = p.server_opt.name == 'sgd' and p.server_opt.lr == 1.0
     if p.name in NO_UPLOAD:
         if agg.private:
@@ -109,13 +119,12 @@ def check_combination(p: MethodParams) -> None:
         if agg.individual or agg.sets_global or agg.client_frozen:
             aggregators.refuse(method, agg.label, 'it aggregates no client updates')
     if p.name == 'local_only' and not sgd1:
-        aggregators.refuse(method, f'fed.server_opt={p.server_opt.name!r} (lr {p.server_opt.lr})',
-                           'there is no server step')
+        aggregators.refuse(method, f'{opt} (lr {p.server_opt.lr})', 'there is no server step')
     if agg.sets_global and not sgd1:
         aggregators.refuse(
-            agg.label, f'fed.server_opt={p.server_opt.name!r} (fed.server_lr={p.server_opt.lr})',
-            "it sets the global adapter itself; use fed.server_opt='sgd' with "
-            'fed.server_lr=1.0')
+            agg.label, f'{opt} ({f("server_lr")}={p.server_opt.lr})',
+            f"it sets the global adapter itself; use {f('server_opt')}='sgd' with "
+            f'{f("server_lr")}=1.0')
     if (p.full_model or p.name == 'fedsa') and (agg.sets_global or agg.client_frozen):
         why = 'B never leaves the client' if p.name == 'fedsa' else 'there are no adapters'
         aggregators.refuse(agg.label, method, why)
@@ -123,12 +132,12 @@ def check_combination(p: MethodParams) -> None:
     if p.client_ranks is not None and (p.name in ('ditto', 'fedsa') or p.full_model
                                        or hetero and p.name in NO_UPLOAD):
         aggregators.refuse(
-            'lora.client_ranks', method, 'heterogeneous ranks run with '
+            f('client_ranks'), method, 'heterogeneous ranks run with '
             'fedgen_edge and fedprox on adapters (clients that start from the '
             'global adapter)')
     if p.client_ranks is not None and not agg.ranks:
         aggregators.refuse(
-            'lora.client_ranks', agg.label, 'the aggregator must average each rank '
+            f('client_ranks'), agg.label, 'the aggregator must average each rank '
             'slice over its owners (fedgen.aggregators.hetlora or a product one)')
 
 
@@ -137,10 +146,11 @@ def variables(p: MethodParams, backbone: dict, rng: jax.Array) -> tuple[dict, di
     ({'params': backbone}, {'lora': adapters}) with B = 0 (round 0 starts at the backbone)."""
     if p.full_model:
         return {}, {'params': backbone}
+    name = p.field('lora')
     if p.lora is None:
-        raise ValueError('lora: adapter methods need a LoraSpec (lora.rank, lora.alpha, '
-                         'lora.targets)')
-    adapters = lora.init(rng, backbone, p.lora.targets, p.lora.rank, section='lora.')
+        raise ValueError(f'{name}: adapter methods need a LoraSpec ({name}.rank, {name}.alpha, '
+                         f'{name}.targets)')
+    adapters = lora.init(rng, backbone, p.lora.targets, p.lora.rank, section=f'{name}.')
     return {'params': backbone}, {'lora': adapters}
 
 

@@ -98,7 +98,7 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def build_server(spec: ServerOptSpec, field: str = 'fed.server') -> optax.GradientTransformation:
+def build_server(spec: ServerOptSpec, field: str = 'server') -> optax.GradientTransformation:
     """The server optimizer of `spec`; errors name the config fields `<field>_opt`, `_lr`, ...
 
     'sgd': x + lr * Delta (FedAvg at lr 1). 'momentum': FedAvgM, heavy-ball SGD with momentum

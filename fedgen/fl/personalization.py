@@ -59,7 +59,7 @@ def pack_eval(examples: dict, client_indices: Sequence[np.ndarray], batch_size: 
     weight-0 examples, which no loss counts.
     """
     if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f'eval.batch_size must be an int >= 1, got {batch_size!r}')
+        raise ValueError(f'batch_size must be an int >= 1, got {batch_size!r}')
     nb = max(1, max(-(-len(i) // batch_size) for i in client_indices))
     out = {k: [] for k in list(examples) + ['weight']}
     for idx in client_indices:
@@ -133,7 +133,7 @@ def personalize(loss_fn: Callable,
     (global_loss is NaN) and must give ``personal``.
     """
     if not (isinstance(epochs, int) and epochs >= 0):
-        raise ValueError(f'personalize.epochs must be an int >= 0, got {epochs!r}')
+        raise ValueError(f'epochs must be an int >= 0, got {epochs!r}')
     if len(client_train) != len(client_test):
         raise ValueError('personalize: client_train and client_test must list the same clients')
     if not has_global and personal is None:
@@ -198,8 +198,7 @@ def gain_summary(reference: np.ndarray,
         ok &= np.asarray(include, bool)
     gain = r[ok] - p[ok]
     if gain.size == 0:
-        raise ValueError('personalize: no client has a local test example '
-                         '(data.partition.local_test_fraction)')
+        raise ValueError('personalize: no client has a local test example to compare')
     return {
         'clients': int(ok.sum()),
         'share_improved': float((gain > 0).mean()),

@@ -29,7 +29,7 @@ def recipe_hash(recipe: dict) -> str:
 def step_indices(n: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
     """[steps, B] example indices: consecutive seeded permutations of range(n) (epochs)."""
     if n < 1:
-        raise ValueError('pretrain: the public portion is empty (check data.public_fraction)')
+        raise ValueError('pretrain: the public portion is empty (n = 0 examples)')
     rng = np.random.default_rng([seed, 0x9E])
     need = steps * batch_size
     perms = [rng.permutation(n) for _ in range(-(-need // n))]
@@ -49,7 +49,7 @@ def train(loss_fn: Callable,
     examples: field -> [N, ...]; the final partial segment is padded with masked (no-op) steps.
     """
     if not (isinstance(steps, int) and steps >= 0):
-        raise ValueError(f'pretrain.steps must be an int >= 0, got {steps!r}')
+        raise ValueError(f'steps must be an int >= 0, got {steps!r}')
     update = client.make_local_update(loss_fn, tx)
     segment = max(1, min(segment, steps))
 

@@ -32,9 +32,9 @@ _DIGEST_FILE = 'content.sha256.json'
 
 
 def manager(workdir: str, keep: int, items: tuple[str, ...] = ('state', )) -> ocp.CheckpointManager:
-    """A CheckpointManager keeping the last ``keep`` steps (config field checkpoint.keep)."""
+    """A CheckpointManager keeping the last ``keep`` steps."""
     if not (isinstance(keep, int) and keep >= 1):
-        raise ValueError(f'checkpoint.keep must be an int >= 1, got {keep!r}')
+        raise ValueError(f'keep must be an int >= 1, got {keep!r}')
     directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     return ocp.CheckpointManager(directory,
                                  item_names=tuple(items) + (_DIGEST_ITEM, ),

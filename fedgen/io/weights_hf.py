@@ -15,7 +15,7 @@ from fedgen.io import tokenizer as tokenizers_
 from fedgen.models import backbone, gpt, layers, llama
 
 
-def read_safetensors(path: str, field: str = 'model.source') -> dict:
+def read_safetensors(path: str, field: str = 'source') -> dict:
     """All tensors of model.safetensors, or of every shard a model.safetensors.index.json names
     (read through jax so bfloat16 checkpoints load; numpy has no bfloat16)."""
     from safetensors import safe_open
@@ -46,7 +46,7 @@ def llama_config_from_hf(hf: dict,
                          lora_alpha=16.0,
                          dtype='float32',
                          remat=False,
-                         field='model.source') -> llama.LlamaConfig:
+                         field='source') -> llama.LlamaConfig:
     """LlamaConfig from a Hugging Face Llama config.json dict; rejects what the model can't do."""
     rs = hf.get('rope_scaling')
     if rs:
@@ -72,7 +72,7 @@ def llama_config_from_hf(hf: dict,
                              remat=remat)
 
 
-def gpt2_config_from_hf(hf: dict, lora_alpha=16.0, field='model.source') -> gpt.GPTConfig:
+def gpt2_config_from_hf(hf: dict, lora_alpha=16.0, field='source') -> gpt.GPTConfig:
     """GPTConfig from a Hugging Face GPT-2 config.json dict; rejects what the model can't do."""
     _reject(hf, 'activation_function', ('gelu_new', ), field)
     _reject(hf, 'scale_attn_by_inverse_layer_idx', (False, ), field)
@@ -89,7 +89,7 @@ def gpt2_config_from_hf(hf: dict, lora_alpha=16.0, field='model.source') -> gpt.
                          lora_alpha=lora_alpha)
 
 
-def llama_from_hf_tensors(tensors: dict[str, np.ndarray], tie: bool, field='model.source') -> dict:
+def llama_from_hf_tensors(tensors: dict[str, np.ndarray], tie: bool, field='source') -> dict:
     """HF Llama tensors (PyTorch '...weight' [out, in] or Flax '...kernel' [in, out]) -> params,
     the blocks ``model.layers.{i}.*`` stacked into ``layers/*`` [L, ...]."""
     flat = {}
@@ -141,7 +141,7 @@ def load_hf_dir(path: str,
                 lora_alpha: float = 16.0,
                 dtype: str = 'float32',
                 remat: bool = False,
-                field: str = 'model.source') -> backbone.Backbone:
+                field: str = 'source') -> backbone.Backbone:
     """A local Hugging Face GPT-2 or Llama directory (config.json + safetensors, any layout)."""
     cfg_file = os.path.join(path, 'config.json')
     if not os.path.isfile(cfg_file):

@@ -75,7 +75,7 @@ def _modules(arch: str, adapters: dict, alpha: float) -> dict:
         ranks = {members[m][0].shape[1] for m in present}
         if len(ranks) != 1:
             raise ValueError(f'{name}: q/k/v adapters of ranks {sorted(ranks)} cannot share one '
-                             'c_attn adapter (give them equal lora.rank)')
+                             'c_attn adapter (give them equal ranks)')
         r, d = ranks.pop(), members[present[0]][1].shape[1]
         big_a = np.concatenate([members[m][0].T for m in present], 0)  # [m r, in]
         big_b = np.zeros((3 * d, len(present) * r), np.float32)
@@ -184,10 +184,11 @@ def _our_path(arch: str, name: str, field: str) -> tuple:
     raise ValueError(f'{field}: adapter module {name!r} has no {arch} counterpart in fedgen')
 
 
-def import_adapter(path: str, arch: str, model_alpha: float, field: str = 'lora.init_from') -> dict:
+def import_adapter(path: str, arch: str, model_alpha: float, field: str = 'path') -> dict:
     """Reads a PEFT LoRA directory into a fedgen adapter tree for ``arch`` whose update, with the
     model's own lora_alpha ``model_alpha``, equals the file's: b = B^T (s_file / (alpha / R)).
-    Returns the layer-stacked tree (a [L, in, R], b [L, R, out])."""
+    Returns the layer-stacked tree (a [L, in, R], b [L, R, out]). ``field``: the name errors give
+    ``path`` (the caller's, e.g. 'lora.init_from')."""
     from safetensors.numpy import load_file
     cfg_file = os.path.join(path, 'adapter_config.json')
     st_file = os.path.join(path, 'adapter_model.safetensors')
@@ -222,24 +223,31 @@ def import_adapter(path: str, arch: str, model_alpha: float, field: str = 'lora.
                                field)
 
 
-def initial_adapters(path: str, arch: str, model_alpha: float, template: dict) -> dict:
-    """The PEFT adapter at ``path`` (config lora.init_from) as the run's starting adapter tree.
+def initial_adapters(path: str,
+                     arch: str,
+                     model_alpha: float,
+                     template: dict,
+                     *,
+                     section: str = '') -> dict:
+    """The PEFT adapter at ``path`` as the run's starting adapter tree.
 
-    ``template`` is the fresh adapter tree of the run's lora.targets and lora.rank; the file must
+    ``template`` is the fresh adapter tree of the run's targets and rank; the file must
     adapt exactly those modules with the same shapes (a [L, in, r], b [L, r, out]), else a one-line
     ValueError names the first difference (a file that adapts fewer layers than the model shows
     as a shape [L', ...] against [L, ...]). Returns float32 arrays shaped like ``template``.
+    section: the caller's prefix for init_from, targets and rank in error messages, e.g. 'lora.'.
     """
-    got = traverse_util.flatten_dict(import_adapter(path, arch, model_alpha))
+    field = f'{section}init_from'
+    got = traverse_util.flatten_dict(import_adapter(path, arch, model_alpha, field))
     want = traverse_util.flatten_dict(template)
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or extra:
         first = '/'.join((missing or extra)[0])
-        raise ValueError(f'lora.init_from: {path} adapts other modules than lora.targets '
+        raise ValueError(f'{field}: {path} adapts other modules than {section}targets '
                          f'({len(missing)} missing, {len(extra)} extra; e.g. {first})')
     for k, v in want.items():
         if got[k].shape != v.shape:
             rank = v.shape[-1] if k[-1] == 'a' else v.shape[-2]
-            raise ValueError(f'lora.init_from: {path} has {"/".join(k)} of shape {got[k].shape}, '
-                             f'the run needs {tuple(v.shape)} (lora.rank={rank})')
+            raise ValueError(f'{field}: {path} has {"/".join(k)} of shape {got[k].shape}, '
+                             f'the run needs {tuple(v.shape)} ({section}rank={rank})')
     return traverse_util.unflatten_dict({k: np.asarray(got[k], np.float32) for k in want})

@@ -44,20 +44,20 @@ class Windows:
     stride: int
 
 
-def sliding_windows(stream: np.ndarray,
-                    window: int,
-                    stride: int,
-                    field: str = 'eval.window') -> Windows:
-    """The windows of :mod:`this protocol <fedgen.metrics.perplexity>` over ``stream`` [N + 1]."""
+def sliding_windows(stream: np.ndarray, window: int, stride: int, *, section: str = '') -> Windows:
+    """The windows of :mod:`this protocol <fedgen.metrics.perplexity>` over ``stream`` [N + 1].
+
+    section: the caller's prefix for window and stride in error messages, e.g. 'eval.'.
+    """
     stream = np.asarray(stream, np.int32)
     n = len(stream) - 1
     if not (isinstance(window, (int, np.integer)) and window >= 1):
-        raise ValueError(f'{field} must be an int >= 1, got {window!r}')
+        raise ValueError(f'{section}window must be an int >= 1, got {window!r}')
     if not (isinstance(stride, (int, np.integer)) and 1 <= stride <= window):
-        raise ValueError(f'{field.rsplit(".", 1)[0]}.stride must be an int in [1, {field}='
-                         f'{window}], got {stride!r}')
+        raise ValueError(f'{section}stride must be an int in [1, {section}window={window}], '
+                         f'got {stride!r}')
     if n < 1:
-        raise ValueError(f'{field}: the stream has no token to score')
+        raise ValueError(f'{section}window: the stream has no token to score')
     count = 1 + -(-max(n - window, 0) // stride)
     starts = np.minimum(np.arange(count) * stride, max(n - window, 0))
     pos = starts[:, None] + np.arange(window)[None]  # target index j - 1 into s[1:]
@@ -117,10 +117,11 @@ def evaluator(nll_fn: NllFn,
               window: int,
               stride: int,
               batch_size: int = 8,
-              field: str = 'eval.window') -> Callable[[Any], dict]:
+              *,
+              section: str = '') -> Callable[[Any], dict]:
     """evaluate(variables) -> {'ppl', 'nll_sum', 'tokens', 'words', 'window', 'stride'}: the
     word-level perplexity of ``stream`` (module docstring); windows built once, one jit."""
-    win = sliding_windows(stream, window, stride, field)
+    win = sliding_windows(stream, window, stride, section=section)
     if num_words < 1:
         raise ValueError(f'num_words must be >= 1, got {num_words}')
     arrays = (win.inputs, win.targets, win.mask)

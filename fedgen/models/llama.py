@@ -250,7 +250,7 @@ def generate(model: Llama,
     if total > model.cfg.n_positions:
         raise ValueError(f'sample length {total} exceeds model.n_positions={model.cfg.n_positions}')
     if temperature < 0:
-        raise ValueError(f'eval.temperature must be >= 0, got {temperature}')
+        raise ValueError(f'temperature must be >= 0, got {temperature}')
     cache = init_cache(model.cfg, b, total, jnp.dtype(model.cfg.dtype))
 
     def pick(logits, key):

@@ -197,7 +197,10 @@ def prepare(settings: Settings) -> tasks.Task:
     train, test = partition.local_split(parts, d.partition.local_test_fraction, settings.seed)
     labels = corpus.genre_ids[doc_of].astype(np.int32)
     lines = settings.eval.subset_lines
-    splits = {s: ptb.first_lines(texts[s], lines) for s in ('valid', 'test')}
+    splits = {
+        s: ptb.first_lines(texts[s], lines, field='eval.subset_lines')
+        for s in ('valid', 'test')
+    }
     info = {
         'documents': {
             k: len(v)

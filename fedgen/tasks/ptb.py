@@ -175,7 +175,10 @@ def prepare(settings: Settings) -> tasks.Task:
                          f'client windows (lower it or data.public_fraction)')
     train, test, labels = split_clients(settings, pool, lm.config.vocab_size)
     lines = settings.eval.subset_lines
-    splits = {s: ptb.first_lines(texts[s], lines) for s in ('valid', 'test')}
+    splits = {
+        s: ptb.first_lines(texts[s], lines, field='eval.subset_lines')
+        for s in ('valid', 'test')
+    }
     info = {'public_windows': len(public), 'pool_windows': len(pool)}
     return text_task('ptb', settings, lm, splits, public, pool, (train, test, labels),
                      recipe(settings), info)
@@ -273,8 +276,13 @@ def evaluator(nll_fn, lm: ptb_model.LM, text: str, split: str, window: int, stri
     '<split>_stride', '<split>_words'}: the word-level perplexity of ``text`` (module docstring),
     loss = log ppl = total NLL / words."""
     words = perplexity.count_words(text)
-    run = perplexity.evaluator(nll_fn, ptb_model.stream(lm, text), words, window, stride,
-                               batch_size)
+    run = perplexity.evaluator(nll_fn,
+                               ptb_model.stream(lm, text),
+                               words,
+                               window,
+                               stride,
+                               batch_size,
+                               section='eval.')
 
     def evaluate(variables) -> dict:
         r = run(variables)

@@ -104,7 +104,7 @@ def check_name(m) -> str:
     """model.source's kind, after checking model.name (before any loading)."""
     if m.name not in ARCHS:
         raise ValueError(f'model.name must be one of {ARCHS}, got {m.name!r}')
-    return weights.parse_source(m.source)[0]
+    return weights.parse_source(m.source, 'model.source')[0]
 
 
 def word_vocab(text: str, max_vocab: int = 0) -> tuple:
@@ -151,7 +151,7 @@ def build(m, texts: dict, lora_alpha: float, max_vocab: int = 0) -> LM:
                       'arch': m.name,
                       'vocab': len(vocab)
                   })
-    bb = weights.load(m.source, lora_alpha, m.dtype, bool(m.remat))
+    bb = weights.load(m.source, lora_alpha, m.dtype, bool(m.remat), 'model.source')
     arch = 'llama' if bb.arch == 'llama' else 'gpt'
     if arch != m.name:
         raise ValueError(f'model.name={m.name!r} but model.source={m.source!r} holds a {bb.arch} '
