@@ -96,6 +96,11 @@ def test_memory_budget_picks_the_chunk(corpus, tmp_path):
     ('lora.targets', ('nothing_matches_this', ), 'lora.targets'),
     ('data.source', '/nonexistent/ptb', 'data.source'),
     ('fed.algorithm', 'fedsomething', 'fed.algorithm'),
+    ('checkpoint.keep', 0, r'^checkpoint\.keep must be an int >= 1, got 0$'),
+    ('eval.batch_size', 0, r'^eval\.batch_size must be an int >= 1'),
+    ('pretrain.steps', -1, r'^pretrain\.steps must be an int >= 0'),
+    ('personalize.epochs', -1, r'^personalize\.epochs must be an int >= 0'),
+    ('fed.client_chunk', 0, r'^fed\.client_chunk must be an int >= 1'),
 ])
 def test_bad_config_fails_before_compute(corpus, tmp_path, field, value, match):
     cfg = _config(corpus)
