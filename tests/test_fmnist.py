@@ -57,7 +57,7 @@ def test_configs_and_missing_data_names_field_and_apt():
     with pytest.raises(ValueError) as e:
         im.load('fashion_mnist:/nonexistent/fashion-mnist', 'train')
     msg = str(e.value)
-    assert 'data.source' in msg and idx.FASHION_MNIST_APT in msg and '\n' not in msg
+    assert msg.startswith('source=') and idx.FASHION_MNIST_APT in msg and '\n' not in msg
 
 
 def test_loader_pads_28_to_32(source):
@@ -117,6 +117,9 @@ def test_task_wires_flip_and_dropout(source):
         cifar10.validate(translate.spec(c).settings)
     bad = dataclasses.replace(s, data=dataclasses.replace(s.data, flip=1))
     with pytest.raises(ValueError, match=r'data\.flip'):
+        cifar10.validate(bad)
+    bad = dataclasses.replace(s, data=dataclasses.replace(s.data, test_limit_per_class=-1))
+    with pytest.raises(ValueError, match=r'^data\.test_limit_per_class must be an int >= 0'):
         cifar10.validate(bad)
 
 

@@ -211,7 +211,7 @@ def _raises(match_extra, fn, *args, **kw):
     with pytest.raises(ValueError) as e:
         fn(*args, **kw)
     msg = str(e.value)
-    assert 'data.source' in msg and '\n' not in msg and 'accepted formats' in msg
+    assert msg.startswith('source=') and '\n' not in msg and 'accepted formats' in msg
     assert match_extra in msg, msg
     return msg
 
@@ -247,10 +247,14 @@ def test_missing_and_malformed_inputs(tmp_path):
         with open(py / name, 'wb') as fh:
             pickle.dump([1, 2], fh)
     _raises('data_batch_1', im.load, str(py.parent), 'train')
-    with pytest.raises(ValueError, match='data.split'):
+    with pytest.raises(ValueError, match='^split must be'):
         im.load(str(tmp_path), 'valid')
-    with pytest.raises(ValueError, match='data.limit_per_class'):
+    with pytest.raises(ValueError, match='^limit_per_class must be'):
         im.load(str(tmp_path), 'train', limit_per_class=0)
+    with pytest.raises(ValueError, match=r"^source='/no/such/dir': .*accepted formats"):
+        im.load('/no/such/dir', 'train')
+    with pytest.raises(ValueError, match=r"^data\.source='/no/such/dir': "):
+        im.load('/no/such/dir', 'train', field='data.source')
 
 
 def test_image_folder_size_and_decode_errors(tmp_path):

@@ -177,5 +177,5 @@ def test_chunked_cross_entropy_equals_plain_loss_and_gradient(tiny):
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match='model.ce_chunk'):
+    with pytest.raises(ValueError, match='^chunk must be an int >= 1'):
         objectives.chunked_next_token_loss(model, 0)

@@ -66,13 +66,22 @@ class ImageData:
         return len(self.class_names)
 
 
-def _fail(source, why) -> ValueError:
-    """A one-line error naming data.source, the path, what went wrong and what is accepted."""
+class SourceError(ValueError):
+    """A source that cannot be read; :func:`load` names the caller's field before it."""
+
+
+def _fail(source, why) -> SourceError:
+    """A one-line error: the source, what went wrong and what is accepted."""
     why = ' '.join(str(why).split())
-    return ValueError(f'data.source={source!r}: {why}; {FORMATS}')
+    return SourceError(f'={source!r}: {why}; {FORMATS}')
 
 
-def load(source: str, split: str, *, limit_per_class=None, resize: bool = False) -> ImageData:
+def load(source: str,
+         split: str,
+         *,
+         limit_per_class=None,
+         resize: bool = False,
+         field: str = 'source') -> ImageData:
     """Loads one split of an image-classification dataset (see the module docstring).
 
     Args:
@@ -80,14 +89,23 @@ def load(source: str, split: str, *, limit_per_class=None, resize: bool = False)
       split: 'train' or 'test'.
       limit_per_class: None (all) or a positive int: keep the first that many of each class.
       resize: image folders only; resize images that are not 32x32 (bicubic) instead of failing.
+      field: the name errors give ``source`` (the caller's, e.g. 'data.source').
     Returns:
       ImageData(images uint8 [N, 32, 32, 3], labels int32 [N], class_names).
     """
     if split not in SPLITS:
-        raise ValueError(f"data.split must be 'train' or 'test', got {split!r}")
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     lim = limit_per_class
     if lim is not None and not (np.issubdtype(type(lim), np.integer) and lim >= 1):
-        raise ValueError(f'data.limit_per_class must be None or an int >= 1, got {lim!r}')
+        raise ValueError(f'limit_per_class must be None or an int >= 1, got {lim!r}')
+    try:
+        return _load(source, split, limit_per_class, resize)
+    except SourceError as e:
+        raise SourceError(f'{field}{e}') from None
+
+
+def _load(source, split, limit_per_class, resize) -> ImageData:
+    """:func:`load` after its argument checks; errors are :class:`SourceError` without a field."""
     if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
         raise _fail(source, 'expected a non-empty string')
     source = os.fspath(source)

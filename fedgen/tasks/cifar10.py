@@ -184,6 +184,9 @@ def validate(settings: Settings) -> None:
         raise ValueError(f'data.valid_fraction must be in (0, 1 - data.public_fraction), got {v}')
     if not isinstance(settings.data.flip, bool):
         raise ValueError(f'data.flip must be True or False, got {settings.data.flip!r}')
+    for name in ('limit_per_class', 'test_limit_per_class'):  # 0: every image
+        if not (isinstance(n := getattr(settings.data, name), int) and n >= 0):
+            raise ValueError(f'data.{name} must be an int >= 0 (0: all), got {n!r}')
     model_config(settings)  # model.* errors (e.g. model.dropout) before any data is read
 
 
@@ -234,8 +237,11 @@ def prepare_parts(settings: Settings) -> Parts:
     validate(settings)
     d = settings.data
     limit = d.limit_per_class or None
-    train = images.load(d.source, 'train', limit_per_class=limit)
-    test = images.load(d.source, 'test', limit_per_class=d.test_limit_per_class or None)
+    train = images.load(d.source, 'train', limit_per_class=limit, field='data.source')
+    test = images.load(d.source,
+                       'test',
+                       limit_per_class=d.test_limit_per_class or None,
+                       field='data.source')
     order = np.random.default_rng([settings.seed, 0xC1]).permutation(len(train.labels))
     n_pub = int(round(d.public_fraction * len(order)))
     n_val = int(round(d.valid_fraction * len(order)))

@@ -53,7 +53,7 @@ def token_nll_fn(model: nn.Module, chunk: int = 0) -> Callable:
     [chunk, V] block at a time (the backward recomputes it). Same values and gradients.
     """
     if not (isinstance(chunk, int) and chunk >= 0):
-        raise ValueError(f'model.ce_chunk must be an int >= 0 (0: no chunking), got {chunk!r}')
+        raise ValueError(f'chunk must be an int >= 0 (0: no chunking), got {chunk!r}')
 
     def whole(variables, inputs, targets):
         return token_nll(model.apply(variables, inputs), targets)
@@ -79,7 +79,7 @@ def chunked_next_token_loss(model: nn.Module, chunk: int) -> LossFn:
     (config model.ce_chunk >= 1): same value and gradient, one [chunk, V] logits block at a time.
     """
     if not (isinstance(chunk, int) and chunk >= 1):
-        raise ValueError(f'model.ce_chunk must be an int >= 1, got {chunk!r}')
+        raise ValueError(f'chunk must be an int >= 1, got {chunk!r}')
     nll_fn = token_nll_fn(model, chunk)
 
     def loss_fn(variables, batch, rng):
