@@ -18,6 +18,7 @@ a forward-and-backward; half of it for a forward). The GEMM rows time [256, k] x
 products, XLA (jit(jnp.dot)) against torch.mm on 2 threads (torch from the ``interop`` extra,
 a reference only). Prints the table with the machine line.
 """
+import shutil
 import statistics
 import tempfile
 import time
@@ -65,24 +66,27 @@ def step_rows(b: int, t: int, repeats: int) -> list[tuple[str, float, float]]:
                                 algorithms.LoraSpec(8, bench_peer.LORA_ALPHA, ('llama_qv', )))
     frozen, lora = algorithms.variables(p, bb.params, jax.random.PRNGKey(1))
     tokens = np.load(f'{d}/tokens.npy')[0, 0]
+    shutil.rmtree(d)  # the 538 MB weights directory
     batch = {'tokens': tokens, 'weight': np.ones((b, ), np.float32)}
     loss_fn = objectives.next_token_loss(model)
     step = lambda tr, fr: loss_fn({**fr, **tr}, batch, None)[0]
-    blocks = lambda tr, fr: model.apply({**fr, **tr}, tokens[:, :-1], method=model.hidden).sum()
-    h = jax.jit(lambda tr, fr: model.apply({
-        **fr,
-        **tr
-    }, tokens[:, :-1], method=model.hidden))(lora, frozen)
+
+    def hidden(tr, fr):
+        return model.apply({**fr, **tr}, tokens[:, :-1], method=model.hidden)
+
+    blocks = lambda tr, fr: hidden(tr, fr).sum()
+    h = jax.jit(hidden)(lora, frozen)
 
     def head(h, fr):
         return objectives.token_nll(model.apply(fr, h, method=model.unembed), tokens[:, 1:]).mean()
 
     total = bench_peer.flops_per_token(cfg, t) * b * t
     head_flops = 2 * 2 * b * t * cfg.n_embd * cfg.vocab_size  # forward + input gradient
+    parts = [('step', step, (lora, frozen), total),
+             ('blocks', blocks, (lora, frozen), total - head_flops),
+             ('head + CE', head, (h, frozen), head_flops)]
     rows = []
-    for name, fn, args, flops in (('step', step, (lora, frozen),
-                                   total), ('blocks', blocks, (lora, frozen), total - head_flops),
-                                  ('head + CE', head, (h, frozen), head_flops)):
+    for name, fn, args, flops in parts:
         rows.append((f'{name}, value_and_grad',
                      _median_s(jax.jit(jax.value_and_grad(fn)), *args, repeats=repeats), flops))
         rows.append((f'{name}, forward', _median_s(jax.jit(fn), *args, repeats=repeats), flops / 2))
