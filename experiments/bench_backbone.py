@@ -68,6 +68,7 @@ def one_row(dtype: str, remat: bool, chunk: int, c: int, s: int, b: int, t: int,
     import jax
     import optax
 
+    from experiments import bench_peer
     from fedgen import algorithms
     from fedgen.tasks import objectives
     from fedgen.data.batching import RoundData
@@ -77,12 +78,7 @@ def one_row(dtype: str, remat: bool, chunk: int, c: int, s: int, b: int, t: int,
     params = llama.cast_frozen(llama.init_params(cfg, jax.random.PRNGKey(0)), dtype)
     loss = (objectives.chunked_next_token_loss(model, chunk)
             if chunk else objectives.next_token_loss(model))
-    p = algorithms.MethodParams(name='fedgen_edge',
-                                num_clients=c,
-                                client_tx=optax.adam(1e-4),
-                                server_tx=optax.sgd(1.0),
-                                lora=algorithms.LoraSpec(8, 16.0, ('llama_qv', )),
-                                chunk=c)
+    p = bench_peer.qv_method(c, c, optax.adam(1e-4))
     frozen, trainable = algorithms.variables(p, params, jax.random.PRNGKey(1))
     alg = algorithms.make(p, loss)
     state = alg.init(trainable, jax.random.PRNGKey(2))

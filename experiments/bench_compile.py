@@ -38,18 +38,14 @@ def measure(n_layer: int, c: int, chunk: int, s: int, b: int, t: int, remat: boo
     import jax.numpy as jnp
     import optax
 
+    from experiments import bench_peer
     from fedgen import algorithms
     from fedgen.tasks import objectives
     from fedgen.data.batching import RoundData
     from fedgen.models import llama
     cfg = llama.LlamaConfig(n_positions=max(t + 1, 64), n_layer=n_layer, remat=remat)
     model = llama.Llama(cfg)
-    p = algorithms.MethodParams(name='fedgen_edge',
-                                num_clients=c,
-                                client_tx=optax.adam(1e-3),
-                                server_tx=optax.sgd(1.0),
-                                lora=algorithms.LoraSpec(8, 16.0, ('llama_qv', )),
-                                chunk=chunk)
+    p = bench_peer.qv_method(c, chunk, optax.adam(1e-3))
     alg = algorithms.make(p, objectives.next_token_loss(model))
 
     def build(key):

@@ -64,29 +64,48 @@ def _report(times: list, cpus: list, loss: float) -> dict:
     }
 
 
-def fedgen_side(in_dir: str, repeats: int, chunk: int = 1) -> dict:
-    """fedgen's round on the inputs: {'round_s', 'rounds_s', 'loss', 'peak_rss_MiB',
-    'compile_s'}."""
+def qv_method(num_clients: int, chunk: int, client_tx):
+    """FedGen-Edge's MethodParams of the SmolLM2 benchmarks: LoRA r = 8, alpha 16 on q_proj and
+    v_proj, ``client_tx`` fresh per client, the server's plain mean (sgd(1))."""
+    import optax
+
+    from fedgen import algorithms
+    return algorithms.MethodParams(name='fedgen_edge',
+                                   num_clients=num_clients,
+                                   client_tx=client_tx,
+                                   server_tx=optax.sgd(1.0),
+                                   lora=algorithms.LoraSpec(LORA_RANK, LORA_ALPHA, ('llama_qv', )),
+                                   chunk=chunk)
+
+
+def fedgen_setup(in_dir: str, chunk: int = 1):
+    """fedgen's side of the work in ``in_dir``: (model, MethodParams, frozen, trainable, tokens
+    int32 [C, K, B, T + 1]), FedGen-Edge with LoRA r = 8, alpha 16 on q_proj and v_proj and a
+    fresh AdamW per client."""
     import jax
     import optax
 
     from fedgen import algorithms
-    from fedgen.tasks import objectives
-    from fedgen.data.batching import RoundData
-    from fedgen.models import llama
     from fedgen.io import weights_hf
+    from fedgen.models import llama
     tokens = np.load(os.path.join(in_dir, 'tokens.npy'))
-    c, k, b, _ = tokens.shape
     bb = weights_hf.load_hf_dir(os.path.join(in_dir, 'model'), lora_alpha=LORA_ALPHA)
     model = llama.Llama(bb.config)
-    p = algorithms.MethodParams(name='fedgen_edge',
-                                num_clients=c,
-                                client_tx=optax.adamw(LR, weight_decay=WEIGHT_DECAY),
-                                server_tx=optax.sgd(1.0),
-                                lora=algorithms.LoraSpec(LORA_RANK, LORA_ALPHA, ('llama_qv', )),
-                                chunk=chunk)
+    p = qv_method(tokens.shape[0], chunk, optax.adamw(LR, weight_decay=WEIGHT_DECAY))
     frozen, trainable = algorithms.variables(p, bb.params, jax.random.PRNGKey(1))
-    del bb
+    return model, p, frozen, trainable, tokens
+
+
+def fedgen_side(in_dir: str, repeats: int, chunk: int = 1) -> dict:
+    """fedgen's round on the inputs: {'round_s', 'rounds_s', 'loss', 'peak_rss_MiB',
+    'compile_s'}."""
+    import jax
+
+    from fedgen import algorithms
+    from fedgen.tasks import objectives
+    from fedgen.data.batching import RoundData
+    model, p, frozen, trainable, tokens = fedgen_setup(in_dir, chunk)
+    c, k, b, _ = tokens.shape
     alg = algorithms.make(p, objectives.next_token_loss(model))
     state = alg.init(trainable, jax.random.PRNGKey(2))
     data = RoundData(client_ids=np.arange(c, dtype=np.int32),

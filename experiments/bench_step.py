@@ -51,21 +51,13 @@ def _median_s(fn, *args, repeats: int) -> float:
 def step_rows(b: int, t: int, repeats: int) -> list[tuple[str, float, float]]:
     """[(part, seconds, model FLOPs)] for one local step of B x T tokens."""
     import jax
-    import optax
 
     from experiments import bench_peer
-    from fedgen import algorithms
-    from fedgen.io import weights_hf
-    from fedgen.models import llama
     from fedgen.tasks import objectives
     d = tempfile.mkdtemp(prefix='bench_step_')
     cfg = bench_peer.write_inputs(d, 1, 1, b, t)
-    bb = weights_hf.load_hf_dir(f'{d}/model', lora_alpha=bench_peer.LORA_ALPHA)
-    model = llama.Llama(bb.config)
-    p = algorithms.MethodParams('fedgen_edge', 1, optax.adamw(1e-3), optax.sgd(1.0),
-                                algorithms.LoraSpec(8, bench_peer.LORA_ALPHA, ('llama_qv', )))
-    frozen, lora = algorithms.variables(p, bb.params, jax.random.PRNGKey(1))
-    tokens = np.load(f'{d}/tokens.npy')[0, 0]
+    model, _, frozen, lora, tokens = bench_peer.fedgen_setup(d)
+    tokens = tokens[0, 0]
     shutil.rmtree(d)  # the 538 MB weights directory
     batch = {'tokens': tokens, 'weight': np.ones((b, ), np.float32)}
     loss_fn = objectives.next_token_loss(model)

@@ -52,7 +52,7 @@ def build(cls, section, path: str = ''):
 def spec(config) -> runspec.RunSpec:
     """The run's RunSpec from its config: every field and every pairing of fields checked (one
     line naming the field(s) on the first that fails), before any data is read."""
-    _check_schedule(config)
+    _check_int_fields(config)
     fed, d = config.fed, config.fed.dp
     settings = build(tasks.get(config.task).Settings, config.to_dict())
     method = _method_params(config)
@@ -346,7 +346,7 @@ INT_FIELDS = (('fed.rounds', 0), ('eval.every', 1), ('eval.batch_size', 1), ('ch
               ('pretrain.steps', 0), ('personalize.epochs', 0), ('personalize.max_steps', 0))
 
 
-def _check_schedule(config) -> None:
+def _check_int_fields(config) -> None:
     """One-line errors for the integer fields of the loop, evaluation, checkpoints, pre-training
     and personalization (before any compute); the library checks its own parameters again."""
     for path, least in INT_FIELDS:
