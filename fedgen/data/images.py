@@ -67,13 +67,15 @@ class ImageData:
 
 
 class SourceError(ValueError):
-    """A source that cannot be read; :func:`load` names the caller's field before it."""
+    """A source that cannot be read: ``source`` and ``why`` (one line); :func:`load` turns it
+    into ``<field>=<source>: <why>; <accepted formats>``."""
 
+    def __init__(self, source, why):
+        self.source, self.why = source, ' '.join(str(why).split())
+        super().__init__(self.message('source'))
 
-def _fail(source, why) -> SourceError:
-    """A one-line error: the source, what went wrong and what is accepted."""
-    why = ' '.join(str(why).split())
-    return SourceError(f'={source!r}: {why}; {FORMATS}')
+    def message(self, field: str) -> str:
+        return f'{field}={self.source!r}: {self.why}; {FORMATS}'
 
 
 def load(source: str,
@@ -101,20 +103,20 @@ def load(source: str,
     try:
         return _load(source, split, limit_per_class, resize)
     except SourceError as e:
-        raise SourceError(f'{field}{e}') from None
+        raise ValueError(e.message(field)) from None
 
 
 def _load(source, split, limit_per_class, resize) -> ImageData:
     """:func:`load` after its argument checks; errors are :class:`SourceError` without a field."""
     if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
-        raise _fail(source, 'expected a non-empty string')
+        raise SourceError(source, 'expected a non-empty string')
     source = os.fspath(source)
     if source.startswith('tfds:'):
         data = _load_tfds(source, source[len('tfds:'):], split)
     elif source.startswith('fashion_mnist:'):
         path = os.path.expanduser(source[len('fashion_mnist:'):])
         if not os.path.isdir(path):
-            raise _fail(
+            raise SourceError(
                 source, f'no such directory {path!r} (Debian/Ubuntu: '
                 f'{idx.FASHION_MNIST_APT} installs {idx.FASHION_MNIST_DIR})')
         data = _load_idx(source, path, split)
@@ -123,7 +125,7 @@ def _load(source, split, limit_per_class, resize) -> ImageData:
         if os.path.isfile(path) and path.endswith(('.tar.gz', '.tgz')):
             return _load_folder_tar(source, path, split, limit_per_class, resize)
         if not os.path.isdir(path):
-            raise _fail(source, f'{path!r} is neither a directory nor a .tar.gz/.tgz file')
+            raise SourceError(source, f'{path!r} is neither a directory nor a .tar.gz/.tgz file')
         bin_dir = _batches_dir(path, 'cifar-10-batches-bin', 'data_batch_1.bin')
         py_dir = _batches_dir(path, 'cifar-10-batches-py', 'data_batch_1')
         if bin_dir:
@@ -135,7 +137,7 @@ def _load(source, split, limit_per_class, resize) -> ImageData:
         elif _folder_root(path):
             return _load_folder_dir(source, _folder_root(path), split, limit_per_class, resize)
         else:
-            raise _fail(source, f'no recognised dataset in directory {path!r}')
+            raise SourceError(source, f'no recognised dataset in directory {path!r}')
     return _first_per_class(data, limit_per_class)
 
 
@@ -147,13 +149,13 @@ def _checked(source, images, labels, class_names) -> ImageData:
     """Validates shapes, dtypes and label range of a loaded split."""
     images, labels = np.ascontiguousarray(images), np.asarray(labels)
     if images.dtype != np.uint8 or images.shape[1:] != (SIZE, SIZE, 3):
-        raise _fail(
+        raise SourceError(
             source, f'images are {images.dtype}{list(images.shape)}, '
             f'expected uint8[N, {SIZE}, {SIZE}, 3]')
     if labels.shape != (images.shape[0], ):
-        raise _fail(source, f'labels {labels.shape} do not match {images.shape[0]} images')
+        raise SourceError(source, f'labels {labels.shape} do not match {images.shape[0]} images')
     if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
-        raise _fail(source, f'labels outside [0, {len(class_names)})')
+        raise SourceError(source, f'labels outside [0, {len(class_names)})')
     return ImageData(images, labels.astype(np.int32), tuple(str(c) for c in class_names))
 
 
@@ -172,7 +174,7 @@ def _load_tfds(source, name, split) -> ImageData:
         import tensorflow  # noqa: F401  (tfds needs TF to read prepared data)
         import tensorflow_datasets as tfds
     except ImportError as e:
-        raise _fail(
+        raise SourceError(
             source, f'tensorflow and tensorflow_datasets are needed for tfds sources '
             f'and are not installed ({e}); pip install tensorflow tensorflow-datasets')
     try:
@@ -182,7 +184,7 @@ def _load_tfds(source, name, split) -> ImageData:
         class_names = info.features['label'].names
     except Exception as e:  # tfds raises many types (AssertionError, DatasetNotFoundError, ...)
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
-        raise _fail(
+        raise SourceError(
             source, f'tfds could not load {name!r} split {split!r} without downloading '
             f'(prepare it locally first): {type(e).__name__}: {msg}')
     return _checked(source, images, labels, class_names)
@@ -201,7 +203,7 @@ def _batch_files(source, d, split, ext):
     files = [os.path.join(d, n + ext) for n in names]
     for f in files:
         if not os.path.isfile(f):
-            raise _fail(source, f'missing file {f!r}')
+            raise SourceError(source, f'missing file {f!r}')
     return files
 
 
@@ -211,7 +213,7 @@ def _load_cifar_bin(source, d, split) -> ImageData:
     for f in _batch_files(source, d, split, '.bin'):
         raw = np.fromfile(f, dtype=np.uint8)
         if raw.size == 0 or raw.size % (1 + 3 * SIZE * SIZE):
-            raise _fail(
+            raise SourceError(
                 source, f'{f!r} has {raw.size} bytes, not a positive multiple of 3073 '
                 '(1 label byte + 3072 CHW pixel bytes)')
         records.append(raw.reshape(-1, 1 + 3 * SIZE * SIZE))
@@ -231,9 +233,9 @@ def _unpickle(source, f):
         with open(f, 'rb') as fh:
             obj = pickle.load(fh, encoding='bytes')
     except Exception as e:  # unpickling a bad file can raise nearly anything
-        raise _fail(source, f'cannot unpickle {f!r}: {type(e).__name__}: {e}')
+        raise SourceError(source, f'cannot unpickle {f!r}: {type(e).__name__}: {e}')
     if not isinstance(obj, dict):
-        raise _fail(source, f'{f!r} does not hold a dict')
+        raise SourceError(source, f'{f!r} does not hold a dict')
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
@@ -243,10 +245,10 @@ def _load_cifar_py(source, d, split) -> ImageData:
     for f in _batch_files(source, d, split, ''):
         batch = _unpickle(source, f)
         if 'data' not in batch or 'labels' not in batch:
-            raise _fail(source, f"{f!r} lacks 'data' or 'labels'")
+            raise SourceError(source, f"{f!r} lacks 'data' or 'labels'")
         data = np.asarray(batch['data'])
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * SIZE * SIZE:
-            raise _fail(
+            raise SourceError(
                 source, f"{f!r} 'data' is {data.dtype}{list(data.shape)}, "
                 'expected uint8[n, 3072]')
         images.append(data.reshape(-1, 3, SIZE, SIZE).transpose(0, 2, 3, 1))
@@ -269,11 +271,12 @@ def _load_idx(source, d, split) -> ImageData:
     try:
         gray, labels = idx.load_split(d, split)
     except idx.IdxError as e:
-        raise _fail(source, e)
+        raise SourceError(source, e)
     n, h, w = gray.shape
     prefix = idx.PREFIXES[split]
     if h > SIZE or w > SIZE:
-        raise _fail(source, f'{prefix} images in {d!r} are {h}x{w}, larger than {SIZE}x{SIZE}')
+        raise SourceError(source,
+                          f'{prefix} images in {d!r} are {h}x{w}, larger than {SIZE}x{SIZE}')
     top, left = (SIZE - h) // 2, (SIZE - w) // 2
     images = np.zeros((n, SIZE, SIZE, 3), np.uint8)
     images[:, top:top + h, left:left + w, :] = gray[..., None]
@@ -333,9 +336,9 @@ def _load_folder_tar(source, path, split, limit, resize) -> ImageData:
                 if s == split:
                     blobs[(cls, '/'.join(parts))] = tf.extractfile(m).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise _fail(source, f'cannot read archive {path!r}: {type(e).__name__}: {e}')
+        raise SourceError(source, f'cannot read archive {path!r}: {type(e).__name__}: {e}')
     if len(tops) > 1:
-        raise _fail(
+        raise SourceError(
             source, f'{path!r} has split folders under several top-level folders '
             f'{sorted(tops)}')
     if limit is not None:
@@ -349,7 +352,7 @@ def _load_folder_tar(source, path, split, limit, resize) -> ImageData:
 def _assemble(source, where, split, classes, blobs, resize) -> ImageData:
     """Decodes {(class, name): encoded bytes} in (class, name) order into an ImageData."""
     if not blobs:
-        raise _fail(source, f'no {split}/<class>/*.png|*.jpg|*.jpeg images in {where!r}')
+        raise SourceError(source, f'no {split}/<class>/*.png|*.jpg|*.jpeg images in {where!r}')
     index = {c: i for i, c in enumerate(classes)}
     keys = sorted(blobs, key=lambda k: (index[k[0]], k[1]))
     images = np.empty((len(keys), SIZE, SIZE, 3), np.uint8)
@@ -365,11 +368,11 @@ def _decode(source, name, blob, resize) -> np.ndarray:
         with Image.open(io.BytesIO(blob)) as im:
             rgb = im.convert('RGB')
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise _fail(source, f'cannot decode image {name!r}: {type(e).__name__}: {e}')
+        raise SourceError(source, f'cannot decode image {name!r}: {type(e).__name__}: {e}')
     if rgb.size != (SIZE, SIZE):
         if not resize:
             w, h = rgb.size
-            raise _fail(
+            raise SourceError(
                 source, f'image {name!r} is {w}x{h}, expected {SIZE}x{SIZE} '
                 '(pass resize=True to resize)')
         rgb = rgb.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
@@ -386,6 +389,11 @@ def to_float(images) -> np.ndarray:
     if images.dtype != np.uint8:
         raise ValueError(f'to_float: images must be uint8 in [0, 255], got {images.dtype}')
     return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def is_gray(images: np.ndarray) -> bool:
+    """True when every pixel of images [N, H, W, 3] has R = G = B (grayscale stored as RGB)."""
+    return bool(np.all(images[..., :1] == images[..., 1:]))
 
 
 def to_uint8(x) -> np.ndarray:
