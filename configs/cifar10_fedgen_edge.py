@@ -56,6 +56,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
         num_heads=1,
         groups=4,
         dropout=0.0,  # in [0, 1): residual-block dropout while training (DDPM: 0.1)
+        image_channels=3,  # 1 for grayscale data (R = G = B), diffused as one channel
         conv_impl='im2col')  # 'xla' on GPU/TPU (docs/performance.md)
     c.diffusion = dict(schedule='linear', timesteps=1000, sample_steps=10, ddim_eta=0.0)
     c.lora = dict(rank=2, alpha=16.0, targets=('attn', ), client_ranks='')

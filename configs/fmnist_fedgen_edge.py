@@ -6,7 +6,9 @@ Data: the Debian/Ubuntu package (standard IDX files in /usr/share/datasets/fashi
 or any directory holding {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]:
     --config.data.source=fashion_mnist:/data/fashion-mnist
 The 28x28 grayscale images are zero-padded to 32x32 (2 pixels a side; 0 is the background) and
-repeated over 3 channels, so the U-Net, the fd_classifier and the sample grids are CIFAR-10's.
+repeated over 3 channels, so the fd_classifier and the sample grids are CIFAR-10's. The U-Net
+diffuses one channel (model.image_channels=1: three independent noise channels would sample
+colour where the data has none); its samples are repeated over R, G and B.
 
 Default (a 2-core CPU, about 20 minutes; the CIFAR-10 default's model and schedule):
     python -m experiments.train --config configs/fmnist_fedgen_edge.py --workdir runs/fmnist
@@ -17,9 +19,10 @@ Tiny (what the tests run, on IDX files they write themselves):
         --config.data.source=fashion_mnist:/path/to/tiny/idx
 Paper scale (GPU): configs/fmnist_fedgen_edge.py:full.
 
-Differences from configs/cifar10_fedgen_edge.py: the data source; random horizontal flips
-(clothes are left-right symmetric in distribution) and a server-side EMA of the global adapter
-(decay 0.9 with warm-up; samples come from it and every metric is also reported as <metric>_ema).
+Differences from configs/cifar10_fedgen_edge.py: the data source; one image channel; random
+horizontal flips (clothes are left-right symmetric in distribution) and a server-side EMA of the
+global adapter (decay 0.9 with warm-up; samples come from it and every metric is also reported as
+<metric>_ema).
 """
 import ml_collections
 
@@ -34,6 +37,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c = cifar10_fedgen_edge.get_config('tiny' if arg == 'ci' else arg)
     c.data.source = FASHION_MNIST
     c.data.flip = True
+    c.model.image_channels = 1
     c.fed.ema_decay = 0.9
     if arg == 'ci':
         c.data.update(limit_per_class=20, test_limit_per_class=5)

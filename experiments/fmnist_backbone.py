@@ -33,10 +33,9 @@ from experiments import translate
 from experiments.console import log, run_main
 from fedgen.models import diffusion
 from fedgen.metrics import plots
-from fedgen.data import images
 from fedgen.metrics import classifier, frechet
 from fedgen.models import unet
-from fedgen.tasks import cifar10
+from fedgen.tasks import cifar10, image_generation
 
 
 def config_for(steps: int, batch_size: int, lr: float):
@@ -89,13 +88,9 @@ def draw(spec, params: dict, n: int, steps: int, batch: int, seed: int) -> np.nd
     s = spec.settings
     model = unet.UNet(cifar10.model_config(s))
     sched = diffusion.make_schedule(s.diffusion.schedule, s.diffusion.timesteps)
-    sampler = cifar10.make_sampler(model, sched, batch, steps, 0.0)
-    key = jax.random.PRNGKey(seed + 31)
-    out = [
-        np.asarray(sampler({'params': params}, jax.random.fold_in(key, i)))
-        for i in range(-(-n // batch))
-    ]
-    return images.to_uint8(np.concatenate(out)[:n])
+    sampler = image_generation.make_sampler(model, sched, batch, steps, 0.0)
+    return image_generation.draw(sampler, {'params': params}, jax.random.PRNGKey(seed + 31), n,
+                                 batch)
 
 
 def run(workdir: str, out: str, steps: int, batch_size: int, lr: float, n: int, sample_steps: int,

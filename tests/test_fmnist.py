@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import write_image_folder
 from configs import fmnist_fedgen_edge
 from experiments import class_share, train, translate
 from experiments import personalize as personal_exp
@@ -19,7 +20,7 @@ from fedgen.io import checkpoint
 from fedgen.data import idx
 from fedgen.data import images as im
 from fedgen.models import unet
-from fedgen.tasks import cifar10
+from fedgen.tasks import cifar10, image_generation
 
 
 def write_fashion_idx(root, per_class=(10, 3)) -> str:
@@ -51,6 +52,7 @@ def test_configs_and_missing_data_names_field_and_apt():
     for arg in ('', 'tiny', 'ci', 'full'):
         c = fmnist_fedgen_edge.get_config(arg)
         assert c.data.source == fmnist_fedgen_edge.FASHION_MNIST and c.data.flip
+        assert c.model.image_channels == 1
         assert 0 < c.fed.ema_decay < 1
     with pytest.raises(ValueError, match='config argument'):
         fmnist_fedgen_edge.get_config('huge')
@@ -121,6 +123,35 @@ def test_task_wires_flip_and_dropout(source):
     bad = dataclasses.replace(s, data=dataclasses.replace(s.data, test_limit_per_class=-1))
     with pytest.raises(ValueError, match=r'^data\.test_limit_per_class must be an int >= 0'):
         cifar10.validate(bad)
+
+
+def test_one_channel_model_reads_gray_and_samples_rgb(source, tmp_path):
+    """model.image_channels=1: the U-Net sees channel 0 of the gray images, its samples come out
+    R = G = B, the backbone recipe names it (and a 3-channel recipe stays as it was), and colour
+    data or another channel count is refused."""
+    c = _config(source)
+    s = translate.spec(c).settings
+    parts = cifar10.prepare_parts(s)
+    assert parts.model_cfg.image_channels == 1 and cifar10.recipe(s)['model']['image_channels'] == 1
+    three = dataclasses.replace(s, model=dataclasses.replace(s.model, image_channels=3))
+    assert 'image_channels' not in cifar10.recipe(three)['model']
+    variables = {'params': unet.init_params(parts.model_cfg, jax.random.PRNGKey(0))}
+    gray = parts.pool['images'][:4]
+    assert im.is_gray(gray) and not im.is_gray(gray + np.array([0, 1, 0], np.uint8))
+    batch = {'images': gray, 'weight': np.ones(4, np.float32)}
+    other = {**batch, 'images': np.concatenate([gray[..., :1], 255 - gray[..., 1:]], -1)}
+    key = jax.random.PRNGKey(3)
+    loss = jax.jit(parts.eval_loss_fn)
+    assert float(loss(variables, other, key)[0]) == float(loss(variables, batch, key)[0])
+    fake = image_generation.sample_images(parts, s, variables, jax.random.PRNGKey(1), 3)
+    assert fake.shape == (3, 32, 32, 3) and fake.dtype == np.uint8 and im.is_gray(fake)
+    assert fake.std() > 0
+    colour = _config(write_image_folder(tmp_path))
+    with pytest.raises(ValueError, match=r'^model\.image_channels=1 needs grayscale images'):
+        cifar10.prepare_parts(translate.spec(colour).settings)
+    c.model.image_channels = 2
+    with pytest.raises(ValueError, match=r'^model\.image_channels must be 3 \(colour\) or 1'):
+        cifar10.validate(translate.spec(c).settings)
 
 
 def _state(workdir, config, step):

@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedgen import tasks
+from fedgen.tasks import image_generation
 from fedgen.models import diffusion
 from fedgen.algorithms import LoraSpec
-from fedgen.data import batching, images, partition
-from fedgen.metrics import classifier, dataset_loss
+from fedgen.data import images, partition
+from fedgen.metrics import classifier
 from fedgen.models import unet
 
 PARTITIONS = ('dirichlet_label', 'dirichlet_client', 'k_classes', 'quantity', 'iid')
@@ -64,6 +65,9 @@ def denoising_loss(model: unet.UNet,
                    train: bool = False) -> Callable:
     """Masked epsilon-MSE: batch['images'] uint8 [B, 32, 32, 3], batch['weight'] [B].
 
+    The model sees x0 = images[..., :C] / 127.5 - 1 with C = model.config.image_channels (3; or
+    1 for grayscale data, whose three channels are equal).
+
     L = sum_b w_b ||eps_theta(x_t, t) - eps||^2 / (D sum_b w_b), with t ~ U{0..T-1} and
     eps ~ N(0, I) drawn from the step's rng; the weight returned is sum_b w_b (images).
     With ``train``: ``flip`` mirrors each image left-right with probability 1/2
@@ -72,6 +76,7 @@ def denoising_loss(model: unet.UNet,
     (seed, round, client, step), so both are reproducible and a resumed run is exact.
     """
     flip = flip and train
+    channels = model.config.image_channels
     kw = {'train': True} if train and model.config.dropout > 0 else None
 
     def loss_fn(variables, batch, rng):
@@ -80,7 +85,7 @@ def denoising_loss(model: unet.UNet,
                 **batch, 'images':
                 images.random_flip(batch['images'], jax.random.fold_in(rng, FLIP_STREAM))[0]
             }
-        x0 = batch['images'].astype(jnp.float32) / 127.5 - 1.0  # uint8 -> [-1, 1]
+        x0 = batch['images'][..., :channels].astype(jnp.float32) / 127.5 - 1.0  # uint8 -> [-1, 1]
         if kw is None:
             eps_fn = lambda x, t: model.apply(variables, x, t)
         else:
@@ -118,6 +123,7 @@ class Model:
     groups: int
     conv_impl: str
     dropout: float = 0.0
+    image_channels: int = 3  # 1: grayscale data (R = G = B) diffused as one channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +193,9 @@ def validate(settings: Settings) -> None:
     for name in ('limit_per_class', 'test_limit_per_class'):  # 0: every image
         if not (isinstance(n := getattr(settings.data, name), int) and n >= 0):
             raise ValueError(f'data.{name} must be an int >= 0 (0: all), got {n!r}')
+    if settings.model.image_channels not in (1, 3):
+        raise ValueError('model.image_channels must be 3 (colour) or 1 (grayscale data), got '
+                         f'{settings.model.image_channels!r}')
     model_config(settings)  # model.* errors (e.g. model.dropout) before any data is read
 
 
@@ -200,36 +209,37 @@ def model_config(settings: Settings) -> unet.UNetConfig:
                            groups=m.groups,
                            conv_impl=m.conv_impl,
                            dropout=m.dropout,
+                           image_channels=m.image_channels,
                            lora_alpha=float(settings.lora.alpha))
 
 
 def prepare(settings: Settings) -> tasks.Task:
     """Loads the images, the public/pool split and the client partition (deterministic)."""
     parts = prepare_parts(settings)
-    return tasks.Task(name='cifar10',
-                      metric=METRIC,
-                      loss_fn=parts.loss_fn,
-                      pool=parts.pool,
-                      client_train=parts.client_train,
-                      client_test=parts.client_test,
-                      public=parts.public,
-                      valid=parts.valid,
-                      test=parts.test,
-                      labels=parts.labels,
-                      recipe=recipe(settings),
-                      info=describe(parts),
-                      init_backbone=lambda rng: unet.init_params(parts.model_cfg, rng),
-                      backbone_shapes=lambda: unet.param_shapes(parts.model_cfg),
-                      evaluator=lambda split, aux: evaluator(parts, settings, split, aux),
-                      sample=lambda variables, rng: samples(parts, settings, variables, rng),
-                      sample_kind='images',
-                      client_metric=('denoise_mse', lambda x: x),
-                      classes=parts.class_names,
-                      aux_nets={
-                          'classifier':
-                          tasks.AuxNet(classifier_recipe(settings),
-                                       lambda: train_classifier(parts, settings))
-                      })
+    return tasks.Task(
+        name='cifar10',
+        metric=METRIC,
+        loss_fn=parts.loss_fn,
+        pool=parts.pool,
+        client_train=parts.client_train,
+        client_test=parts.client_test,
+        public=parts.public,
+        valid=parts.valid,
+        test=parts.test,
+        labels=parts.labels,
+        recipe=recipe(settings),
+        info=describe(parts),
+        init_backbone=lambda rng: unet.init_params(parts.model_cfg, rng),
+        backbone_shapes=lambda: unet.param_shapes(parts.model_cfg),
+        evaluator=lambda split, aux: image_generation.evaluator(parts, settings, split, aux),
+        sample=lambda variables, rng: image_generation.samples(parts, settings, variables, rng),
+        sample_kind='images',
+        client_metric=('denoise_mse', lambda x: x),
+        classes=parts.class_names,
+        aux_nets={
+            'classifier':
+            tasks.AuxNet(classifier_recipe(settings), lambda: train_classifier(parts, settings))
+        })
 
 
 def prepare_parts(settings: Settings) -> Parts:
@@ -242,6 +252,9 @@ def prepare_parts(settings: Settings) -> Parts:
                        'test',
                        limit_per_class=d.test_limit_per_class or None,
                        field='data.source')
+    if settings.model.image_channels == 1 and not images.is_gray(train.images):
+        raise ValueError(f'model.image_channels=1 needs grayscale images (R = G = B), but '
+                         f'data.source={d.source!r} has colour; use model.image_channels=3')
     order = np.random.default_rng([settings.seed, 0xC1]).permutation(len(train.labels))
     n_pub = int(round(d.public_fraction * len(order)))
     n_val = int(round(d.valid_fraction * len(order)))
@@ -267,8 +280,9 @@ def prepare_parts(settings: Settings) -> Parts:
                  schedule=sched,
                  loss_fn=denoising_loss(model, sched, settings.data.flip, train=True),
                  eval_loss_fn=denoising_loss(model, sched),
-                 sampler=make_sampler(model, sched, settings.eval.sample_batch,
-                                      settings.diffusion.sample_steps, settings.diffusion.ddim_eta),
+                 sampler=image_generation.make_sampler(model, sched, settings.eval.sample_batch,
+                                                       settings.diffusion.sample_steps,
+                                                       settings.diffusion.ddim_eta),
                  pool=pool,
                  client_train=tr,
                  client_test=te,
@@ -280,11 +294,14 @@ def prepare_parts(settings: Settings) -> Parts:
 
 
 def recipe(settings: Settings) -> dict:
-    """What determines the pre-trained backbone (its cache key). Dropout and flips enter only
-    when on, so the recipes (cached backbones) of runs without them stay as they were."""
+    """What determines the pre-trained backbone (its cache key). Dropout, flips and one-channel
+    images enter only when on, so the recipes (cached backbones) of runs without them stay as
+    they were."""
     model = dataclasses.asdict(settings.model)
     if not model['dropout']:
         del model['dropout']
+    if model['image_channels'] == 3:
+        del model['image_channels']
     public = {
         'source': settings.data.source,
         'limit': settings.data.limit_per_class,
@@ -336,84 +353,3 @@ def describe(task: Parts) -> dict:
         'test_images': len(task.test['labels']),
         'model': dataclasses.asdict(task.model_cfg)
     }
-
-
-def make_sampler(model: unet.UNet,
-                 schedule: diffusion.Schedule,
-                 batch: int,
-                 steps: int,
-                 eta: float = 0.0) -> Callable:
-    """One jitted DDIM sampler of a fixed batch shape [batch, H, W, C] (the model's image size and
-    channels), so every call reuses one compilation."""
-    cfg = model.config
-
-    @jax.jit
-    def draw(variables, key):
-        eps_fn = lambda x, t: model.apply(variables, x, t)
-        shape = (batch, cfg.image_size, cfg.image_size, cfg.image_channels)
-        return diffusion.ddim_sample(eps_fn, schedule, shape, key, steps, eta)
-
-    return draw
-
-
-def sample_images(task: Parts, settings: Settings, variables: dict, rng, num: int) -> np.ndarray:
-    """``num`` DDIM samples (diffusion.sample_steps steps) as uint8 [num, 32, 32, 3]."""
-    bs = settings.eval.sample_batch
-    out = [
-        np.asarray(task.sampler(variables, jax.random.fold_in(rng, i)))
-        for i in range(-(-num // bs))
-    ]
-    return images.to_uint8(np.concatenate(out)[:num])
-
-
-def generation_metrics(clf: dict, real_stats, fake: np.ndarray, target: np.ndarray) -> dict:
-    """fd_classifier, gen_conf and gen_class_tv of uint8 samples against a target histogram."""
-    probs = jax.nn.softmax(jnp.asarray(classifier.logits(clf, fake)), -1)
-    hist = np.bincount(np.asarray(probs.argmax(-1)), minlength=len(target)) / len(fake)
-    return {
-        'fd_classifier': classifier.fd_classifier(clf, real_stats, fake),
-        'gen_conf': float(probs.max(-1).mean()),
-        'gen_class_tv': float(0.5 * np.abs(hist - target / target.sum()).sum())
-    }
-
-
-def evaluator(task: Parts, settings: Settings, split: str = 'valid', aux: dict | None = None):
-    """evaluate(variables) -> {'eps_mse', with aux['classifier']: 'fd_classifier', 'gen_conf',
-    'gen_class_tv', and with aux['inception']: 'fid'}.
-
-    aux: {'classifier': params, 'inception': InceptionV3 variables} (loaded by the caller). The
-    reference feature statistics of both networks are computed here once, over the whole split;
-    each evaluation draws eval.fd_samples DDIM samples and scores the same samples with both.
-    """
-    from fedgen.metrics import fid
-
-    data = getattr(task, split)
-    n = min(settings.eval.loss_images, len(data['labels']))
-    batches = batching.batch_all({'images': data['images'][:n]}, settings.eval.batch_size)
-    key = jax.random.PRNGKey(settings.seed + 17)  # the same noise every evaluation
-    loss = jax.jit(lambda v: dataset_loss.dataset_loss(task.eval_loss_fn, v, batches, key)[0])
-    clf, inc = (aux or {}).get('classifier'), (aux or {}).get('inception')
-    real = classifier.feature_stats(clf, data['images']) if clf is not None else None
-    if inc is not None:
-        inc = jax.device_put(inc)  # ~95 MB: moved once, not at every batch
-        real_inc = fid.inception_stats(inc, data['images'])
-    uniform = np.ones(len(task.class_names))
-
-    def evaluate(variables) -> dict:
-        out = {f'{split}_eps_mse': float(loss(variables))}
-        if clf is None and inc is None:
-            return out
-        fake = sample_images(task, settings, variables, jax.random.PRNGKey(settings.seed + 29),
-                             settings.eval.fd_samples)
-        if clf is not None:
-            out.update(generation_metrics(clf, real, fake, uniform))
-        if inc is not None:
-            out['fid'] = fid.fid(inc, real_inc, fake)
-        return out
-
-    return evaluate
-
-
-def samples(task: Parts, settings: Settings, variables: dict, rng) -> np.ndarray:
-    """eval.num_samples images for the sample grid, uint8 [n, 32, 32, 3]."""
-    return sample_images(task, settings, variables, rng, settings.eval.num_samples)
