@@ -12,7 +12,7 @@ import numpy as np
 from experiments import writers
 from experiments.console import log
 from fedgen import tasks
-from fedgen.data import images
+from fedgen.data import partition
 from fedgen.fl import algorithm as base
 from fedgen.io import checkpoint
 from fedgen.metrics import plots
@@ -29,7 +29,7 @@ def describe_clients(task: tasks.Task, workdir: str) -> None:
     """Prints per-client label histograms (tasks with classes) and saves them as a plot."""
     if task.classes is None:
         return
-    hist = images.label_histogram(task.labels, task.client_train, len(task.classes))
+    hist = partition.label_histogram(task.labels, task.client_train, len(task.classes))
     log('client label histograms (first 10 clients; columns = classes):')
     for k, row in enumerate(hist[:10]):
         log(f'  client {k:3d}  n={row.sum():5d}  ' + ' '.join(f'{v:4d}' for v in row))

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from fedgen.data import images as im
+from fedgen.data import partition
 
 RNG = np.random.default_rng(0)
 
@@ -295,15 +296,15 @@ def test_float_uint8_conversions():
 
 def test_label_histogram():
     labels = np.array([0, 1, 1, 2, 2, 2, 0])
-    hist = im.label_histogram(
+    hist = partition.label_histogram(
         labels,
         [np.array([0, 1, 2]), np.array([3, 4, 5, 6]),
          np.array([], int)], 4)
     np.testing.assert_array_equal(hist, [[1, 2, 0, 0], [1, 0, 3, 0], [0, 0, 0, 0]])
     with pytest.raises(ValueError):
-        im.label_histogram(labels, [np.array([0])], 2)
+        partition.label_histogram(labels, [np.array([0])], 2)
     with pytest.raises(ValueError):
-        im.label_histogram(labels, [np.array([7])], 3)
+        partition.label_histogram(labels, [np.array([7])], 3)
 
 
 def test_random_flip_mirrors_about_half_exactly():

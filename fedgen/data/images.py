@@ -380,7 +380,7 @@ def _decode(source, name, blob, resize) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pixel domain and label statistics.
+# Pixel domain.
 
 
 def to_float(images) -> np.ndarray:
@@ -410,27 +410,3 @@ def random_flip(images, key) -> tuple:
     """
     flipped = jax.random.bernoulli(key, 0.5, (images.shape[0], ))
     return jnp.where(flipped[:, None, None, None], images[:, :, ::-1, :], images), flipped
-
-
-def label_histogram(labels, client_indices, num_classes: int) -> np.ndarray:
-    """Per-client label counts.
-
-    Args:
-      labels: int [N], values in [0, num_classes).
-      client_indices: sequence of K integer index arrays into `labels` (one per client).
-      num_classes: number of classes.
-    Returns:
-      int64 [K, num_classes], hist[k, c] = #{i in client_indices[k] : labels[i] = c}.
-    """
-    labels = np.asarray(labels)
-    if int(num_classes) < 1:
-        raise ValueError(f'label_histogram: num_classes must be >= 1, got {num_classes}')
-    if labels.ndim != 1 or (labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
-        raise ValueError(f'label_histogram: labels must be 1-d in [0, {num_classes})')
-    hist = np.zeros((len(client_indices), int(num_classes)), np.int64)
-    for k, ix in enumerate(client_indices):
-        ix = np.asarray(ix, np.int64).reshape(-1)
-        if ix.size and (ix.min() < 0 or ix.max() >= labels.size):
-            raise ValueError(f'label_histogram: client {k} has indices outside [0, {labels.size})')
-        hist[k] = np.bincount(labels[ix], minlength=num_classes)
-    return hist

@@ -18,6 +18,7 @@ Every split returns a list of ``num_clients`` sorted int64 index arrays that tog
   Label skew only: small alpha -> each client concentrated on few labels.
 * ``k_classes``: pathological split: every client holds examples of exactly k labels.
 * ``local_split``: each client's own train/test split, for personalization metrics.
+* ``label_histogram``: per-client label counts of a split (the label-skew figure).
 """
 import numpy as np
 
@@ -317,3 +318,27 @@ def make(kind: str,
     if kind == 'dirichlet_client':
         return dirichlet_client(labels, num_clients, alpha, seed)
     return k_classes(labels, num_clients, k, seed)
+
+
+def label_histogram(labels, client_indices, num_classes: int) -> np.ndarray:
+    """Per-client label counts.
+
+    Args:
+      labels: int [N], values in [0, num_classes).
+      client_indices: sequence of K integer index arrays into `labels` (one per client).
+      num_classes: number of classes.
+    Returns:
+      int64 [K, num_classes], hist[k, c] = #{i in client_indices[k] : labels[i] = c}.
+    """
+    labels = np.asarray(labels)
+    if int(num_classes) < 1:
+        raise ValueError(f'label_histogram: num_classes must be >= 1, got {num_classes}')
+    if labels.ndim != 1 or (labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
+        raise ValueError(f'label_histogram: labels must be 1-d in [0, {num_classes})')
+    hist = np.zeros((len(client_indices), int(num_classes)), np.int64)
+    for k, ix in enumerate(client_indices):
+        ix = np.asarray(ix, np.int64).reshape(-1)
+        if ix.size and (ix.min() < 0 or ix.max() >= labels.size):
+            raise ValueError(f'label_histogram: client {k} has indices outside [0, {labels.size})')
+        hist[k] = np.bincount(labels[ix], minlength=num_classes)
+    return hist
