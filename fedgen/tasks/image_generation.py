@@ -29,12 +29,12 @@ def make_sampler(model: unet.UNet,
     cfg = model.config
 
     @jax.jit
-    def draw(variables, key):
+    def sample(variables, key):
         eps_fn = lambda x, t: model.apply(variables, x, t)
         shape = (batch, cfg.image_size, cfg.image_size, cfg.image_channels)
         return diffusion.ddim_sample(eps_fn, schedule, shape, key, steps, eta)
 
-    return draw
+    return sample
 
 
 def draw(sampler: Callable, variables: dict, rng, num: int, batch: int) -> np.ndarray:
