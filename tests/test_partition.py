@@ -1,7 +1,10 @@
 """Tests for fedgen.data.partition: coverage, determinism, skew and validation."""
+import re
+
 import numpy as np
 import pytest
 
+from fedgen import tasks
 from fedgen.data import partition
 
 N, K = 600, 10
@@ -74,7 +77,9 @@ def test_dirichlet_label_min_size_and_failure():
     _assert_partition(parts, N, 40)
     assert min(p.size for p in parts) >= 3
     # 300 clients with >= 2 examples each out of 600 under a tiny alpha: never happens.
-    with pytest.raises(ValueError, match='data.partition.alpha'):
+    with pytest.raises(ValueError,
+                       match=r'^alpha=0\.01: no Dirichlet draw in 3 tries gave '
+                       r'every one of num_clients=300 clients >= min_size=2 examples'):
         partition.dirichlet_label(LABELS, 300, alpha=0.01, seed=0, min_size=2, max_tries=3)
 
 
@@ -113,32 +118,52 @@ def test_local_split():
 
 
 @pytest.mark.parametrize('call, field', [
-    (lambda: partition.iid(10, 0, 0), 'fed.num_clients'),
-    (lambda: partition.shards(10, 11), 'fed.num_clients'),
-    (lambda: partition.quantity_skew(10, 2, 0.0, 0), 'data.partition.alpha'),
-    (lambda: partition.dirichlet_label(LABELS, K, -1.0, 0), 'data.partition.alpha'),
-    (lambda: partition.dirichlet_label(LABELS, N + 1, 1.0, 0), 'fed.num_clients'),
-    (lambda: partition.dirichlet_client(LABELS, K, 0.0, 0), 'data.partition.alpha'),
-    (lambda: partition.dirichlet_client(LABELS, N + 1, 1.0, 0), 'fed.num_clients'),
-    (lambda: partition.dirichlet_client(LABELS.astype(float), K, 1.0, 0), 'data.partition'),
-    (lambda: partition.quantity_skew(10, 5, 1.0, 0, min_size=3), 'data.partition.min_size'),
-    (lambda: partition.k_classes(LABELS, K, 0, 0), 'data.partition.k'),
-    (lambda: partition.k_classes(LABELS, K, 7, 0), 'data.partition.k'),
-    (lambda: partition.k_classes(LABELS, 2, 1, 0), 'data.partition.k'),
-    (lambda: partition.local_split([np.arange(4)], 1.0, 0), 'data.partition.local_test_fraction'),
-    (lambda: partition.local_split([np.arange(4)], -0.1, 0), 'data.partition.local_test_fraction'),
+    (lambda: partition.iid(10, 0, 0), 'num_clients=0'),
+    (lambda: partition.shards(10, 11), 'num_clients=11'),
+    (lambda: partition.quantity_skew(10, 2, 0.0, 0), 'alpha=0.0'),
+    (lambda: partition.dirichlet_label(LABELS, K, -1.0, 0), 'alpha=-1.0'),
+    (lambda: partition.dirichlet_label(LABELS, N + 1, 1.0, 0), 'num_clients'),
+    (lambda: partition.dirichlet_label(LABELS, K, 1.0, 0, max_tries=0), 'max_tries=0'),
+    (lambda: partition.dirichlet_client(LABELS, K, 0.0, 0), 'alpha'),
+    (lambda: partition.dirichlet_client(LABELS, N + 1, 1.0, 0), 'num_clients'),
+    (lambda: partition.dirichlet_client(LABELS.astype(float), K, 1.0, 0), 'labels must be'),
+    (lambda: partition.quantity_skew(10, 5, 1.0, 0, min_size=3), 'min_size=3'),
+    (lambda: partition.k_classes(LABELS, K, 0, 0), 'k=0'),
+    (lambda: partition.k_classes(LABELS, K, 7, 0), 'k=7'),
+    (lambda: partition.k_classes(LABELS, 2, 1, 0), 'k=1'),
+    (lambda: partition.local_split([np.arange(4)], 1.0, 0), 'test_fraction=1.0'),
+    (lambda: partition.local_split([np.arange(4)], -0.1, 0), 'test_fraction=-0.1'),
     (lambda: partition.local_split_documents([np.arange(4)], np.arange(4), 1.0, 0),
-     'data.partition.local_test_fraction'),
-    (lambda: partition.make('zipf', N, K, 0), 'data.partition.kind'),
-    (lambda: partition.make('dirichlet_label', N, K, 0), 'data.partition.kind'),
+     'test_fraction=1.0'),
+    (lambda: partition.make('zipf', N, K, 0), "kind='zipf'"),
+    (lambda: partition.make('dirichlet_label', N, K, 0), "kind='dirichlet_label'"),
     (lambda: partition.make('dirichlet_client', N, K, 0, labels=LABELS[:-1]),
-     'data.partition.kind'),
-    (lambda: partition.make('dirichlet', N, K, 0, labels=LABELS), 'data.partition.kind'),
+     "kind='dirichlet_client'"),
+    (lambda: partition.make('dirichlet', N, K, 0, labels=LABELS), "kind='dirichlet'"),
 ])
 def test_validation(call, field):
-    with pytest.raises(ValueError, match=field.replace('.', r'\.')) as err:
+    """Called directly, a split names its own parameters."""
+    with pytest.raises(ValueError, match='^' + re.escape(field)) as err:
         call()
     assert '\n' not in str(err.value)
+
+
+def test_validation_names_the_callers_fields():
+    """With ``names`` (a task's PARTITION_NAMES) every parameter is named as the config does."""
+    names = tasks.PARTITION_NAMES
+    with pytest.raises(ValueError) as e:
+        partition.quantity_skew(10, 5, 1.0, 0, min_size=3, names=names)
+    assert str(e.value) == ('data.partition.min_size=3: must be an integer in '
+                            '[0, n / fed.num_clients = 2]')
+    with pytest.raises(ValueError) as e:
+        partition.quantity_skew(10, 5, 1.0, 0, min_size=3)
+    assert str(e.value) == 'min_size=3: must be an integer in [0, n / num_clients = 2]'
+    with pytest.raises(ValueError, match=r'^data\.partition\.k=1: fed\.num_clients \* k = 2 '):
+        partition.make('k_classes', N, 2, 0, labels=LABELS, k=1, names=names)
+    with pytest.raises(ValueError, match=r'^data\.partition\.local_test_fraction=1\.0: '):
+        partition.local_split([np.arange(4)], 1.0, 0, names=names)
+    with pytest.raises(ValueError, match=r"^data\.partition\.kind='dirichlet' is ambiguous"):
+        partition.make('dirichlet', N, K, 0, labels=LABELS, names=names)
 
 
 # --- Defining statistics of each scheme --------------------------------------------------------

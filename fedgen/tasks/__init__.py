@@ -23,6 +23,16 @@ import numpy as np
 PyTree = Any
 TASKS = ('ptb', 'cifar10', 'brown')
 SAMPLE_KINDS = ('text', 'images')
+# The config's names for the parameters of fedgen.data.partition's splits (their ``names``), so
+# that a split's errors name the field a task's Settings took the value from.
+PARTITION_NAMES = {
+    'num_clients': 'fed.num_clients',
+    'kind': 'data.partition.kind',
+    'alpha': 'data.partition.alpha',
+    'min_size': 'data.partition.min_size',
+    'k': 'data.partition.k',
+    'test_fraction': 'data.partition.local_test_fraction',
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -142,20 +142,29 @@ def split_documents(corpus: brown.Brown, d: Data) -> dict[str, np.ndarray]:
     return {k: np.sort(np.concatenate(v)).astype(np.int64) for k, v in out.items()}
 
 
-def client_documents(corpus: brown.Brown, docs: np.ndarray, kind: str, num_clients: int,
-                     seed: int) -> list[np.ndarray]:
+def client_documents(corpus: brown.Brown,
+                     docs: np.ndarray,
+                     kind: str,
+                     num_clients: int,
+                     seed: int,
+                     *,
+                     names: dict | None = None) -> list[np.ndarray]:
     """``num_clients`` sorted int64 arrays of document indices: a partition of ``docs`` by
-    ``kind`` ('document': seeded round-robin; 'genre': one client per genre present)."""
+    ``kind`` ('document': seeded round-robin; 'genre': one client per genre present). Checks
+    num_clients: the number of genres present ('genre'), at most len(docs) ('document').
+    names: the caller's labels for num_clients and kind in error messages (as in
+    fedgen.data.partition), e.g. tasks.PARTITION_NAMES."""
+    name = lambda param: (names or {}).get(param, param)
     if kind == 'genre':
         genre_ids = corpus.genre_ids[docs]
         present = np.unique(genre_ids)
         if num_clients != len(present):
-            raise ValueError(f"fed.num_clients must be {len(present)} for data.partition.kind="
+            raise ValueError(f"{name('num_clients')} must be {len(present)} for {name('kind')}="
                              f"'genre' (one client per genre), got {num_clients}")
         return [docs[genre_ids == g] for g in present]
     if not num_clients <= len(docs):
-        raise ValueError(f"fed.num_clients must be in [1, {len(docs)}] for data.partition.kind="
-                         f"'document' (the client documents), got {num_clients}")
+        raise ValueError(f"{name('num_clients')} must be in [1, {len(docs)}] for "
+                         f"{name('kind')}='document' (the client documents), got {num_clients}")
     perm = np.random.default_rng(seed).permutation(docs)
     return [np.sort(perm[k::num_clients]) for k in range(num_clients)]
 
@@ -174,7 +183,7 @@ def prepare(settings: Settings) -> tasks.Task:
     per document, assigns clients and builds PTB's evaluators over the held-out documents."""
     validate(settings)
     d, t = settings.data, settings.data.seq_len
-    corpus = brown.load(d.source, verify=d.verify)
+    corpus = brown.load(d.source, verify=d.verify, field='data.source')
     sets = split_documents(corpus, d)
 
     def text(docs):
@@ -184,8 +193,12 @@ def prepare(settings: Settings) -> tasks.Task:
     texts = {'train': text(train_docs), 'valid': text(sets['valid']), 'test': text(sets['test'])}
     lm = ptb_model.build(settings.model, texts, float(settings.lora.alpha), d.vocab_size)
     ptb_task.validate_lengths(settings, lm.n_positions)
-    groups = client_documents(corpus, sets['client'], d.partition.kind, settings.fed.num_clients,
-                              settings.seed)
+    groups = client_documents(corpus,
+                              sets['client'],
+                              d.partition.kind,
+                              settings.fed.num_clients,
+                              settings.seed,
+                              names=tasks.PARTITION_NAMES)
     public, _ = document_windows(lm, [text([i]) for i in sets['public']], t)
     pool, owner = document_windows(lm, [text([i]) for i in sets['client']], t)
     doc_of = sets['client'][owner]  # [M] document index of each pool window
@@ -194,7 +207,10 @@ def prepare(settings: Settings) -> tasks.Task:
     if empty:
         raise ValueError(f'data.seq_len={t}: client {empty[0]} has no window of {t + 1} tokens '
                          f'(its documents are shorter); lower data.seq_len')
-    train, test = partition.local_split(parts, d.partition.local_test_fraction, settings.seed)
+    train, test = partition.local_split(parts,
+                                        d.partition.local_test_fraction,
+                                        settings.seed,
+                                        names=tasks.PARTITION_NAMES)
     labels = corpus.genre_ids[doc_of].astype(np.int32)
     lines = settings.eval.subset_lines
     splits = {

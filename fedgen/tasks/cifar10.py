@@ -270,8 +270,12 @@ def prepare_parts(settings: Settings) -> Parts:
                            labels=pool['labels'],
                            alpha=p.alpha,
                            k=p.k,
-                           min_size=p.min_size)
-    tr, te = partition.local_split(parts, p.local_test_fraction, settings.seed)
+                           min_size=p.min_size,
+                           names=tasks.PARTITION_NAMES)
+    tr, te = partition.local_split(parts,
+                                   p.local_test_fraction,
+                                   settings.seed,
+                                   names=tasks.PARTITION_NAMES)
     cfg = model_config(settings)
     model = unet.UNet(cfg)
     sched = diffusion.make_schedule(settings.diffusion.schedule, settings.diffusion.timesteps)

@@ -134,27 +134,39 @@ def split_clients(settings: Settings, pool_windows: np.ndarray, vocab_size: int)
     p, seed, n = settings.data.partition, settings.seed, len(pool_windows)
     labels = np.full(n, -1, np.int32)
     if p.kind == 'topic':
-        labels = topics.topic_labels(pool_windows, p.num_topics, seed, p.doc_windows, vocab_size)
+        labels = topics.topic_labels(pool_windows,
+                                     p.num_topics,
+                                     seed,
+                                     p.doc_windows,
+                                     vocab_size,
+                                     section='data.partition.')
         parts = partition.make('dirichlet_label',
                                n,
                                settings.fed.num_clients,
                                seed,
                                labels=labels,
                                alpha=p.alpha,
-                               min_size=p.min_size)
+                               min_size=p.min_size,
+                               names=tasks.PARTITION_NAMES)
     else:
         parts = partition.make(p.kind,
                                n,
                                settings.fed.num_clients,
                                seed,
                                alpha=p.alpha,
-                               min_size=p.min_size)
+                               min_size=p.min_size,
+                               names=tasks.PARTITION_NAMES)
     if p.local_test_unit == 'document':  # pseudo-documents: doc_windows consecutive windows
         train, test = partition.local_split_documents(parts,
                                                       np.arange(n) // p.doc_windows,
-                                                      p.local_test_fraction, seed)
+                                                      p.local_test_fraction,
+                                                      seed,
+                                                      names=tasks.PARTITION_NAMES)
     else:
-        train, test = partition.local_split(parts, p.local_test_fraction, seed)
+        train, test = partition.local_split(parts,
+                                            p.local_test_fraction,
+                                            seed,
+                                            names=tasks.PARTITION_NAMES)
     return train, test, labels
 
 
@@ -162,12 +174,14 @@ def prepare(settings: Settings) -> tasks.Task:
     """Loads PTB (data.source) and the model (model.source), builds windows, the public/pool
     split, the client partition and the evaluators."""
     validate(settings)
-    texts = ptb.load_texts(settings.data.source, verify=settings.data.verify_md5)
+    texts = ptb.load_texts(settings.data.source,
+                           verify=settings.data.verify_md5,
+                           field='data.source')
     lm = ptb_model.build(settings.model, texts, float(settings.lora.alpha))
     validate_lengths(settings, lm.n_positions)
     t = settings.data.seq_len
     train_ids = lm.encode(texts['train']) if lm.word_level else ptb_model.stream(lm, texts['train'])
-    win = ptb.windows(train_ids, t)
+    win = ptb.windows(train_ids, t, field='data.seq_len')
     n_pub = int(round(settings.data.public_fraction * len(win)))
     public, pool = win[:n_pub], win[n_pub:]
     if len(pool) < settings.fed.num_clients:
