@@ -52,7 +52,9 @@ def test_generate_shape_and_determinism():
 
 
 def test_bad_config():
-    with pytest.raises(ValueError, match='model.n_head'):
+    with pytest.raises(ValueError, match=r'^n_head must divide n_embd=30, got 4$'):
         gpt.validate(gpt.GPTConfig(n_embd=30, n_head=4))
-    with pytest.raises(ValueError, match='model.n_layer'):
+    with pytest.raises(ValueError, match=r'^model\.n_head must divide model\.n_embd=30, got 4$'):
+        gpt.validate(gpt.GPTConfig(n_embd=30, n_head=4), section='model.')
+    with pytest.raises(ValueError, match=r'^n_layer must be an int >= 1, got 0$'):
         gpt.validate(gpt.GPTConfig(n_layer=0))

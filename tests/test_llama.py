@@ -151,10 +151,12 @@ def test_bf16_and_remat(tiny):
 
 
 def test_bad_config():
-    with pytest.raises(ValueError, match='model.n_kv_head'):
+    with pytest.raises(ValueError, match=r'^n_kv_head must divide n_head='):
         llama.validate(dataclasses.replace(CFG, n_kv_head=3))
-    with pytest.raises(ValueError, match='model.dtype'):
-        llama.validate(dataclasses.replace(CFG, dtype='float16'))
+    with pytest.raises(ValueError, match=r'^model\.n_kv_head must divide model\.n_head='):
+        llama.validate(dataclasses.replace(CFG, n_kv_head=3), section='model.')
+    with pytest.raises(ValueError, match=r'^model\.dtype must be one of '):
+        llama.validate(dataclasses.replace(CFG, dtype='float16'), section='model.')
     with pytest.raises(ValueError, match='model.n_positions'):
         llama.generate(llama.Llama(CFG), {}, np.zeros((1, 30), np.int32), 5, jax.random.PRNGKey(0))
 

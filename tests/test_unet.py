@@ -1,4 +1,6 @@
 """Tests for fedgen.models.unet: shapes, LoRA invariants, trainability, config validation."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,7 +166,7 @@ def test_ddim_sampler_runs_with_unet(tiny):
 def test_bad_input_shape_raises(tiny):
     params, apply = tiny
     x = jnp.zeros((2, 16, 16, 3))
-    with pytest.raises(ValueError, match='model.image_size'):
+    with pytest.raises(ValueError, match=r'^image_size/image_channels expect x of shape'):
         apply({'params': params}, x, jnp.zeros((2, ), jnp.int32))
 
 
@@ -184,8 +186,20 @@ def test_bad_input_shape_raises(tiny):
     ('image_size', 30),
 ])
 def test_config_errors_name_the_field(field, value):
-    with pytest.raises(ValueError, match=rf'model\.{field}'):
+    """Built directly the config names its own field; with section= the caller's."""
+    with pytest.raises(ValueError, match=rf'^{field} must be '):
         unet.UNetConfig(**{field: value})
+    with pytest.raises(ValueError, match=rf'^model\.{field} must be '):
+        unet.UNetConfig(**{field: value}, section='model.')
+
+
+def test_section_is_not_a_field():
+    """section only words the errors: not stored, compared, hashed or exported."""
+    a, b = unet.UNetConfig(section='model.'), unet.UNetConfig()
+    assert a == b and hash(a) == hash(b) and 'section' not in dataclasses.asdict(a)
+    with pytest.raises(ValueError) as e:
+        unet.UNetConfig(channels=8, groups=3, section='model.')
+    assert str(e.value) == 'model.groups must be an int >= 1 dividing model.channels (8), got 3'
 
 
 def test_config_accepts_lists_and_is_hashable():

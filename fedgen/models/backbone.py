@@ -25,7 +25,7 @@ def finish(arch, cfg, params, tok, dtype, field) -> Backbone:
     if tok is not None:
         tokenizers_.check_vocab(tok, rows, field)
     if arch == 'llama':
-        llama.validate(cfg)
+        llama.validate(cfg, section='model.')
         params = llama.cast_frozen(params, dtype)
     elif dtype != 'float32':
         raise ValueError(f'model.dtype={dtype!r} is implemented for Llama backbones only')

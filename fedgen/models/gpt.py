@@ -39,14 +39,16 @@ class GPTConfig:
     lora_alpha: float = 16.0
 
 
-def validate(cfg: GPTConfig) -> None:
-    """Raises a one-line ValueError naming the first bad ``model.*`` field."""
+def validate(cfg: GPTConfig, *, section: str = '') -> None:
+    """Raises a one-line ValueError naming the first bad field: sizes are ints >= 1 and n_head
+    divides n_embd. section: the caller's prefix for the field names, e.g. 'model.'."""
     for name in ('vocab_size', 'n_positions', 'n_embd', 'n_layer', 'n_head'):
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1:
-            raise ValueError(f'model.{name} must be an int >= 1, got {v!r}')
+            raise ValueError(f'{section}{name} must be an int >= 1, got {v!r}')
     if cfg.n_embd % cfg.n_head:
-        raise ValueError(f'model.n_head must divide model.n_embd={cfg.n_embd}, got {cfg.n_head}')
+        raise ValueError(f'{section}n_head must divide {section}n_embd={cfg.n_embd}, got '
+                         f'{cfg.n_head}')
 
 
 class Attention(nn.Module):

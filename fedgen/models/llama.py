@@ -61,26 +61,30 @@ class LlamaConfig:
         return self.head_dim or self.n_embd // self.n_head
 
 
-def validate(cfg: LlamaConfig) -> None:
-    """Raises a one-line ValueError naming the first bad ``model.*`` field."""
+def validate(cfg: LlamaConfig, *, section: str = '') -> None:
+    """Raises a one-line ValueError naming the first bad field: sizes are ints >= 1, n_kv_head
+    divides n_head, n_head divides n_embd (without head_dim), the head dimension is even,
+    rope_theta and rms_norm_eps are > 0 and dtype is one of DTYPES. section: the caller's prefix
+    for the field names, e.g. 'model.'."""
+    s = section
     for name in ('vocab_size', 'n_positions', 'n_embd', 'n_layer', 'n_head', 'n_kv_head',
                  'n_inner'):
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1:
-            raise ValueError(f'model.{name} must be an int >= 1, got {v!r}')
+            raise ValueError(f'{s}{name} must be an int >= 1, got {v!r}')
     if cfg.n_head % cfg.n_kv_head:
-        raise ValueError(f'model.n_kv_head must divide model.n_head={cfg.n_head}, '
+        raise ValueError(f'{s}n_kv_head must divide {s}n_head={cfg.n_head}, '
                          f'got {cfg.n_kv_head}')
     if not cfg.head_dim and cfg.n_embd % cfg.n_head:
-        raise ValueError(f'model.n_head must divide model.n_embd={cfg.n_embd} (or set '
-                         f'model.head_dim), got {cfg.n_head}')
+        raise ValueError(f'{s}n_head must divide {s}n_embd={cfg.n_embd} (or set '
+                         f'{s}head_dim), got {cfg.n_head}')
     if cfg.d_head % 2:
-        raise ValueError(f'model.head_dim must be even for RoPE, got {cfg.d_head}')
+        raise ValueError(f'{s}head_dim must be even for RoPE, got {cfg.d_head}')
     if not cfg.rope_theta > 0 or not cfg.rms_norm_eps > 0:
-        raise ValueError(f'model.rope_theta and model.rms_norm_eps must be > 0, got '
+        raise ValueError(f'{s}rope_theta and {s}rms_norm_eps must be > 0, got '
                          f'{cfg.rope_theta}, {cfg.rms_norm_eps}')
     if cfg.dtype not in DTYPES:
-        raise ValueError(f'model.dtype must be one of {DTYPES}, got {cfg.dtype!r}')
+        raise ValueError(f'{s}dtype must be one of {DTYPES}, got {cfg.dtype!r}')
 
 
 class RMSNorm(nn.Module):

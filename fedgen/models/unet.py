@@ -57,7 +57,8 @@ _HEAD_INIT = nn.initializers.variance_scaling(0.01, 'fan_in', 'truncated_normal'
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    """Architecture of :class:`UNet`. Field errors name ``model.<field>``.
+    """Architecture of :class:`UNet`, checked when built (one-line ValueErrors naming the field;
+    ``section``, not stored, is the caller's prefix for the names, e.g. 'model.').
 
     channels: base width C; level l has C * channel_mult[l] channels.
     channel_mult: one multiplier per resolution level (level l works at image_size / 2**l).
@@ -85,8 +86,12 @@ class UNetConfig:
     image_channels: int = 3
     image_size: int = 32
     conv_impl: str = 'xla'
+    section: dataclasses.InitVar[str] = ''
 
-    def __post_init__(self):
+    def __post_init__(self, section: str):
+        """Checks every field: positive ints, channels even and divided by groups and num_heads,
+        dropout in [0, 1), lora_alpha > 0, a known conv_impl, image_size a multiple of
+        2**(levels-1) and attn_resolutions among the levels' sizes."""
         # Tuples keep the config hashable (linen module attributes) whatever the caller passed.
         object.__setattr__(self, 'channel_mult', tuple(self.channel_mult))
         object.__setattr__(self, 'attn_resolutions', tuple(self.attn_resolutions))
@@ -94,38 +99,38 @@ class UNetConfig:
         def pos_int(x):
             return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
+        s = section
+
         if not pos_int(self.channels) or self.channels % 2:
-            raise ValueError(f'model.channels must be an even int >= 2, got {self.channels!r}')
+            raise ValueError(f'{s}channels must be an even int >= 2, got {self.channels!r}')
         if not self.channel_mult or not all(pos_int(m) for m in self.channel_mult):
-            raise ValueError('model.channel_mult must be a non-empty sequence of ints >= 1, '
+            raise ValueError(f'{s}channel_mult must be a non-empty sequence of ints >= 1, '
                              f'got {self.channel_mult!r}')
         if not pos_int(self.num_res_blocks):
-            raise ValueError(
-                f'model.num_res_blocks must be an int >= 1, got {self.num_res_blocks!r}')
+            raise ValueError(f'{s}num_res_blocks must be an int >= 1, got {self.num_res_blocks!r}')
         if not pos_int(self.groups) or self.channels % self.groups:
-            raise ValueError(f'model.groups must be an int >= 1 dividing model.channels '
+            raise ValueError(f'{s}groups must be an int >= 1 dividing {s}channels '
                              f'({self.channels}), got {self.groups!r}')
         if not pos_int(self.num_heads) or self.channels % self.num_heads:
-            raise ValueError(f'model.num_heads must be an int >= 1 dividing model.channels '
+            raise ValueError(f'{s}num_heads must be an int >= 1 dividing {s}channels '
                              f'({self.channels}), got {self.num_heads!r}')
         d = self.dropout
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
-            raise ValueError(f'model.dropout must be a number in [0, 1), got {d!r}')
+            raise ValueError(f'{s}dropout must be a number in [0, 1), got {d!r}')
         if not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
-            raise ValueError(f'model.lora_alpha must be a number > 0, got {self.lora_alpha!r}')
+            raise ValueError(f'{s}lora_alpha must be a number > 0, got {self.lora_alpha!r}')
         if not pos_int(self.image_channels):
-            raise ValueError(
-                f'model.image_channels must be an int >= 1, got {self.image_channels!r}')
+            raise ValueError(f'{s}image_channels must be an int >= 1, got {self.image_channels!r}')
         if self.conv_impl not in layers.CONV_IMPLS:
-            raise ValueError(f'model.conv_impl must be one of {layers.CONV_IMPLS}, '
+            raise ValueError(f'{s}conv_impl must be one of {layers.CONV_IMPLS}, '
                              f'got {self.conv_impl!r}')
         factor = 2**(len(self.channel_mult) - 1)
         if not pos_int(self.image_size) or self.image_size % factor:
-            raise ValueError(f'model.image_size must be a positive multiple of {factor} '
+            raise ValueError(f'{s}image_size must be a positive multiple of {factor} '
                              f'(2**(levels-1)), got {self.image_size!r}')
         sizes = self.resolutions()
         if not all(r in sizes for r in self.attn_resolutions):
-            raise ValueError(f'model.attn_resolutions must be a subset of {sizes}, '
+            raise ValueError(f'{s}attn_resolutions must be a subset of {sizes}, '
                              f'got {self.attn_resolutions!r}')
 
     def resolutions(self) -> tuple[int, ...]:
@@ -218,7 +223,7 @@ class UNet(nn.Module):
         cfg = self.config
         want = (cfg.image_size, cfg.image_size, cfg.image_channels)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise ValueError(f'model.image_size/model.image_channels expect x of shape [N, '
+            raise ValueError(f'image_size/image_channels expect x of shape [N, '
                              f'{", ".join(map(str, want))}], got {tuple(x.shape)}')
         if t.shape != x.shape[:1]:
             raise ValueError(f'UNet timesteps t must have shape [N]={x.shape[:1]}, got {t.shape}')

@@ -210,7 +210,8 @@ def model_config(settings: Settings) -> unet.UNetConfig:
                            conv_impl=m.conv_impl,
                            dropout=m.dropout,
                            image_channels=m.image_channels,
-                           lora_alpha=float(settings.lora.alpha))
+                           lora_alpha=float(settings.lora.alpha),
+                           section='model.')
 
 
 def prepare(settings: Settings) -> tasks.Task:

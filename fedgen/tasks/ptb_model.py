@@ -81,7 +81,7 @@ def local_config(m, vocab_size: int, lora_alpha: float):
                             n_layer=m.n_layer,
                             n_head=m.n_head,
                             lora_alpha=lora_alpha)
-        gpt.validate(cfg)
+        gpt.validate(cfg, section='model.')
         return cfg
     cfg = llama.LlamaConfig(vocab_size=vocab_size,
                             n_positions=m.n_positions,
@@ -96,7 +96,7 @@ def local_config(m, vocab_size: int, lora_alpha: float):
                             lora_alpha=lora_alpha,
                             dtype=m.dtype,
                             remat=bool(m.remat))
-    llama.validate(cfg)
+    llama.validate(cfg, section='model.')
     return cfg
 
 
