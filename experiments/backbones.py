@@ -81,5 +81,6 @@ def auxiliaries(spec, task, workdir: str) -> dict:
     aux = {name: cached(root, name, net.recipe, net.build) for name, net in task.aux_nets.items()}
     if spec.inception_path:
         from fedgen.metrics import inception
-        aux['inception'] = inception.load_params(spec.inception_path)
+        aux['inception'] = inception.load_params(spec.inception_path,
+                                                 field='metrics.inception_path')
     return aux

@@ -78,7 +78,8 @@ def main(argv=None) -> None:
     flat = convert({k: v.detach().cpu().numpy() for k, v in state.items()})
     with open(args.out, 'wb') as f:  # a file object: np.savez would append '.npz' to a path
         np.savez(f, **flat)
-    inception.load_params(args.out)  # round-trip validation of what was written
+    # Round-trip validation of what was written.
+    inception.load_params(args.out, field='metrics.inception_path')
     print(f'wrote {len(flat)} arrays to {args.out}')
 
 

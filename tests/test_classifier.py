@@ -76,9 +76,13 @@ def test_bad_inputs_raise():
     images, labels = _two_colours(8, seed=5)
     with pytest.raises(ValueError, match='num_classes'):
         classifier.train(images, labels + 1, seed=0, **TRAIN, **ARCH)
-    with pytest.raises(ValueError, match='metrics.classifier.steps'):
+    with pytest.raises(ValueError, match=r'^steps and batch_size must be >= 1, got 0, 4$'):
         classifier.train(images, labels, 2, 0, 4, 1e-3, 0)
-    with pytest.raises(ValueError, match='metrics.classifier.lr'):
+    with pytest.raises(ValueError,
+                       match=r'^metrics\.classifier\.steps and metrics\.classifier\.'
+                       r'batch_size must be >= 1, got 0, 4$'):
+        classifier.train(images, labels, 2, 0, 4, 1e-3, 0, section='metrics.classifier.')
+    with pytest.raises(ValueError, match=r'^lr must be > 0, got 0\.0$'):
         classifier.train(images, labels, 2, 5, 4, 0.0, 0)
     with pytest.raises(ValueError, match='shape'):
         classifier.train(images[0], labels, 2, 5, 4, 1e-3, 0)

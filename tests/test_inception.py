@@ -89,19 +89,21 @@ def test_npz_roundtrip(tmp_path, variables):
 
 def test_load_rejects_bad_files(tmp_path):
     flat = _random_flat(seed=2)
-    with pytest.raises(ValueError, match='metrics.inception_path'):
+    with pytest.raises(ValueError, match=r'^path: no InceptionV3 \.npz weights file at '):
         inception.load_params(str(tmp_path / 'absent.npz'))
+    with pytest.raises(ValueError, match=r'^metrics\.inception_path: no InceptionV3 '):
+        inception.load_params(str(tmp_path / 'absent.npz'), field='metrics.inception_path')
 
     missing = dict(flat)
     del missing['batch_stats/Mixed_6c/branch7x7dbl_4/bn/var']
     np.savez(tmp_path / 'missing.npz', **missing)
-    with pytest.raises(ValueError, match='metrics.inception_path.*missing.*branch7x7dbl_4'):
+    with pytest.raises(ValueError, match='^path: .*missing.*branch7x7dbl_4'):
         inception.load_params(str(tmp_path / 'missing.npz'))
 
     wrong = dict(flat)
     wrong['params/Mixed_5b/branch5x5_2/conv/kernel'] = np.zeros((3, 3, 48, 64), np.float32)
     np.savez(tmp_path / 'wrong.npz', **wrong)
-    with pytest.raises(ValueError, match='metrics.inception_path.*wrong shape.*branch5x5_2'):
+    with pytest.raises(ValueError, match='^path: .*wrong shape.*branch5x5_2'):
         inception.load_params(str(tmp_path / 'wrong.npz'))
 
 

@@ -77,7 +77,7 @@ def fedopt(name: str, lr: float, b1: float, b2: float, tau: float) -> optax.Grad
     `build_server`; this function trusts them.
     """
     if name not in FEDOPT:
-        raise ValueError(f'fed.server_opt must be one of {FEDOPT} here, got {name!r}')
+        raise ValueError(f'name must be one of {FEDOPT} here, got {name!r}')
 
     def init(params):
         return FedOptState(m=jax.tree.map(jnp.zeros_like, params),

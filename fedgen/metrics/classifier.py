@@ -26,8 +26,6 @@ import optax
 from fedgen.metrics import frechet
 from fedgen.models import layers
 
-_FIELD = 'metrics.classifier'
-
 
 class SmallCNN(nn.Module):
     """x [N, H, W, 3] -> (features [N, feature_dim], logits [N, num_classes])."""
@@ -71,12 +69,16 @@ def init(rng: jax.Array,
          num_classes: int,
          feature_dim: int = 128,
          widths: Sequence[int] = (32, 64, 128, 128),
-         image_size: int = 32):
-    """Fresh parameters {'params': ...} for `num_classes` classes and a D = feature_dim layer."""
+         image_size: int = 32,
+         *,
+         section: str = ''):
+    """Fresh parameters {'params': ...} for `num_classes` classes and a D = feature_dim layer.
+    Checks num_classes >= 2 and feature_dim and widths >= 1; section: the caller's prefix for
+    the names in error messages, e.g. 'metrics.classifier.'."""
     if num_classes < 2:
-        raise ValueError(f'{_FIELD}.num_classes must be >= 2, got {num_classes}')
+        raise ValueError(f'{section}num_classes must be >= 2, got {num_classes}')
     if feature_dim < 1 or not widths or min(widths) < 1:
-        raise ValueError(f'{_FIELD}.feature_dim and widths must be >= 1')
+        raise ValueError(f'{section}feature_dim and widths must be >= 1')
     module = SmallCNN(tuple(int(w) for w in widths), int(feature_dim), int(num_classes))
     dummy = jax.ShapeDtypeStruct((1, int(image_size), int(image_size), 3), jnp.float32)
     shapes = jax.eval_shape(module.init, rng, dummy)  # shape-only trace, no compile
@@ -114,7 +116,7 @@ def _batches(params, images, batch_size: int, which: int):
     """Yields outputs[which] per batch, padded to one batch size so one compile serves any N."""
     _check_images(images)
     if batch_size < 1:
-        raise ValueError(f'{_FIELD}.batch_size must be >= 1, got {batch_size}')
+        raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     module, n = _arch(params), images.shape[0]
     batch_size = min(batch_size, n)
     for start in range(0, n, batch_size):
@@ -179,27 +181,37 @@ def train(images_uint8,
           lr: float,
           seed: int,
           feature_dim: int = 128,
-          widths: Sequence[int] = (32, 64, 128, 128)):
+          widths: Sequence[int] = (32, 64, 128, 128),
+          *,
+          section: str = ''):
     """Trains a fresh classifier; returns params {'params': ...}. Deterministic given `seed`.
 
     images_uint8 [N, H, W, 3] (uint8 or float in [-1, 1]), labels [N] ints in [0, num_classes).
     Minimises the mean softmax cross-entropy with Adam, lr * cosine decay over `steps`, on
     batches drawn uniformly with replacement. The whole loop is one jitted lax.scan; the data
     set is an argument of that jit (moved to the device once), never a baked-in constant.
+    Checks the images' shape, labels [N] in [0, num_classes), steps, batch_size >= 1 and lr > 0
+    (and :func:`init`'s sizes); section: the caller's prefix for the names in error messages,
+    e.g. 'metrics.classifier.'.
     """
     _check_images(images_uint8, 'images_uint8')
     labels = np.asarray(labels)
     if labels.shape != images_uint8.shape[:1]:
         raise ValueError(f'labels must have shape [{images_uint8.shape[0]}], got {labels.shape}')
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f'labels must lie in [0, {_FIELD}.num_classes={num_classes})')
+        raise ValueError(f'labels must lie in [0, {section}num_classes={num_classes})')
     if steps < 1 or batch_size < 1:
-        raise ValueError(f'{_FIELD}.steps and {_FIELD}.batch_size must be >= 1, got {steps}, '
+        raise ValueError(f'{section}steps and {section}batch_size must be >= 1, got {steps}, '
                          f'{batch_size}')
     if not lr > 0:
-        raise ValueError(f'{_FIELD}.lr must be > 0, got {lr}')
+        raise ValueError(f'{section}lr must be > 0, got {lr}')
     init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
-    params = init(init_key, num_classes, feature_dim, widths, images_uint8.shape[1])
+    params = init(init_key,
+                  num_classes,
+                  feature_dim,
+                  widths,
+                  images_uint8.shape[1],
+                  section=section)
     return _train(_arch(params), int(steps), int(batch_size), params, jnp.asarray(images_uint8),
                   jnp.asarray(labels, jnp.int32), jnp.float32(lr), train_key)
 

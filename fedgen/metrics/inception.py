@@ -36,7 +36,6 @@ from flax import traverse_util
 
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
-_PATH_FIELD = 'metrics.inception_path'
 
 
 class BasicConv(nn.Module):
@@ -205,16 +204,16 @@ def save_params(variables, path: str) -> None:
         np.savez(f, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
 
 
-def load_params(path: str):
+def load_params(path: str, *, field: str = 'path'):
     """Reads and validates an InceptionV3 FID weights `.npz` (format in the module docstring).
 
     Returns {'params': ..., 'batch_stats': ...} of float32 numpy arrays (~95 MB; jax.device_put
-    them once before many `features` calls). Raises a one-line
-    ValueError naming `metrics.inception_path` if the file is missing or any expected key is
-    absent, unexpected or of the wrong shape.
+    them once before many `features` calls). Raises a one-line ValueError naming ``field`` (the
+    name errors give ``path``; the caller's, e.g. 'metrics.inception_path') if the file is
+    missing or any expected key is absent, unexpected or of the wrong shape.
     """
     if not path or not os.path.isfile(path):
-        raise ValueError(f'{_PATH_FIELD}: no InceptionV3 .npz weights file at {path!r}')
+        raise ValueError(f'{field}: no InceptionV3 .npz weights file at {path!r}')
     want = expected_shapes()
     with np.load(path) as data:
         arrays = {k: data[k] for k in data.files}
@@ -230,7 +229,7 @@ def load_params(path: str):
         if bad:
             parts.append(f'{len(bad)} wrong shapes (first {bad[0]!r}: '
                          f'{arrays[bad[0]].shape} != {want[bad[0]]})')
-        raise ValueError(f'{_PATH_FIELD}: {path!r} is not an InceptionV3 FID weights file: ' +
+        raise ValueError(f'{field}: {path!r} is not an InceptionV3 FID weights file: ' +
                          '; '.join(parts))
     flat = {k: arrays[k].astype(np.float32) for k in want}
     return traverse_util.unflatten_dict(flat, sep='/')

@@ -348,7 +348,8 @@ def train_classifier(task: Parts, settings: Settings) -> dict:
                             c.lr,
                             settings.seed,
                             feature_dim=c.feature_dim,
-                            widths=tuple(c.widths))
+                            widths=tuple(c.widths),
+                            section='metrics.classifier.')
 
 
 def describe(task: Parts) -> dict:
