@@ -60,7 +60,13 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
         conv_impl='im2col')  # 'xla' on GPU/TPU (docs/performance.md)
     c.diffusion = dict(schedule='linear', timesteps=1000, sample_steps=10, ddim_eta=0.0)
     c.lora = dict(rank=2, alpha=16.0, targets=('attn', ), client_ranks='')
-    c.pretrain = dict(steps=600, batch_size=16, opt='adam', lr=1e-3, backbone_path='')
+    # ema_decay > 0: the backbone is the EMA of the weights over the pre-training steps.
+    c.pretrain = dict(steps=600,
+                      batch_size=16,
+                      opt='adam',
+                      lr=1e-3,
+                      backbone_path='',
+                      ema_decay=0.0)
     c.fed = federation.fed(rounds=20, max_steps_per_epoch=4, client_lr=1e-3)
     # In [0, 1): the server's EMA of the global adapter (samples, fd_classifier/FID and the
     # metric_ema columns); 0 = off. With warm-up min(decay, (1 + t) / (10 + t))

@@ -53,7 +53,13 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                    ce_chunk=0)
     # init_from: a PEFT LoRA directory to start the global adapter from ('' = fresh, B = 0).
     c.lora = dict(rank=4, alpha=16.0, targets=('qv_mlp', ), client_ranks='', init_from='')
-    c.pretrain = dict(steps=500, batch_size=32, opt='adam', lr=3e-3, backbone_path='')
+    # ema_decay > 0: the backbone is the EMA of the weights over the pre-training steps.
+    c.pretrain = dict(steps=500,
+                      batch_size=32,
+                      opt='adam',
+                      lr=3e-3,
+                      backbone_path='',
+                      ema_decay=0.0)
     c.fed = federation.fed(rounds=60, max_steps_per_epoch=8, client_lr=1e-2)
     # Word-level PPL of the whole valid/test text with a sliding window of 32 words, stride 16:
     # every scored word after the first window sees at least 17 words of context.

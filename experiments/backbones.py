@@ -50,8 +50,14 @@ def pretrained(spec, task, workdir: str, rng) -> tuple[dict, dict]:
     tx = optim.build(pre.opt, pre.lr, 'pretrain.opt', 'pretrain.lr')
     t0, params, loss = time.time(), init, float('nan')
     bar = progress(total=pre.steps, desc='pretrain', unit='step', every=max(1, pre.steps // 20))
-    for done, loss, params in pretrain.train(task.loss_fn, tx, init, task.public, pre.steps,
-                                             pre.batch_size, spec.seed):
+    for done, loss, params in pretrain.train(task.loss_fn,
+                                             tx,
+                                             init,
+                                             task.public,
+                                             pre.steps,
+                                             pre.batch_size,
+                                             spec.seed,
+                                             ema_decay=pre.ema_decay):
         bar.update(done - bar.n)
         bar.set_postfix(loss=f'{loss:.3f}')
     bar.close()

@@ -38,11 +38,11 @@ from fedgen.models import unet
 from fedgen.tasks import cifar10, image_generation
 
 
-def config_for(steps: int, batch_size: int, lr: float):
+def config_for(steps: int, batch_size: int, lr: float, ema_decay: float = 0.0):
     """configs/fmnist_fedgen_edge.py (default variant) with the pre-training overridden."""
     c = fmnist_fedgen_edge.get_config('')
-    for k, v in (('pretrain.steps', steps), ('pretrain.batch_size', batch_size), ('pretrain.lr',
-                                                                                  lr)):
+    for k, v in (('pretrain.steps', steps), ('pretrain.batch_size', batch_size),
+                 ('pretrain.lr', lr), ('pretrain.ema_decay', ema_decay)):
         compare.set_field(c, k, v)
     return c
 
@@ -93,10 +93,17 @@ def draw(spec, params: dict, n: int, steps: int, batch: int, seed: int) -> np.nd
                                  batch)
 
 
-def run(workdir: str, out: str, steps: int, batch_size: int, lr: float, n: int, sample_steps: int,
-        command: str) -> dict:
+def run(workdir: str,
+        out: str,
+        steps: int,
+        batch_size: int,
+        lr: float,
+        n: int,
+        sample_steps: int,
+        command: str,
+        ema_decay: float = 0.0) -> dict:
     """Pre-trains or loads the backbone, samples, scores and writes the markdown and grid."""
-    spec = translate.spec(config_for(steps, batch_size, lr))
+    spec = translate.spec(config_for(steps, batch_size, lr, ema_decay))
     t0 = time.time()
     task = spec.prepare_task()
     params, info = backbones.pretrained(spec, task, workdir, jax.random.PRNGKey(spec.seed))
@@ -128,6 +135,7 @@ def run(workdir: str, out: str, steps: int, batch_size: int, lr: float, n: int, 
                steps=steps,
                batch_size=batch_size,
                lr=lr,
+               ema_decay=ema_decay,
                load=os.getloadavg(),
                classes=list(task.classes),
                command=command)
@@ -143,6 +151,8 @@ def markdown(settings, r: dict, png: str) -> str:
     m, dif = settings.model, settings.diffusion
     hist = ', '.join(f'{c} {h:.2f}' for c, h in zip(r['classes'], r['class_hist']))
     loss = 'n/a (cached)' if r['pretrain_loss'] is None else f'{r["pretrain_loss"]:.4f}'
+    ema = (f"; the backbone is the weights' EMA over the steps (decay {r['ema_decay']:g}, warm-up "
+           'min(d, (1 + s) / (10 + s)))' if r.get('ema_decay') else '')
     trained = (f'pre-trained here in {r["pretrain_s"]:.0f} s' if r['pretrain_s'] is not None else
                'read back from the cache (the pre-training time is in the first invocation)')
     return '\n'.join([
@@ -153,7 +163,7 @@ def markdown(settings, r: dict, png: str) -> str:
         f'{tuple(m.channel_mult)}, {m.num_res_blocks} residual block(s) per level, attention at '
         f'{tuple(m.attn_resolutions)}), {dif.schedule} schedule, T = '
         f'{dif.timesteps}; {r["steps"]} Adam steps of {r["batch_size"]} images at '
-        f'lr {r["lr"]:g} on the {r["public_images"]} public train images (random flips), '
+        f'lr {r["lr"]:g} on the {r["public_images"]} public train images (random flips){ema}, '
         f'{trained}; mean loss of the last 100 steps {loss}. '
         f'Cached at `{r["source"]}`; reuse it with `--config.pretrain.backbone_path=<that '
         'path>`.', '', f'Samples: {r["n"]} DDIM samples ({r["sample_steps"]} steps, eta 0) in '
@@ -181,6 +191,8 @@ def define_flags() -> None:
     flags.DEFINE_integer('steps', 3000, 'Pre-training steps (pretrain.steps).')
     flags.DEFINE_integer('batch_size', 32, 'Pre-training batch (pretrain.batch_size).')
     flags.DEFINE_float('lr', 1e-3, 'Pre-training Adam learning rate (pretrain.lr).')
+    flags.DEFINE_float('ema_decay', 0.0, "> 0: the backbone is the weights' EMA "
+                       '(pretrain.ema_decay).')
     flags.DEFINE_integer('samples', 1000, 'Samples, and the size of each real set.')
     flags.DEFINE_integer('sample_steps', 50, 'DDIM steps per sample.')
 
@@ -190,8 +202,9 @@ def main(argv):
     f = flags.FLAGS
     cmd = (f'python -m experiments.fmnist_backbone --workdir {f.workdir} --out {f.out} '
            f'--steps {f.steps} --batch_size {f.batch_size} --lr {f.lr:g} --samples {f.samples} '
-           f'--sample_steps {f.sample_steps}')
-    run(f.workdir, f.out, f.steps, f.batch_size, f.lr, f.samples, f.sample_steps, cmd)
+           f'--sample_steps {f.sample_steps}' +
+           (f' --ema_decay {f.ema_decay:g}' if f.ema_decay else ''))
+    run(f.workdir, f.out, f.steps, f.batch_size, f.lr, f.samples, f.sample_steps, cmd, f.ema_decay)
 
 
 if __name__ == '__main__':

@@ -55,6 +55,7 @@ def spec(config) -> runspec.RunSpec:
     _check_int_fields(config)
     fed, d = config.fed, config.fed.dp
     settings = build(tasks.get(config.task).Settings, config.to_dict())
+    settings.pretrain.check(section='pretrain.')
     method = _method_params(config)
     ema = _fed_ema_decay(config)
     dp = _dp_enabled(config)

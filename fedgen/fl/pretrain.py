@@ -5,10 +5,18 @@ the same single-client update as federated clients run (``client.make_local_upda
 leaf trainable), in jitted segments of a fixed number of steps so it compiles once and can report
 progress; the optimizer state carries across segments. A backbone is identified by the hash of its
 *recipe* (model, pre-training settings, public-data spec, seed), which keys its cache.
+
+With ``ema_decay`` d > 0 the backbone is the exponential moving average of the weights over the
+steps (DDPM's sampling weights), kept inside the optimizer state (:func:`with_param_ema`):
+
+    ema_0 = w_0,   ema_{s+1} = d_s ema_s + (1 - d_s) w_{s+1},   d_s = min(d, (1 + s) / (10 + s)),
+
+the warm-up of the server EMA (fedgen.fl.algorithm.ema_decay_at); the training steps themselves
+are unchanged.
 """
 import hashlib
 import json
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +24,7 @@ import numpy as np
 import optax
 
 from fedgen.fl import local_update as client
+from fedgen.fl.algorithm import check_ema_decay, ema_decay_at, ema_update
 
 PyTree = Any
 
@@ -36,6 +45,33 @@ def step_indices(n: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
     return np.concatenate(perms)[:need].reshape(steps, batch_size)
 
 
+class EmaState(NamedTuple):
+    """inner: the wrapped optimizer's state; ema: the averaged parameters (a tree like them);
+    count: the steps taken (int32 scalar)."""
+    inner: optax.OptState
+    ema: PyTree
+    count: jax.Array
+
+
+def with_param_ema(tx: optax.GradientTransformation, decay: float) -> optax.GradientTransformation:
+    """``tx`` with an EMA of the parameters in its state (module docstring's equation): after each
+    step, ``state.ema`` <- d_s ema + (1 - d_s) (params + updates). The updates are ``tx``'s,
+    unchanged. decay must be in [0, 1)."""
+    check_ema_decay(decay)
+
+    def init(params):
+        return EmaState(tx.init(params), jax.tree.map(jnp.asarray, params), jnp.zeros((),
+                                                                                      jnp.int32))
+
+    def update(updates, state, params):
+        updates, inner = tx.update(updates, state.inner, params)
+        ema = ema_update(state.ema, optax.apply_updates(params, updates),
+                         ema_decay_at(decay, state.count))
+        return updates, EmaState(inner, ema, state.count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
 def train(loss_fn: Callable,
           tx: optax.GradientTransformation,
           params: PyTree,
@@ -43,13 +79,19 @@ def train(loss_fn: Callable,
           steps: int,
           batch_size: int,
           seed: int,
-          segment: int = 100) -> Iterator[tuple]:
-    """Yields (steps_done, mean_train_loss_of_segment, params) after every segment of steps.
+          segment: int = 100,
+          ema_decay: float = 0.0) -> Iterator[tuple]:
+    """Yields (steps_done, mean_train_loss_of_segment, params) after every segment of steps;
+    params are the weights' EMA when ``ema_decay`` > 0 (module docstring), else the weights.
 
-    examples: field -> [N, ...]; the final partial segment is padded with masked (no-op) steps.
+    examples: field -> [N, ...]; the final partial segment is padded with masked (no-op) steps
+    (they leave the weights, the optimizer state and the EMA as they were).
     """
     if not (isinstance(steps, int) and steps >= 0):
         raise ValueError(f'steps must be an int >= 0, got {steps!r}')
+    check_ema_decay(ema_decay)
+    if ema_decay:
+        tx = with_param_ema(tx, ema_decay)
     update = client.make_local_update(loss_fn, tx)
     segment = max(1, min(segment, steps))
 
@@ -70,4 +112,5 @@ def train(loss_fn: Callable,
         batch['weight'] = np.ones(seg_idx.shape, np.float32)
         data = {'batches': batch, 'mask': valid.astype(np.float32)}
         w, opt_state, loss = run(w, opt_state, data, jax.random.fold_in(key, start))
-        yield min(start + segment, steps), float(loss), w['params']
+        out = opt_state.ema if ema_decay else w
+        yield min(start + segment, steps), float(loss), out['params']

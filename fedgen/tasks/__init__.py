@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from fedgen.fl.algorithm import check_ema_decay
+
 PyTree = Any
 TASKS = ('ptb', 'cifar10', 'brown')
 SAMPLE_KINDS = ('text', 'images')
@@ -53,16 +55,30 @@ class Partition:
 
 @dataclasses.dataclass(frozen=True)
 class Pretrain:
-    """Central pre-training of the backbone on the public portion (config section pretrain)."""
+    """Central pre-training of the backbone on the public portion (config section pretrain).
+    ema_decay > 0: the backbone is the EMA of the weights over the steps (fedgen.fl.pretrain)."""
     steps: int
     batch_size: int
     opt: str
     lr: float
     backbone_path: str = ''
+    ema_decay: float = 0.0
+
+    def check(self, *, section: str = '') -> None:
+        """ema_decay: a number in [0, 1), and > 0 only with steps > 0 (something to average).
+        section: the caller's prefix for the field names in the messages."""
+        check_ema_decay(self.ema_decay, section=section)
+        if self.ema_decay and self.steps == 0:
+            raise ValueError(f'{section}ema_decay={self.ema_decay} needs {section}steps > 0 '
+                             '(with 0 steps nothing is pre-trained to average)')
 
     def recipe(self) -> dict:
-        """The fields that determine the pre-trained weights (not where they are loaded from)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != 'backbone_path'}
+        """The fields that determine the pre-trained weights (not where they are loaded from);
+        ema_decay only when on, so the backbones cached without it keep their keys."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != 'backbone_path'}
+        if not self.ema_decay:
+            del out['ema_decay']
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
