@@ -2,6 +2,7 @@
 and 'hf_dir:' (a pretrained checkpoint with its own subword tokenizer); the word-level
 sliding-window perplexity; the chunked cross-entropy; lora.init_from; and the one-line errors."""
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -18,9 +19,10 @@ from fedgen.io import tokenizer
 from fedgen.data import ptb
 from fedgen.metrics import perplexity
 from fedgen.models import gpt, llama
-from fedgen.io import weights_hf
+from fedgen.io import checkpoint, weights_hf
 
 import configs.ptb_fedgen_edge as base_config
+from configs import ptb_smollm2_centralized, ptb_smollm2_fedavg_full
 from configs import ptb_smollm2_fedgen_edge as smollm2_config
 
 ALPHABET = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -233,3 +235,34 @@ def test_smollm2_tiny_config_trains_a_local_llama(corpus, tmp_path, capsys):
     out = capsys.readouterr().out
     lines = out.split('samples from the global model (final):\n')[1].splitlines()
     assert lines[0].startswith('  > ') and len(lines[0].split()) >= 2
+
+
+def _flat(d, prefix=''):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+    return out
+
+
+@pytest.mark.parametrize('arg', ['', 'cpu', 'tiny'])
+def test_smollm2_baselines_differ_from_fedgen_edge_only_in_the_method(arg):
+    """Same data, clients, rounds, steps and token budget: full FedAvg changes the algorithm and
+    the client learning rate, centralized the algorithm alone."""
+    edge = _flat(smollm2_config.get_config(arg).to_dict())
+    for module, fields in ((ptb_smollm2_fedavg_full, {'fed.algorithm', 'fed.client_lr'}),
+                           (ptb_smollm2_centralized, {'fed.algorithm'})):
+        other = _flat(module.get_config(arg).to_dict())
+        assert other.keys() == edge.keys()
+        assert {k for k in edge if edge[k] != other[k]} == fields
+
+
+def test_smollm2_full_fedavg_trains_and_uploads_every_weight(corpus, tmp_path):
+    """configs/ptb_smollm2_fedavg_full.py:tiny: every Llama weight is a client's upload, and the
+    global model moves off the backbone."""
+    summary = train.run(_config(corpus, 'tiny', ptb_smollm2_fedavg_full), str(tmp_path / 'full'))
+    (name, ) = os.listdir(tmp_path / 'full' / 'backbone')
+    backbone = checkpoint.load_tree(str(tmp_path / 'full' / 'backbone' / name), None, 'backbone')
+    whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(backbone))
+    assert summary['algorithm'] == 'fedavg_full'
+    assert summary['up_bytes_per_client_round'] == whole
+    assert summary['final_valid_ppl'] != pytest.approx(summary['backbone_valid_ppl'], rel=1e-4)

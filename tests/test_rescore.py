@@ -1,0 +1,75 @@
+"""experiments.rescore: a finished run scored again under another eval protocol."""
+import json
+import os
+import shutil
+
+import pytest
+
+from experiments import rescore, train
+from experiments import personalize as personal_exp
+from tests.helpers_runs import tiny_ptb_config
+
+
+@pytest.fixture(scope='module')
+def done(corpus, tmp_path_factory):
+    """A finished 1-round tiny PTB run with a server EMA: (workdir, summary)."""
+    c = tiny_ptb_config(corpus, rounds=1)
+    c.fed.ema_decay = 0.5
+    workdir = str(tmp_path_factory.mktemp('rescore') / 'run')
+    return workdir, train.run(c, workdir)
+
+
+def test_the_run_s_own_protocol_gives_its_summary_back(done):
+    workdir, summary = done
+    out = rescore.rescore(workdir, {})
+    for k in ('valid_ppl', 'test_ppl', 'valid_ppl_ema', 'test_ppl_ema'):
+        name, ema = (k[:-4], 'final_ema') if k.endswith('_ema') else (k, 'final')
+        assert out[ema][name] == pytest.approx(summary[f'final_{k}'], rel=1e-5)
+    assert out['backbone']['valid_ppl'] == pytest.approx(summary['backbone_valid_ppl'], rel=1e-5)
+    assert out['final']['valid_ppl'] != pytest.approx(out['backbone']['valid_ppl'], rel=1e-4)
+    assert out['round'] == 1
+
+
+def test_another_protocol_is_scored_and_cached(done, monkeypatch):
+    workdir, summary = done
+    over = rescore.parse(['window=4', 'stride=2'], {'window': 0, 'stride': 0, 'every': 1})
+    assert over == {'window': 4, 'stride': 2}
+    out = rescore.rescore(workdir, over)
+    assert (out['eval']['window'], out['eval']['stride']) == (4, 2)
+    assert out['final']['valid_window'] == 4 and out['final']['valid_stride'] == 2
+    assert out['final']['valid_ppl'] != pytest.approx(summary['final_valid_ppl'], rel=1e-4)
+    assert len(os.listdir(os.path.join(workdir, 'rescore'))) == 2
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError('a cached protocol restored the run again')
+
+    monkeypatch.setattr(personal_exp, 'restore', refuse)
+    assert rescore.rescore(workdir, over) == out
+
+
+def test_bad_requests_are_one_line_errors(done, tmp_path):
+    workdir, _ = done
+    section = {'window': 0, 'subset_lines': 0, 'samples_every_eval': False}
+    with pytest.raises(ValueError, match=r"^--eval must be field=value .*got 'rounds=3'$"):
+        rescore.parse(['rounds=3'], section)
+    with pytest.raises(ValueError, match=r"^--eval window must be a int, got 'big'$"):
+        rescore.parse(['window=big'], section)
+    with pytest.raises(ValueError, match=r"^--eval samples_every_eval must be a bool"):
+        rescore.parse(['samples_every_eval=yes'], section)
+    with pytest.raises(ValueError, match=r'^eval.stride must be in \[1, eval.window=4\], got 8$'):
+        rescore.rescore(workdir, {'window': 4, 'stride': 8})
+    with pytest.raises(ValueError, match=r'no such field'):
+        rescore.rescore(workdir, {'roundz': 1})
+    unfinished = str(tmp_path / 'unfinished')
+    os.makedirs(unfinished)
+    shutil.copy(os.path.join(workdir, 'config.json'), unfinished)
+    with pytest.raises(ValueError, match=r'has not finished \(no summary.json\)'):
+        rescore.rescore(unfinished, {})
+    with open(os.path.join(workdir, 'config.json')) as f:
+        config = json.load(f)
+    config['fed'].update(algorithm='fedsa', ema_decay=0.0)
+    with open(os.path.join(unfinished, 'config.json'), 'w') as f:
+        json.dump(config, f)
+    shutil.copy(os.path.join(workdir, 'summary.json'), unfinished)
+    with pytest.raises(ValueError, match=r"fed.algorithm='fedsa' has no global model"):
+        rescore.rescore(unfinished, {})
