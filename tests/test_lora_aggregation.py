@@ -1,4 +1,4 @@
-"""LoRA aggregators and the aggregation error against numpy references on tiny shapes.
+"""LoRA aggregators against numpy references on tiny shapes (the error itself: test_lora_error).
 
 Reference: every client product, mean and SVD is formed densely in float64 numpy.
 """
@@ -17,96 +17,11 @@ from fedgen.lora import bytes as lora_bytes
 from fedgen.aggregators import lora_rules
 from fedgen.lora import ranks as lora_ranks
 
-ALPHA, R = 4.0, 3
-SHAPES = {'q': ((10, ), 7), 'conv': ((2, 2, 3), 6)}  # module: (A kernel axes, out)
-
-
-def _clients(c, seed, r=R):
-    rng = np.random.default_rng(seed)
-    tree = {}
-    for n, (ax, out) in SHAPES.items():
-        tree[n] = {
-            'a': rng.normal(size=(c, ) + ax + (r, )).astype(np.float32),
-            'b': rng.normal(size=(c, r, out)).astype(np.float32)
-        }
-    return tree
-
-
-_error = jax.jit(la.aggregation_error, static_argnames='mode')
-
-
-def _global(seed, r=R):
-    return jax.tree.map(lambda x: x[0], _clients(1, seed, r))
-
-
-def _np(ad, n, mask=None):
-    a = np.asarray(ad[n]['a'], np.float64)
-    a = a.reshape(a.shape[0], -1, a.shape[-1])
-    b = np.asarray(ad[n]['b'], np.float64)
-    if mask is not None:
-        a, b = a * mask[:, None, :], b * mask[:, :, None]
-    return a, b
-
-
-def _ref_error(ad, w, mask=None):
-    p = w / w.sum()
-    per, nums, dens = {}, 0.0, 0.0
-    for n in sorted(SHAPES):
-        a, b = _np(ad, n, mask)
-        prod = np.einsum('k,kir,kro->io', p, a, b)
-        if mask is None:
-            abar, bbar = np.einsum('k,kir->ir', p, a), np.einsum('k,kro->ro', p, b)
-        else:
-            q = (w[:, None] * mask) / np.maximum((w[:, None] * mask).sum(0), 1e-30)
-            abar, bbar = np.einsum('kr,kir->ir', q, a), np.einsum('kr,kro->ro', q, b)
-        num, den = np.linalg.norm(prod - abar @ bbar), np.linalg.norm(prod)
-        per[n], nums, dens = num / den, nums + num**2, dens + den**2
-    return per, np.sqrt(nums / dens)
-
-
-def test_error_hand_example():
-    """A_1 = e1, B_1 = e1^T, A_2 = e2, B_2 = e2^T, equal weights: P = I / 2, Abar Bbar = 11^T / 4,
-    ||P - Abar Bbar|| = 1/2, ||P|| = 1/sqrt(2): e = 1/sqrt(2)."""
-    a = np.array([[[1.], [0.]], [[0.], [1.]]], np.float32)
-    ad = {'m': {'a': a, 'b': a.transpose(0, 2, 1)}}
-    for mode in ('gram', 'dense'):
-        err = _error(ad, ad, jnp.ones(2), mode=mode)
-        np.testing.assert_allclose(err.per_module['m'], 2**-0.5, rtol=1e-6)
-        np.testing.assert_allclose(err.total, 2**-0.5, rtol=1e-6)
-
-
-@pytest.mark.parametrize('mode', ['gram', 'dense', 'auto'])
-def test_error_matches_numpy(mode):
-    ad, w = _clients(4, 0), np.array([1.0, 3.0, 0.0, 2.0])
-    per, total = _ref_error(ad, w)
-    err = _error(ad, ad, jnp.asarray(w), mode=mode)
-    for n in SHAPES:
-        np.testing.assert_allclose(err.per_module[n], per[n], rtol=2e-5)
-    np.testing.assert_allclose(err.total, total, rtol=2e-5)
-    np.testing.assert_allclose(err.mean, np.mean(list(per.values())), rtol=2e-5)
-    # The absent client (w = 0) does not count: changing it changes nothing.
-    other = jax.tree.map(lambda x: x.copy(), ad)
-    other['q']['a'][2] += 5.0
-    np.testing.assert_allclose(_error(other, other, jnp.asarray(w)).total, err.total, rtol=1e-6)
-
-
-def test_error_exactly_zero_for_identical_clients():
-    one = _clients(1, 5)
-    same = jax.tree.map(lambda x: np.repeat(x, 5, axis=0), one)
-    for mode in ('gram', 'dense'):
-        err = _error(same, same, jnp.array([3.0, 7.0, 1.0, 0.0, 2.0]), mode=mode)
-        assert float(err.total) == 0.0 and all(float(e) == 0.0 for e in err.per_module.values())
-
-
-def test_error_with_rank_masks_matches_hetlora_reference():
-    ad, w = _clients(4, 1), np.array([1.0, 3.0, 2.0, 2.0])
-    ranks = np.array([1, 3, 2, 3])
-    mask = np.asarray(lora_ranks.rank_mask(jnp.asarray(ranks), R))
-    per, total = _ref_error(ad, w, mask)
-    err = _error(ad, ad, jnp.asarray(w), jnp.asarray(mask))
-    np.testing.assert_allclose(err.total, total, rtol=2e-5)
-    for n in SHAPES:
-        np.testing.assert_allclose(err.per_module[n], per[n], rtol=2e-5)
+from helpers_lora import ALPHA, R, SHAPES
+from helpers_lora import clients as _clients
+from helpers_lora import factors as _np
+from helpers_lora import global_tree as _global
+from helpers_lora import ref_error as _ref_error
 
 
 def _run(method, ad, w, g, mask=None, rng=None, residual_rank=None, state=None):
@@ -402,7 +317,7 @@ CHILD = r'''
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, sys.argv[1])
-from test_lora_aggregation import _clients, _global, ALPHA, R
+from helpers_lora import ALPHA, R, clients as _clients, global_tree as _global
 from fedgen.aggregators import lora_math as la
 from fedgen.lora import ranks as lora_ranks
 from fedgen.fl import mesh as population

@@ -7,7 +7,7 @@ import pytest
 
 from experiments import rescore, train
 from experiments import personalize as personal_exp
-from tests.helpers_runs import tiny_ptb_config
+from helpers_runs import tiny_ptb_config
 
 
 @pytest.fixture(scope='module')
