@@ -16,8 +16,9 @@ Only ``eval.*`` fields can change (the model, data, split and training are the r
 value of the field's own type. Methods without a global model (FedSA, local-only) are refused:
 they have nothing to score here (experiments.personalize scores their personal models).
 
-The result is cached in <workdir>/rescore/<hash of the eval section>.json (written atomically),
-so a second call with the same protocol reads it back; returns and prints it.
+The result is cached in <workdir>/rescore/<hash of the eval section>.json (written atomically):
+a second call with the same protocol reads it back, evaluating only models it lacks (the
+backbone, when an earlier call skipped it); returns and prints it.
 """
 import json
 import os
@@ -54,9 +55,11 @@ def parse(pairs: list[str], section) -> dict:
     return out
 
 
-def rescore(workdir: str, overrides: dict) -> dict:
+def rescore(workdir: str, overrides: dict, backbone: bool = True) -> dict:
     """The module docstring's scores of the finished run in ``workdir`` with eval.<k> = v for
-    every (k, v) of ``overrides`` (checked as the config is: one-line ValueErrors)."""
+    every (k, v) of ``overrides`` (checked as the config is: one-line ValueErrors); without the
+    backbone's when ``backbone`` is False (runs that share a backbone score it once). Models
+    already in the protocol's cache file are read back, the missing ones evaluated and added."""
     config = writers.run_config(workdir)
     if not os.path.isfile(os.path.join(workdir, 'summary.json')):
         raise ValueError(f'--workdir {workdir} has not finished (no summary.json): rescore needs '
@@ -66,22 +69,29 @@ def rescore(workdir: str, overrides: dict) -> dict:
             raise ValueError(f'--eval {k}: the run\'s eval section has no such field')
         config.eval[k] = v
     spec = translate.spec(config)
-    protocol = config.eval.to_dict()
-    path = os.path.join(workdir, 'rescore', pretrain.recipe_hash(protocol) + '.json')
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
     if not spec.method.has_global:
         raise ValueError(f'--workdir {workdir}: fed.algorithm={spec.method.name!r} has no global '
                          'model to score (experiments.personalize scores its personal models)')
+    protocol = config.eval.to_dict()
+    path = os.path.join(workdir, 'rescore', pretrain.recipe_hash(protocol) + '.json')
+    out = {'eval': protocol}
+    if os.path.isfile(path):
+        with open(path) as f:
+            out = json.load(f)
+    want = {'final'} | ({'backbone'} if backbone else set())
+    if want <= set(out) and ('final_ema' in out or spec.ema_decay == 0):
+        return out
     r = personal_exp.restore(spec, workdir)
     task, state = r['task'], r['state']
     aux = backbones.auxiliaries(spec, task, workdir)
-    models = {'backbone': r['backbone'], 'final': {**r['frozen'], **state.trainable}}
+    models = {'final': {**r['frozen'], **state.trainable}}
     ema = base.ema_of(state)
     if ema is not None:
         models['final_ema'] = {**r['frozen'], **ema}
-    out = {'eval': protocol, 'round': int(r['step']), **{k: {} for k in models}}
+    if backbone:
+        models['backbone'] = r['backbone']
+    models = {k: v for k, v in models.items() if k not in out}
+    out.update({'round': int(r['step']), **{k: {} for k in models}})
     for split in ('valid', 'test'):
         evaluate = task.evaluator(split, aux)
         for name, variables in models.items():

@@ -34,10 +34,13 @@ def test_another_protocol_is_scored_and_cached(done, monkeypatch):
     workdir, summary = done
     over = rescore.parse(['window=4', 'stride=2'], {'window': 0, 'stride': 0, 'every': 1})
     assert over == {'window': 4, 'stride': 2}
-    out = rescore.rescore(workdir, over)
-    assert (out['eval']['window'], out['eval']['stride']) == (4, 2)
-    assert out['final']['valid_window'] == 4 and out['final']['valid_stride'] == 2
-    assert out['final']['valid_ppl'] != pytest.approx(summary['final_valid_ppl'], rel=1e-4)
+    first = rescore.rescore(workdir, over, backbone=False)
+    assert 'backbone' not in first and set(first['final_ema']) == set(first['final'])
+    assert (first['eval']['window'], first['eval']['stride']) == (4, 2)
+    assert first['final']['valid_window'] == 4 and first['final']['valid_stride'] == 2
+    assert first['final']['valid_ppl'] != pytest.approx(summary['final_valid_ppl'], rel=1e-4)
+    out = rescore.rescore(workdir, over)  # adds the backbone, keeps the finals
+    assert {k: out[k] for k in first} == first and out['backbone']['valid_window'] == 4
     assert len(os.listdir(os.path.join(workdir, 'rescore'))) == 2
 
     def refuse(*args, **kwargs):
@@ -45,6 +48,7 @@ def test_another_protocol_is_scored_and_cached(done, monkeypatch):
 
     monkeypatch.setattr(personal_exp, 'restore', refuse)
     assert rescore.rescore(workdir, over) == out
+    assert rescore.rescore(workdir, over, backbone=False) == out
 
 
 def test_bad_requests_are_one_line_errors(done, tmp_path):
