@@ -27,15 +27,20 @@ def _finals(g: dict, metric: str) -> list:
     return [r['summary'].get(f'final_{metric}') for r in g['runs']]
 
 
-def stats(g: dict, metric: str) -> dict:
-    """Per-seed finals of ``metric``, their mean, sample std and count n."""
-    v = [x for x in _finals(g, metric) if x is not None]
+def values(v: list) -> dict:
+    """Per-seed values (None: a failed run), their mean, sample std and count n."""
+    ok = [x for x in v if x is not None]
     return {
-        'per_seed': _finals(g, metric),
-        'mean': statistics.fmean(v) if v else None,
-        'std': std(v) if v else None,
-        'n': len(v)
+        'per_seed': list(v),
+        'mean': statistics.fmean(ok) if ok else None,
+        'std': std(ok) if ok else None,
+        'n': len(ok)
     }
+
+
+def stats(g: dict, metric: str) -> dict:
+    """Per-seed finals of ``metric``, their mean, sample std and count n (:func:`values`)."""
+    return values(_finals(g, metric))
 
 
 def personal_stats(summary: dict | None) -> dict | None:
@@ -65,7 +70,7 @@ def no_global(personal: dict | None) -> dict:
 
 
 def personal_shares(runs: list) -> dict:
-    """Claim 4's numbers from experiments.reproduce.personalization outputs, one per training
+    """Claim 4's numbers from experiments.lm_study.personalization outputs, one per training
     seed: seed 0's clients, share improved vs the global model with its bootstrap 95% CI and
     median gain (Fig. 5), and every seed's (share, lo, hi)."""
     seeds = []
@@ -88,7 +93,7 @@ def personal_shares(runs: list) -> dict:
 
 def method_stats(run: dict, metric: str) -> dict:
     """One single run's stats: ``run`` is {summary, rows, has_global (default True), personal
-    (experiments.reproduce.personalization's output, for methods without a global model)}."""
+    (experiments.lm_study.personalization's output, for methods without a global model)}."""
     if run.get('has_global', True):
         return {**stats({'runs': [run]}, metric), 'global': True}
     return no_global(personal_stats(run.get('personal', {}).get('summary')))
@@ -106,9 +111,32 @@ def curve(runs: list, key: str) -> tuple:
     return xs, vals.mean(0).tolist(), std
 
 
-def measure(res: dict) -> dict:
-    """Every number the report states, from reproduce's results (JSON-safe)."""
-    p, m = res['ptb'], {}
+def whole(p: dict) -> dict:
+    """The final models scored under the study's second protocol (lm_study.whole_scores):
+    {method: {'valid': values(), 'test': values()}, 'backbone': {valid, test}, 'protocol':
+    {window, stride, valid_words, test_words}}."""
+    w = p['whole']
+    out = {
+        k: {
+            s: values([x.get(f'{s}_ppl') for x in runs])
+            for s in ('valid', 'test')
+        }
+        for k, runs in w.items() if k != 'backbone'
+    }
+    b = w['backbone']
+    out['backbone'] = {s: b.get(f'{s}_ppl') for s in ('valid', 'test')}
+    out['protocol'] = {
+        'window': b.get('valid_window'),
+        'stride': b.get('valid_stride'),
+        'valid_words': b.get('valid_words'),
+        'test_words': b.get('test_words')
+    }
+    return out
+
+
+def study(p: dict) -> dict:
+    """Every number of one experiments.lm_study section (its setup included)."""
+    m = {'setup': p['setup']}
     edge, full = p['main']['fedgen_edge'], p['main']['fedavg_full']
     e_up = edge['runs'][0]['summary'].get('up_bytes_total', float('nan'))
     f_up = full['runs'][0]['summary'].get('up_bytes_total', float('nan'))
@@ -125,7 +153,9 @@ def measure(res: dict) -> dict:
     main_run = (p.get('personal_window_seeds') or [p['personal']])[0]  # the main runs' seed 0
     m['ptb']['fedgen_edge']['personal'] = personal_stats(main_run['summary'])
     m['ptb'].update({k: method_stats(r, 'valid_ppl') for k, r in p['baselines'].items()})
-    m['ptb_backbone'] = edge['runs'][0]['summary'].get('backbone_valid_ppl')
+    first = edge['runs'][0]['summary']
+    m['ptb_backbone'] = first.get('backbone_valid_ppl')
+    m['eval'] = {k: first.get(f'final_valid_{k}') for k in ('window', 'stride', 'words')}
     m['personal'] = personal_shares(p['personal_seeds'])
     if p.get('personal_window_seeds'):
         m['personal_window'] = personal_shares(p['personal_window_seeds'])
@@ -154,6 +184,22 @@ def measure(res: dict) -> dict:
         }
         for a, v in p['noniid'].items()
     }
+    if p.get('whole'):
+        m['whole'] = whole(p)
+    m['lr_grid'] = {
+        lr: g['runs'][0]['summary'].get('final_valid_ppl')
+        for lr, g in p.get('lr_grid', {}).items()
+    }
+    m['full_lr'] = p.get('full_lr')
+    return m
+
+
+def measure(res: dict) -> dict:
+    """Every number the report states, from reproduce's results (JSON-safe): the main study's
+    at the top level, the second study's under 'small_gpt', then CIFAR-10 and Brown."""
+    m = study(res['ptb'])
+    if 'small_gpt' in res:
+        m['small_gpt'] = study(res['small_gpt'])
     c = res['cifar10']
     m['cifar10'] = ({
         'skipped': c['skipped']
@@ -161,7 +207,7 @@ def measure(res: dict) -> dict:
         k: stats({'runs': [r]}, 'fd_classifier')
         for k, r in c.items()
     })
-    for name in ('brown', 'smollm2'):
+    for name in ('brown', ):
         b = res.get(name, {'skipped': 'not run'})
         m[name] = {
             'skipped': b['skipped']

@@ -8,13 +8,14 @@ global model (FedSA, local-only) shows 'n/a' for the global metric and its perso
 import os
 
 import flax
-import numpy as np
 import optax
 
-from experiments import bench_round, scales
+from experiments import bench_round, report_lm, scales
 from experiments.claims import (UNTESTABLE, claim_epochs, claim_lower, claim_personal, claim_rank,
                                 claim_uplink)
 from experiments.measures import curve, measure
+from experiments.report_lm import fmt, model_name, seed_cis
+from experiments.report_lm import ms as _ms
 from fedgen.metrics import plots
 
 
@@ -24,9 +25,15 @@ def claims(m: dict) -> list[tuple]:
     out = [('1. uplink', '> 99% less uplink than full FedAvg (Fig. 2)',
             f'{100 * u["reduction_whole"]:.2f}% (blocks only {100 * u["reduction_blocks"]:.2f}%)',
             *claim_uplink(u['reduction_whole'], u['reduction_blocks']))]
-    v = claim_lower(ptb['fedgen_edge']['per_seed'], ptb['fedavg_full']['per_seed'], 'valid PPL')
-    out.append(('2. PTB perplexity', 'lower PPL than full FedAvg, non-IID PTB (Fig. 3)',
-                f'{_n(ptb["fedgen_edge"]["mean"])} vs {_n(ptb["fedavg_full"]["mean"])}', *v))
+    if 'whole' in m:  # the final models on the whole validation split
+        e, f = m['whole']['fedgen_edge']['valid'], m['whole']['fedavg_full']['valid']
+        metric = f'valid PPL ({m["whole"]["protocol"]["valid_words"]} words)'
+    else:
+        e, f, metric = ptb['fedgen_edge'], ptb['fedavg_full'], 'valid PPL'
+    v = claim_lower(e['per_seed'], f['per_seed'], metric)
+    out.append((f'2. PTB perplexity ({model_name(m["setup"])})',
+                'lower PPL than full FedAvg, non-IID PTB (Fig. 3)',
+                f'{fmt(e["mean"])} vs {fmt(f["mean"])}', *v))
     if 'skipped' in c10:
         out.append(('3. CIFAR-10 quality', 'lower FID (Fig. 4)', 'n/a', UNTESTABLE, c10['skipped']))
     else:
@@ -34,7 +41,7 @@ def claims(m: dict) -> list[tuple]:
                         'FD (classifier features)')
         out.append(
             ('3. CIFAR-10 quality', 'lower FID (Fig. 4)', 'FD (classifier features), not FID: '
-             f'{_n(c10["fedgen_edge"]["mean"])} vs {_n(c10["fedavg_full"]["mean"])}', *v))
+             f'{fmt(c10["fedgen_edge"]["mean"])} vs {fmt(c10["fedavg_full"]["mean"])}', *v))
     pe, old = m['personal'], m.get('personal_window')
     shares = lambda x: ', '.join(f'{100 * s[0]:.1f}%' for s in x['per_seed'])
     out.append(('4. personalization', 'most clients gain (Fig. 5)',
@@ -50,51 +57,31 @@ def claims(m: dict) -> list[tuple]:
     return out
 
 
-def _n(v) -> str:
-    return 'n/a' if v is None or (isinstance(v, float) and not np.isfinite(v)) else f'{v:.4g}'
-
-
-def _ms(s: dict) -> str:
-    """'mean ± std' over seeds; one seed has no spread: 'x (n = 1)'; no global model: 'n/a'."""
-    if not s.get('global', True):
-        return 'n/a'
-    if s['mean'] is None:
-        return 'failed'
-    return f'{_n(s["mean"])} (n = 1)' if s.get('n', 2) == 1 else f'{_n(s["mean"])} ± {_n(s["std"])}'
-
-
-def _mp(s: dict) -> str:
-    """The personal column: mean client-test metric of the personal models."""
-    p = s.get('personal')
-    if not p:
-        return 'not measured'
-    return (f'{_n(p["mean"])} ({p["source"]}; backbone {_n(p["backbone"])} on the same '
-            f'{p["clients"]} clients)')
-
-
-def ptb_table(ptb: dict) -> list[str]:
-    """Fig. 3's PTB table, one row per method of ``ptb`` ({method: measures.stats-like dict}):
-    the global model's final valid PPL ('n/a' without a global model, 'x (n = 1)' for one run)
-    and the personal models' mean client-test PPL where it was measured."""
-    lines = [
-        'Global: the global model on the validation split (n/a for FedSA and local-only, which '
-        "have no global model). Personal: mean local-test PPL of the clients' personal models.", '',
-        '| method | final global valid PPL (mean ± std) | per seed | personal models |',
-        '|---|---|---|---|'
-    ]
-    return lines + [
-        f'| {k} | {_ms(v)} | {", ".join(_n(x) for x in v["per_seed"]) or "n/a"} | {_mp(v)} |'
-        for k, v in ptb.items()
-    ]
-
-
 def machine() -> str:
     """bench_round's machine line plus the library versions the report depends on."""
     return (f'{bench_round.machine()}; flax {flax.__version__}, optax {optax.__version__}')
 
 
+def _ppl_panel(p: dict, title: str, backbone) -> dict:
+    """A study's valid-PPL curves: the main groups (mean ± std over seeds) and every baseline
+    with a global model (FedSA and local-only have none to plot)."""
+    main = p['main']
+    ppl = {f'{n} (mean ± std)': (*curve(main[n]['runs'], 'valid_ppl'), None) for n in main}
+    ppl.update({
+        n: (*curve([r], 'valid_ppl'), None)
+        for n, r in p['baselines'].items() if r.get('has_global', True)
+    })
+    return dict(series=ppl,
+                title=title,
+                xlabel='round',
+                ylabel='valid PPL',
+                logy=True,
+                reference=('backbone', backbone))
+
+
 def figures(res: dict, m: dict, out: str) -> dict:
-    """Writes every figure into ``out``; {name: file}. A panel's series are (x, y, std, labels)."""
+    """Writes every figure into ``out``; {name: file}. A panel's series are (x, y, std, labels).
+    An ablation that was not run at this scale has no figure."""
     p, f, pb = res['ptb'], {}, m['uplink']['param_bytes']
     main = p['main']
     cum = {
@@ -103,63 +90,28 @@ def figures(res: dict, m: dict, out: str) -> dict:
     }
     x, y = cum['full FedAvg'][:2]
     blocks = {**cum, 'full FedAvg': (x, [pb['blocks'] / pb['whole'] * v for v in y], None, None)}
-    ppl = {f'{n} (mean ± std)': (*curve(main[n]['runs'], 'valid_ppl'), None) for n in main}
-    ppl.update({  # FedSA and local-only have no global model to plot
-        n: (*curve([r], 'valid_ppl'), None)
-        for n, r in p['baselines'].items() if r.get('has_global', True)
-    })
-    rk, es, al = sorted(m['rank']), sorted(m['epochs']), sorted(m['noniid'])
-    rank = ([m['rank'][r]['up_bytes_per_round'] for r in rk], [m['rank'][r]['mean'] for r in rk],
-            [m['rank'][r]['std'] or 0 for r in rk], [f'r={r}' for r in rk])
-    ep = lambda key: {'FedGen-Edge': (es, [m['epochs'][e][key] for e in es], None, None)}
-    alpha = {
-        k: (al, [m['noniid'][a][k]['mean']
-                 for a in al], [m['noniid'][a][k]['std'] or 0 for a in al], None)
-        for k in ('fedgen_edge', 'fedavg_full')
-    }
     up = dict(xlabel='round', ylabel='cumulative uplink bytes', logy=True)
+    ppl = [_ppl_panel(p, f'PTB, {model_name(m["setup"])}', m['ptb_backbone'])]
+    if 'small_gpt' in m:
+        ppl.append(
+            _ppl_panel(res['small_gpt'], f'PTB, {model_name(m["small_gpt"]["setup"])}',
+                       m['small_gpt']['ptb_backbone']))
+    if 'skipped' not in m['brown']:
+        ppl.append(
+            dict(series={
+                k: (*curve([r], 'valid_ppl'), None)
+                for k, r in res['brown'].items()
+            },
+                 title='Brown corpus (natural clients)',
+                 xlabel='round',
+                 ylabel='valid PPL',
+                 logy=True,
+                 reference=('backbone', m['brown_backbone'])))
     todo = [('fig2', 'fig2_uplink.png', 'Fig. 2: uplink, FedGen-Edge vs full FedAvg', [
         dict(series=cum, title='whole model', **up),
         dict(series=blocks, title='full FedAvg counted on the transformer blocks only', **up)
-    ]),
-            ('fig3', 'fig3_ptb_ppl.png', 'Fig. 3: validation perplexity', [
-                dict(series=ppl,
-                     title='PTB, small GPT',
-                     xlabel='round',
-                     ylabel='valid PPL',
-                     logy=True,
-                     reference=('backbone', m['ptb_backbone']))
-            ] + [
-                dict(series={
-                    k: (*curve([r], 'valid_ppl'), None)
-                    for k, r in res[name].items()
-                },
-                     title=title,
-                     xlabel='round',
-                     ylabel='valid PPL',
-                     logy=True,
-                     reference=('backbone', m[name + '_backbone']))
-                for name, title in (('brown', 'Brown corpus (natural clients)'),
-                                    ('smollm2', 'PTB, SmolLM2-135M')) if 'skipped' not in m[name]
-            ]),
-            ('rank', 'rank_ablation.png', f'LoRA rank (alpha/r = {p["alpha_over_rank"]:g} fixed)', [
-                dict(series={'FedGen-Edge': rank},
-                     xlabel='uplink bytes per round',
-                     ylabel='final valid PPL',
-                     logx=True)
-            ]),
-            ('epochs', 'epoch_ablation.png', 'Local epochs vs client drift', [
-                dict(series=ep('mean'), xlabel='local epochs E', ylabel='final valid PPL'),
-                dict(series=ep('drift'),
-                     xlabel='local epochs E',
-                     ylabel='client drift (round mean)')
-            ]),
-            ('noniid', 'noniid_alpha.png', 'Non-IID strength', [
-                dict(series=alpha,
-                     xlabel='Dirichlet alpha (smaller = more non-IID)',
-                     ylabel='final valid PPL',
-                     logx=True)
-            ])]
+    ]), ('fig3', 'fig3_ptb_ppl.png', 'Fig. 3: validation perplexity', ppl)]
+    todo += ablation_figures(p, m)
     if 'skipped' not in res['cifar10']:
         fd = {k: (*curve([r], 'fd_classifier'), None) for k, r in res['cifar10'].items()}
         todo.append(('fig4', 'fig4_cifar_fd.png', 'Fig. 4: CIFAR-10-style data, Fréchet '
@@ -177,40 +129,72 @@ def figures(res: dict, m: dict, out: str) -> dict:
     return f
 
 
-def _cis(pe: dict) -> str:
-    """'81.0% [73.0, 88.0]; ...': every seed's share improved and its 95% CI."""
-    return '; '.join(f'{100 * a:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]'
-                     for a, lo, hi in pe['per_seed'])
+def ablation_figures(p: dict, m: dict) -> list[tuple]:
+    """(name, file, title, panels) of the rank, local-epoch and non-IID ablations that ran."""
+    rk, es, al = sorted(m['rank']), sorted(m['epochs']), sorted(m['noniid'])
+    out = []
+    if rk:
+        rank = ([m['rank'][r]['up_bytes_per_round'] for r in rk],
+                [m['rank'][r]['mean'] for r in rk], [m['rank'][r]['std'] or 0
+                                                     for r in rk], [f'r={r}' for r in rk])
+        out.append(
+            ('rank', 'rank_ablation.png', f'LoRA rank (alpha/r = {p["alpha_over_rank"]:g} fixed)', [
+                dict(series={'FedGen-Edge': rank},
+                     xlabel='uplink bytes per round',
+                     ylabel='final valid PPL',
+                     logx=True)
+            ]))
+    if es:
+        ep = lambda key: {'FedGen-Edge': (es, [m['epochs'][e][key] for e in es], None, None)}
+        out.append(('epochs', 'epoch_ablation.png', 'Local epochs vs client drift', [
+            dict(series=ep('mean'), xlabel='local epochs E', ylabel='final valid PPL'),
+            dict(series=ep('drift'), xlabel='local epochs E', ylabel='client drift (round mean)')
+        ]))
+    if al:
+        alpha = {
+            k: (al, [m['noniid'][a][k]['mean']
+                     for a in al], [m['noniid'][a][k]['std'] or 0 for a in al], None)
+            for k in ('fedgen_edge', 'fedavg_full')
+        }
+        out.append(('noniid', 'noniid_alpha.png', 'Non-IID strength', [
+            dict(series=alpha,
+                 xlabel='Dirichlet alpha (smaller = more non-IID)',
+                 ylabel='final valid PPL',
+                 logx=True)
+        ]))
+    return out
 
 
 def markdown(res: dict, m: dict, figs: dict) -> str:
-    s, sc = res['ptb']['setup'], res['settings']
+    s, sc, u = m['setup'], res['settings'], m['uplink']
     lines = [
         f'<!-- generated by: {res["command"]}; do not edit -->',
         f'# FedGen-Edge reproduction report ({res["scale"]} scale)', '',
         '| claim | paper | ours | verdict | why |', '|---|---|---|---|---|'
     ]
     lines += ['| ' + ' | '.join(c) + ' |' for c in claims(m)]
-    u = m['uplink']
     lines += [
         '', f'Hardware: {machine()}. This invocation: {res["wall_s"] / 60:.1f} min (finished runs '
         'in the workdir are read back, not rerun).', '',
-        f'Scale: PTB {s["num_clients"]} clients, {s["clients_per_round"]} per round, '
-        f'{s["rounds"]} rounds, E={s["local_epochs"]} of at most {s["max_steps_per_epoch"]} '
-        f'steps of {s["batch_size"]} windows; GPT {s["model"]["n_layer"]} layers x '
-        f'{s["model"]["n_embd"]} pre-trained {s["pretrain_steps"]} steps; LoRA r={s["lora_rank"]}, '
-        f'alpha={s["lora_alpha"]:g}. Std over seeds with n - 1; a single run shows (n = 1).', '',
+        f'Main study: {report_lm.scale_line(s)} Std over seeds with n - 1; a single run shows '
+        '(n = 1).', '',
         scales.describe(res['scale'],
                         sc), '', f'Command: `{res["command"]}`', '', '## Fig. 2: uplink', '',
         f'Measured cumulative uplink after {s["rounds"]} rounds: FedGen-Edge {u["fedgen_edge"]:,} '
         f'B, full FedAvg {u["fedavg_full"]:,} B. The backbone is {u["param_bytes"]["whole"]:,} B, '
-        f'of which the embedding leaves (wte, wpe) are {u["param_bytes"]["embedding"]:,} B '
+        f'of which the embedding leaves are {u["param_bytes"]["embedding"]:,} B '
         f'({100 * u["param_bytes"]["embedding"] / u["param_bytes"]["whole"]:.0f}%); the '
         'blocks-only panel counts full FedAvg as if it sent only the rest (the blocks and final '
-        'norm).', '', f'![uplink]({figs["fig2"]})', '', '## Fig. 3: validation perplexity', '',
-        '### PTB, small GPT', ''
-    ] + ptb_table(m['ptb'])
-    lines += ['', f'Backbone (no federated training): {_n(m["ptb_backbone"])}.']
+        'norm).', '', f'![uplink]({figs["fig2"]})', '', '## Fig. 3: perplexity', '',
+        f'### Main study: {model_name(s)}', '',
+        report_lm.protocol(m), ''
+    ] + report_lm.ptb_table(m['ptb'])
+    lines += ['', f'Backbone (no federated training): {fmt(m["ptb_backbone"])}.', '']
+    lines += report_lm.lr_grid(m)
+    if 'whole' in m:
+        lines += [''] + report_lm.whole_table(m['whole'])
+    if 'small_gpt' in m:
+        lines += report_lm.second_study(m['small_gpt'])
     lines += other_backbones(m)
     lines += [
         '', f'![ppl]({figs["fig3"]})', '',
@@ -229,62 +213,74 @@ def markdown(res: dict, m: dict, figs: dict) -> str:
     pe = m['personal']
     lines += [
         '', '## Fig. 5: personalization', '',
-        'The seed-0 global adapter of FedGen-Edge trained with a document-level local test split '
-        f'(group fedgen_edge_document) fine-tuned E_p={s["personalize_epochs"]} '
-        f'epoch(s) on each client: {100 * pe["share"]:.1f}% of {pe["clients"]} clients '
-        f'improve their local test PPL (bootstrap 95% CI {100 * pe["ci"][0]:.1f}-'
-        f'{100 * pe["ci"][1]:.1f}%, 2000 resamples, seed 0); median gain '
-        f'{_n(pe["median_gain"])}. Every seed (share, 95% CI): {_cis(pe)}. Local test split: '
+        'The seed-0 global adapter of the main study\'s FedGen-Edge trained with a '
+        'document-level local test split (group fedgen_edge_document) fine-tuned '
+        f'E_p={s["personalize_epochs"]} epoch(s) on each client: {100 * pe["share"]:.1f}% of '
+        f'{pe["clients"]} clients improve their local test PPL (bootstrap 95% CI '
+        f'{100 * pe["ci"][0]:.1f}-{100 * pe["ci"][1]:.1f}%, 2000 resamples, seed 0); median gain '
+        f'{fmt(pe["median_gain"])}. Every seed (share, 95% CI): {seed_cis(pe)}. Local test split: '
         'whole pseudo-documents per client (data.partition.local_test_unit=document), so no '
         'client tests on text it trained on.' +
         (f' The main runs\' window split (test windows drawn between the training windows of the '
-         f'same passages, which share text with them) gives {_cis(m["personal_window"])}.'
-         if 'personal_window' in m else ''), '', f'![gains]({figs["fig5"]})', '', '## LoRA rank',
-        '', f'lora.alpha = {res["ptb"]["alpha_over_rank"]:g} r, so alpha / r (the effective '
-        'step) is the same at every rank.', '', '| r | uplink B / round | final valid PPL |',
-        '|---|---|---|'
+         f'same passages, which share text with them) gives {seed_cis(m["personal_window"])}.'
+         if 'personal_window' in m else ''), '', f'![gains]({figs["fig5"]})', ''
     ]
-    lines += [
-        f'| {r} | {v["up_bytes_per_round"]:,.0f} | {_ms(v)} |' for r, v in sorted(m['rank'].items())
-    ]
-    lines += [
-        '', f'![rank]({figs["rank"]})', '', '## Local epochs and client drift', '',
-        'client drift = mean_k ||Delta_k - mean Delta|| / ||mean Delta|| over the clients '
-        'of a round, averaged over rounds and seeds.', '', '| E | final valid PPL | client drift |',
-        '|---|---|---|'
-    ]
-    lines += [f'| {e} | {_ms(v)} | {_n(v["drift"])} |' for e, v in sorted(m['epochs'].items())]
-    lines += [
-        '', f'![epochs]({figs["epochs"]})', '', '## Non-IID strength', '',
-        '| alpha | FedGen-Edge | full FedAvg |', '|---|---|---|'
-    ]
-    lines += [
-        f'| {a} | {_ms(v["fedgen_edge"])} | {_ms(v["fedavg_full"])} |'
-        for a, v in sorted(m['noniid'].items())
-    ]
-    lines += ['', f'![alpha]({figs["noniid"]})', '']
+    lines += ablation_sections(res['ptb'], m, figs)
     return '\n'.join(lines) + '\n'
 
 
-def other_backbones(m: dict) -> list[str]:
-    """Fig. 3's Brown and SmolLM2 tables (their curves are the figure's later panels)."""
-    lines = []
-    for name, title in (('brown', 'Brown corpus, natural clients (configs/brown_fedgen_edge.py)'),
-                        ('smollm2', 'SmolLM2-135M on PTB (configs/ptb_smollm2_fedgen_edge.py)')):
-        b = m[name]
-        lines += ['', f'### {title}', '']
-        if 'skipped' in b:
-            lines.append(f'Not run: {b["skipped"]}.')
-            continue
-        e = m[name + '_eval']
+def ablation_sections(p: dict, m: dict, figs: dict) -> list[str]:
+    """The rank, local-epoch and non-IID sections of the main study (a section whose ablation
+    was not run at this scale says so)."""
+    lines = ['## LoRA rank', '']
+    if m['rank']:
         lines += [
-            f'Seed 0; word-level PPL of {e["words"]} validation words, window {e["window"]}, '
-            f'stride {e["stride"]}. Frozen backbone (zero-shot): {_n(m[name + "_backbone"])}.', '',
-            '| method | final valid PPL |', '|---|---|'
-        ] + [f'| {k} | {_ms(v)} |' for k, v in b.items()]
-    if 'skipped' not in m['smollm2']:
-        lines += ['', 'Full FedAvg of the 135M model is not run at this scale.']
-    return lines
+            f'lora.alpha = {p["alpha_over_rank"]:g} r, so alpha / r (the effective step) is the '
+            'same at every rank.', '', '| r | uplink B / round | final valid PPL |', '|---|---|---|'
+        ]
+        lines += [
+            f'| {r} | {v["up_bytes_per_round"]:,.0f} | {_ms(v)} |'
+            for r, v in sorted(m['rank'].items())
+        ]
+        lines += ['', f'![rank]({figs["rank"]})']
+    else:
+        lines.append('Not run at this scale.')
+    lines += ['', '## Local epochs and client drift', '']
+    if m['epochs']:
+        lines += [
+            'client drift = mean_k ||Delta_k - mean Delta|| / ||mean Delta|| over the clients '
+            'of a round, averaged over rounds and seeds.', '',
+            '| E | final valid PPL | client drift |', '|---|---|---|'
+        ]
+        lines += [f'| {e} | {_ms(v)} | {fmt(v["drift"])} |' for e, v in sorted(m['epochs'].items())]
+        lines += ['', f'![epochs]({figs["epochs"]})']
+    else:
+        lines.append('Not run at this scale.')
+    lines += ['', '## Non-IID strength', '']
+    if m['noniid']:
+        lines += ['| alpha | FedGen-Edge | full FedAvg |', '|---|---|---|']
+        lines += [
+            f'| {a} | {_ms(v["fedgen_edge"])} | {_ms(v["fedavg_full"])} |'
+            for a, v in sorted(m['noniid'].items())
+        ]
+        lines += ['', f'![alpha]({figs["noniid"]})']
+    else:
+        lines.append('Not run at this scale.')
+    return lines + ['']
+
+
+def other_backbones(m: dict) -> list[str]:
+    """Fig. 3's Brown table (its curves are a later panel of the figure)."""
+    b = m['brown']
+    lines = ['', '### Brown corpus, natural clients (configs/brown_fedgen_edge.py)', '']
+    if 'skipped' in b:
+        return lines + [f'Not run: {b["skipped"]}.']
+    e = m['brown_eval']
+    return lines + [
+        f'Seed 0; word-level PPL of {e["words"]} validation words, window {e["window"]}, '
+        f'stride {e["stride"]}. Frozen backbone (zero-shot): {fmt(m["brown_backbone"])}.', '',
+        '| method | final valid PPL |', '|---|---|'
+    ] + [f'| {k} | {_ms(v)} |' for k, v in b.items()]
 
 
 def write(res: dict, out: str) -> dict:

@@ -3,77 +3,151 @@
 ``SCALES[name]`` is the whole definition of a scale; :func:`describe` writes the report's scale
 paragraph from that entry alone, so the text cannot drift from what was run.
 
-Keys: arg / cifar_arg (the config variant, configs/<task>_<method>.py:<arg>), seeds (the main
-comparison), rank_seeds / epoch_seeds / alpha_seeds (the ablations), ranks, epochs, alphas (the
-ablation values), min_size (the smallest client in the alpha ablation's split), ptb / cifar
-(config overrides), brown (bool), smollm2 (config variant or None), baselines (methods run with
-seed 0 beside the two main ones), synthetic_data (tiny corpora written by the command).
+Keys: ptb (the main language-model study: every claim but 3), small_gpt (a second, smaller study
+whose numbers are shown beside the main ones, or None), cifar_arg / cifar (the CIFAR-10 config
+variant and overrides), brown (bool), synthetic_data (tiny corpora written by the command).
+
+A study (experiments/lm_study.py) has: name (its directory), config and arg
+(configs/<config>_<method>.py:<arg>), over (dotted config overrides), seeds (the main
+comparison), personal_seeds (claim 4's document-split group), rank_seeds / epoch_seeds /
+alpha_seeds (the ablations), ranks, epochs, alphas (the ablation values; empty: not run),
+min_size (the smallest client of the alpha ablation's split), baselines (methods run with seed
+0 beside the two compared), full_lrs (full FedAvg's client-lr grid, seed 0; empty: the
+config's lr) and whole (eval overrides under which the final models are scored again, or None).
 """
 from experiments import compare
 
 # every method of experiments.compare besides the two compared head to head
 compare_baselines = tuple(m for m, _ in compare.METHODS if m not in ('fedgen_edge', 'fedavg_full'))
+NO_ABLATIONS = dict(rank_seeds=(),
+                    epoch_seeds=(),
+                    alpha_seeds=(),
+                    ranks=(),
+                    epochs=(),
+                    alphas=(),
+                    min_size=10)
 SCALES = {
-    # smoke: the base values (rank 2, E 1, alpha 0.3) reuse the main group's runs.
+    # smoke: a pipeline check on tiny synthetic data, both studies' code paths.
     'smoke':
-    dict(arg='tiny',
-         seeds=(0, 1),
-         rank_seeds=(0, 1),
-         epoch_seeds=(0, 1),
-         alpha_seeds=(0, 1),
-         ranks=(1, 2),
-         epochs=(1, 2),
-         alphas=(0.3, 10.0),
-         min_size=2,
-         ptb={'fed.rounds': 2},
+    dict(ptb=dict(name='ptb',
+                  config='ptb_smollm2',
+                  arg='tiny',
+                  over={'fed.rounds': 2},
+                  seeds=(0, 1),
+                  personal_seeds=(0, 1),
+                  rank_seeds=(0, 1),
+                  epoch_seeds=(0, 1),
+                  alpha_seeds=(0, 1),
+                  ranks=(1, 2),
+                  epochs=(1, 2),
+                  alphas=(0.3, 10.0),
+                  min_size=2,
+                  baselines=('centralized', ),
+                  full_lrs=(1e-3, 1e-2),
+                  whole={
+                      'window': 8,
+                      'stride': 8
+                  }),
+         small_gpt=dict(name='ptb_small',
+                        config='ptb',
+                        arg='tiny',
+                        over={'fed.rounds': 2},
+                        seeds=(0, 1),
+                        personal_seeds=(0, 1),
+                        baselines=('fedsa', ),
+                        full_lrs=(),
+                        whole=None,
+                        **NO_ABLATIONS),
          cifar_arg='tiny',
          cifar={'fed.rounds': 2},
          brown=False,
-         smollm2=None,
-         baselines=('fedsa', ),
          synthetic_data=True),
-    # cpu: about 2 h on 2 cores; the ablations run fewer seeds than the main comparison.
+    # cpu: SmolLM2-135M is the main study (at most 3 hours on 2 cores with the rest); the small
+    # GPT's main comparison and claim 4 stand beside it.
     'cpu':
-    dict(arg='',
-         seeds=(0, 1, 2),
-         rank_seeds=(0, ),
-         epoch_seeds=(0, ),
-         alpha_seeds=(0, 1),
-         ranks=(1, 2, 4, 8, 16, 32),
-         epochs=(1, 2, 5),
-         alphas=(0.1, 1.0, 10.0),
-         min_size=10,
-         ptb={
-             'fed.rounds': 20,
-             'fed.clients_per_round': 10,
-             'fed.max_steps_per_epoch': 4,
-             'eval.every': 5
-         },
+    dict(ptb=dict(name='smollm2',
+                  config='ptb_smollm2',
+                  arg='cpu',
+                  over={
+                      'fed.rounds': 12,
+                      'eval.every': 4,
+                      'data.public_fraction': 0.8,
+                      'personalize.max_steps': 8
+                  },
+                  seeds=(0, 1, 2),
+                  personal_seeds=(0, 1),
+                  rank_seeds=(0, 1),
+                  epoch_seeds=(0, 1),
+                  alpha_seeds=(),
+                  ranks=(2, 8, 32),
+                  epochs=(1, 2, 3),
+                  alphas=(),
+                  min_size=10,
+                  baselines=('centralized', ),
+                  full_lrs=(1e-5, 3e-5, 1e-4),
+                  whole={
+                      'subset_lines': 0,
+                      'window': 256,
+                      'stride': 224,
+                      'batch_size': 16
+                  }),
+         small_gpt=dict(name='ptb',
+                        config='ptb',
+                        arg='',
+                        over={
+                            'fed.rounds': 20,
+                            'fed.clients_per_round': 10,
+                            'fed.max_steps_per_epoch': 4,
+                            'eval.every': 5
+                        },
+                        seeds=(0, 1, 2),
+                        personal_seeds=(0, 1, 2),
+                        baselines=(),
+                        full_lrs=(),
+                        whole=None,
+                        **NO_ABLATIONS),
          cifar_arg='',
          cifar={
              'fed.rounds': 10,
              'eval.every': 2
          },
-         brown=True,
-         smollm2='cpu',
-         baselines=compare_baselines,
+         brown=False,
          synthetic_data=False),
     'gpu':
-    dict(arg='',
-         seeds=(0, 1, 2),
-         rank_seeds=(0, 1, 2),
-         epoch_seeds=(0, 1, 2),
-         alpha_seeds=(0, 1, 2),
-         ranks=(1, 2, 4, 8, 16, 32),
-         epochs=(1, 2, 5, 10),
-         alphas=(0.1, 0.3, 1.0, 10.0),
-         min_size=10,
-         ptb={
-             'fed.rounds': 200,
-             'fed.clients_per_round': 10,
-             'eval.every': 10,
-             'fed.client_chunk': 10
-         },
+    dict(ptb=dict(name='smollm2',
+                  config='ptb_smollm2',
+                  arg='',
+                  over={
+                      'fed.rounds': 200,
+                      'eval.every': 10
+                  },
+                  seeds=(0, 1, 2),
+                  personal_seeds=(0, 1, 2),
+                  rank_seeds=(0, 1, 2),
+                  epoch_seeds=(0, 1, 2),
+                  alpha_seeds=(0, 1, 2),
+                  ranks=(1, 2, 4, 8, 16, 32),
+                  epochs=(1, 2, 5, 10),
+                  alphas=(0.1, 0.3, 1.0, 10.0),
+                  min_size=10,
+                  baselines=('centralized', ),
+                  full_lrs=(1e-5, 3e-5, 1e-4),
+                  whole=None),
+         small_gpt=dict(name='ptb',
+                        config='ptb',
+                        arg='',
+                        over={
+                            'fed.rounds': 200,
+                            'fed.clients_per_round': 10,
+                            'eval.every': 10,
+                            'fed.client_chunk': 10
+                        },
+                        seeds=(0, 1, 2),
+                        personal_seeds=(0, 1, 2),
+                        baselines=compare_baselines,
+                        full_lrs=(),
+                        whole=None,
+                        **NO_ABLATIONS),
          cifar_arg='',
          cifar={
              'fed.rounds': 100,
@@ -82,8 +156,6 @@ SCALES = {
              'model.conv_impl': 'xla'
          },
          brown=True,
-         smollm2='',
-         baselines=compare_baselines,
          synthetic_data=False),
 }
 PAPER = ('The paper: 100 clients for 500 rounds, a pre-trained generator, FID with '
@@ -95,7 +167,13 @@ WORDS = {
     'fed.max_steps_per_epoch': 'at most {} local steps per epoch',
     'eval.every': 'evaluated every {} rounds',
     'fed.client_chunk': 'client chunk',
-    'model.conv_impl': 'convolution'
+    'model.conv_impl': 'convolution',
+    'data.public_fraction': 'a share {} of the train text held back from the clients',
+    'personalize.max_steps': 'personalization of at most {} steps per epoch',
+    'window': 'window {}',
+    'stride': 'stride {}',
+    'batch_size': 'batches of {} windows',
+    'subset_lines': lambda v: f'the first {v} lines of each split' if v else 'the whole splits'
 }
 
 
@@ -104,7 +182,10 @@ def _overrides(over: dict) -> str:
     out = []
     for k, v in over.items():
         w = WORDS.get(k)
-        out.append(f'{k}={v}' if w is None else w.format(v) if '{}' in w else f'{v} {w}')
+        if callable(w):
+            out.append(w(v))
+        else:
+            out.append(f'{k}={v}' if w is None else w.format(v) if '{}' in w else f'{v} {w}')
     return ', '.join(out) or 'no overrides'
 
 
@@ -116,22 +197,33 @@ def _config(task: str, arg) -> str:
     return f'configs/{task}_<method>.py' + (f':{arg}' if arg else ' (default variant)')
 
 
+def _ablation(label: str, values, seeds) -> str:
+    return f'{label} in {list(values)}: {_seeds(seeds)}' if values else f'{label}: not run'
+
+
+def study(st: dict) -> str:
+    """One study's sentence, from its scale entry alone."""
+    base = ', '.join(st['baselines']) or 'none'
+    lrs = (f'full FedAvg\'s client lr chosen on {list(st["full_lrs"])} (seed 0, lowest final '
+           'valid PPL)' if st['full_lrs'] else "full FedAvg at its config's client lr")
+    whole = (f'final models scored again with {_overrides(st["whole"])}'
+             if st['whole'] else 'final models scored by the per-round protocol')
+    return (f'{_config(st["config"], st["arg"])} with {_overrides(st["over"])}; FedGen-Edge vs '
+            f'full FedAvg over {_seeds(st["seeds"])}; {lrs}; other baselines ({base}): seed 0 '
+            f'(n = 1); claim 4\'s document split over {_seeds(st["personal_seeds"])}; '
+            f'{_ablation("LoRA rank r", st["ranks"], st["rank_seeds"])}; '
+            f'{_ablation("local epochs E", st["epochs"], st["epoch_seeds"])}; '
+            f'{_ablation("Dirichlet alpha", st["alphas"], st["alpha_seeds"])} (a setting equal '
+            f'to the base config is the main comparison, with its seeds); {whole}')
+
+
 def describe(name: str, sc: dict) -> str:
     """The report's scale paragraph, from the ``SCALES[name]``-shaped entry ``sc`` only."""
     data = ('tiny synthetic data written by the command (a pipeline check: its numbers say '
             'nothing about the paper)' if sc['synthetic_data'] else 'the real corpora')
-    base = ', '.join(sc['baselines']) or 'none'
-    smol = ('not run' if sc['smollm2'] is None else 'FedGen-Edge and centralized, '
-            f'{_config("ptb_smollm2", sc["smollm2"])}'.replace('<method>', 'fedgen_edge') +
-            ', seed 0 (n = 1)')
-    return (
-        f'Scale {name!r} (experiments/scales.py), on {data}. PTB: '
-        f'{_config("ptb", sc["arg"])} with {_overrides(sc["ptb"])}; FedGen-Edge vs full '
-        f'FedAvg over {_seeds(sc["seeds"])}; other baselines ({base}): seed 0 (n = 1). '
-        f'LoRA rank r in {list(sc["ranks"])}: {_seeds(sc["rank_seeds"])} (the base rank '
-        f'is the main comparison, with its seeds); local epochs E in {list(sc["epochs"])}: '
-        f'{_seeds(sc["epoch_seeds"])}; Dirichlet alpha in {list(sc["alphas"])} (clients of '
-        f'at least {sc["min_size"]} examples): {_seeds(sc["alpha_seeds"])}. CIFAR-10: '
-        f'{_config("cifar10", sc["cifar_arg"])} with {_overrides(sc["cifar"])}, seed 0 (n = 1). '
-        f'Brown: {"both methods, seed 0 (n = 1)" if sc["brown"] else "not run"}. '
-        f'SmolLM2-135M: {smol}. {PAPER}')
+    small = study(sc['small_gpt']) if sc['small_gpt'] else 'not run'
+    return (f'Scale {name!r} (experiments/scales.py), on {data}. Main study (every claim but '
+            f'3): {study(sc["ptb"])}. Second study: {small}. CIFAR-10: '
+            f'{_config("cifar10", sc["cifar_arg"])} with {_overrides(sc["cifar"])}, seed 0 '
+            f'(n = 1). Brown: {"both methods, seed 0 (n = 1)" if sc["brown"] else "not run"}. '
+            f'{PAPER}')

@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import pytest
 
-from experiments import claims, measures, report, scales
+from experiments import claims, measures, report_lm, scales
 
 H, F, U, X = claims.HOLDS, claims.FAILS, claims.UNSURE, claims.UNTESTABLE
 
@@ -120,7 +120,7 @@ def test_method_without_global_model_shows_na_and_its_personal_metric():
         'fedsa': measures.method_stats(fedsa, 'valid_ppl')
     }
     assert ptb['fedsa']['mean'] is None and ptb['fedsa']['personal']['mean'] == 301.25
-    rows = {r.split(' | ')[0][2:]: r for r in report.ptb_table(ptb) if r.startswith('| fed')}
+    rows = {r.split(' | ')[0][2:]: r for r in report_lm.ptb_table(ptb) if r.startswith('| fed')}
     assert rows['fedsa'].startswith('| fedsa | n/a | n/a | 301.2 ')
     assert '366.7' not in rows['fedsa']
     assert '87 clients' in rows['fedsa']
@@ -135,29 +135,34 @@ def test_single_run_prints_n_equals_1_not_plus_minus_zero():
             'final_valid_ppl': v
         }
     } for v in (1.0, 3.0)]}, 'valid_ppl')
-    assert report._ms(one) == '344.4 (n = 1)'
-    assert report._ms(two) == '2 ± 1.414'
+    assert report_lm.ms(one) == '344.4 (n = 1)'
+    assert report_lm.ms(two) == '2 ± 1.414'
     failed = measures.stats({'runs': [{'summary': {}}]}, 'valid_ppl')
-    assert report._ms(failed) == 'failed'
+    assert report_lm.ms(failed) == 'failed'
 
 
 def test_scale_description_is_derived_from_the_scale_dict():
     sc = copy.deepcopy(scales.SCALES['cpu'])
     text = scales.describe('cpu', sc)
-    assert '20 rounds' in text and 'seeds [0, 1, 2] (n = 3)' in text
-    assert 'r in [1, 2, 4, 8, 16, 32]: seed 0 (n = 1)' in text
-    sc['ptb']['fed.rounds'] = 7
-    sc['ptb']['fed.max_steps_per_epoch'] = 9
-    sc['rank_seeds'] = (0, 1, 2, 3)
-    sc['alphas'] = (0.05, )
-    sc['smollm2'] = None
+    assert 'configs/ptb_smollm2_<method>.py:cpu with 12 rounds' in text
+    assert 'seeds [0, 1, 2] (n = 3)' in text and 'the whole splits' in text
+    assert 'LoRA rank r in [2, 8, 32]: seeds [0, 1] (n = 2)' in text
+    assert 'Dirichlet alpha: not run' in text
+    st = sc['ptb']
+    st['over']['fed.rounds'] = 7
+    st['over']['fed.max_steps_per_epoch'] = 9
+    st['rank_seeds'] = (0, 1, 2, 3)
+    st['alphas'], st['alpha_seeds'] = (0.05, ), (0, )
+    st['whole'] = None
+    sc['small_gpt'] = None
     sc['synthetic_data'] = True
     changed = scales.describe('mine', sc)
     assert changed != text
-    assert '7 rounds' in changed and '20 rounds' not in changed
+    assert '7 rounds' in changed and '12 rounds' not in changed
     assert 'at most 9 local steps' in changed
-    assert 'r in [1, 2, 4, 8, 16, 32]: seeds [0, 1, 2, 3] (n = 4)' in changed
-    assert 'alpha in [0.05]' in changed and 'SmolLM2-135M: not run' in changed
+    assert 'r in [2, 8, 32]: seeds [0, 1, 2, 3] (n = 4)' in changed
+    assert 'alpha in [0.05]: seed 0 (n = 1)' in changed and 'Second study: not run' in changed
+    assert 'scored by the per-round protocol' in changed and 'whole splits' not in changed
     assert "Scale 'mine'" in changed and 'synthetic' in changed and 'synthetic' not in text
-    sc['ptb']['new.knob'] = 3  # a key without words is still shown
+    st['over']['new.knob'] = 3  # a key without words is still shown
     assert 'new.knob=3' in scales.describe('mine', sc)

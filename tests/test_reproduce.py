@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import claims, measures, reproduce
+from experiments import claims, lm_study, measures, reproduce
 from fedgen import aggregators
 from fedgen.aggregators import weighting as aggregate
 
@@ -46,7 +46,7 @@ def test_smoke_report_has_every_claim_and_figure(smoke):
     out = os.path.join(smoke['wd'], 'report')
     rows = _table(os.path.join(out, 'REPORT.md'))
     for claim in CLAIMS:
-        row = next(r for r in rows if r.startswith(f'| {claim} |'))
+        row = next(r for r in rows if r.startswith(f'| {claim}'))
         assert any(f'| {v} |' in row for v in VERDICTS), row
     assert len(smoke['first']['figures']) == 7
     for name in smoke['first']['figures'].values():
@@ -63,6 +63,29 @@ def test_smoke_report_has_every_claim_and_figure(smoke):
     for split, group in (('document', 'fedgen_edge_document'), ('window', 'fedgen_edge')):
         with open(os.path.join(smoke['wd'], 'ptb', group, 'seed0', 'config.json')) as f:
             assert json.load(f)['data']['partition']['local_test_unit'] == split
+
+
+def test_smoke_main_study_is_the_llama_one_scored_on_the_whole_splits(smoke):
+    """The main study (configs/ptb_smollm2_<method>.py:tiny): full FedAvg's lr picked from its
+    grid, every final model and the zero-shot backbone scored again under the scale's protocol
+    (window 8, stride 8), the second study (the small GPT) beside it."""
+    m = smoke['first']
+    assert m['setup']['config'] == 'ptb_smollm2' and m['setup']['model']['name'] == 'llama'
+    grid = {float(k): v for k, v in m['lr_grid'].items()}
+    assert set(grid) == {1e-3, 1e-2} and m['full_lr'] == min(grid, key=grid.get)
+    w = m['whole']
+    assert (w['protocol']['window'], w['protocol']['stride']) == (8, 8)
+    for k in ('fedgen_edge', 'fedavg_full'):
+        assert len(w[k]['valid']['per_seed']) == 2 and w[k]['test']['mean'] > 1
+    assert w['centralized']['valid']['n'] == 1 and w['backbone']['test'] > 1
+    # another protocol than the per-round one: the whole-split number is a new measurement
+    assert w['fedgen_edge']['valid']['per_seed'][0] != m['ptb']['fedgen_edge']['per_seed'][0]
+    small = m['small_gpt']
+    assert small['setup']['config'] == 'ptb' and small['setup']['model']['name'] == 'gpt'
+    assert len(small['personal']['per_seed']) == 2 and not small['rank']
+    with open(os.path.join(smoke['wd'], 'report', 'REPORT.md')) as f:
+        text = f.read()
+    assert '### Second study: GPT' in text and 'frozen backbone (zero-shot)' in text
 
 
 def test_second_invocation_reuses_the_finished_runs(smoke):
@@ -98,7 +121,7 @@ def test_drift_hook_is_the_weighted_mean_plus_drift():
 def test_reproduce_turns_the_drift_hook_on_in_a_copy():
     from configs import ptb_fedgen_edge
     c = ptb_fedgen_edge.get_config('tiny')
-    on = reproduce.measured(c)
+    on = lm_study.measured(c)
     assert on.fed.log_client_drift and not c.fed.log_client_drift
 
 

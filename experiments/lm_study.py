@@ -1,0 +1,244 @@
+"""One language-model study of the reproduction report: FedGen-Edge against full-model FedAvg on
+one backbone, with personalization and the ablations (experiments/reproduce.py runs one or two).
+
+A study is a dict of experiments/scales.py (keys there): the configs configs/<config>_<method>.py
+variant ``arg`` with the dotted overrides ``over``. In order:
+
+- the backbone: pre-trained once (a 'local' model; cached, named by pretrain.backbone_path in
+  every later run) or loaded (SmolLM2: pretrain.steps = 0, nothing cached);
+- full FedAvg's client learning rate: when ``full_lrs`` is given, one seed-0 run per value, the
+  lowest final valid metric chosen (ties: the first); else the config's;
+- the main comparison: FedGen-Edge and full FedAvg, one experiments.sweep group each over
+  ``seeds``; every other method of ``baselines``: one seed-0 run;
+- claim 4 per main seed on both local test splits ('window', the main runs; 'document', a group
+  over ``personal_seeds`` with data.partition.local_test_unit = 'document');
+- LoRA rank r with lora.alpha = c r (c the base ratio), local epochs E and the Dirichlet alpha of
+  the split (both methods): sweep groups; a setting equal to the base config's is the main group;
+- with ``whole`` (eval.* overrides): the final models of the main comparison and the baselines,
+  and the zero-shot backbone, scored again under that protocol (experiments.rescore; e.g. the
+  whole splits when the per-round curve uses a named subset).
+
+Client drift, mean_k ||Delta_k - mean Delta|| / ||mean Delta||, is on in every run
+(fed.log_client_drift: a metric hook of the mean aggregator; no other number changes). A finished
+run or group is read back, a killed one resumes (experiments.train, experiments.sweep).
+"""
+import copy
+import json
+import os
+
+import jax
+
+from experiments import backbones, compare, measures, rescore, sweep, train, translate, writers
+from experiments import personalize as personal_exp
+from experiments.console import log
+
+
+def measured(config):
+    """A copy of ``config`` with the client-drift metric hook on (fed.log_client_drift: the mean
+    aggregator adds client_drift to every round's metrics; nothing else changes)."""
+    c = copy.deepcopy(config)
+    compare.set_field(c, 'fed.log_client_drift', True)
+    return c
+
+
+def read_rows(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def single(config, run_dir: str) -> dict:
+    """A finished run's {summary, rows, dir, spec}; runs (or resumes) it first unless finished.
+    The config (with the drift hook, :func:`measured`) is translated here, once."""
+    spec = translate.spec(measured(config))
+    summary = writers.finished(spec.record, run_dir)
+    if summary is None:
+        log(f'--- run {run_dir}')
+        summary = train.run(spec, run_dir)
+    return {'summary': summary, 'rows': read_rows(run_dir), 'dir': run_dir, 'spec': spec}
+
+
+def group(base, seeds, overrides: dict, workdir: str, name: str, cache: dict) -> dict:
+    """One sweep group (seeds vmapped): {'runs': [single()-like per seed], 'overrides'}; a
+    finished group is read back and a killed one resumes (experiments.sweep.run_group). ``cache``
+    (the first run's config record and the seeds -> record) merges groups of identical configs."""
+    configs = [measured(sweep.with_overrides(base, overrides, s)) for s in seeds]
+    specs = sweep.specs_of(configs)
+    key = specs[0].record + str(list(seeds))
+    if key in cache:
+        return {**cache[key], 'overrides': overrides}
+    log(f'--- sweep group {name} {overrides} seeds {list(seeds)}')
+    sweep.run_group(name, configs, workdir, specs)
+    runs = []
+    for s, d in zip(specs, sweep.run_dirs(name, configs, workdir)):
+        summary = writers.finished(sweep.resolved(s, d, workdir).record, d)
+        runs.append({
+            'summary': summary or {},
+            'rows': read_rows(d) if summary else [],
+            'dir': d,
+            'spec': s
+        })
+    cache[key] = {'runs': runs, 'overrides': overrides}
+    return cache[key]
+
+
+def backbone(config, workdir: str) -> tuple[str, dict]:
+    """(pretrain.backbone_path for every run, the tree's byte counts measures.param_bytes): a
+    'local' backbone is pre-trained (or found) once under ``workdir``; a loaded one (pretrain.steps
+    = 0) keeps the config's path ('')."""
+    spec = translate.spec(config)
+    task = spec.prepare_task()
+    params, info = backbones.pretrained(spec, task, workdir, jax.random.PRNGKey(spec.seed))
+    path = os.path.abspath(info['source']) if spec.settings.pretrain.steps else ''
+    return path, measures.param_bytes(params)
+
+
+def personalization(spec, run_dir: str) -> dict:
+    """Per-client gains of the finished run of RunSpec ``spec`` in ``run_dir`` (cached in
+    <run_dir>/gains.json)."""
+    path = os.path.join(run_dir, 'gains.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    restored = personal_exp.restore(spec, run_dir)
+    _, rows, summary = personal_exp.run_personalize(spec, spec.personalize.epochs, restored)
+    personal_exp.write(run_dir, rows, summary)
+    out = {'rows': rows, 'summary': summary}
+    with open(path, 'w') as f:
+        json.dump(out, f)
+    return out
+
+
+def _failed(e: ValueError) -> dict:
+    return {'summary': {}, 'rows': [], 'dir': '', 'error': str(e)}
+
+
+def baselines(study: dict, over: dict, wd: str) -> dict:
+    """Every method of study['baselines'], seed 0; one that fails (e.g. diverges) is recorded
+    with its error and the rest go on. Methods without a global model carry their personal
+    models' scores (:func:`personalization`)."""
+    out = {}
+    for m in study['baselines']:
+        c = compare.method_config(study['config'], m, study['arg'], over)
+        try:
+            out[m] = single(c, os.path.join(wd, m))
+        except ValueError as e:
+            log(f'baseline {m} failed: {e}')
+            out[m] = _failed(e)
+            continue
+        out[m]['has_global'] = out[m]['spec'].method.has_global
+        if not out[m]['has_global']:
+            out[m]['personal'] = personalization(out[m]['spec'], out[m]['dir'])
+    return out
+
+
+def tuned_full(study: dict, over: dict, wd: str, cache: dict) -> tuple[object, dict]:
+    """(full FedAvg's config at the chosen client lr, {lr: seed-0 group}): the lowest final
+    valid metric over study['full_lrs'] (module docstring); ({}: the config's lr, not tuned)."""
+    full = compare.method_config(study['config'], 'fedavg_full', study['arg'], over)
+    grid = {
+        lr: group(full, (0, ), {'fed.client_lr': lr}, wd, f'fedavg_full_lr{lr:g}', cache)
+        for lr in study.get('full_lrs', ())
+    }
+    score = lambda g: g['runs'][0]['summary'].get('final_valid_ppl', float('inf'))
+    if grid:
+        best = min(grid, key=lambda lr: score(grid[lr]))
+        compare.set_field(full, 'fed.client_lr', best)
+    return full, grid
+
+
+def whole_scores(out: dict, protocol: dict) -> dict:
+    """{'backbone': zero-shot scores, method: [per-seed rescore 'final' dicts]} of the main
+    comparison and the baselines with a global model, under the eval overrides ``protocol``."""
+    runs = {k: g['runs'] for k, g in out['main'].items()}
+    runs.update({k: [r] for k, r in out['baselines'].items() if r.get('has_global') and r['dir']})
+    scores, first = {}, True
+    for k, rs in runs.items():
+        scores[k] = []
+        for r in rs:
+            got = rescore.rescore(r['dir'], protocol, backbone=first)
+            if first:
+                scores['backbone'], first = got['backbone'], False
+            scores[k].append(got['final'])
+    return scores
+
+
+def section(study: dict, workdir: str, corpus: str = '') -> dict:
+    """The study's runs and numbers (module docstring), under ``workdir``/<study['name']>."""
+    over = dict(study['over'])
+    if corpus:
+        over.update({'data.source': corpus, 'data.verify_md5': False})
+    wd = os.path.join(workdir, study['name'])
+    os.makedirs(wd, exist_ok=True)
+    edge = compare.method_config(study['config'], 'fedgen_edge', study['arg'], over)
+    path, param_bytes = backbone(edge, wd)
+    if path:
+        over['pretrain.backbone_path'] = path
+    edge = compare.method_config(study['config'], 'fedgen_edge', study['arg'], over)
+    cache, seeds = {}, study['seeds']
+    full, grid = tuned_full(study, over, wd, cache)
+    out = {'main': {}, 'lr_grid': grid, 'full_lr': full.fed.client_lr}
+    out['main']['fedgen_edge'] = group(edge, seeds, {}, wd, 'fedgen_edge', cache)
+    out['main']['fedavg_full'] = group(full, seeds, {}, wd, 'fedavg_full', cache)
+    out['baselines'] = baselines(study, over, wd)
+    runs = out['main']['fedgen_edge']['runs']
+    out['personal_window_seeds'] = [personalization(r['spec'], r['dir']) for r in runs]
+    doc = group(edge, study['personal_seeds'], {'data.partition.local_test_unit': 'document'},
+                wd, 'fedgen_edge_document', cache)
+    out['personal_seeds'] = [personalization(r['spec'], r['dir']) for r in doc['runs']]
+    out['personal'] = out['personal_seeds'][0]
+    ablations(study, edge, full, wd, cache, out)
+    if study.get('whole'):
+        out['whole'] = whole_scores(out, study['whole'])
+        out['whole_protocol'] = study['whole']
+    out['param_bytes'] = param_bytes
+    out['setup'] = setup(edge, study)
+    return out
+
+
+def ablations(study: dict, edge, full, wd: str, cache: dict, out: dict) -> None:
+    """out['rank'], out['epochs'], out['noniid']: the sweep groups of the three ablations; a
+    setting equal to the base config's is the main group (all its seeds)."""
+    main = out['main']
+    ratio = edge.lora.alpha / edge.lora.rank
+    out['alpha_over_rank'] = ratio
+    out['rank'] = {
+        r: main['fedgen_edge'] if r == edge.lora.rank else group(
+            edge, study['rank_seeds'], {
+                'lora.rank': r,
+                'lora.alpha': ratio * r
+            }, wd, f'rank{r}', cache)
+        for r in study['ranks']
+    }
+    out['epochs'] = {
+        e: main['fedgen_edge'] if e == edge.fed.local_epochs else group(
+            edge, study['epoch_seeds'], {'fed.local_epochs': e}, wd, f'epochs{e}', cache)
+        for e in study['epochs']
+    }
+    out['noniid'] = {}
+    for a in study['alphas']:
+        split = {'data.partition.alpha': a, 'data.partition.min_size': study['min_size']}
+        out['noniid'][a] = {
+            m: group(c, study['alpha_seeds'], split, wd, f'{m}_alpha{a}', cache)
+            for m, c in (('fedgen_edge', edge), ('fedavg_full', full))
+        }
+
+
+def setup(edge, study: dict) -> dict:
+    """The numbers the report's scale line states, from the base FedGen-Edge config."""
+    fed = edge.fed
+    return dict(config=study['config'],
+                arg=study['arg'],
+                num_clients=fed.num_clients,
+                clients_per_round=fed.clients_per_round,
+                rounds=fed.rounds,
+                local_epochs=fed.local_epochs,
+                max_steps_per_epoch=fed.max_steps_per_epoch,
+                batch_size=fed.batch_size,
+                seq_len=edge.data.seq_len,
+                lora_rank=edge.lora.rank,
+                lora_alpha=edge.lora.alpha,
+                lora_targets=list(edge.lora.targets),
+                model=edge.model.to_dict(),
+                pretrain_steps=edge.pretrain.steps,
+                personalize_epochs=edge.personalize.epochs,
+                eval=edge.eval.to_dict())
