@@ -71,7 +71,8 @@ SCALES = {
                   over={
                       'fed.rounds': 12,
                       'eval.every': 4,
-                      'data.public_fraction': 0.8,
+                      'data.public_fraction': 0.6,
+                      'data.partition.min_size': 10,
                       'personalize.max_steps': 8
                   },
                   seeds=(0, 1, 2),
@@ -162,18 +163,32 @@ PAPER = ('The paper: 100 clients for 500 rounds, a pre-trained generator, FID wi
          'Inception-v3 (no Inception weights offline: CIFAR-10 is scored by the FD in the '
          "features of a classifier trained here, 'FD (classifier features)', not FID).")
 WORDS = {
-    'fed.rounds': 'rounds',
-    'fed.clients_per_round': 'clients per round',
-    'fed.max_steps_per_epoch': 'at most {} local steps per epoch',
-    'eval.every': 'evaluated every {} rounds',
-    'fed.client_chunk': 'client chunk',
-    'model.conv_impl': 'convolution',
-    'data.public_fraction': 'a share {} of the train text held back from the clients',
-    'personalize.max_steps': 'personalization of at most {} steps per epoch',
-    'window': 'window {}',
-    'stride': 'stride {}',
-    'batch_size': 'batches of {} windows',
-    'subset_lines': lambda v: f'the first {v} lines of each split' if v else 'the whole splits'
+    'fed.rounds':
+    'rounds',
+    'fed.clients_per_round':
+    'clients per round',
+    'fed.max_steps_per_epoch':
+    'at most {} local steps per epoch',
+    'eval.every':
+    'evaluated every {} rounds',
+    'fed.client_chunk':
+    'client chunk',
+    'model.conv_impl':
+    'convolution',
+    'data.public_fraction': ("a share {} of the train text kept as the server's public portion "
+                             '(unused by a loaded backbone), the rest split over the clients'),
+    'data.partition.min_size':
+    'clients of at least {} windows',
+    'personalize.max_steps':
+    'personalization of at most {} steps per epoch',
+    'window':
+    'window {}',
+    'stride':
+    'stride {}',
+    'batch_size':
+    'batches of {} windows',
+    'subset_lines':
+    lambda v: f'the first {v} lines of each split' if v else 'the whole splits'
 }
 
 
