@@ -9,7 +9,9 @@ variant ``arg`` with the dotted overrides ``over``. In order:
 - full FedAvg's client learning rate: when ``full_lrs`` is given, one seed-0 run per value, the
   lowest final valid metric chosen (ties: the first); else the config's;
 - the main comparison: FedGen-Edge and full FedAvg, one experiments.sweep group each over
-  ``seeds``; every other method of ``baselines``: one seed-0 run;
+  ``seeds`` (full FedAvg one group per seed unless ``vmap_full``: R stacked copies of a 135M
+  model and its Adam state do not fit a 24 GB machine); every other method of ``baselines``:
+  one seed-0 run;
 - claim 4 per main seed on both local test splits ('window', the main runs; 'document', a group
   over ``personal_seeds`` with data.partition.local_test_unit = 'document');
 - LoRA rank r with lora.alpha = c r (c the base ratio), local epochs E and the Dirichlet alpha of
@@ -79,6 +81,19 @@ def group(base, seeds, overrides: dict, workdir: str, name: str, cache: dict) ->
         })
     cache[key] = {'runs': runs, 'overrides': overrides}
     return cache[key]
+
+
+def seed_groups(base, seeds, overrides: dict, workdir: str, name: str, cache: dict,
+                vmap: bool) -> dict:
+    """:func:`group` over ``seeds`` (vmapped), or with ``vmap`` False one group per seed (named
+    <name>_seed<s>; a model whose R stacked copies would not fit in memory) merged into one."""
+    if vmap:
+        return group(base, seeds, overrides, workdir, name, cache)
+    runs = [
+        r for s in seeds
+        for r in group(base, (s, ), overrides, workdir, f'{name}_seed{s}', cache)['runs']
+    ]
+    return {'runs': runs, 'overrides': overrides}
 
 
 def backbone(config, workdir: str) -> tuple[str, dict]:
@@ -178,12 +193,13 @@ def section(study: dict, workdir: str, corpus: str = '') -> dict:
     full, grid = tuned_full(study, over, wd, cache)
     out = {'main': {}, 'lr_grid': grid, 'full_lr': full.fed.client_lr}
     out['main']['fedgen_edge'] = group(edge, seeds, {}, wd, 'fedgen_edge', cache)
-    out['main']['fedavg_full'] = group(full, seeds, {}, wd, 'fedavg_full', cache)
+    out['main']['fedavg_full'] = seed_groups(full, seeds, {}, wd, 'fedavg_full', cache,
+                                             study['vmap_full'])
     out['baselines'] = baselines(study, over, wd)
     runs = out['main']['fedgen_edge']['runs']
     out['personal_window_seeds'] = [personalization(r['spec'], r['dir']) for r in runs]
-    doc = group(edge, study['personal_seeds'], {'data.partition.local_test_unit': 'document'},
-                wd, 'fedgen_edge_document', cache)
+    doc = group(edge, study['personal_seeds'], {'data.partition.local_test_unit': 'document'}, wd,
+                'fedgen_edge_document', cache)
     out['personal_seeds'] = [personalization(r['spec'], r['dir']) for r in doc['runs']]
     out['personal'] = out['personal_seeds'][0]
     ablations(study, edge, full, wd, cache, out)
@@ -202,15 +218,16 @@ def ablations(study: dict, edge, full, wd: str, cache: dict, out: dict) -> None:
     ratio = edge.lora.alpha / edge.lora.rank
     out['alpha_over_rank'] = ratio
     out['rank'] = {
-        r: main['fedgen_edge'] if r == edge.lora.rank else group(
-            edge, study['rank_seeds'], {
-                'lora.rank': r,
-                'lora.alpha': ratio * r
-            }, wd, f'rank{r}', cache)
+        r:
+        main['fedgen_edge'] if r == edge.lora.rank else group(edge, study['rank_seeds'], {
+            'lora.rank': r,
+            'lora.alpha': ratio * r
+        }, wd, f'rank{r}', cache)
         for r in study['ranks']
     }
     out['epochs'] = {
-        e: main['fedgen_edge'] if e == edge.fed.local_epochs else group(
+        e:
+        main['fedgen_edge'] if e == edge.fed.local_epochs else group(
             edge, study['epoch_seeds'], {'fed.local_epochs': e}, wd, f'epochs{e}', cache)
         for e in study['epochs']
     }
@@ -218,8 +235,11 @@ def ablations(study: dict, edge, full, wd: str, cache: dict, out: dict) -> None:
     for a in study['alphas']:
         split = {'data.partition.alpha': a, 'data.partition.min_size': study['min_size']}
         out['noniid'][a] = {
-            m: group(c, study['alpha_seeds'], split, wd, f'{m}_alpha{a}', cache)
-            for m, c in (('fedgen_edge', edge), ('fedavg_full', full))
+            'fedgen_edge':
+            group(edge, study['alpha_seeds'], split, wd, f'fedgen_edge_alpha{a}', cache),
+            'fedavg_full':
+            seed_groups(full, study['alpha_seeds'], split, wd, f'fedavg_full_alpha{a}', cache,
+                        study['vmap_full'])
         }
 
 

@@ -13,7 +13,8 @@ comparison), personal_seeds (claim 4's document-split group), rank_seeds / epoch
 alpha_seeds (the ablations), ranks, epochs, alphas (the ablation values; empty: not run),
 min_size (the smallest client of the alpha ablation's split), baselines (methods run with seed
 0 beside the two compared), full_lrs (full FedAvg's client-lr grid, seed 0; empty: the
-config's lr) and whole (eval overrides under which the final models are scored again, or None).
+config's lr), vmap_full (full FedAvg's seeds vmapped in one group, or one group each) and
+whole (eval overrides under which the final models are scored again, or None).
 """
 from experiments import compare
 
@@ -44,6 +45,7 @@ SCALES = {
                   min_size=2,
                   baselines=('centralized', ),
                   full_lrs=(1e-3, 1e-2),
+                  vmap_full=False,
                   whole={
                       'window': 8,
                       'stride': 8
@@ -56,6 +58,7 @@ SCALES = {
                         personal_seeds=(0, 1),
                         baselines=('fedsa', ),
                         full_lrs=(),
+                        vmap_full=True,
                         whole=None,
                         **NO_ABLATIONS),
          cifar_arg='tiny',
@@ -86,6 +89,7 @@ SCALES = {
                   min_size=10,
                   baselines=('centralized', ),
                   full_lrs=(1e-5, 3e-5, 1e-4),
+                  vmap_full=False,
                   whole={
                       'subset_lines': 0,
                       'window': 256,
@@ -105,6 +109,7 @@ SCALES = {
                         personal_seeds=(0, 1, 2),
                         baselines=(),
                         full_lrs=(),
+                        vmap_full=True,
                         whole=None,
                         **NO_ABLATIONS),
          cifar_arg='',
@@ -133,6 +138,7 @@ SCALES = {
                   min_size=10,
                   baselines=('centralized', ),
                   full_lrs=(1e-5, 3e-5, 1e-4),
+                  vmap_full=False,
                   whole=None),
          small_gpt=dict(name='ptb',
                         config='ptb',
@@ -147,6 +153,7 @@ SCALES = {
                         personal_seeds=(0, 1, 2),
                         baselines=compare_baselines,
                         full_lrs=(),
+                        vmap_full=True,
                         whole=None,
                         **NO_ABLATIONS),
          cifar_arg='',
