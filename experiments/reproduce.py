@@ -36,6 +36,8 @@ from experiments.scales import SCALES
 
 def cifar_section(sc: dict, workdir: str, images: str) -> dict:
     """FedGen-Edge then full FedAvg on CIFAR-10-style data, sharing one backbone/classifier."""
+    if sc['cifar'] is None:
+        return {'skipped': 'not run at this scale'}
     wd = os.path.join(workdir, 'cifar10')
     over = {**sc['cifar'], 'metrics.cache_dir': os.path.abspath(wd)}
     if images:

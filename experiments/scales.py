@@ -5,7 +5,8 @@ paragraph from that entry alone, so the text cannot drift from what was run.
 
 Keys: ptb (the main language-model study: every claim but 3), small_gpt (a second, smaller study
 whose numbers are shown beside the main ones, or None), cifar_arg / cifar (the CIFAR-10 config
-variant and overrides), brown (bool), synthetic_data (tiny corpora written by the command).
+variant and overrides; None: not run), brown (bool), synthetic_data (tiny corpora written by
+the command).
 
 A study (experiments/lm_study.py) has: name (its directory), config and arg
 (configs/<config>_<method>.py:<arg>), over (dotted config overrides), seeds (the main
@@ -65,18 +66,19 @@ SCALES = {
          cifar={'fed.rounds': 2},
          brown=False,
          synthetic_data=True),
-    # cpu: SmolLM2-135M is the main study (at most 3 hours on 2 cores with the rest); the small
-    # GPT's main comparison and claim 4 stand beside it.
+    # cpu: SmolLM2-135M is the main study, 40 clients holding 20% of PTB train (per-client
+    # training and evaluation dominate its cost); the small GPT's main comparison and claim 4
+    # stand beside it. CIFAR-10 runs at the gpu scale.
     'cpu':
     dict(ptb=dict(name='smollm2',
                   config='ptb_smollm2',
                   arg='cpu',
                   over={
-                      'fed.rounds': 12,
+                      'fed.rounds': 8,
                       'eval.every': 4,
-                      'data.public_fraction': 0.6,
-                      'data.partition.min_size': 10,
-                      'personalize.max_steps': 8
+                      'fed.num_clients': 40,
+                      'data.public_fraction': 0.8,
+                      'personalize.max_steps': 4
                   },
                   seeds=(0, 1, 2),
                   personal_seeds=(0, 1),
@@ -113,10 +115,7 @@ SCALES = {
                         whole=None,
                         **NO_ABLATIONS),
          cifar_arg='',
-         cifar={
-             'fed.rounds': 10,
-             'eval.every': 2
-         },
+         cifar=None,
          brown=False,
          synthetic_data=False),
     'gpu':
@@ -169,33 +168,27 @@ SCALES = {
 PAPER = ('The paper: 100 clients for 500 rounds, a pre-trained generator, FID with '
          'Inception-v3 (no Inception weights offline: CIFAR-10 is scored by the FD in the '
          "features of a classifier trained here, 'FD (classifier features)', not FID).")
+
+
+def _subset(lines: int) -> str:
+    return f'the first {lines} lines of each split' if lines else 'the whole splits'
+
+
 WORDS = {
-    'fed.rounds':
-    'rounds',
-    'fed.clients_per_round':
-    'clients per round',
-    'fed.max_steps_per_epoch':
-    'at most {} local steps per epoch',
-    'eval.every':
-    'evaluated every {} rounds',
-    'fed.client_chunk':
-    'client chunk',
-    'model.conv_impl':
-    'convolution',
-    'data.public_fraction': ("a share {} of the train text kept as the server's public portion "
-                             '(unused by a loaded backbone), the rest split over the clients'),
-    'data.partition.min_size':
-    'clients of at least {} windows',
-    'personalize.max_steps':
-    'personalization of at most {} steps per epoch',
-    'window':
-    'window {}',
-    'stride':
-    'stride {}',
-    'batch_size':
-    'batches of {} windows',
-    'subset_lines':
-    lambda v: f'the first {v} lines of each split' if v else 'the whole splits'
+    'fed.rounds': 'rounds',
+    'fed.clients_per_round': 'clients per round',
+    'fed.max_steps_per_epoch': 'at most {} local steps per epoch',
+    'eval.every': 'evaluated every {} rounds',
+    'fed.client_chunk': 'client chunk',
+    'fed.num_clients': 'clients',
+    'model.conv_impl': 'convolution',
+    'data.public_fraction': "a share {} of the train text kept as the server's public portion",
+    'data.partition.min_size': 'clients of at least {} windows',
+    'personalize.max_steps': 'personalization of at most {} steps per epoch',
+    'window': 'window {}',
+    'stride': 'stride {}',
+    'batch_size': 'batches of {} windows',
+    'subset_lines': _subset
 }
 
 
@@ -244,8 +237,8 @@ def describe(name: str, sc: dict) -> str:
     data = ('tiny synthetic data written by the command (a pipeline check: its numbers say '
             'nothing about the paper)' if sc['synthetic_data'] else 'the real corpora')
     small = study(sc['small_gpt']) if sc['small_gpt'] else 'not run'
+    cifar = ('not run' if sc['cifar'] is None else f'{_config("cifar10", sc["cifar_arg"])} with '
+             f'{_overrides(sc["cifar"])}, seed 0 (n = 1)')
     return (f'Scale {name!r} (experiments/scales.py), on {data}. Main study (every claim but '
-            f'3): {study(sc["ptb"])}. Second study: {small}. CIFAR-10: '
-            f'{_config("cifar10", sc["cifar_arg"])} with {_overrides(sc["cifar"])}, seed 0 '
-            f'(n = 1). Brown: {"both methods, seed 0 (n = 1)" if sc["brown"] else "not run"}. '
-            f'{PAPER}')
+            f'3): {study(sc["ptb"])}. Second study: {small}. CIFAR-10: {cifar}. Brown: '
+            f'{"both methods, seed 0 (n = 1)" if sc["brown"] else "not run"}. {PAPER}')

@@ -144,10 +144,10 @@ def test_single_run_prints_n_equals_1_not_plus_minus_zero():
 def test_scale_description_is_derived_from_the_scale_dict():
     sc = copy.deepcopy(scales.SCALES['cpu'])
     text = scales.describe('cpu', sc)
-    assert 'configs/ptb_smollm2_<method>.py:cpu with 12 rounds' in text
+    assert 'configs/ptb_smollm2_<method>.py:cpu with 8 rounds' in text
     assert 'seeds [0, 1, 2] (n = 3)' in text and 'the whole splits' in text
     assert 'LoRA rank r in [2, 8, 32]: seeds [0, 1] (n = 2)' in text
-    assert 'Dirichlet alpha: not run' in text
+    assert 'Dirichlet alpha: not run' in text and 'CIFAR-10: not run' in text
     st = sc['ptb']
     st['over']['fed.rounds'] = 7
     st['over']['fed.max_steps_per_epoch'] = 9
@@ -158,7 +158,7 @@ def test_scale_description_is_derived_from_the_scale_dict():
     sc['synthetic_data'] = True
     changed = scales.describe('mine', sc)
     assert changed != text
-    assert '7 rounds' in changed and '12 rounds' not in changed
+    assert '7 rounds' in changed and '8 rounds' not in changed
     assert 'at most 9 local steps' in changed
     assert 'r in [2, 8, 32]: seeds [0, 1, 2, 3] (n = 4)' in changed
     assert 'alpha in [0.05]: seed 0 (n = 1)' in changed and 'Second study: not run' in changed

@@ -67,8 +67,8 @@ def test_smoke_report_has_every_claim_and_figure(smoke):
 
 def test_smoke_main_study_is_the_llama_one_scored_on_the_whole_splits(smoke):
     """The main study (configs/ptb_smollm2_<method>.py:tiny): full FedAvg's lr picked from its
-    grid, every final model and the zero-shot backbone scored again under the scale's protocol
-    (window 8, stride 8), the second study (the small GPT) beside it."""
+    grid, the main comparison's final models and the zero-shot backbone scored again under the
+    scale's protocol (window 8, stride 8), the second study (the small GPT) beside it."""
     m = smoke['first']
     assert m['setup']['config'] == 'ptb_smollm2' and m['setup']['model']['name'] == 'llama'
     grid = {float(k): v for k, v in m['lr_grid'].items()}
@@ -77,7 +77,7 @@ def test_smoke_main_study_is_the_llama_one_scored_on_the_whole_splits(smoke):
     assert (w['protocol']['window'], w['protocol']['stride']) == (8, 8)
     for k in ('fedgen_edge', 'fedavg_full'):
         assert len(w[k]['valid']['per_seed']) == 2 and w[k]['test']['mean'] > 1
-    assert w['centralized']['valid']['n'] == 1 and w['backbone']['test'] > 1
+    assert 'centralized' not in w and w['backbone']['test'] > 1  # claim 2's runs only
     # another protocol than the per-round one: the whole-split number is a new measurement
     assert w['fedgen_edge']['valid']['per_seed'][0] != m['ptb']['fedgen_edge']['per_seed'][0]
     small = m['small_gpt']
