@@ -148,8 +148,8 @@ def baselines(study: dict, over: dict, wd: str) -> dict:
 
 
 def tuned_full(study: dict, over: dict, wd: str, cache: dict) -> tuple[object, dict]:
-    """(full FedAvg's config at the chosen client lr, {lr: seed-0 group}): the lowest final
-    valid metric over study['full_lrs'] (module docstring); ({}: the config's lr, not tuned)."""
+    """(full FedAvg's config, {lr: seed-0 group}): with study['full_lrs'], the config at the lr
+    of the lowest final valid PPL (ties: the first); without, the config's lr and no grid."""
     full = compare.method_config(study['config'], 'fedavg_full', study['arg'], over)
     grid = {
         lr: group(full, (0, ), {'fed.client_lr': lr}, wd, f'fedavg_full_lr{lr:g}', cache)
