@@ -90,7 +90,7 @@ SCALES = {
                   alphas=(),
                   min_size=10,
                   baselines=('centralized', ),
-                  full_lrs=(1e-5, 3e-5, 1e-4),
+                  full_lrs=(3e-5, 1e-4, 3e-4),
                   vmap_full=False,
                   whole={
                       'subset_lines': 0,
@@ -136,7 +136,7 @@ SCALES = {
                   alphas=(0.1, 0.3, 1.0, 10.0),
                   min_size=10,
                   baselines=('centralized', ),
-                  full_lrs=(1e-5, 3e-5, 1e-4),
+                  full_lrs=(3e-5, 1e-4, 3e-4),
                   vmap_full=False,
                   whole=None),
          small_gpt=dict(name='ptb',
