@@ -12,14 +12,15 @@ variant ``arg`` with the dotted overrides ``over``. In order:
   ``seeds`` (full FedAvg one group per seed unless ``vmap_full``: R stacked copies of a 135M
   model and its Adam state do not fit a 24 GB machine); every other method of ``baselines``:
   one seed-0 run;
-- claim 4 on both local test splits, as many seeds each: 'window' (the main runs' first
-  len(personal_seeds) seeds) and 'document' (a group over ``personal_seeds`` with
+- claim 4 on both local test splits: 'window' (the main runs' first ``window_runs`` seeds,
+  default len(personal_seeds)) and 'document' (a group over ``personal_seeds`` with
   data.partition.local_test_unit = 'document');
 - LoRA rank r with lora.alpha = c r (c the base ratio), local epochs E and the Dirichlet alpha of
   the split (both methods): sweep groups; a setting equal to the base config's is the main group;
-- with ``whole`` (eval.* overrides): the final models of the main comparison and the zero-shot
-  backbone scored again under that protocol (experiments.rescore; e.g. the
-  whole splits when the per-round curve uses a named subset).
+- with ``whole`` (eval.* overrides, and optionally 'splits': the splits to score, default valid
+  and test): the final models of the main comparison and the zero-shot backbone scored again
+  under that protocol (experiments.rescore; e.g. the whole splits when the per-round curve uses a
+  named subset).
 
 Client drift, mean_k ||Delta_k - mean Delta|| / ||mean Delta||, is on in every run
 (fed.log_client_drift: a metric hook of the mean aggregator; no other number changes). A finished
@@ -162,15 +163,18 @@ def tuned_full(study: dict, over: dict, wd: str, cache: dict) -> tuple[object, d
     return full, grid
 
 
-def whole_scores(out: dict, protocol: dict) -> dict:
+def whole_scores(out: dict, whole: dict) -> dict:
     """{'backbone': zero-shot scores, method: [per-seed rescore 'final' dicts]} of the main
     comparison (claim 2's runs; the baselines keep the per-round protocol's numbers) under the
-    eval overrides ``protocol``; the shared backbone is scored once."""
+    eval overrides of ``whole`` on its 'splits' (default: valid and test); the shared backbone is
+    scored once."""
+    protocol = {k: v for k, v in whole.items() if k != 'splits'}
+    splits = tuple(whole.get('splits', rescore.SPLITS))
     scores, first = {}, True
     for k, g in out['main'].items():
         scores[k] = []
         for r in g['runs']:
-            got = rescore.rescore(r['dir'], protocol, backbone=first)
+            got = rescore.rescore(r['dir'], protocol, backbone=first, splits=splits)
             if first:
                 scores['backbone'], first = got['backbone'], False
             scores[k].append(got['final'])
@@ -196,7 +200,8 @@ def section(study: dict, workdir: str, corpus: str = '') -> dict:
     out['main']['fedavg_full'] = seed_groups(full, seeds, {}, wd, 'fedavg_full', cache,
                                              study['vmap_full'])
     out['baselines'] = baselines(study, over, wd)
-    runs = out['main']['fedgen_edge']['runs'][:len(study['personal_seeds'])]
+    runs = out['main']['fedgen_edge']['runs'][:study.get('window_runs', len(study['personal_seeds'])
+                                                         )]
     out['personal_window_seeds'] = [personalization(r['spec'], r['dir']) for r in runs]
     doc = group(edge, study['personal_seeds'], {'data.partition.local_test_unit': 'document'}, wd,
                 'fedgen_edge_document', cache)

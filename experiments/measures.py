@@ -113,24 +113,29 @@ def curve(runs: list, key: str) -> tuple:
 
 def whole(p: dict) -> dict:
     """The final models scored under the study's second protocol (lm_study.whole_scores):
-    {method: {'valid': values(), 'test': values()}, 'backbone': {valid, test}, 'protocol':
-    {window, stride, valid_words, test_words}}."""
+    {method: {split: values()}, 'backbone': {split: ppl}, 'protocol': {window, stride,
+    <split>_words}, 'splits': the splits scored (of 'valid', 'test'; the backbone's)}."""
     w = p['whole']
+    b = w['backbone']
+    splits = [s for s in ('valid', 'test') if f'{s}_ppl' in b]
     out = {
         k: {
             s: values([x.get(f'{s}_ppl') for x in runs])
-            for s in ('valid', 'test')
+            for s in splits
         }
         for k, runs in w.items() if k != 'backbone'
     }
-    b = w['backbone']
-    out['backbone'] = {s: b.get(f'{s}_ppl') for s in ('valid', 'test')}
+    out['backbone'] = {s: b[f'{s}_ppl'] for s in splits}
+    first = splits[0] if splits else 'valid'
     out['protocol'] = {
-        'window': b.get('valid_window'),
-        'stride': b.get('valid_stride'),
-        'valid_words': b.get('valid_words'),
-        'test_words': b.get('test_words')
+        'window': b.get(f'{first}_window'),
+        'stride': b.get(f'{first}_stride'),
+        **{
+            f'{s}_words': b.get(f'{s}_words')
+            for s in splits
+        }
     }
+    out['splits'] = splits
     return out
 
 

@@ -25,9 +25,10 @@ def claims(m: dict) -> list[tuple]:
     out = [('1. uplink', '> 99% less uplink than full FedAvg (Fig. 2)',
             f'{100 * u["reduction_whole"]:.2f}% (blocks only {100 * u["reduction_blocks"]:.2f}%)',
             *claim_uplink(u['reduction_whole'], u['reduction_blocks']))]
-    if 'whole' in m:  # the final models on the whole validation split
-        e, f = m['whole']['fedgen_edge']['valid'], m['whole']['fedavg_full']['valid']
-        metric = f'valid PPL ({m["whole"]["protocol"]["valid_words"]} words)'
+    if 'whole' in m:  # the final models on the whole split (validation when it was scored)
+        split = m['whole']['splits'][0]
+        e, f = m['whole']['fedgen_edge'][split], m['whole']['fedavg_full'][split]
+        metric = f'{split} PPL ({m["whole"]["protocol"][f"{split}_words"]} words)'
     else:
         e, f, metric = ptb['fedgen_edge'], ptb['fedavg_full'], 'valid PPL'
     v = claim_lower(e['per_seed'], f['per_seed'], metric)

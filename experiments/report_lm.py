@@ -78,23 +78,24 @@ def protocol(m: dict) -> str:
 
 
 def whole_table(w: dict) -> list[str]:
-    """The final models (and the zero-shot backbone) on the whole validation and test splits."""
-    p = w['protocol']
+    """The final models (and the zero-shot backbone) on the whole splits that were scored."""
+    p, splits = w['protocol'], w['splits']
     per = lambda v: ', '.join(fmt(x) for x in v['per_seed']) or 'n/a'
+    name = {'valid': 'validation', 'test': 'test'}
+    words = ' and '.join(f'{p[f"{s}_words"]} {name[s]}' for s in splits)
     lines = [
         f'The final models scored again on the whole splits (experiments.rescore): word-level PPL '
-        f'of W = {p["valid_words"]} validation and {p["test_words"]} test words, window '
-        f'{p["window"]} tokens, stride S = {p["stride"]}.', '',
-        '| model | valid PPL (mean ± std) | per seed | test PPL (mean ± std) | per seed |',
-        '|---|---|---|---|---|'
+        f'of W = {words} words, window {p["window"]} tokens, stride S = {p["stride"]}.', '',
+        '| model | ' + ' | '.join(f'{s} PPL (mean ± std) | per seed' for s in splits) + ' |',
+        '|---|' + '---|---|' * len(splits)
     ]
     for k, v in w.items():
-        if k in ('backbone', 'protocol'):
+        if k in ('backbone', 'protocol', 'splits'):
             continue
-        lines.append(f'| {k} | {ms(v["valid"])} | {per(v["valid"])} | {ms(v["test"])} | '
-                     f'{per(v["test"])} |')
+        lines.append(f'| {k} | ' + ' | '.join(f'{ms(v[s])} | {per(v[s])}' for s in splits) + ' |')
     b = w['backbone']
-    lines.append(f'| frozen backbone (zero-shot) | {fmt(b["valid"])} | | {fmt(b["test"])} | |')
+    lines.append('| frozen backbone (zero-shot) | ' + ' | '.join(f'{fmt(b[s])} | '
+                                                                 for s in splits) + '|')
     return lines
 
 

@@ -1,12 +1,12 @@
 """Scores a finished run under another evaluation protocol, e.g. the whole PTB splits.
 
     python -m experiments.rescore --workdir runs/smollm2_cpu --eval subset_lines=0 \
-        --eval window=256 --eval stride=224 --eval batch_size=16
+        --eval window=256 --eval stride=224 --eval batch_size=16 [--splits test]
 
 A run's per-round curve is often taken on a named subset (``eval.subset_lines``) to save time;
 its final numbers should cover the whole splits. This restores the run's final server state and
-evaluates, on the validation and test splits of the run's task with its ``eval`` section
-changed by ``--eval field=value``:
+evaluates, on the validation and test splits of the run's task (or those named by ``--splits``)
+with its ``eval`` section changed by ``--eval field=value``:
 
     backbone   the frozen pre-trained backbone (zero-shot),
     final      the final global model (W0 + dW for methods that fold adapters in),
@@ -17,8 +17,9 @@ value of the field's own type. Methods without a global model (FedSA, local-only
 they have nothing to score here (experiments.personalize scores their personal models).
 
 The result is cached in <workdir>/rescore/<hash of the eval section>.json (written atomically):
-a second call with the same protocol reads it back, evaluating only models it lacks (the
-backbone, when an earlier call skipped it); returns and prints it.
+a second call with the same protocol reads it back, evaluating only the (model, split) pairs it
+lacks (the backbone, when an earlier call skipped it; a split an earlier call left out); returns
+and prints it.
 """
 import json
 import os
@@ -55,11 +56,18 @@ def parse(pairs: list[str], section) -> dict:
     return out
 
 
-def rescore(workdir: str, overrides: dict, backbone: bool = True) -> dict:
+SPLITS = ('valid', 'test')
+
+
+def rescore(workdir: str, overrides: dict, backbone: bool = True, splits: tuple = SPLITS) -> dict:
     """The module docstring's scores of the finished run in ``workdir`` with eval.<k> = v for
-    every (k, v) of ``overrides`` (checked as the config is: one-line ValueErrors); without the
-    backbone's when ``backbone`` is False (runs that share a backbone score it once). Models
-    already in the protocol's cache file are read back, the missing ones evaluated and added."""
+    every (k, v) of ``overrides`` (checked as the config is: one-line ValueErrors), on the
+    ``splits`` (a non-empty subset of SPLITS); without the backbone's when ``backbone`` is False
+    (runs that share a backbone score it once). Pairs (model, split) already in the protocol's
+    cache file are read back, the missing ones evaluated and added."""
+    if not splits or set(splits) - set(SPLITS) or len(set(splits)) != len(splits):
+        raise ValueError(f'--splits must be distinct names among {list(SPLITS)}, got '
+                         f'{list(splits)}')
     config = writers.run_config(workdir)
     if not os.path.isfile(os.path.join(workdir, 'summary.json')):
         raise ValueError(f'--workdir {workdir} has not finished (no summary.json): rescore needs '
@@ -78,8 +86,10 @@ def rescore(workdir: str, overrides: dict, backbone: bool = True) -> dict:
     if os.path.isfile(path):
         with open(path) as f:
             out = json.load(f)
-    want = {'final'} | ({'backbone'} if backbone else set())
-    if want <= set(out) and ('final_ema' in out or spec.ema_decay == 0):
+    names = ['final'
+             ] + (['final_ema'] if spec.ema_decay else []) + (['backbone'] if backbone else [])
+    todo = [(n, s) for s in splits for n in names if f'{s}_ppl' not in out.get(n, {})]
+    if not todo:
         return out
     r = personal_exp.restore(spec, workdir)
     task, state = r['task'], r['state']
@@ -90,13 +100,13 @@ def rescore(workdir: str, overrides: dict, backbone: bool = True) -> dict:
         models['final_ema'] = {**r['frozen'], **ema}
     if backbone:
         models['backbone'] = r['backbone']
-    models = {k: v for k, v in models.items() if k not in out}
-    out.update({'round': int(r['step']), **{k: {} for k in models}})
-    for split in ('valid', 'test'):
+    out['round'] = int(r['step'])
+    for split in splits:
         evaluate = task.evaluator(split, aux)
         for name, variables in models.items():
-            log(f'rescore: {name} on {split} ...')
-            out[name].update(evaluate(variables))
+            if (name, split) in todo:
+                log(f'rescore: {name} on {split} ...')
+                out.setdefault(name, {}).update(evaluate(variables))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + '.tmp', 'w') as f:
         json.dump(out, f, indent=1, sort_keys=True)
@@ -111,13 +121,14 @@ def define_flags() -> None:
                         'The finished run (experiments.train --workdir).',
                         required=True)
     flags.DEFINE_multi_string('eval', [], 'field=value: an eval.* field to change (repeat).')
+    flags.DEFINE_list('splits', list(SPLITS), 'The splits to score (valid, test).')
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
     config = writers.run_config(f.workdir)
-    out = rescore(f.workdir, parse(f.eval, config.eval))
+    out = rescore(f.workdir, parse(f.eval, config.eval), splits=tuple(f.splits))
     for name in ('backbone', 'final', 'final_ema'):
         if name in out:
             log(f'{name}: ' + ', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'

@@ -10,12 +10,15 @@ the command).
 
 A study (experiments/lm_study.py) has: name (its directory), config and arg
 (configs/<config>_<method>.py:<arg>), over (dotted config overrides), seeds (the main
-comparison), personal_seeds (claim 4's document-split group), rank_seeds / epoch_seeds /
+comparison), personal_seeds (claim 4's document-split group), window_runs (optional: how many
+of the main FedGen-Edge runs claim 4's window split personalizes; default len(personal_seeds)),
+rank_seeds / epoch_seeds /
 alpha_seeds (the ablations), ranks, epochs, alphas (the ablation values; empty: not run),
 min_size (the smallest client of the alpha ablation's split), baselines (methods run with seed
 0 beside the two compared), full_lrs (full FedAvg's client-lr grid, seed 0; empty: the
 config's lr), vmap_full (full FedAvg's seeds vmapped in one group, or one group each) and
-whole (eval overrides under which the final models are scored again, or None).
+whole (eval overrides under which the final models are scored again, with an optional 'splits'
+tuple naming the splits scored, default valid and test; or None).
 """
 from experiments import compare
 
@@ -82,6 +85,7 @@ SCALES = {
                   },
                   seeds=(0, 1, 2),
                   personal_seeds=(0, 1),
+                  window_runs=1,
                   rank_seeds=(0, 1),
                   epoch_seeds=(0, 1),
                   alpha_seeds=(),
@@ -96,7 +100,8 @@ SCALES = {
                       'subset_lines': 0,
                       'window': 256,
                       'stride': 224,
-                      'batch_size': 16
+                      'batch_size': 16,
+                      'splits': ('test', )
                   }),
          small_gpt=dict(name='ptb',
                         config='ptb',
@@ -188,7 +193,8 @@ WORDS = {
     'window': 'window {}',
     'stride': 'stride {}',
     'batch_size': 'batches of {} windows',
-    'subset_lines': _subset
+    'subset_lines': _subset,
+    'splits': lambda v: 'on the ' + ' and '.join(v) + (' split' if len(v) == 1 else ' splits')
 }
 
 
@@ -212,6 +218,11 @@ def _config(task: str, arg) -> str:
     return f'configs/{task}_<method>.py' + (f':{arg}' if arg else ' (default variant)')
 
 
+def _first(n: int) -> str:
+    return ('the first main FedGen-Edge run (n = 1)'
+            if n == 1 else f'the first {n} main FedGen-Edge runs (n = {n})')
+
+
 def _ablation(label: str, values, seeds) -> str:
     return f'{label} in {list(values)}: {_seeds(seeds)}' if values else f'{label}: not run'
 
@@ -225,7 +236,8 @@ def study(st: dict) -> str:
              if st['whole'] else 'final models scored by the per-round protocol')
     return (f'{_config(st["config"], st["arg"])} with {_overrides(st["over"])}; FedGen-Edge vs '
             f'full FedAvg over {_seeds(st["seeds"])}; {lrs}; other baselines ({base}): seed 0 '
-            f'(n = 1); claim 4\'s document split over {_seeds(st["personal_seeds"])}; '
+            f'(n = 1); claim 4\'s document split over {_seeds(st["personal_seeds"])} and window '
+            f'split on {_first(st.get("window_runs", len(st["personal_seeds"])))}; '
             f'{_ablation("LoRA rank r", st["ranks"], st["rank_seeds"])}; '
             f'{_ablation("local epochs E", st["epochs"], st["epoch_seeds"])}; '
             f'{_ablation("Dirichlet alpha", st["alphas"], st["alpha_seeds"])} (a setting equal '

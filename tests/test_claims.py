@@ -147,6 +147,8 @@ def test_scale_description_is_derived_from_the_scale_dict():
     assert 'configs/ptb_smollm2_<method>.py:cpu with 8 rounds' in text
     assert 'seeds [0, 1, 2] (n = 3)' in text and 'the whole splits' in text
     assert 'LoRA rank r in [2, 8, 32]: seeds [0, 1] (n = 2)' in text
+    assert 'window split on the first main FedGen-Edge run (n = 1)' in text
+    assert 'on the test split' in text
     assert 'Dirichlet alpha: not run' in text and 'CIFAR-10: not run' in text
     st = sc['ptb']
     st['over']['fed.rounds'] = 7
@@ -154,6 +156,7 @@ def test_scale_description_is_derived_from_the_scale_dict():
     st['rank_seeds'] = (0, 1, 2, 3)
     st['alphas'], st['alpha_seeds'] = (0.05, ), (0, )
     st['whole'] = None
+    del st['window_runs']  # default: as many runs as the document split's seeds
     sc['small_gpt'] = None
     sc['synthetic_data'] = True
     changed = scales.describe('mine', sc)
@@ -163,6 +166,36 @@ def test_scale_description_is_derived_from_the_scale_dict():
     assert 'r in [2, 8, 32]: seeds [0, 1, 2, 3] (n = 4)' in changed
     assert 'alpha in [0.05]: seed 0 (n = 1)' in changed and 'Second study: not run' in changed
     assert 'scored by the per-round protocol' in changed and 'whole splits' not in changed
+    assert 'window split on the first 2 main FedGen-Edge runs (n = 2)' in changed
     assert "Scale 'mine'" in changed and 'synthetic' in changed and 'synthetic' not in text
     st['over']['new.knob'] = 3  # a key without words is still shown
     assert 'new.knob=3' in scales.describe('mine', sc)
+
+
+def test_whole_split_table_shows_the_splits_that_were_scored():
+    """A study scored on the test split only (scales' whole['splits']): the measures, the table
+    and claim 2's metric name that split; nothing is shown for the unscored one."""
+    final = lambda ppl: {
+        'test_ppl': ppl,
+        'test_window': 256,
+        'test_stride': 224,
+        'test_words': 82430
+    }
+    p = {
+        'whole': {
+            'fedgen_edge': [final(90.0), final(92.0)],
+            'fedavg_full': [final(80.0)],
+            'backbone': final(189.0)
+        }
+    }
+    w = measures.whole(p)
+    assert w['splits'] == ['test'] and w['backbone'] == {'test': 189.0}
+    assert w['protocol'] == {'window': 256, 'stride': 224, 'test_words': 82430}
+    assert w['fedgen_edge']['test']['per_seed'] == [90.0, 92.0]
+    lines = report_lm.whole_table(w)
+    text = '\n'.join(lines)
+    assert 'W = 82430 test words' in text and 'validation' not in text and 'valid' not in text
+    assert lines[2] == '| model | test PPL (mean ± std) | per seed |'
+    assert all(x.count('|') == 4 for x in lines[2:])
+    row = next(x for x in lines if x.startswith('| fedavg_full'))
+    assert '(n = 1)' in row and '80' in row

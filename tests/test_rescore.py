@@ -77,3 +77,30 @@ def test_bad_requests_are_one_line_errors(done, tmp_path):
     shutil.copy(os.path.join(workdir, 'summary.json'), unfinished)
     with pytest.raises(ValueError, match=r"fed.algorithm='fedsa' has no global model"):
         rescore.rescore(unfinished, {})
+
+
+def test_a_split_subset_is_scored_alone_and_completed_later(done, monkeypatch):
+    """splits=('test',) evaluates only the test split; a later call for both splits evaluates
+    only the missing validation pairs and keeps the cached test numbers."""
+    workdir, _ = done
+    over = {'window': 6, 'stride': 3}
+    calls = []
+    restore = personal_exp.restore
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return restore(*args, **kwargs)
+
+    monkeypatch.setattr(personal_exp, 'restore', counted)
+    test_only = rescore.rescore(workdir, over, splits=('test', ))
+    for name in ('final', 'final_ema', 'backbone'):
+        assert test_only[name]['test_window'] == 6 and 'valid_ppl' not in test_only[name]
+    both = rescore.rescore(workdir, over)
+    assert len(calls) == 2
+    for name in ('final', 'final_ema', 'backbone'):
+        assert both[name]['test_ppl'] == test_only[name]['test_ppl']
+        assert both[name]['valid_stride'] == 3
+    assert rescore.rescore(workdir, over, splits=('valid', )) == both and len(calls) == 2
+    for bad in ((), ('train', ), ('test', 'test')):
+        with pytest.raises(ValueError, match=r"^--splits must be distinct names among "):
+            rescore.rescore(workdir, over, splits=bad)
