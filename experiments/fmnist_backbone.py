@@ -38,11 +38,17 @@ from fedgen.models import unet
 from fedgen.tasks import cifar10, image_generation
 
 
-def config_for(steps: int, batch_size: int, lr: float, ema_decay: float = 0.0):
-    """configs/fmnist_fedgen_edge.py (default variant) with the pre-training overridden."""
-    c = fmnist_fedgen_edge.get_config('')
-    for k, v in (('pretrain.steps', steps), ('pretrain.batch_size', batch_size),
-                 ('pretrain.lr', lr), ('pretrain.ema_decay', ema_decay)):
+def config_for(steps: int,
+               batch_size: int,
+               lr: float,
+               ema_decay: float = 0.0,
+               arg: str = '',
+               over: dict | None = None):
+    """configs/fmnist_fedgen_edge.py:``arg`` with the dotted ``over`` and the pre-training
+    overridden."""
+    c = fmnist_fedgen_edge.get_config(arg)
+    pre = {'steps': steps, 'batch_size': batch_size, 'lr': lr, 'ema_decay': ema_decay}
+    for k, v in {**(over or {}), **{f'pretrain.{k}': v for k, v in pre.items()}}.items():
         compare.set_field(c, k, v)
     return c
 
@@ -101,9 +107,12 @@ def run(workdir: str,
         n: int,
         sample_steps: int,
         command: str,
-        ema_decay: float = 0.0) -> dict:
-    """Pre-trains or loads the backbone, samples, scores and writes the markdown and grid."""
-    spec = translate.spec(config_for(steps, batch_size, lr, ema_decay))
+        ema_decay: float = 0.0,
+        arg: str = '',
+        over: dict | None = None) -> dict:
+    """Pre-trains or loads the backbone, samples, scores and writes the markdown and grid; the
+    config is :func:`config_for`'s (``arg``, ``over``: e.g. another data.source)."""
+    spec = translate.spec(config_for(steps, batch_size, lr, ema_decay, arg, over))
     t0 = time.time()
     task = spec.prepare_task()
     params, info = backbones.pretrained(spec, task, workdir, jax.random.PRNGKey(spec.seed))

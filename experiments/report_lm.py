@@ -104,9 +104,12 @@ def lr_grid(m: dict) -> list[str]:
     if not m['lr_grid']:
         return [f"Full FedAvg's client learning rate: {m['full_lr']:g} (the config's, not tuned)."]
     grid = ', '.join(f'{lr:g}: {fmt(v)}' for lr, v in sorted(m['lr_grid'].items()))
+    lrs = sorted(float(lr) for lr in m['lr_grid'])
+    edge = (' The chosen lr is at the edge of the grid, so a better one may lie beyond it.'
+            if len(lrs) > 1 and float(m['full_lr']) in (lrs[0], lrs[-1]) else '')
     return [
         f"Full FedAvg's client learning rate, tuned on seed 0 (final valid PPL, per-round "
-        f'protocol): {grid}; chosen {m["full_lr"]:g}.'
+        f'protocol): {grid}; chosen {m["full_lr"]:g}.{edge}'
     ]
 
 

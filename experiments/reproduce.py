@@ -12,6 +12,8 @@ claims 1, 2, 4, 5 and 6; a second, smaller one beside it), experiments/claims.py
 rules, experiments/report.py the markdown and the figures. This module adds:
 
 - CIFAR-10 (Fig. 4, claim 3): FedGen-Edge and full FedAvg, one seed, fd_classifier (not FID).
+- Fashion-MNIST (experiments/image_study.py): the pre-trained image generator, claim 3 when
+  CIFAR-10 is not run, and the personalized generators' own-class shares.
 - Brown (when the scale says so, configs/brown_fedgen_edge.py and its corpus exist): both
   methods, seed 0, at the second study's variant and overrides.
 
@@ -28,7 +30,7 @@ import jax
 from absl import flags
 
 from configs import cifar10_fedgen_edge
-from experiments import compare, lm_study, report, smoke_data
+from experiments import compare, image_study, lm_study, report, smoke_data
 from experiments.console import log, run_main
 from experiments.lm_study import single
 from experiments.scales import SCALES
@@ -91,8 +93,11 @@ def run(scale: str, workdir: str, out: str | None = None, command: str = '') -> 
     out = out or (os.path.join(workdir, 'report') if scale == 'smoke' else os.path.join(
         'docs', 'results'))
     os.makedirs(workdir, exist_ok=True)
-    corpus = images = ''
+    os.makedirs(out, exist_ok=True)
+    corpus = images = fashion = ''
     if sc['synthetic_data']:
+        fashion = smoke_data.write_fashion_idx(
+            os.path.abspath(os.path.join(workdir, 'data', 'fmnist')))
         corpus = smoke_data.write_corpus(os.path.abspath(os.path.join(workdir, 'data', 'ptb')))
         images = os.path.join(workdir, 'data', 'images')
         if not os.path.isdir(images):
@@ -103,6 +108,10 @@ def run(scale: str, workdir: str, out: str | None = None, command: str = '') -> 
         results['small_gpt'] = lm_study.section(sc['small_gpt'], workdir, corpus)
     results['cifar10'] = cifar_section(sc, workdir, images)
     results['brown'] = brown_section(sc, workdir)
+    results['fmnist'] = image_study.section(
+        sc.get('fmnist'), workdir, out, fashion, command
+        or f'python -m experiments.reproduce --scale '
+        f'{scale} --workdir {workdir}')
     results.update(scale=scale,
                    settings={
                        k: v

@@ -5,8 +5,9 @@ paragraph from that entry alone, so the text cannot drift from what was run.
 
 Keys: ptb (the main language-model study: every claim but 3), small_gpt (a second, smaller study
 whose numbers are shown beside the main ones, or None), cifar_arg / cifar (the CIFAR-10 config
-variant and overrides; None: not run), brown (bool), synthetic_data (tiny corpora written by
-the command).
+variant and overrides; None: not run), fmnist (the Fashion-MNIST image study,
+experiments/image_study.py, keys there; None: not run), brown (bool), synthetic_data (tiny
+corpora and images written by the command).
 
 A study (experiments/lm_study.py) has: name (its directory), config and arg
 (configs/<config>_<method>.py:<arg>), over (dotted config overrides), seeds (the main
@@ -31,6 +32,27 @@ NO_ABLATIONS = dict(rank_seeds=(),
                     epochs=(),
                     alphas=(),
                     min_size=10)
+# Fashion-MNIST at the cpu and gpu scales: the backbone of docs/results/fmnist_backbone.md (8000
+# steps, weight EMA 0.999), adapters on attention and the residual 3x3 convolutions, 20 rounds of
+# 10 of 100 label-skewed clients, personalization of at most 8 steps per client.
+FMNIST = dict(arg='',
+              over={
+                  'lora.targets': ('attn', r'res/conv\d/kernel$'),
+                  'lora.rank': 4,
+                  'lora.alpha': 32.0,
+                  'personalize.epochs': 1,
+                  'personalize.lr': 1e-3,
+                  'personalize.max_steps': 8
+              },
+              backbone=dict(steps=8000,
+                            batch_size=16,
+                            lr=1e-3,
+                            ema_decay=0.999,
+                            samples=500,
+                            sample_steps=20),
+              seeds=(0, 1),
+              class_clients=8,
+              class_samples=64)
 SCALES = {
     # smoke: a pipeline check on tiny synthetic data, both studies' code paths.
     'smoke':
@@ -67,6 +89,20 @@ SCALES = {
                         **NO_ABLATIONS),
          cifar_arg='tiny',
          cifar={'fed.rounds': 2},
+         fmnist=dict(arg='tiny',
+                     over={
+                         'fed.rounds': 2,
+                         'data.partition.min_size': 1
+                     },
+                     backbone=dict(steps=20,
+                                   batch_size=8,
+                                   lr=1e-3,
+                                   ema_decay=0.9,
+                                   samples=10,
+                                   sample_steps=2),
+                     seeds=(0, 1),
+                     class_clients=2,
+                     class_samples=4),
          brown=False,
          synthetic_data=True),
     # cpu: SmolLM2-135M is the main study, 40 clients holding 20% of PTB train (per-client
@@ -94,7 +130,7 @@ SCALES = {
                   alphas=(),
                   min_size=10,
                   baselines=('centralized', ),
-                  full_lrs=(3e-5, 1e-4, 3e-4),
+                  full_lrs=(3e-5, 1e-4, 3e-4, 1e-3),
                   vmap_full=False,
                   whole={
                       'subset_lines': 0,
@@ -121,6 +157,7 @@ SCALES = {
                         **NO_ABLATIONS),
          cifar_arg='',
          cifar=None,
+         fmnist=FMNIST,
          brown=False,
          synthetic_data=False),
     'gpu':
@@ -141,7 +178,7 @@ SCALES = {
                   alphas=(0.1, 0.3, 1.0, 10.0),
                   min_size=10,
                   baselines=('centralized', ),
-                  full_lrs=(3e-5, 1e-4, 3e-4),
+                  full_lrs=(3e-5, 1e-4, 3e-4, 1e-3),
                   vmap_full=False,
                   whole=None),
          small_gpt=dict(name='ptb',
@@ -167,6 +204,7 @@ SCALES = {
              'fed.client_chunk': 10,
              'model.conv_impl': 'xla'
          },
+         fmnist=FMNIST,
          brown=True,
          synthetic_data=False),
 }
@@ -190,6 +228,11 @@ WORDS = {
     'data.public_fraction': "a share {} of the train text kept as the server's public portion",
     'data.partition.min_size': 'clients of at least {} windows',
     'personalize.max_steps': 'personalization of at most {} steps per epoch',
+    'personalize.lr': 'personalization lr {}',
+    'personalize.epochs': 'E_p = {}',
+    'lora.rank': 'LoRA rank {}',
+    'lora.alpha': 'alpha {}',
+    'lora.targets': lambda v: 'adapters on ' + ' and '.join(f'`{t}`' for t in v),
     'window': 'window {}',
     'stride': 'stride {}',
     'batch_size': 'batches of {} windows',
@@ -244,6 +287,17 @@ def study(st: dict) -> str:
             f'to the base config is the main comparison, with its seeds); {whole}')
 
 
+def _fmnist(st) -> str:
+    if st is None:
+        return 'not run'
+    b = st['backbone']
+    return (f'a backbone pre-trained for {b["steps"]} steps of {b["batch_size"]} images (weight '
+            f'EMA {b["ema_decay"]:g}), {b["samples"]} samples of {b["sample_steps"]} DDIM steps '
+            f'scored; {_config("fmnist", st["arg"])} with {_overrides(st["over"])}, FedGen-Edge '
+            f'vs full FedAvg over {_seeds(st["seeds"])}; own-class shares of '
+            f'{st["class_clients"]} clients per seed, {st["class_samples"]} samples per model')
+
+
 def describe(name: str, sc: dict) -> str:
     """The report's scale paragraph, from the ``SCALES[name]``-shaped entry ``sc`` only."""
     data = ('tiny synthetic data written by the command (a pipeline check: its numbers say '
@@ -252,5 +306,6 @@ def describe(name: str, sc: dict) -> str:
     cifar = ('not run' if sc['cifar'] is None else f'{_config("cifar10", sc["cifar_arg"])} with '
              f'{_overrides(sc["cifar"])}, seed 0 (n = 1)')
     return (f'Scale {name!r} (experiments/scales.py), on {data}. Main study (every claim but '
-            f'3): {study(sc["ptb"])}. Second study: {small}. CIFAR-10: {cifar}. Brown: '
+            f'3): {study(sc["ptb"])}. Second study: {small}. CIFAR-10: {cifar}. Fashion-MNIST: '
+            f'{_fmnist(sc["fmnist"])}. Brown: '
             f'{"both methods, seed 0 (n = 1)" if sc["brown"] else "not run"}. {PAPER}')

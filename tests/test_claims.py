@@ -150,6 +150,7 @@ def test_scale_description_is_derived_from_the_scale_dict():
     assert 'window split on the first main FedGen-Edge run (n = 1)' in text
     assert 'on the test split' in text
     assert 'Dirichlet alpha: not run' in text and 'CIFAR-10: not run' in text
+    assert 'Fashion-MNIST: a backbone pre-trained for 8000 steps' in text
     st = sc['ptb']
     st['over']['fed.rounds'] = 7
     st['over']['fed.max_steps_per_epoch'] = 9
@@ -159,6 +160,7 @@ def test_scale_description_is_derived_from_the_scale_dict():
     del st['window_runs']  # default: as many runs as the document split's seeds
     sc['small_gpt'] = None
     sc['synthetic_data'] = True
+    sc['fmnist'] = None
     changed = scales.describe('mine', sc)
     assert changed != text
     assert '7 rounds' in changed and '8 rounds' not in changed
@@ -167,6 +169,7 @@ def test_scale_description_is_derived_from_the_scale_dict():
     assert 'alpha in [0.05]: seed 0 (n = 1)' in changed and 'Second study: not run' in changed
     assert 'scored by the per-round protocol' in changed and 'whole splits' not in changed
     assert 'window split on the first 2 main FedGen-Edge runs (n = 2)' in changed
+    assert 'Fashion-MNIST: not run' in changed
     assert "Scale 'mine'" in changed and 'synthetic' in changed and 'synthetic' not in text
     st['over']['new.knob'] = 3  # a key without words is still shown
     assert 'new.knob=3' in scales.describe('mine', sc)
@@ -199,3 +202,11 @@ def test_whole_split_table_shows_the_splits_that_were_scored():
     assert all(x.count('|') == 4 for x in lines[2:])
     row = next(x for x in lines if x.startswith('| fedavg_full'))
     assert '(n = 1)' in row and '80' in row
+
+
+def test_lr_grid_says_when_the_chosen_lr_is_at_the_grid_s_edge():
+    at_edge = report_lm.lr_grid({'lr_grid': {1e-4: 90.0, 3e-4: 80.0}, 'full_lr': 3e-4})[0]
+    assert 'chosen 0.0003.' in at_edge and 'edge of the grid' in at_edge
+    inside = {'lr_grid': {1e-4: 90.0, 3e-4: 80.0, 1e-3: 85.0}, 'full_lr': 3e-4}
+    assert 'edge' not in report_lm.lr_grid(inside)[0]
+    assert 'not tuned' in report_lm.lr_grid({'lr_grid': {}, 'full_lr': 1e-4})[0]

@@ -15,26 +15,13 @@ import pytest
 from conftest import write_image_folder
 from configs import fmnist_fedgen_edge
 from experiments import class_share, train, translate
+from experiments.smoke_data import write_fashion_idx
 from experiments import personalize as personal_exp
 from fedgen.io import checkpoint
 from fedgen.data import idx
 from fedgen.data import images as im
 from fedgen.models import unet
 from fedgen.tasks import cifar10, image_generation
-
-
-def write_fashion_idx(root, per_class=(10, 3)) -> str:
-    """10 classes of 28x28 'garments': a left-leaning bright bar whose column and height depend
-    on the class (so a mirror image differs), plus noise; gzipped IDX files like the package's."""
-    rng = np.random.default_rng(0)
-    for prefix, n in zip(('train', 't10k'), per_class):
-        labels = np.repeat(np.arange(10), n).astype(np.uint8)
-        gray = rng.integers(0, 40, (len(labels), 28, 28)).astype(np.uint8)
-        for i, k in enumerate(labels):
-            gray[i, 4:8 + 2 * k, 2 + k:6 + k] = 200
-        idx.write(gray, os.path.join(root, f'{prefix}-images-idx3-ubyte.gz'))
-        idx.write(labels, os.path.join(root, f'{prefix}-labels-idx1-ubyte.gz'))
-    return f'fashion_mnist:{root}'
 
 
 @pytest.fixture(scope='module')

@@ -1,0 +1,187 @@
+"""The reproduction report's image study: a DDPM backbone pre-trained on Fashion-MNIST, FedGen-Edge
+against full-model FedAvg on label-skewed clients (claim 3 where CIFAR-10 is not run), and
+whether each client's personalized generator favours its own classes.
+
+A study is the ``fmnist`` entry of an experiments/scales.py scale (None: not run), keys:
+arg and over (configs/fmnist_<method>.py:<arg> with dotted overrides), backbone (pre-training
+steps, batch_size, lr, ema_decay; samples and sample_steps of its quality check), seeds (both
+methods, one vmapped sweep group each), class_clients and class_samples (the own-class share's
+clients per seed and samples per model). In order:
+
+1. the backbone (experiments.fmnist_backbone.run): pre-trained once on the server's public images
+   and cached under <workdir>/fmnist/backbone/backbone/<recipe hash>, its N DDIM samples scored
+   against real test images in the features of the project's classifier (FD, the real-vs-real
+   floor, their ratio; kept under <workdir>/fmnist/backbone/quality) and drawn as a grid into
+   the report directory;
+2. FedGen-Edge and full FedAvg from that backbone, over ``seeds``: final fd_classifier (and of
+   the server EMA) on the validation images; uplink bytes per client and round;
+3. per FedGen-Edge seed: experiments.personalize (every client fine-tunes the global adapter),
+   then experiments.class_share: share_k(M) = |{i : c(x_i^M) in O_k}| / n for the global model
+   and client k's personal one from the same noise keys, O_k the classes holding >= 10% of k's
+   images, c the classifier's argmax; the fraction of clients whose personal share is higher,
+   with its bootstrap 95% CI over clients.
+
+Every run, personalization and class share is read back when finished (a killed one resumes).
+"""
+import json
+import os
+import shutil
+
+from experiments import class_share, fmnist_backbone, lm_study
+from experiments import personalize as personal_exp
+from experiments.console import log
+from experiments.measures import stats
+from experiments.report_lm import fmt, ms
+from fedgen.data import idx
+from fedgen.fl import pretrain
+
+METHODS = ('fedgen_edge', 'fedavg_full')
+
+
+def section(st: dict | None, workdir: str, out: str, source: str = '', command: str = '') -> dict:
+    """The study's results (module docstring) under <workdir>/fmnist; the backbone's grid goes
+    into ``out``; ``source`` replaces data.source (the smoke scale's IDX files). Returns
+    {'skipped': why} when the scale does not run it or the data is missing."""
+    if st is None:
+        return {'skipped': 'not run at this scale'}
+    over = dict(st['over'])
+    if source:
+        over['data.source'] = source
+    path = over.get('data.source', 'fashion_mnist:' + idx.FASHION_MNIST_DIR).split(':', 1)[1]
+    if not os.path.isdir(path):
+        return {'skipped': f'{path} not found ({idx.FASHION_MNIST_APT})'}
+    wd = os.path.join(workdir, 'fmnist')
+    b = st['backbone']
+    cache = os.path.abspath(os.path.join(wd, 'backbone'))
+    bb = backbone(cache, out, b, st['arg'], over, command)
+    over.update({'pretrain.backbone_path': bb['source'], 'metrics.cache_dir': cache})
+    res = {'backbone': bb, 'runs': {}, 'class_share': []}
+    cache_groups = {}
+    for m in METHODS:
+        c = lm_study.compare.method_config('fmnist', m, st['arg'], over)
+        res['runs'][m] = lm_study.group(c, st['seeds'], {}, wd, m, cache_groups)
+    for r in res['runs']['fedgen_edge']['runs']:
+        res['class_share'].append(personal_share(r['dir'], st['class_clients'],
+                                                 st['class_samples']))
+    first = os.path.join(res['runs']['fedgen_edge']['runs'][0]['dir'], 'class_share.png')
+    shutil.copyfile(first, os.path.join(out, 'fmnist_class_share.png'))
+    return res
+
+
+def backbone(cache: str, out: str, b: dict, arg: str, over: dict, command: str) -> dict:
+    """experiments.fmnist_backbone.run's results for the scale's backbone entry ``b``, its page
+    and grid copied into ``out``; the first call's files and results are kept in
+    <cache>/quality/<hash of b, arg and over> and read back later."""
+    key = pretrain.recipe_hash({'backbone': b, 'arg': arg, 'over': over})
+    kept = os.path.join(cache, 'quality', key)
+    path = os.path.join(kept, 'quality.json')
+    if not os.path.isfile(path):
+        res = fmnist_backbone.run(cache, kept + '.tmp', b['steps'], b['batch_size'], b['lr'],
+                                  b['samples'], b['sample_steps'], command, b['ema_decay'], arg,
+                                  over)
+        with open(os.path.join(kept + '.tmp', 'quality.json'), 'w') as f:
+            json.dump(res, f, indent=1)
+        shutil.rmtree(kept, ignore_errors=True)
+        os.replace(kept + '.tmp', kept)
+    for name in ('fmnist_backbone.md', 'fmnist_backbone_samples.png'):
+        shutil.copyfile(os.path.join(kept, name), os.path.join(out, name))
+    with open(path) as f:
+        return json.load(f)
+
+
+def personal_share(run_dir: str, clients: int, samples: int) -> dict:
+    """experiments.personalize then experiments.class_share of the finished run in ``run_dir``
+    (read back from <run_dir>/class_share.json when both are done): the class-share summary
+    without its rows, plus the personalization's share of clients whose local denoising loss
+    improves on the global model's."""
+    path = os.path.join(run_dir, 'class_share.json')
+    if not os.path.isfile(path):
+        log(f'--- personalize and class share {run_dir}')
+        personal_exp.main_run(None, run_dir, None, 0)
+        class_share.run(run_dir, clients, samples)
+    with open(path) as f:
+        shares = json.load(f)
+    with open(os.path.join(run_dir, 'personalization.json')) as f:
+        shares['loss_improved'] = json.load(f)['vs_global']['share_improved']
+    return shares
+
+
+def measure(res: dict) -> dict:
+    """The numbers the report states (JSON-safe)."""
+    if 'skipped' in res:
+        return {'skipped': res['skipped']}
+    keep = ('fd_gen', 'fd_floor', 'ratio', 'conf_gen', 'conf_real', 'class_tv',
+            'classifier_test_acc', 'n', 'sample_steps', 'steps', 'batch_size', 'lr', 'ema_decay',
+            'pretrain_s', 'public_images', 'source')
+    runs = res['runs']
+    first = lambda m: runs[m]['runs'][0]['summary']
+    return {
+        'backbone': {
+            k: res['backbone'].get(k)
+            for k in keep
+        },
+        'fd': {
+            m: stats(runs[m], 'fd_classifier')
+            for m in METHODS
+        },
+        'fd_ema': {
+            m: stats(runs[m], 'fd_classifier_ema')
+            for m in METHODS
+        },
+        'backbone_fd': first('fedgen_edge').get('backbone_fd_classifier'),
+        'up_bytes': {
+            m: first(m).get('up_bytes_per_client_round')
+            for m in METHODS
+        },
+        'rounds': first('fedgen_edge').get('rounds'),
+        'class_share': [{
+            k: v
+            for k, v in s.items() if k != 'rows'
+        } for s in res['class_share']],
+        'seeds': len(runs['fedgen_edge']['runs'])
+    }
+
+
+def markdown(m: dict, grid: str, shares_png: str) -> list[str]:
+    """The report's Fashion-MNIST section (a list of markdown lines)."""
+    lines = ['', '## Fashion-MNIST: a pre-trained image generator, personalized', '']
+    if 'skipped' in m:
+        return lines + [f'Not run: {m["skipped"]}.']
+    b = m['backbone']
+    ema = f', weight EMA {b["ema_decay"]:g}' if b['ema_decay'] else ''
+    pre = (f'pre-trained here in {b["pretrain_s"]:.0f} s'
+           if b['pretrain_s'] is not None else 'read back from its cache')
+    lines += [
+        f'Backbone: the U-Net of configs/fmnist_fedgen_edge.py, {b["steps"]} Adam steps of '
+        f'{b["batch_size"]} images at lr {b["lr"]:g}{ema} on the {b["public_images"]} public '
+        f'train images ({pre}). Its {b["n"]} DDIM samples ({b["sample_steps"]} steps) against '
+        'real test images, in the features of the classifier trained here (test accuracy '
+        f'{100 * b["classifier_test_acc"]:.1f}%): FD (classifier features) '
+        f'{b["fd_gen"]:.4g}, real-vs-real floor {b["fd_floor"]:.4g}, ratio '
+        f'**{b["ratio"]:.3g}**; TV of the predicted-class histogram from uniform '
+        f'{b["class_tv"]:.3f}.', '', f'![backbone samples]({grid})', '',
+        '| method | final FD (classifier features) | server EMA | uplink per client per round |',
+        '|---|---|---|---|'
+    ]
+    for k in METHODS:
+        lines.append(f'| {k} | {ms(m["fd"][k])} | {ms(m["fd_ema"][k])} | '
+                     f'{m["up_bytes"][k]:,} B |')
+    lines += [
+        '', f'Both from the backbone above (FD {fmt(m["backbone_fd"])} on the same validation '
+        f'images), {m["rounds"]} rounds, label-skewed clients.', '',
+        '| seed | clients | own-class share, global | personal | clients higher (95% CI) | '
+        'clients whose local denoising loss improves |', '|---|---|---|---|---|---|'
+    ]
+    for i, s in enumerate(m['class_share']):
+        lines.append(f'| {i} | {s["clients"]} | {s["mean_share_reference"]:.3f} | '
+                     f'{s["mean_share_personal"]:.3f} | '
+                     f'{100 * s["share_of_clients_higher"]:.0f}% ({100 * s["ci"][0]:.0f}-'
+                     f'{100 * s["ci"][1]:.0f}%) | {100 * s["loss_improved"]:.0f}% |')
+    lines += [
+        '', 'Own-class share: the share of a model\'s samples that the classifier assigns to the '
+        'client\'s own classes (those holding at least 10% of its images), global model vs the '
+        'client\'s personalized one from the same noise keys (experiments/class_share.py). '
+        'Per client below, seed 0: a row of global samples above a row of personal ones.', '',
+        f'![own-class share]({shares_png})'
+    ]
+    return lines
