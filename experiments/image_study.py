@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 
-from experiments import class_share, fmnist_backbone, lm_study
+from experiments import class_share, compare, fmnist_backbone, lm_study
 from experiments import personalize as personal_exp
 from experiments.console import log
 from experiments.measures import stats
@@ -58,7 +58,7 @@ def section(st: dict | None, workdir: str, out: str, source: str = '', command: 
     res = {'backbone': bb, 'runs': {}, 'class_share': []}
     cache_groups = {}
     for m in METHODS:
-        c = lm_study.compare.method_config('fmnist', m, st['arg'], over)
+        c = compare.method_config('fmnist', m, st['arg'], over)
         res['runs'][m] = lm_study.group(c, st['seeds'], {}, wd, m, cache_groups)
     for r in res['runs']['fedgen_edge']['runs']:
         res['class_share'].append(personal_share(r['dir'], st['class_clients'],

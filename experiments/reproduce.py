@@ -90,6 +90,7 @@ def run(scale: str, workdir: str, out: str | None = None, command: str = '') -> 
     if scale not in SCALES:
         raise ValueError(f'--scale must be one of {list(SCALES)}, got {scale!r}')
     sc, t0 = SCALES[scale], time.time()
+    command = command or f'python -m experiments.reproduce --scale {scale} --workdir {workdir}'
     out = out or (os.path.join(workdir, 'report') if scale == 'smoke' else os.path.join(
         'docs', 'results'))
     os.makedirs(workdir, exist_ok=True)
@@ -108,18 +109,14 @@ def run(scale: str, workdir: str, out: str | None = None, command: str = '') -> 
         results['small_gpt'] = lm_study.section(sc['small_gpt'], workdir, corpus)
     results['cifar10'] = cifar_section(sc, workdir, images)
     results['brown'] = brown_section(sc, workdir)
-    results['fmnist'] = image_study.section(
-        sc.get('fmnist'), workdir, out, fashion, command
-        or f'python -m experiments.reproduce --scale '
-        f'{scale} --workdir {workdir}')
+    results['fmnist'] = image_study.section(sc.get('fmnist'), workdir, out, fashion, command)
     results.update(scale=scale,
                    settings={
                        k: v
                        for k, v in sc.items()
                    },
                    wall_s=round(time.time() - t0, 1),
-                   command=command or f'python -m experiments.reproduce --scale {scale} '
-                   f'--workdir {workdir}')
+                   command=command)
     measured = report.write(results, out)
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
         json.dump(measured, f, indent=1, default=str)
