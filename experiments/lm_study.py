@@ -6,8 +6,9 @@ variant ``arg`` with the dotted overrides ``over``. In order:
 
 - the backbone: pre-trained once (a 'local' model; cached, named by pretrain.backbone_path in
   every later run) or loaded (SmolLM2: pretrain.steps = 0, nothing cached);
-- full FedAvg's client learning rate: when ``full_lrs`` is given, one seed-0 run per value, the
-  lowest final valid metric chosen (ties: the first); else the config's;
+- the client learning rates of full FedAvg (``full_lrs``) and FedGen-Edge (``edge_lrs``,
+  optional): one seed-0 run per value, the lowest final valid metric chosen (ties: the first);
+  without a grid the config's;
 - the main comparison: FedGen-Edge and full FedAvg, one experiments.sweep group each over
   ``seeds`` (full FedAvg one group per seed unless ``vmap_full``: R stacked copies of a 135M
   model and its Adam state do not fit a 24 GB machine); every other method of ``baselines``:
@@ -148,19 +149,20 @@ def baselines(study: dict, over: dict, wd: str) -> dict:
     return out
 
 
-def tuned_full(study: dict, over: dict, wd: str, cache: dict) -> tuple[object, dict]:
-    """(full FedAvg's config, {lr: seed-0 group}): with study['full_lrs'], the config at the lr
-    of the lowest final valid PPL (ties: the first); without, the config's lr and no grid."""
-    full = compare.method_config(study['config'], 'fedavg_full', study['arg'], over)
+def tuned(study: dict, method: str, lrs, over: dict, wd: str, cache: dict) -> tuple[object, dict]:
+    """(``method``'s config, {lr: seed-0 group named <method>_lr<lr>}): with a grid ``lrs``, the
+    config at the lr of the lowest final valid PPL (ties: the first); without, the config's lr
+    and no grid."""
+    config = compare.method_config(study['config'], method, study['arg'], over)
     grid = {
-        lr: group(full, (0, ), {'fed.client_lr': lr}, wd, f'fedavg_full_lr{lr:g}', cache)
-        for lr in study.get('full_lrs', ())
+        lr: group(config, (0, ), {'fed.client_lr': lr}, wd, f'{method}_lr{lr:g}', cache)
+        for lr in lrs
     }
     score = lambda g: g['runs'][0]['summary'].get('final_valid_ppl', float('inf'))
     if grid:
         best = min(grid, key=lambda lr: score(grid[lr]))
-        compare.set_field(full, 'fed.client_lr', best)
-    return full, grid
+        compare.set_field(config, 'fed.client_lr', best)
+    return config, grid
 
 
 def whole_scores(out: dict, whole: dict) -> dict:
@@ -192,10 +194,16 @@ def section(study: dict, workdir: str, corpus: str = '') -> dict:
     path, param_bytes = backbone(edge, wd)
     if path:
         over['pretrain.backbone_path'] = path
-    edge = compare.method_config(study['config'], 'fedgen_edge', study['arg'], over)
     cache, seeds = {}, study['seeds']
-    full, grid = tuned_full(study, over, wd, cache)
-    out = {'main': {}, 'lr_grid': grid, 'full_lr': full.fed.client_lr}
+    full, grid = tuned(study, 'fedavg_full', study['full_lrs'], over, wd, cache)
+    edge, edge_grid = tuned(study, 'fedgen_edge', study.get('edge_lrs', ()), over, wd, cache)
+    out = {
+        'main': {},
+        'lr_grid': grid,
+        'full_lr': full.fed.client_lr,
+        'edge_lr_grid': edge_grid,
+        'edge_lr': edge.fed.client_lr
+    }
     out['main']['fedgen_edge'] = group(edge, seeds, {}, wd, 'fedgen_edge', cache)
     out['main']['fedavg_full'] = seed_groups(full, seeds, {}, wd, 'fedavg_full', cache,
                                              study['vmap_full'])

@@ -191,11 +191,12 @@ def study(p: dict) -> dict:
     }
     if p.get('whole'):
         m['whole'] = whole(p)
-    m['lr_grid'] = {
-        lr: g['runs'][0]['summary'].get('final_valid_ppl')
-        for lr, g in p.get('lr_grid', {}).items()
-    }
-    m['full_lr'] = p.get('full_lr')
+    for grid, lr in (('lr_grid', 'full_lr'), ('edge_lr_grid', 'edge_lr')):
+        m[grid] = {
+            lr: g['runs'][0]['summary'].get('final_valid_ppl')
+            for lr, g in p.get(grid, {}).items()
+        }
+        m[lr] = p.get(lr)
     return m
 
 

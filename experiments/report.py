@@ -197,7 +197,10 @@ def markdown(res: dict, m: dict, figs: dict) -> str:
         report_lm.protocol(m), ''
     ] + report_lm.ptb_table(m['ptb'])
     lines += ['', f'Backbone (no federated training): {fmt(m["ptb_backbone"])}.', '']
-    lines += report_lm.lr_grid(m)
+    lines += [
+        report_lm.lr_grid(m['lr_grid'], m['full_lr'], 'Full FedAvg'), '',
+        report_lm.lr_grid(m.get('edge_lr_grid', {}), m['edge_lr'], 'FedGen-Edge')
+    ]
     if 'whole' in m:
         lines += [''] + report_lm.whole_table(m['whole'])
     if 'small_gpt' in m:

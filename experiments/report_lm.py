@@ -99,18 +99,17 @@ def whole_table(w: dict) -> list[str]:
     return lines
 
 
-def lr_grid(m: dict) -> list[str]:
-    """Full FedAvg's client-lr grid (seed 0) and the lr it chose, when it was tuned."""
-    if not m['lr_grid']:
-        return [f"Full FedAvg's client learning rate: {m['full_lr']:g} (the config's, not tuned)."]
-    grid = ', '.join(f'{lr:g}: {fmt(v)}' for lr, v in sorted(m['lr_grid'].items()))
-    lrs = sorted(float(lr) for lr in m['lr_grid'])
+def lr_grid(grid: dict, chosen, method: str) -> str:
+    """``method``'s client-lr grid ({lr: seed-0 final valid PPL}) and the lr it chose, or the
+    config's lr when there was no grid."""
+    if not grid:
+        return f"{method}'s client learning rate: {chosen:g} (the config's, not tuned)."
+    shown = ', '.join(f'{lr:g}: {fmt(v)}' for lr, v in sorted(grid.items()))
+    lrs = sorted(float(lr) for lr in grid)
     edge = (' The chosen lr is at the edge of the grid, so a better one may lie beyond it.'
-            if len(lrs) > 1 and float(m['full_lr']) in (lrs[0], lrs[-1]) else '')
-    return [
-        f"Full FedAvg's client learning rate, tuned on seed 0 (final valid PPL, per-round "
-        f'protocol): {grid}; chosen {m["full_lr"]:g}.{edge}'
-    ]
+            if len(lrs) > 1 and float(chosen) in (lrs[0], lrs[-1]) else '')
+    return (f"{method}'s client learning rate, tuned on seed 0 (final valid PPL, per-round "
+            f'protocol): {shown}; chosen {chosen:g}.{edge}')
 
 
 def seed_cis(pe: dict) -> str:

@@ -17,9 +17,10 @@ rank_seeds / epoch_seeds /
 alpha_seeds (the ablations), ranks, epochs, alphas (the ablation values; empty: not run),
 min_size (the smallest client of the alpha ablation's split), baselines (methods run with seed
 0 beside the two compared), full_lrs (full FedAvg's client-lr grid, seed 0; empty: the
-config's lr), vmap_full (full FedAvg's seeds vmapped in one group, or one group each) and
-whole (eval overrides under which the final models are scored again, with an optional 'splits'
-tuple naming the splits scored, default valid and test; or None).
+config's lr), edge_lrs (optional: FedGen-Edge's, likewise), vmap_full (full FedAvg's seeds
+vmapped in one group, or one group each) and whole (eval overrides under which the final
+models are scored again, with an optional 'splits' tuple naming the splits scored, default
+valid and test; or None).
 """
 from experiments import compare
 
@@ -71,6 +72,7 @@ SCALES = {
                   min_size=2,
                   baselines=('centralized', ),
                   full_lrs=(1e-3, 1e-2),
+                  edge_lrs=(1e-3, 1e-2),
                   vmap_full=False,
                   whole={
                       'window': 8,
@@ -131,6 +133,7 @@ SCALES = {
                   min_size=10,
                   baselines=('centralized', ),
                   full_lrs=(3e-5, 1e-4, 3e-4, 1e-3),
+                  edge_lrs=(1e-3, 3e-3, 1e-2),
                   vmap_full=False,
                   whole={
                       'subset_lines': 0,
@@ -179,6 +182,7 @@ SCALES = {
                   min_size=10,
                   baselines=('centralized', ),
                   full_lrs=(3e-5, 1e-4, 3e-4, 1e-3),
+                  edge_lrs=(3e-4, 1e-3, 3e-3),
                   vmap_full=False,
                   whole=None),
          small_gpt=dict(name='ptb',
@@ -273,8 +277,9 @@ def _ablation(label: str, values, seeds) -> str:
 def study(st: dict) -> str:
     """One study's sentence, from its scale entry alone."""
     base = ', '.join(st['baselines']) or 'none'
-    lrs = (f'full FedAvg\'s client lr chosen on {list(st["full_lrs"])} (seed 0, lowest final '
-           'valid PPL)' if st['full_lrs'] else "full FedAvg at its config's client lr")
+    grids = (('full FedAvg', st['full_lrs']), ('FedGen-Edge', st.get('edge_lrs')))
+    lrs = '; '.join(f"{name}'s client lr chosen on {list(grid)} (seed 0, lowest final valid PPL)"
+                    if grid else f"{name} at its config's client lr" for name, grid in grids)
     whole = (f'final models scored again with {_overrides(st["whole"])}'
              if st['whole'] else 'final models scored by the per-round protocol')
     return (f'{_config(st["config"], st["arg"])} with {_overrides(st["over"])}; FedGen-Edge vs '

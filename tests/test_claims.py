@@ -148,6 +148,7 @@ def test_scale_description_is_derived_from_the_scale_dict():
     assert 'seeds [0, 1, 2] (n = 3)' in text and 'the whole splits' in text
     assert 'LoRA rank r in [2, 8, 32]: seeds [0, 1] (n = 2)' in text
     assert 'window split on the first main FedGen-Edge run (n = 1)' in text
+    assert "FedGen-Edge's client lr chosen on [0.001, 0.003, 0.01]" in text
     assert 'on the test split' in text
     assert 'Dirichlet alpha: not run' in text and 'CIFAR-10: not run' in text
     assert 'Fashion-MNIST: a backbone pre-trained for 8000 steps' in text
@@ -158,6 +159,7 @@ def test_scale_description_is_derived_from_the_scale_dict():
     st['alphas'], st['alpha_seeds'] = (0.05, ), (0, )
     st['whole'] = None
     del st['window_runs']  # default: as many runs as the document split's seeds
+    del st['edge_lrs']  # default: the config's lr
     sc['small_gpt'] = None
     sc['synthetic_data'] = True
     sc['fmnist'] = None
@@ -169,6 +171,7 @@ def test_scale_description_is_derived_from_the_scale_dict():
     assert 'alpha in [0.05]: seed 0 (n = 1)' in changed and 'Second study: not run' in changed
     assert 'scored by the per-round protocol' in changed and 'whole splits' not in changed
     assert 'window split on the first 2 main FedGen-Edge runs (n = 2)' in changed
+    assert "FedGen-Edge at its config's client lr" in changed
     assert 'Fashion-MNIST: not run' in changed
     assert "Scale 'mine'" in changed and 'synthetic' in changed and 'synthetic' not in text
     st['over']['new.knob'] = 3  # a key without words is still shown
@@ -205,8 +208,9 @@ def test_whole_split_table_shows_the_splits_that_were_scored():
 
 
 def test_lr_grid_says_when_the_chosen_lr_is_at_the_grid_s_edge():
-    at_edge = report_lm.lr_grid({'lr_grid': {1e-4: 90.0, 3e-4: 80.0}, 'full_lr': 3e-4})[0]
+    at_edge = report_lm.lr_grid({1e-4: 90.0, 3e-4: 80.0}, 3e-4, 'Full FedAvg')
+    assert at_edge.startswith("Full FedAvg's client learning rate, tuned on seed 0")
     assert 'chosen 0.0003.' in at_edge and 'edge of the grid' in at_edge
-    inside = {'lr_grid': {1e-4: 90.0, 3e-4: 80.0, 1e-3: 85.0}, 'full_lr': 3e-4}
-    assert 'edge' not in report_lm.lr_grid(inside)[0]
-    assert 'not tuned' in report_lm.lr_grid({'lr_grid': {}, 'full_lr': 1e-4})[0]
+    inside = report_lm.lr_grid({1e-4: 90.0, 3e-4: 80.0, 1e-3: 85.0}, 3e-4, 'FedGen-Edge')
+    assert 'edge' not in inside and '0.001: 85' in inside
+    assert 'not tuned' in report_lm.lr_grid({}, 1e-4, 'FedGen-Edge')

@@ -73,6 +73,8 @@ def test_smoke_main_study_is_the_llama_one_scored_on_the_whole_splits(smoke):
     assert m['setup']['config'] == 'ptb_smollm2' and m['setup']['model']['name'] == 'llama'
     grid = {float(k): v for k, v in m['lr_grid'].items()}
     assert set(grid) == {1e-3, 1e-2} and m['full_lr'] == min(grid, key=grid.get)
+    edge = {float(k): v for k, v in m['edge_lr_grid'].items()}  # FedGen-Edge tuned alike
+    assert set(edge) == {1e-3, 1e-2} and m['edge_lr'] == min(edge, key=edge.get)
     w = m['whole']
     assert (w['protocol']['window'], w['protocol']['stride']) == (8, 8)
     for k in ('fedgen_edge', 'fedavg_full'):
