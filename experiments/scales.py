@@ -133,7 +133,7 @@ SCALES = {
                   min_size=10,
                   baselines=('centralized', ),
                   full_lrs=(3e-5, 1e-4, 3e-4, 1e-3),
-                  edge_lrs=(1e-3, 3e-3, 1e-2),
+                  edge_lrs=(1e-3, 3e-3, 1e-2, 3e-2),
                   vmap_full=False,
                   whole={
                       'subset_lines': 0,
@@ -182,7 +182,7 @@ SCALES = {
                   min_size=10,
                   baselines=('centralized', ),
                   full_lrs=(3e-5, 1e-4, 3e-4, 1e-3),
-                  edge_lrs=(3e-4, 1e-3, 3e-3),
+                  edge_lrs=(1e-3, 3e-3, 1e-2),
                   vmap_full=False,
                   whole=None),
          small_gpt=dict(name='ptb',

@@ -148,7 +148,7 @@ def test_scale_description_is_derived_from_the_scale_dict():
     assert 'seeds [0, 1, 2] (n = 3)' in text and 'the whole splits' in text
     assert 'LoRA rank r in [2, 8, 32]: seeds [0, 1] (n = 2)' in text
     assert 'window split on the first main FedGen-Edge run (n = 1)' in text
-    assert "FedGen-Edge's client lr chosen on [0.001, 0.003, 0.01]" in text
+    assert "FedGen-Edge's client lr chosen on [0.001, 0.003, 0.01, 0.03]" in text
     assert 'on the test split' in text
     assert 'Dirichlet alpha: not run' in text and 'CIFAR-10: not run' in text
     assert 'Fashion-MNIST: a backbone pre-trained for 8000 steps' in text
