@@ -247,10 +247,12 @@ def _flat(d, prefix=''):
 @pytest.mark.parametrize('arg', ['', 'cpu', 'tiny'])
 def test_smollm2_baselines_differ_from_fedgen_edge_only_in_the_method(arg):
     """Same data, clients, rounds, steps and token budget: full FedAvg changes the algorithm and
-    the client learning rate, centralized the algorithm alone."""
+    the client learning rate, centralized the algorithm (and at :cpu the learning rate: its
+    pooled round takes every step on one model, and FedGen-Edge's 1e-2 diverged there)."""
     edge = _flat(smollm2_config.get_config(arg).to_dict())
+    central = {'fed.algorithm'} | ({'fed.client_lr'} if arg == 'cpu' else set())
     for module, fields in ((ptb_smollm2_fedavg_full, {'fed.algorithm', 'fed.client_lr'}),
-                           (ptb_smollm2_centralized, {'fed.algorithm'})):
+                           (ptb_smollm2_centralized, central)):
         other = _flat(module.get_config(arg).to_dict())
         assert other.keys() == edge.keys()
         assert {k for k in edge if edge[k] != other[k]} == fields
