@@ -92,8 +92,8 @@ def backbone(cache: str, out: str, b: dict, arg: str, over: dict, command: str) 
 def personal_share(run_dir: str, clients: int, samples: int) -> dict:
     """experiments.personalize then experiments.class_share of the finished run in ``run_dir``
     (read back from <run_dir>/class_share.json when both are done): the class-share summary
-    without its rows, plus the personalization's share of clients whose local denoising loss
-    improves on the global model's."""
+    with its per-client rows, plus the personalization's share of clients whose local denoising
+    loss improves on the global model's (loss_improved)."""
     path = os.path.join(run_dir, 'class_share.json')
     if not os.path.isfile(path):
         log(f'--- personalize and class share {run_dir}')
