@@ -188,12 +188,13 @@ def test_export_is_quiet_readable_and_refuses_a_bad_workdir(tmp_path):
 
 
 def test_one_machine_line_everywhere():
-    from experiments import (bench_backbone, bench_padding, bench_round, bench_step, bench_sweep,
-                             report)
+    from experiments import (bench_backbone, bench_padding, bench_residuals, bench_round,
+                             bench_step, bench_sweep, report)
     line = machine.machine()
     assert re.match(r'.+, \d+ logical cores, \w+ \w+, Python [\d.]+, jax [\d.]+, \d+ x \w+ ', line)
     assert bench_round.machine is bench_backbone.machine is bench_step.machine is machine.machine
     assert bench_padding.machine is bench_sweep.machine is machine.machine
+    assert bench_residuals.machine is machine.machine
     assert report.machine().startswith(line)
     if os.path.exists('/proc/cpuinfo'):
         assert machine.cpuinfo()['names'] and machine.cpu() in line

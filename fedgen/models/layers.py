@@ -134,11 +134,20 @@ def scan_blocks(block: type[nn.Module], n_layer: int, remat: bool, in_axes: tupl
     The block's signature is (carry, *args) -> (carry, out); ``in_axes`` gives, per arg,
     ``nn.broadcast`` (the same value for every layer) or 0 (sliced per layer, e.g. a KV cache
     [L, ...]); outs are stacked on a leading L axis. ``params`` and ``lora`` are stacked on axis 0
-    and the init rng is split per layer. ``remat`` wraps the block in ``jax.checkpoint``, so the
-    backward pass keeps only each layer's input and recomputes the rest of the block.
+    and the init rng is split per layer.
+
+    What the backward pass keeps per layer (both wrap the block in ``jax.checkpoint``):
+    - ``remat=False``: the outputs of the matmuls without batch dimensions (the projections
+      x W0 and the adapters' x A, (x A) B), ``dots_with_no_batch_dims_saveable``; the
+      element-wise work (norms, RoPE, SiLU, softmax) and attention's batched einsums are
+      recomputed from them. On SmolLM2-135M (30 blocks, B = 2 x T = 128, f32) this halves the
+      backward's residuals (XLA temp 393 -> 195 MiB) and makes the step about 4% faster than
+      keeping every intermediate;
+    - ``remat=True``: only the layer's input; the whole block is recomputed.
     """
-    if remat:  # inside a scan, the loop already stops CSE across the recompute
-        block = nn.remat(block, prevent_cse=False)
+    # inside a scan, the loop already stops CSE across the recompute
+    policy = None if remat else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    block = nn.remat(block, prevent_cse=False, policy=policy)
     return nn.scan(block,
                    variable_axes={
                        'params': 0,
