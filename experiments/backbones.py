@@ -1,6 +1,7 @@
 """The frozen backbone and the evaluation networks of a run: load, or build once and cache.
 
-    <workdir>/backbone/<recipe hash>/     the pre-trained backbone (Orbax)
+    <workdir>/backbone/<recipe hash>/     the pre-trained backbone (Orbax), its recipe.json and
+                                          pretrain.json (the pre-training's seconds and final loss)
     <cache>/<aux name>/<recipe hash>/     evaluation networks (e.g. the fd_classifier)
 
 A recipe is what determines the tree (model, pre-training settings, public data, seed); its hash
@@ -46,7 +47,7 @@ def pretrained(spec, task, workdir: str, rng) -> tuple[dict, dict]:
     got = load_cache(path, init, 'backbone cache')
     if got is not None:
         log(f'backbone: cached {path}')
-        return got, {'source': path}
+        return got, {'source': path, **pretrain_record(path)}
     tx = optim.build(pre.opt, pre.lr, 'pretrain.opt', 'pretrain.lr')
     t0, params, loss = time.time(), init, float('nan')
     bar = progress(total=pre.steps, desc='pretrain', unit='step', every=max(1, pre.steps // 20))
@@ -61,10 +62,22 @@ def pretrained(spec, task, workdir: str, rng) -> tuple[dict, dict]:
         bar.update(done - bar.n)
         bar.set_postfix(loss=f'{loss:.3f}')
     bar.close()
+    record = {'pretrain_s': round(time.time() - t0, 1), 'pretrain_loss': float(loss)}
     checkpoint.save_tree(path, params)
-    with open(os.path.join(path, 'recipe.json'), 'w') as f:
-        json.dump(task.recipe, f, indent=1, sort_keys=True)
-    return params, {'source': path, 'pretrain_s': round(time.time() - t0, 1), 'pretrain_loss': loss}
+    for name, tree in (('recipe.json', task.recipe), ('pretrain.json', record)):
+        with open(os.path.join(path, name), 'w') as f:
+            json.dump(tree, f, indent=1, sort_keys=True)
+    return params, {'source': path, **record}
+
+
+def pretrain_record(path: str) -> dict:
+    """The pre-training's {'pretrain_s', 'pretrain_loss'} kept beside the cached backbone at
+    ``path``, or {} for a cache written before the record was kept."""
+    name = os.path.join(path, 'pretrain.json')
+    if not os.path.isfile(name):
+        return {}
+    with open(name) as f:
+        return json.load(f)
 
 
 def cached(root: str, name: str, recipe: dict, build) -> dict:

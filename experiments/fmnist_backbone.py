@@ -174,8 +174,9 @@ def markdown(settings, r: dict, png: str) -> str:
         f'{dif.timesteps}; {r["steps"]} Adam steps of {r["batch_size"]} images at '
         f'lr {r["lr"]:g} on the {r["public_images"]} public train images (random flips){ema}, '
         f'{trained}; mean loss of the last 100 steps {loss}. '
-        f'Cached at `{r["source"]}`; reuse it with `--config.pretrain.backbone_path=<that '
-        'path>`.', '', f'Samples: {r["n"]} DDIM samples ({r["sample_steps"]} steps, eta 0) in '
+        f'Cached at `{shown_path(r["source"])}`; reuse it with '
+        '`--config.pretrain.backbone_path=<that path>`.', '',
+        f'Samples: {r["n"]} DDIM samples ({r["sample_steps"]} steps, eta 0) in '
         f'{r["sample_s"]:.0f} s. Classifier (FD features): test accuracy '
         f'{100 * r["classifier_test_acc"]:.1f}%, {r["classifier_s"]:.0f} s to build or load.', '',
         '| quantity | value |', '|---|---|',
@@ -192,6 +193,12 @@ def markdown(settings, r: dict, png: str) -> str:
         'published numbers. The floor is what sampling noise alone gives at this n.', '',
         f'![samples]({png})', ''
     ])
+
+
+def shown_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it, else as given."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith('..') else rel
 
 
 def define_flags() -> None:

@@ -1,4 +1,6 @@
 """experiments.fmnist_backbone's scoring: disjoint real sets and the FD / floor / ratio."""
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -74,3 +76,5 @@ def test_markdown_states_fd_floor_ratio_and_the_cache():
         'pretrain_loss': 0.03456
     }, 'grid.png')
     assert 'pre-trained here in 61 s' in md and '0.0346' in md
+    md = fmnist_backbone.markdown(config, {**r, 'source': os.path.abspath('wd/backbone/h')}, 'g')
+    assert '`wd/backbone/h`' in md and os.getcwd() not in md  # no machine-specific path
