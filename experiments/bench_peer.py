@@ -86,13 +86,13 @@ def fedgen_setup(in_dir: str, chunk: int = 1):
     import optax
 
     from fedgen import algorithms
-    from fedgen.io import weights_hf
+    from fedgen.io import weights, weights_hf
     from fedgen.models import llama
     tokens = np.load(os.path.join(in_dir, 'tokens.npy'))
     bb = weights_hf.load_hf_dir(os.path.join(in_dir, 'model'), lora_alpha=LORA_ALPHA)
     model = llama.Llama(bb.config)
     p = qv_method(tokens.shape[0], chunk, optax.adamw(LR, weight_decay=WEIGHT_DECAY))
-    frozen, trainable = algorithms.variables(p, bb.params, jax.random.PRNGKey(1))
+    frozen, trainable = algorithms.variables(p, weights.to_device(bb.params), jax.random.PRNGKey(1))
     return model, p, frozen, trainable, tokens
 
 

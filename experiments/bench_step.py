@@ -2,6 +2,7 @@
 torch's on the step's matrix shapes.
 
     python -m experiments.bench_step            # B = 2 x T = 128, as bench_backbone --peer
+    python -m experiments.bench_step --profile  # and the step's XLA ops by kind (a trace)
 
 One client's LoRA step (r = 8, alpha 16 on q_proj and v_proj; random N(0, 0.02) weights written
 by :func:`experiments.bench_peer.write_inputs`), each part jitted with the frozen tree as an
@@ -16,8 +17,17 @@ argument, median of ``--repeats`` calls after one warm-up:
 FLOPs are model FLOPs (bench_peer.flops_per_token: 2 x the forward's matmul and attention FLOPs for
 a forward-and-backward; half of it for a forward). The GEMM rows time [256, k] x [k, n] float32
 products, XLA (jit(jnp.dot)) against torch.mm on 2 threads (torch from the ``interop`` extra,
-a reference only). Prints the table with the machine line.
+a reference only). The frozen tree is placed on the device once, as the engine does, so no row
+times a host-to-device copy. ``--profile`` adds the adapters' gradient through the 30 blocks traced
+with ``jax.profiler``: the time of each XLA:CPU operation of the compiled program, summed by kind
+(:func:`op_kinds`). Prints the tables with the machine line.
 """
+import collections
+import glob
+import gzip
+import json
+import os
+import re
 import shutil
 import statistics
 import tempfile
@@ -35,6 +45,7 @@ def define_flags() -> None:
     flags.DEFINE_integer('batch', 2, 'Sequences per step B.')
     flags.DEFINE_integer('seq', 128, 'Tokens per sequence T.')
     flags.DEFINE_integer('repeats', 5, 'Timed calls per row (median).')
+    flags.DEFINE_bool('profile', False, "Also trace the blocks' gradient: XLA ops by kind.")
 
 
 def _median_s(fn, *args, repeats: int) -> float:
@@ -48,8 +59,39 @@ def _median_s(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def step_rows(b: int, t: int, repeats: int) -> list[tuple[str, float, float]]:
-    """[(part, seconds, model FLOPs)] for one local step of B x T tokens."""
+def op_kinds(events: list, hlo_text: str, calls: int) -> list[tuple[str, float, float]]:
+    """[(kind, ms per call, share of the ops' time)], largest first, from the trace ``events``
+    (Chrome trace 'X' events) of ``calls`` calls of the program ``hlo_text``: an event counts when
+    its name is one of the program's instructions, and its kind is that name without the
+    numeric suffix (ynn_fusion.37 -> ynn_fusion: a GEMM with its fused operands, run by XNNPACK;
+    dynamic-slice_bitcast_fusion: a slice copied out of a stacked array)."""
+    names = set(re.findall(r'^\s*(?:ROOT )?%?([\w.-]+) = ', hlo_text, re.M))
+    total = collections.defaultdict(float)
+    for e in events:
+        if e.get('ph') == 'X' and e.get('name') in names:
+            total[re.sub(r'\.\d+$', '', e['name'])] += e['dur'] / 1e3 / calls
+    whole = sum(total.values()) or 1.0
+    return sorted(((k, v, v / whole) for k, v in total.items()), key=lambda r: -r[1])
+
+
+def profile_rows(fn, args: tuple, calls: int = 2) -> list[tuple[str, float, float]]:
+    """:func:`op_kinds` of ``calls`` traced calls of the jitted ``fn(*args)`` (after one more)."""
+    import jax
+    d = tempfile.mkdtemp(prefix='bench_step_trace_')
+    jax.block_until_ready(fn(*args))
+    with jax.profiler.trace(d):
+        for _ in range(calls):
+            jax.block_until_ready(fn(*args))
+    path = glob.glob(os.path.join(d, '**', '*.trace.json.gz'), recursive=True)[0]
+    with gzip.open(path) as f:
+        events = json.load(f)['traceEvents']
+    shutil.rmtree(d)
+    return op_kinds(events, fn.lower(*args).compile().as_text(), calls)
+
+
+def step_rows(b: int, t: int, repeats: int, profile: bool = False) -> tuple[list, list]:
+    """([(part, seconds, model FLOPs)] for one local step of B x T tokens, and the blocks'
+    gradient's :func:`profile_rows` when ``profile``, else [])."""
     import jax
 
     from experiments import bench_peer
@@ -82,7 +124,8 @@ def step_rows(b: int, t: int, repeats: int) -> list[tuple[str, float, float]]:
         rows.append((f'{name}, value_and_grad',
                      _median_s(jax.jit(jax.value_and_grad(fn)), *args, repeats=repeats), flops))
         rows.append((f'{name}, forward', _median_s(jax.jit(fn), *args, repeats=repeats), flops / 2))
-    return rows
+    ops = profile_rows(jax.jit(jax.grad(blocks)), (lora, frozen)) if profile else []
+    return rows, ops
 
 
 def gemm_rows(m: int, d: int, ff: int, vocab: int, repeats: int) -> list[tuple]:
@@ -111,7 +154,7 @@ def gemm_rows(m: int, d: int, ff: int, vocab: int, repeats: int) -> list[tuple]:
 def main(argv):
     del argv
     b, t = FLAGS.batch, FLAGS.seq
-    steps = step_rows(b, t, FLAGS.repeats)
+    steps, ops = step_rows(b, t, FLAGS.repeats, FLAGS.profile)
     gemms = gemm_rows(b * t, 576, 1536, 49152, FLAGS.repeats)
     lines = [
         f'Machine: {machine()}.', f'One local step: B={b} x T={t} tokens, SmolLM2-135M '
@@ -121,6 +164,13 @@ def main(argv):
     lines += [f'| {n} | {s * 1e3:.0f} | {f / 1e9:.1f} | {f / s / 1e9:.0f} |' for n, s, f in steps]
     lines += ['', '| float32 GEMM | XLA GFLOP/s | torch GFLOP/s |', '|---|---|---|']
     lines += [f'| {n} | {x:.0f} | {"-" if r is None else f"{r:.0f}"} |' for n, x, r in gemms]
+    if ops:
+        lines += [
+            '', "The blocks' gradient, traced: ms per call of each kind of XLA:CPU op, summed "
+            '(independent ops run side by side on the two threads, so the sum exceeds the wall '
+            'time):', '', '| op kind | ms | share |', '|---|---|---|'
+        ]
+        lines += [f'| {k} | {ms:.1f} | {100 * sh:.1f}% |' for k, ms, sh in ops[:10]]
     print('\n'.join(lines))
 
 

@@ -111,6 +111,7 @@ def test_subword_task_from_an_hf_dir(corpus, hf_llama):
     tok = tokenizer.from_hf_dir(hf_llama)
     assert tok.decode(first[1:]) == tok.decode(tok.encode(sub)[:16])
     params = task.init_backbone(jax.random.PRNGKey(5))
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))  # one copy, on device
     ref = weights_hf.load_hf_dir(hf_llama).params
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), params, ref)
     assert all(jax.tree.leaves(same))

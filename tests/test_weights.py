@@ -340,3 +340,12 @@ def test_gguf_errors(tmp_path, tiny_params):
     w.close()
     with pytest.raises(ValueError, match='quantization type IQ4_NL'):
         weights.load(f'gguf:{tmp_path / "iq.gguf"}')
+
+
+def test_to_device_moves_each_leaf_and_empties_the_host_tree():
+    host = {'a': {'k': np.arange(6, dtype=np.float32).reshape(2, 3).T}, 'b': np.ones(4, np.int32)}
+    want = jax.tree.map(np.copy, host)
+    placed = weights.to_device(host)
+    assert host == {}  # the host leaves are released as they move
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(placed))
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, placed, want)))

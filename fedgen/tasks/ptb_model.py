@@ -37,9 +37,9 @@ class LM:
     """A PTB language model.
 
     arch: 'gpt' | 'llama'; module: the flax decoder; config: its GPTConfig / LlamaConfig;
-    params: the loaded frozen weights, or None when fedgen pre-trains them (source 'local');
-    encode(text) -> ids int32 [N]; decode(ids) -> text; start_id: the unscored first token of a
-    stream; word_level: tokens are PTB words; describe: what to log about it.
+    params: the loaded frozen weights (jax arrays), or None when fedgen pre-trains them (source
+    'local'); encode(text) -> ids int32 [N]; decode(ids) -> text; start_id: the unscored first
+    token of a stream; word_level: tokens are PTB words; describe: what to log about it.
     """
     arch: str
     module: nn.Module
@@ -162,21 +162,22 @@ def build(m, texts: dict, lora_alpha: float, max_vocab: int = 0) -> LM:
     tok = bb.tokenizer
     module = llama.Llama(bb.config) if arch == 'llama' else gpt.GPT(bb.config)
     size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(bb.params))
-    return LM(arch=arch,
-              module=module,
-              config=bb.config,
-              params=bb.params,
-              encode=tok.encode,
-              decode=tok.decode,
-              start_id=weights.document_start_id(tok),
-              word_level=False,
-              describe={
-                  'source': m.source,
-                  'arch': bb.arch,
-                  'parameters': size,
-                  'vocab': tok.vocab_size,
-                  'dtype': m.dtype
-              })
+    return LM(
+        arch=arch,
+        module=module,
+        config=bb.config,
+        params=weights.to_device(bb.params),  # one copy, not host + device
+        encode=tok.encode,
+        decode=tok.decode,
+        start_id=weights.document_start_id(tok),
+        word_level=False,
+        describe={
+            'source': m.source,
+            'arch': bb.arch,
+            'parameters': size,
+            'vocab': tok.vocab_size,
+            'dtype': m.dtype
+        })
 
 
 def stream(lm: LM, text: str) -> np.ndarray:
