@@ -72,7 +72,7 @@ def one_row(dtype: str, remat: bool, chunk: int, c: int, s: int, b: int, t: int,
     from fedgen import algorithms
     from fedgen.tasks import objectives
     from fedgen.data.batching import RoundData
-    from fedgen.models import llama
+    from fedgen.models import layers, llama
     cfg = llama.LlamaConfig(n_positions=max(t + 1, 64), dtype=dtype, remat=remat)
     model = llama.Llama(cfg)
     params = llama.cast_frozen(llama.init_params(cfg, jax.random.PRNGKey(0)), dtype)
@@ -91,7 +91,7 @@ def one_row(dtype: str, remat: bool, chunk: int, c: int, s: int, b: int, t: int,
                      },
                      mask=np.ones((c, s), np.float32),
                      n_k=np.full((c, ), 10.0, np.float32))
-    step = jax.jit(alg.apply)
+    step = jax.jit(alg.apply, compiler_options=layers.compiler_options(dtype))
     compiled = step.lower(state, frozen, data).compile()
     mem = compiled.memory_analysis()
     xla_bytes = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes

@@ -49,6 +49,7 @@ from fedgen.fl import comm
 from fedgen.fl import mesh as population
 from fedgen.fl import runs as fsweep
 from fedgen.io import checkpoint
+from fedgen.models import layers
 
 Hook = Callable[[RunSpec, int, Any, dict], dict]
 
@@ -286,7 +287,10 @@ def train(members: list[Member],
         shared = costs(m0)
         for note in c0.privacy.notes:
             log(note)
-        apply = jax.jit(alg.apply if n == 1 else fsweep.vmap_round(alg.apply), donate_argnums=0)
+        dtype = getattr(getattr(c0.settings, 'model', None), 'dtype', 'float32')
+        apply = jax.jit(alg.apply if n == 1 else fsweep.vmap_round(alg.apply),
+                        donate_argnums=0,
+                        compiler_options=layers.compiler_options(dtype))
         rounds = c0.schedule.rounds
         end = rounds if stop_after is None else min(rounds, stop_after)
         times, host, phases = [], population.to_host(state), {}

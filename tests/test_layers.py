@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedgen.models import layers
+from fedgen.models import layers, llama
+from fedgen.tasks import objectives
 
 
 def _xla(x, w, strides, padding):
@@ -109,3 +110,28 @@ def test_stack_and_unstack_blocks():
         layers.stack_blocks({'h_0': per['h_0'], 'h_2': per['h_1']}, 'h_', 'h', 'x.y')
     with pytest.raises(ValueError, match=r'x.y: h_1/w is \(3,\) but h_0 has \(2, 3\)'):
         layers.stack_blocks({'h_0': per['h_0'], 'h_1': {'w': np.ones(3)}}, 'h_', 'h', 'x.y')
+
+
+def test_bf16_blocks_on_cpu_keep_one_layer_of_float32_kernels():
+    """bf16 weights: XLA:CPU converts each layer's kernels to f32 for its dots; with
+    layers.compiler_options the converts stay inside the layer loop, so the program's temporaries
+    fall below float32's instead of holding an f32 copy of every stacked kernel."""
+    temps = {}
+    for dt in ('float32', 'bfloat16'):
+        cfg = llama.LlamaConfig(vocab_size=64,
+                                n_positions=16,
+                                n_embd=32,
+                                n_layer=6,
+                                n_head=4,
+                                n_kv_head=2,
+                                n_inner=64,
+                                dtype=dt)
+        params = llama.cast_frozen(llama.init_params(cfg, jax.random.PRNGKey(0)), dt)
+        loss = objectives.next_token_loss(llama.Llama(cfg))
+        batch = {'tokens': jnp.zeros((2, 9), jnp.int32), 'weight': jnp.ones((2, ))}
+        grad = jax.grad(lambda p: loss({'params': p}, batch, None)[0])
+        for opts in ({}, layers.compiler_options(dt)):
+            m = jax.jit(grad, compiler_options=opts).lower(params).compile().memory_analysis()
+            temps[dt, bool(opts)] = m.temp_size_in_bytes
+    assert layers.compiler_options('float32') == {}
+    assert temps['bfloat16', True] < temps['float32', False] < temps['bfloat16', False]

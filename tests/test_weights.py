@@ -349,3 +349,20 @@ def test_to_device_moves_each_leaf_and_empties_the_host_tree():
     assert host == {}  # the host leaves are released as they move
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(placed))
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, placed, want)))
+
+
+def test_gguf_stacks_fill_in_place_and_name_a_bad_layer():
+    s = weights_gguf.Stacks(2, 'model.source')
+    s.put(('mlp', 'up_proj', 'kernel'), 1, np.ones((3, 4), np.float32), np.float32)
+    with pytest.raises(ValueError, match=r'^model.source: layers_0/mlp/up_proj/kernel is missing'):
+        s.done()
+    s.put(('mlp', 'up_proj', 'kernel'), 0, np.zeros((3, 4), np.float32), np.float32)
+    (path, a), = s.done().items()
+    assert path == ('layers', 'mlp', 'up_proj', 'kernel') and a.shape == (2, 3, 4)
+    assert a[0].sum() == 0 and a[1].sum() == 12
+    with pytest.raises(ValueError, match='layers_1/mlp/up_proj/kernel is \\(4, 3\\)'):
+        s.put(('mlp', 'up_proj', 'kernel'), 1, np.ones((4, 3), np.float32), np.float32)
+    with pytest.raises(ValueError, match='layers_0/mlp/up_proj/kernel appears twice'):
+        s.put(('mlp', 'up_proj', 'kernel'), 0, np.ones((3, 4), np.float32), np.float32)
+    with pytest.raises(ValueError, match='layers_2/.* outside the 2 layers'):
+        s.put(('mlp', 'up_proj', 'kernel'), 2, np.ones((3, 4), np.float32), np.float32)

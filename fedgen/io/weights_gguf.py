@@ -5,15 +5,18 @@ F32/F16/BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and the K-quants Q2_K..Q6_K are dequantiz
 base carries the quantization error; the adapters are full precision). llama.cpp's converter
 permutes the rows of Q and K within each head from Hugging Face's rotate-half order to interleaved
 pairs; :func:`unpermute_qk` undoes it so :mod:`fedgen.models.llama` (rotate-half RoPE) is exact.
-The per-block tensors ``blk.{i}.*`` become the layer-stacked tree ``layers/*`` [L, ...].
+The per-block tensors ``blk.{i}.*`` become the layer-stacked tree ``layers/*`` [L, ...]: each
+tensor is cast to the model dtype as it is dequantized and written into its preallocated stack,
+so loading holds the model once in that dtype (plus one tensor), not per-layer copies beside it.
 """
 import os
 
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from fedgen.io import tokenizer as tokenizers_
-from fedgen.models import backbone, layers, llama
+from fedgen.models import backbone, llama
 
 GGUF_TYPES = ('F32', 'F16', 'BF16', 'Q4_0', 'Q4_1', 'Q5_0', 'Q5_1', 'Q8_0', 'Q2_K', 'Q3_K', 'Q4_K',
               'Q5_K', 'Q6_K')
@@ -38,6 +41,47 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, out // n_head // 2, 2, d_in).swapaxes(1, 2).reshape(out, d_in)
 
 
+class Stacks:
+    """The layer-stacked block tensors, filled one layer's tensor at a time.
+
+    put(path, i, w, dtype) writes w into layers/<path> [L, ...] at row i (allocated, in ``dtype``,
+    at the first layer seen); done() -> {('layers', *path): [L, ...]} after checking that every
+    path has all L layers. Layer indices outside 0..L-1, a repeated layer or a shape that differs
+    from the first layer's raise a one-line ValueError naming ``field`` (as
+    :func:`fedgen.models.layers.stack_blocks` does for loaders that stack afterwards).
+    """
+
+    def __init__(self, n_layer: int, field: str):
+        self.n_layer, self.field = n_layer, field
+        self.arrays, self.seen = {}, {}
+
+    def put(self, path: tuple, i: int, w: np.ndarray, dtype) -> None:
+        name = '/'.join(path)
+        if not 0 <= i < self.n_layer:
+            raise ValueError(f'{self.field}: layers_{i}/{name} is outside the {self.n_layer} '
+                             'layers of block_count')
+        if path not in self.arrays:
+            self.arrays[path] = np.empty((self.n_layer, ) + w.shape, dtype)
+            self.seen[path] = set()
+        a = self.arrays[path]
+        if a.shape[1:] != w.shape:
+            raise ValueError(f'{self.field}: layers_{i}/{name} is {w.shape} but another layer has '
+                             f'{a.shape[1:]} (stacked layers need the same leaves and shapes)')
+        if i in self.seen[path]:
+            raise ValueError(f'{self.field}: layers_{i}/{name} appears twice')
+        a[i] = w
+        self.seen[path].add(i)
+
+    def done(self) -> dict:
+        for path, seen in self.seen.items():
+            if len(seen) != self.n_layer:
+                missing = min(set(range(self.n_layer)) - seen)
+                raise ValueError(
+                    f'{self.field}: layers_{missing}/{"/".join(path)} is missing '
+                    f'(stacked layers must be 0..{self.n_layer - 1}, every one present)')
+        return {('layers', ) + path: a for path, a in self.arrays.items()}
+
+
 def _meta(reader, key: str, default=None):
     f = reader.fields.get(key)
     return default if f is None else f.contents()
@@ -55,6 +99,8 @@ def load_gguf(path: str,
               field: str = 'source') -> backbone.Backbone:
     """A llama-architecture GGUF: hyper-parameters, dequantized weights and embedded tokenizer."""
     import gguf
+    if dtype not in llama.DTYPES:
+        raise ValueError(f'model.dtype must be one of {llama.DTYPES}, got {dtype!r}')
     if not os.path.isfile(path):
         raise ValueError(f'{field}: GGUF file {path} does not exist')
     reader = gguf.GGUFReader(path)
@@ -77,22 +123,25 @@ def load_gguf(path: str,
     if int(m('rope.dimension_count', head_dim)) != head_dim:
         raise ValueError(f'{field}: GGUF partial RoPE (rope.dimension_count '
                          f'{m("rope.dimension_count")} < head_dim {head_dim}) is not supported')
-    flat = {}
+    n_layer, np_dtype = int(m('block_count')), np.dtype(jnp.dtype(dtype))
+    flat, stacks = {}, Stacks(n_layer, field)
     for t in reader.tensors:
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
         parts = t.name.split('.')
         if t.name == 'token_embd.weight':
-            flat[('embed_tokens', 'embedding')] = w
+            flat[('embed_tokens', 'embedding')] = w.astype(np_dtype, copy=False)
         elif t.name == 'output_norm.weight':
-            flat[('norm', 'weight')] = w
+            flat[('norm', 'weight')] = w.astype(np_dtype, copy=False)
         elif t.name == 'output.weight':
-            flat[('lm_head', 'kernel')] = w.T
+            flat[('lm_head', 'kernel')] = np.ascontiguousarray(w.T, np_dtype)
         elif parts[0] == 'blk' and parts[2] in GGUF_BLOCK and parts[3] == 'weight':
             if parts[2] in ('attn_q', 'attn_k'):
                 w = unpermute_qk(w, heads if parts[2] == 'attn_q' else kv)
-            flat[(f'layers_{parts[1]}', ) + GGUF_BLOCK[parts[2]]] = w.T if w.ndim == 2 else w
+            stacks.put(GGUF_BLOCK[parts[2]], int(parts[1]), w.T if w.ndim == 2 else w, np_dtype)
         else:
             raise ValueError(f'{field}: GGUF tensor {t.name!r} is not supported by the Llama model')
+        del w
+    flat.update(stacks.done())
     vocab = flat[('embed_tokens', 'embedding')].shape[0]
     cfg = llama.LlamaConfig(vocab_size=vocab,
                             n_positions=int(m('context_length', 2048)),
@@ -108,7 +157,7 @@ def load_gguf(path: str,
                             lora_alpha=lora_alpha,
                             dtype=dtype,
                             remat=remat)
-    params = layers.stack_blocks(traverse_util.unflatten_dict(flat), 'layers_', 'layers')
+    params = traverse_util.unflatten_dict(flat)
     return backbone.finish('llama', cfg, params, _gguf_tokenizer(reader, field), dtype, field)
 
 

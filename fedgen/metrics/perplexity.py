@@ -118,14 +118,17 @@ def evaluator(nll_fn: NllFn,
               stride: int,
               batch_size: int = 8,
               *,
-              section: str = '') -> Callable[[Any], dict]:
+              section: str = '',
+              compiler_options: dict | None = None) -> Callable[[Any], dict]:
     """evaluate(variables) -> {'ppl', 'nll_sum', 'tokens', 'words', 'window', 'stride'}: the
-    word-level perplexity of ``stream`` (module docstring); windows built once, one jit."""
+    word-level perplexity of ``stream`` (module docstring); windows built once, one jit (with
+    ``compiler_options``, e.g. fedgen.models.layers.compiler_options of the model's dtype)."""
     win = sliding_windows(stream, window, stride, section=section)
     if num_words < 1:
         raise ValueError(f'num_words must be >= 1, got {num_words}')
     arrays = (win.inputs, win.targets, win.mask)
-    run = jax.jit(lambda v, x, y, m: total_nll(nll_fn, v, x, y, m, batch_size))
+    run = jax.jit(lambda v, x, y, m: total_nll(nll_fn, v, x, y, m, batch_size),
+                  compiler_options=compiler_options)
 
     def evaluate(variables) -> dict:
         total, count = run(variables, *arrays)

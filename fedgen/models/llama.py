@@ -227,9 +227,11 @@ def init_params(cfg: LlamaConfig, rng: jax.Array) -> dict:
 
 
 def cast_frozen(params: dict, dtype: str) -> dict:
-    """Casts the frozen floating-point weights to ``dtype`` (model.dtype), e.g. bf16."""
-    return jax.tree.map(lambda x: x.astype(dtype)
-                        if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    """Casts the frozen floating-point weights to ``dtype`` (model.dtype), e.g. bf16; leaves
+    already in ``dtype`` are returned as they are (no copy)."""
+    return jax.tree.map(
+        lambda x: x.astype(dtype)
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.dtype(dtype) else x, params)
 
 
 def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> dict:

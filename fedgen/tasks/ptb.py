@@ -24,6 +24,7 @@ from fedgen import tasks
 from fedgen.tasks import objectives
 from fedgen.algorithms import LoraSpec
 from fedgen.metrics import perplexity
+from fedgen.models import layers
 from fedgen.data import partition, ptb, topics
 from fedgen.tasks import ptb_model
 
@@ -296,7 +297,9 @@ def evaluator(nll_fn, lm: ptb_model.LM, text: str, split: str, window: int, stri
                                window,
                                stride,
                                batch_size,
-                               section='eval.')
+                               section='eval.',
+                               compiler_options=layers.compiler_options(
+                                   getattr(lm.config, 'dtype', 'float32')))
 
     def evaluate(variables) -> dict:
         r = run(variables)
