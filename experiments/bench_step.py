@@ -77,16 +77,16 @@ def op_kinds(events: list, hlo_text: str, calls: int) -> list[tuple[str, float, 
 def profile_rows(fn, args: tuple, calls: int = 2) -> list[tuple[str, float, float]]:
     """:func:`op_kinds` of ``calls`` traced calls of the jitted ``fn(*args)`` (after one more)."""
     import jax
-    d = tempfile.mkdtemp(prefix='bench_step_trace_')
-    jax.block_until_ready(fn(*args))
+    d, compiled = tempfile.mkdtemp(prefix='bench_step_trace_'), fn.lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
     with jax.profiler.trace(d):
         for _ in range(calls):
-            jax.block_until_ready(fn(*args))
+            jax.block_until_ready(compiled(*args))
     path = glob.glob(os.path.join(d, '**', '*.trace.json.gz'), recursive=True)[0]
     with gzip.open(path) as f:
         events = json.load(f)['traceEvents']
     shutil.rmtree(d)
-    return op_kinds(events, fn.lower(*args).compile().as_text(), calls)
+    return op_kinds(events, compiled.as_text(), calls)
 
 
 def step_rows(b: int, t: int, repeats: int, profile: bool = False) -> tuple[list, list]:

@@ -71,11 +71,9 @@ def to_device(params: dict) -> dict:
     (538 MB each for float32 SmolLM2-135M), and the move itself holds at most one extra leaf."""
     out = {}
     for key in list(params):
-        leaf = params.pop(key)
-        out[key] = to_device(leaf) if isinstance(leaf, dict) else jnp.asarray(leaf)
-        if not isinstance(leaf, dict):
-            out[key].block_until_ready()  # the host leaf is released before the next one moves
-        del leaf
+        leaf = params.pop(key)  # the host leaf is released before the next one moves
+        out[key] = (to_device(leaf)
+                    if isinstance(leaf, dict) else jnp.asarray(leaf).block_until_ready())
     return out
 
 
