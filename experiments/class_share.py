@@ -124,22 +124,21 @@ def figure(rows: list[dict], imgs: dict, class_names, ref_name: str, cols: int, 
     plt.close(fig)
 
 
-def run(workdir: str, clients: int, samples: int, min_share: float = 0.1) -> dict:
-    """Measures the finished, personalized run in ``workdir``; writes the files; returns the
-    summary (with the rows under 'rows')."""
+def setup(workdir: str, clients: int, min_share: float = 0.1, spec=None) -> dict:
+    """What every class-share measurement of the finished run in ``workdir`` needs: spec, the
+    restored run (experiments.personalize.restore), task, predict (uint8 images -> int [n]
+    classes), own (bool [N, K]), picks (the client ids measured), reference (the global model's
+    variables, or the backbone's for methods without one). ``spec``: the run's RunSpec with other
+    personalize.* settings (default: that of <workdir>/config.json)."""
     if not (isinstance(clients, int) and clients >= 1):
         raise ValueError(f'--clients must be an int >= 1, got {clients!r}')
-    if not (isinstance(samples, int) and samples >= 1):
-        raise ValueError(f'--samples must be an int >= 1, got {samples!r}')
-    spec = translate.spec(personal_exp.load_config(workdir))
+    spec = spec or translate.spec(personal_exp.load_config(workdir))
     r = personal_exp.restore(spec, workdir)
     task = r['task']
     if task.sample_kind != 'images' or task.classes is None:
         raise ValueError(f'--workdir {workdir}: class shares need an image task with classes, '
                          f'got task {task.name!r}')
-    personal = checkpoint.load_personal(workdir, r['step'], None)  # experiments.personalize
     clf = backbones.auxiliaries(spec, task, workdir)['classifier']
-    predict = lambda x: np.asarray(classifier.logits(clf, x)).argmax(-1)
     k_classes = len(task.classes)
     own = np.stack([own_classes(task.labels[i], k_classes, min_share) for i in task.client_train])
     trained = personal_exp.rounds_sampled(spec, r['step']) > 0
@@ -147,7 +146,29 @@ def run(workdir: str, clients: int, samples: int, min_share: float = 0.1) -> dic
     if not picks:
         raise ValueError(f'--workdir {workdir}: no trained client has training images')
     has_global = r['method'].has_global
-    reference = {**r['frozen'], **r['state'].trainable} if has_global else r['backbone']
+    return dict(spec=spec,
+                run=r,
+                task=task,
+                classifier=clf,
+                predict=lambda x: np.asarray(classifier.logits(clf, x)).argmax(-1),
+                own=own,
+                picks=picks,
+                has_global=has_global,
+                reference={
+                    **r['frozen'],
+                    **r['state'].trainable
+                } if has_global else r['backbone'])
+
+
+def run(workdir: str, clients: int, samples: int, min_share: float = 0.1) -> dict:
+    """Measures the finished, personalized run in ``workdir``; writes the files; returns the
+    summary (with the rows under 'rows')."""
+    if not (isinstance(samples, int) and samples >= 1):
+        raise ValueError(f'--samples must be an int >= 1, got {samples!r}')
+    st = setup(workdir, clients, min_share)
+    spec, r, task, predict, own = st['spec'], st['run'], st['task'], st['predict'], st['own']
+    personal = checkpoint.load_personal(workdir, r['step'], None)  # experiments.personalize
+    picks, has_global, reference = st['picks'], st['has_global'], st['reference']
     personal_of = lambda k: {**r['frozen'], **jax.tree.map(lambda x: x[k], personal)}
     rows, imgs = shares(task.sample, predict, reference, personal_of, picks, own, samples,
                         spec.seed + 41)
@@ -177,12 +198,18 @@ def run(workdir: str, clients: int, samples: int, min_share: float = 0.1) -> dic
     return out
 
 
-def define_flags() -> None:
-    """This command's flags, defined only when it is the program."""
-    flags.DEFINE_string('workdir', None, 'The finished, personalized run.', required=True)
+def define_share_flags() -> None:
+    """--clients, --samples and --min_share: which clients, how many samples per model, and what
+    counts as a client's own class (this command's and experiments.personal_grid's)."""
     flags.DEFINE_integer('clients', 8, 'How many trained clients (the first, in index order).')
     flags.DEFINE_integer('samples', 64, 'Samples per model (reference and each personal one).')
     flags.DEFINE_float('min_share', 0.1, "A client's own classes: >= this share of its images.")
+
+
+def define_flags() -> None:
+    """This command's flags, defined only when it is the program."""
+    flags.DEFINE_string('workdir', None, 'The finished, personalized run.', required=True)
+    define_share_flags()
 
 
 def main(argv):

@@ -6,7 +6,8 @@ A study is the ``fmnist`` entry of an experiments/scales.py scale (None: not run
 arg and over (configs/fmnist_<method>.py:<arg> with dotted overrides), backbone (pre-training
 steps, batch_size, lr, ema_decay; samples and sample_steps of its quality check), seeds (both
 methods, one vmapped sweep group each), class_clients and class_samples (the own-class share's
-clients per seed and samples per model). In order:
+clients per seed and samples per model), personal_grid (optional: {lrs, steps}, the
+personalization budgets experiments.personal_grid compares). In order:
 
 1. the backbone (experiments.fmnist_backbone.run): pre-trained once on the server's public images
    and cached under <workdir>/fmnist/backbone/backbone/<recipe hash>, its N DDIM samples scored
@@ -19,15 +20,19 @@ clients per seed and samples per model). In order:
    then experiments.class_share: share_k(M) = |{i : c(x_i^M) in O_k}| / n for the global model
    and client k's personal one from the same noise keys, O_k the classes holding >= 10% of k's
    images, c the classifier's argmax; the fraction of clients whose personal share is higher,
-   with its bootstrap 95% CI over clients.
+   with its bootstrap 95% CI over clients; then experiments.personal_grid over the
+   personal_grid budgets on the same clients and noise keys (shares, local test loss, the
+   classifier's confidence in the samples).
 
-Every run, personalization and class share is read back when finished (a killed one resumes).
+Every run, personalization, class share and grid setting is read back when finished (a killed
+one resumes). The runs are reused whatever personalize.* says (writers.POST_RUN); the
+personalization and class shares are keyed on those settings and redone when they change.
 """
 import json
 import os
 import shutil
 
-from experiments import class_share, compare, fmnist_backbone, lm_study
+from experiments import class_share, compare, fmnist_backbone, lm_study, personal_grid
 from experiments import personalize as personal_exp
 from experiments.console import log
 from experiments.measures import stats
@@ -55,16 +60,23 @@ def section(st: dict | None, workdir: str, out: str, source: str = '', command: 
     cache = os.path.abspath(os.path.join(wd, 'backbone'))
     bb = backbone(cache, out, b, st['arg'], over, command)
     over.update({'pretrain.backbone_path': bb['source'], 'metrics.cache_dir': cache})
-    res = {'backbone': bb, 'runs': {}, 'class_share': []}
+    res = {'backbone': bb, 'runs': {}, 'class_share': [], 'grid': []}
     cache_groups = {}
     for m in METHODS:
         c = compare.method_config('fmnist', m, st['arg'], over)
         res['runs'][m] = lm_study.group(c, st['seeds'], {}, wd, m, cache_groups)
     for r in res['runs']['fedgen_edge']['runs']:
-        res['class_share'].append(personal_share(r['dir'], st['class_clients'],
-                                                 st['class_samples']))
-    first = os.path.join(res['runs']['fedgen_edge']['runs'][0]['dir'], 'class_share.png')
-    shutil.copyfile(first, os.path.join(out, 'fmnist_class_share.png'))
+        res['class_share'].append(
+            personal_share(r['spec'], r['dir'], st['class_clients'], st['class_samples']))
+        res['grid'].append(
+            grid(r['spec'], r['dir'], st.get('personal_grid'), st['class_clients'],
+                 st['class_samples']))
+    first = res['runs']['fedgen_edge']['runs'][0]['dir']
+    shutil.copyfile(os.path.join(first, 'class_share.png'),
+                    os.path.join(out, 'fmnist_class_share.png'))
+    if res['grid'][0] is not None:
+        shutil.copyfile(os.path.join(first, 'personal_grid.png'),
+                        os.path.join(out, 'fmnist_personal_grid.png'))
     return res
 
 
@@ -89,21 +101,41 @@ def backbone(cache: str, out: str, b: dict, arg: str, over: dict, command: str) 
         return json.load(f)
 
 
-def personal_share(run_dir: str, clients: int, samples: int) -> dict:
-    """experiments.personalize then experiments.class_share of the finished run in ``run_dir``
-    (read back from <run_dir>/class_share.json when both are done): the class-share summary
-    with its per-client rows, plus the personalization's share of clients whose local denoising
-    loss improves on the global model's (loss_improved)."""
+def personal_share(spec, run_dir: str, clients: int, samples: int) -> dict:
+    """experiments.personalize (with RunSpec ``spec``'s personalize.* settings) then
+    experiments.class_share of the finished run in ``run_dir``, read back from
+    <run_dir>/class_share.json when both were done with these settings, clients and samples: the
+    class-share summary with its per-client rows, plus the personalization's share of clients
+    whose local denoising loss improves on the global model's (loss_improved)."""
     path = os.path.join(run_dir, 'class_share.json')
-    if not os.path.isfile(path):
+    key = {
+        'personalize': personal_exp.settings(spec),
+        'request': {
+            'clients': clients,
+            'samples': samples
+        }
+    }
+    old = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+    if {k: old.get(k) for k in key} != key:
         log(f'--- personalize and class share {run_dir}')
-        personal_exp.main_run(None, run_dir, None, 0)
-        class_share.run(run_dir, clients, samples)
-    with open(path) as f:
-        shares = json.load(f)
+        personal_exp.main_spec(spec, run_dir, None, 0)
+        old = {**class_share.run(run_dir, clients, samples), **key}
+        with open(path, 'w') as f:
+            json.dump(old, f, indent=1)
     with open(os.path.join(run_dir, 'personalization.json')) as f:
-        shares['loss_improved'] = json.load(f)['vs_global']['share_improved']
-    return shares
+        old['loss_improved'] = json.load(f)['vs_global']['share_improved']
+    return old
+
+
+def grid(spec, run_dir: str, g: dict | None, clients: int, samples: int) -> dict | None:
+    """experiments.personal_grid on the finished run of RunSpec ``spec`` in ``run_dir`` over the
+    scale's personal_grid entry ``g`` ({lrs, steps}; None: not run)."""
+    if not g:
+        return None
+    return personal_grid.run(run_dir, g['lrs'], g['steps'], clients, samples, spec=spec)
 
 
 def measure(res: dict) -> dict:
@@ -128,18 +160,81 @@ def measure(res: dict) -> dict:
             m: stats(runs[m], 'fd_classifier_ema')
             for m in METHODS
         },
-        'backbone_fd': first('fedgen_edge').get('backbone_fd_classifier'),
+        'backbone_fd':
+        first('fedgen_edge').get('backbone_fd_classifier'),
         'up_bytes': {
             m: first(m).get('up_bytes_per_client_round')
             for m in METHODS
         },
-        'rounds': first('fedgen_edge').get('rounds'),
+        'rounds':
+        first('fedgen_edge').get('rounds'),
         'class_share': [{
             k: v
             for k, v in s.items() if k != 'rows'
         } for s in res['class_share']],
-        'seeds': len(runs['fedgen_edge']['runs'])
+        'grid': [[{
+            k: v
+            for k, v in x.items() if k != 'rows'
+        } for x in g['settings']] if g else None for g in res.get('grid', [])],
+        'personalize':
+        res['class_share'][0].get('personalize'),
+        'seeds':
+        len(runs['fedgen_edge']['runs'])
     }
+
+
+def setting_key(s: dict) -> str:
+    return personal_grid.setting_key(s['lr'], s['max_steps'])
+
+
+def personalized(m: dict) -> str:
+    """' Each client's personal model: ...' (the personalize.* settings of the table below), or
+    '' when they were not recorded."""
+    p = m.get('personalize')
+    if not p:
+        return ''
+    cap = f' of at most {p["max_steps"]} steps' if p['max_steps'] else ''
+    return (f' Each client\'s personal model: the global adapter fine-tuned on its own images for '
+            f'{p["epochs"]} local epoch(s){cap} with {p["opt"]} at lr {p["lr"]:g}.')
+
+
+def grid_markdown(grids: list, png: str) -> list[str]:
+    """The personalization-budget table (experiments/personal_grid.py), one row per setting and
+    seed, and its figure; nothing when the grid did not run."""
+    if not grids or grids[0] is None:
+        return []
+    lines = [
+        '', 'How much fine-tuning does a client need? The same clients and noise keys, each '
+        'setting fine-tuning the global adapter for one local epoch of at most `steps` steps at '
+        '`lr` (experiments/personal_grid.py). The local denoising MSE is on the client\'s '
+        'held-out images (the same noise for both models); the confidence is the classifier\'s '
+        'mean top-class probability on the samples, a proxy for how recognisable they are.', '',
+        '| lr | steps | seed | own-class share, global -> personal | clients higher (95% CI) | '
+        'local denoising MSE, global -> personal | clients whose MSE falls | '
+        'confidence, global -> personal |', '|---|---|---|---|---|---|---|---|'
+    ]
+    for j in range(len(grids[0])):
+        for i, g in enumerate(grids):
+            x = g[j]
+            lines.append(f'| {x["lr"]:g} | {x["max_steps"]} | {i} | '
+                         f'{x["mean_share_reference"]:.3f} -> {x["mean_share_personal"]:.3f} | '
+                         f'{100 * x["share_of_clients_higher"]:.0f}% ({100 * x["ci"][0]:.0f}-'
+                         f'{100 * x["ci"][1]:.0f}%) | {x["mean_loss_global"]:.5f} -> '
+                         f'{x["mean_loss_personal"]:.5f} | {100 * x["loss_improved"]:.0f}% | '
+                         f'{x["conf_reference"]:.3f} -> {x["conf_personal"]:.3f} |')
+    picks = []
+    for i, g in enumerate(grids):
+        c = personal_grid.choose(g)
+        picks.append(f'seed {i}: ' + (setting_key(c) if c else 'none'))
+    lines += [
+        '', 'The rule that chose the personalization above (experiments.personal_grid.choose): '
+        'the largest own-class share whose mean held-out denoising MSE stays within 1% of the '
+        f'global model\'s. It picks {"; ".join(picks)}.'
+    ]
+    return lines + [
+        '', 'Seed 0, the first two clients: a row of global samples, then one per setting.', '',
+        f'![personalization budget]({png})'
+    ]
 
 
 def markdown(m: dict, grid: str, shares_png: str) -> list[str]:
@@ -168,7 +263,7 @@ def markdown(m: dict, grid: str, shares_png: str) -> list[str]:
                      f'{m["up_bytes"][k]:,} B |')
     lines += [
         '', f'Both from the backbone above (FD {fmt(m["backbone_fd"])} on the same validation '
-        f'images), {m["rounds"]} rounds, label-skewed clients.', '',
+        f'images), {m["rounds"]} rounds, label-skewed clients.{personalized(m)}', '',
         '| seed | clients | own-class share, global | personal | clients higher (95% CI) | '
         'clients whose local denoising loss improves |', '|---|---|---|---|---|---|'
     ]
@@ -184,4 +279,4 @@ def markdown(m: dict, grid: str, shares_png: str) -> list[str]:
         'Per client below, seed 0: a row of global samples above a row of personal ones.', '',
         f'![own-class share]({shares_png})'
     ]
-    return lines
+    return lines + grid_markdown(m.get('grid'), 'fmnist_personal_grid.png')

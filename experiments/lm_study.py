@@ -111,16 +111,19 @@ def backbone(config, workdir: str) -> tuple[str, dict]:
 
 
 def personalization(spec, run_dir: str) -> dict:
-    """Per-client gains of the finished run of RunSpec ``spec`` in ``run_dir`` (cached in
-    <run_dir>/gains.json)."""
+    """Per-client gains of the finished run of RunSpec ``spec`` in ``run_dir`` with ``spec``'s
+    personalize.* settings (cached in <run_dir>/gains.json, with those settings)."""
     path = os.path.join(run_dir, 'gains.json')
+    want = personal_exp.settings(spec)
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            old = json.load(f)
+        if old.get('personalize') == want:
+            return old
     restored = personal_exp.restore(spec, run_dir)
     _, rows, summary = personal_exp.run_personalize(spec, spec.personalize.epochs, restored)
     personal_exp.write(run_dir, rows, summary)
-    out = {'rows': rows, 'summary': summary}
+    out = {'rows': rows, 'summary': summary, 'personalize': want}
     with open(path, 'w') as f:
         json.dump(out, f)
     return out

@@ -21,6 +21,7 @@ losses; gain_vs_global = global - personal, gain_vs_backbone = backbone - person
 that keep trees, untrained clients (still the initial tree) are left out of the shares.
 """
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -244,14 +245,24 @@ def describe(summary: dict) -> str:
     return '\n'.join(out)
 
 
-def main_run(config, workdir: str, epochs: int | None, show: int) -> dict:
+def settings(spec: RunSpec, epochs: int | None = None) -> dict:
+    """The personalize.* settings a personalization of ``spec`` runs with (``epochs`` overrides
+    E_p): what caches of its results are keyed on."""
+    out = dataclasses.asdict(spec.personalize)
+    return out if epochs is None else {**out, 'epochs': epochs}
+
+
+def main_spec(spec: RunSpec, workdir: str, epochs: int | None, show: int) -> dict:
+    """Personalizes the finished run in ``workdir`` with RunSpec ``spec`` (its personalize.*
+    settings may differ from the run's own: training never reads them); writes the files;
+    returns the summary, its settings under 'personalize'."""
     t0 = time.time()
-    spec = translate.spec(load_config(workdir, config))
     epochs = spec.personalize.epochs if epochs is None else epochs
     run = restore(spec, workdir)
     log(f'restored {spec.method.name} round {run["step"]}; personalizing '
         f'{len(run["task"].client_train)} clients')
     res, rows, summary = run_personalize(spec, epochs, run)
+    summary['personalize'] = settings(spec, epochs)
     path = checkpoint.save_personal(workdir, run['step'], res.personal)
     write(workdir, rows, summary)
     summary['wall_s'] = round(time.time() - t0, 1)
@@ -260,6 +271,11 @@ def main_run(config, workdir: str, epochs: int | None, show: int) -> dict:
     log(f'wrote {workdir}/personalization.csv, personalization_gains.png, personalization.json')
     show_samples(spec, run, res.personal, rows, show, workdir)
     return summary
+
+
+def main_run(config, workdir: str, epochs: int | None, show: int) -> dict:
+    """:func:`main_spec` with the spec of ``config`` (default <workdir>/config.json)."""
+    return main_spec(translate.spec(load_config(workdir, config)), workdir, epochs, show)
 
 
 def main(argv):

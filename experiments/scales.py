@@ -35,7 +35,10 @@ NO_ABLATIONS = dict(rank_seeds=(),
                     min_size=10)
 # Fashion-MNIST at the cpu and gpu scales: the backbone of docs/results/fmnist_backbone.md (8000
 # steps, weight EMA 0.999), adapters on attention and the residual 3x3 convolutions, 20 rounds of
-# 10 of 100 label-skewed clients, personalization of at most 8 steps per client.
+# 10 of 100 label-skewed clients, personalization of at most 32 steps per client at lr 1e-3 (of
+# the personal_grid budgets, seed 0 chose it: against 8 steps it raised the own-class share,
+# kept the held-out denoising MSE within 0.3% of the global model's and the samples'
+# classifier confidence higher; lr 3e-3 and 1e-2 cost the held-out MSE more than 1%).
 FMNIST = dict(arg='',
               over={
                   'lora.targets': ('attn', r'res/conv\d/kernel$'),
@@ -43,7 +46,7 @@ FMNIST = dict(arg='',
                   'lora.alpha': 32.0,
                   'personalize.epochs': 1,
                   'personalize.lr': 1e-3,
-                  'personalize.max_steps': 8
+                  'personalize.max_steps': 32
               },
               backbone=dict(steps=8000,
                             batch_size=16,
@@ -53,7 +56,8 @@ FMNIST = dict(arg='',
                             sample_steps=20),
               seeds=(0, 1),
               class_clients=8,
-              class_samples=64)
+              class_samples=64,
+              personal_grid=dict(lrs=(1e-3, 3e-3, 1e-2), steps=(8, 32)))
 SCALES = {
     # smoke: a pipeline check on tiny synthetic data, both studies' code paths.
     'smoke':
@@ -104,7 +108,8 @@ SCALES = {
                                    sample_steps=2),
                      seeds=(0, 1),
                      class_clients=2,
-                     class_samples=4),
+                     class_samples=4,
+                     personal_grid=dict(lrs=(1e-3, 1e-2), steps=(1, ))),
          brown=False,
          synthetic_data=True),
     # cpu: SmolLM2-135M is the main study, 40 clients holding 20% of PTB train (per-client
@@ -300,7 +305,16 @@ def _fmnist(st) -> str:
             f'EMA {b["ema_decay"]:g}), {b["samples"]} samples of {b["sample_steps"]} DDIM steps '
             f'scored; {_config("fmnist", st["arg"])} with {_overrides(st["over"])}, FedGen-Edge '
             f'vs full FedAvg over {_seeds(st["seeds"])}; own-class shares of '
-            f'{st["class_clients"]} clients per seed, {st["class_samples"]} samples per model')
+            f'{st["class_clients"]} clients per seed, {st["class_samples"]} samples per model'
+            f'{_grid(st.get("personal_grid"))}')
+
+
+def _grid(g) -> str:
+    """'; personalization budgets lr in {...} x steps in {...}' (experiments.personal_grid)."""
+    if not g:
+        return ''
+    return (f'; personalization budgets lr in {{{", ".join(f"{x:g}" for x in g["lrs"])}}} x at '
+            f'most {{{", ".join(str(x) for x in g["steps"])}}} steps')
 
 
 def describe(name: str, sc: dict) -> str:

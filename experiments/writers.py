@@ -41,6 +41,9 @@ from fedgen.metrics import plots
 # results (schedule length, chunking, devices, evaluation, checkpointing, where the data is read).
 RUN_FREE = ('fed.rounds', 'fed.client_chunk', 'fed.client_mem_budget_mb', 'fed.num_devices', 'eval',
             'checkpoint', 'personalize', 'metrics', 'data.source', 'data.verify_md5')
+# Config fields that only stages after training read (experiments.personalize and what builds on
+# it): a finished run is reused whatever they say; those stages key their own outputs on them.
+POST_RUN = ('personalize', )
 # What clear_run removes: everything a run writes except the recipe-keyed caches (backbone/ etc.).
 RUN_OUTPUTS = ('checkpoints', 'personal', 'config.json', 'metrics.jsonl', 'summary.json',
                'events.out.tfevents.*', 'samples_*.png', 'label_histograms.png')
@@ -128,14 +131,15 @@ def run_config(workdir: str, field: str = '--workdir') -> ml_collections.ConfigD
 
 
 def finished(config_json: str, workdir: str) -> dict | None:
-    """summary.json of the run that finished in ``workdir`` with exactly this config (every field,
-    RUN_FREE ones included: fed.rounds, eval, ...), else None. A rerun returns it unchanged."""
+    """summary.json of the run that finished in ``workdir`` with this config (every field but the
+    POST_RUN ones; RUN_FREE ones included: fed.rounds, eval, ...), else None. A rerun returns it
+    unchanged."""
     paths = [os.path.join(workdir, n) for n in ('config.json', 'summary.json')]
     if not all(os.path.isfile(p) for p in paths):
         return None
     with open(paths[0]) as f:
         old = json.load(f)
-    if config_conflict(old, json.loads(config_json), free=()):
+    if config_conflict(old, json.loads(config_json), free=POST_RUN):
         return None
     with open(paths[1]) as f:
         return json.load(f)

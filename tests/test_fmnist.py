@@ -2,6 +2,8 @@
 the config, the missing-data error, the training loss's flips and dropout, and a 2-round run of
 configs/fmnist_fedgen_edge.py:tiny (flips + EMA) killed after round 1 and resumed (that
 resume equals an unbroken run is tests/test_ema.py's engine-level check)."""
+import copy
+import csv
 import dataclasses
 import json
 import os
@@ -14,7 +16,7 @@ import pytest
 
 from conftest import write_image_folder
 from configs import fmnist_fedgen_edge
-from experiments import class_share, train, translate
+from experiments import class_share, personal_grid, train, translate
 from experiments.smoke_data import write_fashion_idx
 from experiments import personalize as personal_exp
 from fedgen.io import checkpoint
@@ -222,3 +224,66 @@ def test_class_share_of_a_personalized_run(tiny_run):
     assert class_share.run(work, 2, 3) == out
     with pytest.raises(ValueError, match='--clients'):
         class_share.run(work, 0, 3)
+
+
+def test_personal_grid_reproduces_the_runs_own_personalization(tiny_run, monkeypatch):
+    """experiments.personal_grid on the tiny run: its setting equal to the run's personalization
+    (lr, 2 steps) gives the same per-client own-class shares as class_share and the same local
+    losses as personalization.csv, on the class-share clients only; finished settings are read
+    back, not recomputed; bad grids are refused before any compute."""
+    cfg, work, _ = tiny_run
+    c = copy.deepcopy(cfg)
+    c.personalize.max_steps = 2
+    personal_exp.main_run(c, work, 1, 0)
+    shares = class_share.run(work, 2, 3)
+    with open(os.path.join(work, 'personalization.csv')) as f:
+        losses = {int(r['client']): r for r in csv.DictReader(f)}
+    lr = float(c.personalize.lr)
+    out = personal_grid.run(work, [lr, 10 * lr], [2, 1], 2, 3, spec=translate.spec(c))
+    names = [personal_grid.setting_key(x['lr'], x['max_steps']) for x in out['settings']]
+    assert names == [
+        f'lr {lr:g}, 2 steps', f'lr {lr:g}, 1 steps', f'lr {10 * lr:g}, 2 steps',
+        f'lr {10 * lr:g}, 1 steps'
+    ]
+    same = out['settings'][0]
+    assert [r['client'] for r in same['rows']] == [r['client'] for r in shares['rows']]
+    for g, s in zip(same['rows'], shares['rows']):
+        assert g['share_personal'] == s['share_personal']
+        assert g['share_reference'] == s['share_reference']
+        np.testing.assert_allclose(g['loss_personal'],
+                                   float(losses[g['client']]['personal_loss']),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(g['loss_global'],
+                                   float(losses[g['client']]['global_loss']),
+                                   rtol=1e-6)
+    assert same['mean_share_reference'] == shares['mean_share_reference']
+    for x in out['settings']:
+        assert 0.0 <= x['conf_personal'] <= 1.0 and 0.0 <= x['loss_improved'] <= 1.0
+    assert {x['conf_reference'] for x in out['settings']} == {same['conf_reference']}
+    assert out['settings'][2]['rows'] != same['rows']  # a 10x lr moves the personal models
+    for name in ('personal_grid.json', 'personal_grid.png', 'personal_grid.npz'):
+        assert os.path.getsize(os.path.join(work, name)) > 0, name
+
+    def never(*a, **k):
+        raise AssertionError('a finished setting was recomputed')
+
+    monkeypatch.setattr(personal_grid, 'one_setting', never)
+    assert personal_grid.run(work, [lr, 10 * lr], [2, 1], 2, 3) == out  # config.json's
+    with pytest.raises(ValueError, match='^--steps must be ints >= 1'):
+        personal_grid.run(work, [lr], [0], 2, 3)
+    with pytest.raises(ValueError, match='^--lrs must be numbers > 0'):
+        personal_grid.run(work, [], [1], 2, 3)
+
+
+def test_choose_takes_the_largest_share_within_the_loss_budget():
+    """personal_grid.choose: the largest personal own-class share among settings whose local
+    test loss rose by at most 1%; None when every setting costs more."""
+    s = lambda share, loss: {
+        'mean_share_personal': share,
+        'mean_loss_global': 1.0,
+        'mean_loss_personal': loss
+    }
+    grid = [s(0.35, 1.006), s(0.43, 1.003), s(0.48, 1.019), s(0.30, 0.99)]
+    assert personal_grid.choose(grid) is grid[1]
+    assert personal_grid.choose(grid, max_loss_rise=0.02) is grid[2]
+    assert personal_grid.choose(grid[2:3]) is None

@@ -67,7 +67,8 @@ def test_figures_write_pngs(tmp_path):
 
 def test_finished_reuses_only_an_identical_finished_run(tmp_path):
     """A grid row reuses a finished run only when its whole config is identical
-    (writers.finished, the same check train.run makes)."""
+    (writers.finished, the same check train.run makes), but for the personalize.* fields that
+    training never reads (writers.POST_RUN)."""
     config = grid.config_for('tiny', {'fed.aggregator': 'median'}, '')
     assert writers.finished(config.to_json_best_effort(), str(tmp_path)) is None  # nothing there
     (tmp_path / 'config.json').write_text(config.to_json_best_effort())
@@ -82,3 +83,12 @@ def test_finished_reuses_only_an_identical_finished_run(tmp_path):
     rounds = grid.config_for('tiny', {'fed.aggregator': 'median', 'fed.rounds': 7}, '')
     assert writers.finished(rounds.to_json_best_effort(),
                             str(tmp_path)) is None  # more rounds: train.run resumes it
+    later = grid.config_for('tiny', {
+        'fed.aggregator': 'median',
+        'personalize.lr': 0.5,
+        'personalize.max_steps': 3
+    }, '')
+    assert later.personalize.lr != config.personalize.lr
+    assert writers.finished(later.to_json_best_effort(), str(tmp_path)) == {
+        'final_valid_ppl': 123.0
+    }

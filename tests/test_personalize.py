@@ -92,6 +92,30 @@ def test_each_client_is_fine_tuned_as_if_alone(tiny, split):
     assert np.isfinite(res.train_loss).all()
 
 
+def test_a_subset_of_clients_gets_their_rows_of_the_whole_population(tiny, split):
+    """clients=[...]: row i is client clients[i]'s row of the run over every client (same
+    batches, keys and noise), fine-tuned or kept; bad ids are refused before any compute."""
+    w = {'lora': tiny.adapters}
+    whole = _run(tiny, split, 1, w)
+    ids = [4, 1]
+    part = _run(tiny, split, 1, w, clients=ids)
+    for f in ('backbone_loss', 'global_loss', 'personal_loss', 'test_weight', 'train_loss'):
+        np.testing.assert_allclose(getattr(part, f), getattr(whole, f)[ids], rtol=1e-6)
+    chex.assert_trees_all_close(part.personal,
+                                jax.tree.map(lambda x: x[np.array(ids)], whole.personal),
+                                rtol=1e-5,
+                                atol=1e-7)
+    kept = jax.tree.map(
+        lambda x: x + jnp.arange(len(tiny.clients), dtype=x.dtype).reshape((-1, ) + (1, ) *
+                                                                           (x.ndim - 1)),
+        client_state.tile(w, len(tiny.clients)))
+    part = _run(tiny, split, 1, w, personal=kept, clients=[3])
+    chex.assert_trees_all_equal(part.personal, jax.tree.map(lambda x: x[3:4], kept))
+    for bad in ([], [1, 1], [len(tiny.clients)], [-1]):
+        with pytest.raises(ValueError, match=r'^personalize: clients must be distinct ids'):
+            _run(tiny, split, 1, w, clients=bad)
+
+
 def test_pack_eval_pads_with_zero_weight():
     ex = {'x': np.arange(10)[:, None]}
     out = personalize.pack_eval(ex, [np.array([1, 2, 3]), np.array([], np.int64)], 2)

@@ -106,12 +106,22 @@ def test_smoke_fashion_mnist_study_backbone_claim_3_and_own_class_shares(smoke):
     for s in f['class_share']:
         assert s['clients'] == 2 and 0 <= s['mean_share_personal'] <= 1
         assert 0 <= s['loss_improved'] <= 1 and s['samples_per_model'] == 4
-    for name in ('fmnist_backbone.md', 'fmnist_backbone_samples.png', 'fmnist_class_share.png'):
+    assert f['personalize']['max_steps'] == 0 and f['personalize']['epochs'] == 1
+    assert len(f['grid']) == 2  # per seed: lr 1e-3 and 1e-2 at one step, the same two clients
+    for g, s in zip(f['grid'], f['class_share']):
+        assert [(x['lr'], x['max_steps']) for x in g] == [(1e-3, 1), (1e-2, 1)]
+        assert {x['mean_share_reference'] for x in g} == {s['mean_share_reference']}
+        assert all(x['clients'] == 2 and 0 <= x['conf_personal'] <= 1 for x in g)
+    for name in ('fmnist_backbone.md', 'fmnist_backbone_samples.png', 'fmnist_class_share.png',
+                 'fmnist_personal_grid.png'):
         assert os.path.getsize(os.path.join(out, name)) > 100, name
     with open(os.path.join(out, 'REPORT.md')) as fh:
         text = fh.read()
     assert '## Fashion-MNIST: a pre-trained image generator, personalized' in text
     assert '![own-class share](fmnist_class_share.png)' in text
+    assert "Each client's personal model: the global adapter fine-tuned on its own images" in text
+    assert '![personalization budget](fmnist_personal_grid.png)' in text
+    assert '| 0.01 | 1 | 1 |' in text  # the grid table: lr, steps, seed
     assert any(c[0] == '3. CIFAR-10 quality' for c in smoke['first']['claims'])
     # where CIFAR-10 is not run (the cpu scale), claim 3 is read from Fashion-MNIST's FDs
     row = report.claims(dict(smoke['first'], cifar10={'skipped': 'not run'}))[2]

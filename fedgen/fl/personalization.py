@@ -123,14 +123,17 @@ def personalize(loss_fn: Callable,
                 max_steps: int = 0,
                 personal: PyTree | None = None,
                 backbone: PyTree | None = None,
-                has_global: bool = True) -> Personalized:
+                has_global: bool = True,
+                clients: Sequence[int] | None = None) -> Personalized:
     """Builds every client's personal tree and evaluates backbone, global and personal models.
 
     ``personal``: the method's kept per-client trees [N, ...] (Ditto, FedSA, local-only); then no
-    fine-tuning runs and ``epochs`` is ignored. Otherwise all N = len(client_train) clients
-    fine-tune w_G = ``global_w`` for ``epochs``. ``backbone``: the backbone's variables alone
-    ({'params': theta_G}; default ``frozen``). ``has_global`` False: the method has no global model
-    (global_loss is NaN) and must give ``personal``.
+    fine-tuning runs and ``epochs`` is ignored. Otherwise the clients fine-tune w_G = ``global_w``
+    for ``epochs``. ``backbone``: the backbone's variables alone ({'params': theta_G}; default
+    ``frozen``). ``has_global`` False: the method has no global model (global_loss is NaN) and must
+    give ``personal``. ``clients``: the client ids to personalize, n of them (default all N =
+    len(client_train)); every output row i belongs to client clients[i], and a client's row is the
+    same as in the run over all N (its batches and key follow its id, not its position).
     """
     if not (isinstance(epochs, int) and epochs >= 0):
         raise ValueError(f'epochs must be an int >= 0, got {epochs!r}')
@@ -139,21 +142,28 @@ def personalize(loss_fn: Callable,
     if not has_global and personal is None:
         raise ValueError('personalize: a method with no global model needs its kept personal '
                          'trees (there is nothing to fine-tune)')
-    n = len(client_train)
+    ids = np.arange(len(client_train)) if clients is None else np.asarray(clients, np.int64)
+    if ids.ndim != 1 or len(ids) == 0 or len(set(ids.tolist())) != len(ids) or ids.min() < 0 \
+            or ids.max() >= len(client_train):
+        raise ValueError(f'personalize: clients must be distinct ids in [0, {len(client_train)}), '
+                         f'got {clients!r}')
+    n = len(ids)
+    if personal is not None and clients is not None:
+        personal = jax.tree.map(lambda x: x[ids], personal)
     rng = jax.random.PRNGKey(seed)
     train_loss = np.full(n, np.nan, np.float32)
     finetuned = personal is None and epochs > 0
     if finetuned:
         steps = batching.num_local_steps([len(i) for i in client_train], batch_size, epochs,
                                          max_steps)
-        data = batching.pack_clients(pool, client_train, np.arange(n), seed, PERSONALIZE_ROUND,
-                                     batch_size, epochs, steps, max_steps)
+        data = batching.pack_clients(pool, client_train, ids, seed, PERSONALIZE_ROUND, batch_size,
+                                     epochs, steps, max_steps)
         personal, tl = _FINETUNE(loss_fn, tx, frozen, global_w, data, jax.random.fold_in(rng, 1),
                                  chunk)
         train_loss = np.asarray(tl)
     elif personal is None:
         personal = client_state.tile(global_w, n)
-    batches = pack_eval(pool, client_test, eval_batch_size)
+    batches = pack_eval(pool, [client_test[k] for k in ids], eval_batch_size)
     key = jax.random.fold_in(rng, 2)  # the same noise for every model (diffusion losses)
     bb = frozen if backbone is None else backbone
     b_loss, weight = _EVALUATE(loss_fn, bb, {}, batches, key, chunk)
