@@ -50,7 +50,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                    n_head=4,
                    dtype='float32',
                    remat=False,
-                   ce_chunk=0)
+                   ce_chunk=0,
+                   ce_vocab_chunk=0)
     # init_from: a PEFT LoRA directory to start the global adapter from ('' = fresh, B = 0).
     c.lora = dict(rank=4, alpha=16.0, targets=('qv_mlp', ), client_ranks='', init_from='')
     # ema_decay > 0: the backbone is the EMA of the weights over the pre-training steps.

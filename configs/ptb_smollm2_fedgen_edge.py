@@ -54,6 +54,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
         dtype='bfloat16',  # frozen weights and compute; adapters and optimizer state stay f32
         remat=False,  # jax.checkpoint per block
         ce_chunk=1024,  # tokens per cross-entropy chunk (0: whole batch at once)
+        ce_vocab_chunk=0,  # vocabulary entries whose logits are formed at a time (0: all)
         # Geometry, used only when source='local' (otherwise read from the checkpoint):
         n_positions=2048,
         n_embd=576,

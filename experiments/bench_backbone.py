@@ -20,7 +20,10 @@ d 576, 9/3 heads, FFN 1536, vocab 49,152, tied head; random weights), with:
   logits stay float32);
 - ``model.remat``: ``jax.checkpoint`` around each block (activations recomputed backward);
 - ``model.ce_chunk``: the cross-entropy over chunks of tokens (objectives.chunked_next_token_loss),
-  so the [B T, 49152] logits never exist for a whole batch; 0 = one [B T, V] block.
+  so the [B T, 49152] logits never exist for a whole batch; 0 = one [B T, V] block;
+- ``model.ce_vocab_chunk`` (rows only with ``--ce_vocab_chunk N``): the logits formed N
+  vocabulary entries at a time under an online softmax (objectives.vocab_chunked_nll), so
+  neither the [tokens, V] logits nor a compute-dtype copy of the whole head exist.
 
 Each row runs in its own process. Reported: the median round time over --repeats rounds after a
 compile, XLA's compiled memory (arguments + temporaries, from memory_analysis: what the round
@@ -53,7 +56,10 @@ def define_flags() -> None:
     flags.DEFINE_integer('seq', 64, 'Tokens per sequence T.')
     flags.DEFINE_integer('repeats', 3, 'Timed rounds per row.')
     flags.DEFINE_integer('ce_chunk', 256, 'Tokens per cross-entropy chunk when chunked.')
-    flags.DEFINE_string('row', '', 'Internal: run one row (dtype,remat,chunk) and print JSON.')
+    flags.DEFINE_integer('ce_vocab_chunk', 0, '> 0: also rows with this vocabulary chunk.')
+    flags.DEFINE_string(
+        'row', '', 'Internal: run one row (dtype,remat,chunk[,vocab_chunk]) and '
+        'print JSON.')
     flags.DEFINE_string('out', 'docs/results', 'Where the generated table goes.')
     flags.DEFINE_bool('peer', False, 'Same work: fedgen against HF transformers + peft.')
     flags.DEFINE_bool('quick', False, 'With --peer: 2 blocks, 2 clients x 1 step x 1 x 32.')
@@ -63,8 +69,15 @@ def define_flags() -> None:
     flags.DEFINE_string('inputs', '', 'Internal: the directory bench_peer.write_inputs wrote.')
 
 
-def one_row(dtype: str, remat: bool, chunk: int, c: int, s: int, b: int, t: int,
-            repeats: int) -> dict:
+def one_row(dtype: str,
+            remat: bool,
+            chunk: int,
+            c: int,
+            s: int,
+            b: int,
+            t: int,
+            repeats: int,
+            vocab_chunk: int = 0) -> dict:
     import jax
     import optax
 
@@ -76,8 +89,8 @@ def one_row(dtype: str, remat: bool, chunk: int, c: int, s: int, b: int, t: int,
     cfg = llama.LlamaConfig(n_positions=max(t + 1, 64), dtype=dtype, remat=remat)
     model = llama.Llama(cfg)
     params = llama.cast_frozen(llama.init_params(cfg, jax.random.PRNGKey(0)), dtype)
-    loss = (objectives.chunked_next_token_loss(model, chunk)
-            if chunk else objectives.next_token_loss(model))
+    loss = (objectives.chunked_next_token_loss(model, chunk, vocab_chunk)
+            if chunk or vocab_chunk else objectives.next_token_loss(model))
     p = bench_peer.qv_method(c, c, optax.adam(1e-4))
     frozen, trainable = algorithms.variables(p, params, jax.random.PRNGKey(1))
     alg = algorithms.make(p, loss)
@@ -111,6 +124,7 @@ def one_row(dtype: str, remat: bool, chunk: int, c: int, s: int, b: int, t: int,
         'dtype': dtype,
         'remat': remat,
         'ce_chunk': chunk,
+        'ce_vocab_chunk': vocab_chunk,
         'round_s': statistics.median(times),
         'xla_MiB': xla_bytes / 2**20,
         'peak_MiB': peak / 2**20,
@@ -202,20 +216,26 @@ def main(argv):
         return
     shape = (FLAGS.clients, FLAGS.steps, FLAGS.batch, FLAGS.seq)
     if FLAGS.row:
-        dtype, remat, chunk = FLAGS.row.split(',')
-        print(json.dumps(one_row(dtype, remat == '1', int(chunk), *shape, FLAGS.repeats)))
+        dtype, remat, chunk, *vocab = FLAGS.row.split(',')
+        print(
+            json.dumps(
+                one_row(dtype, remat == '1', int(chunk), *shape, FLAGS.repeats,
+                        int(vocab[0]) if vocab else 0)))
         return
     rows = []
-    for dtype, remat, chunk in itertools.product(('float32', 'bfloat16'), (0, 1),
-                                                 (0, FLAGS.ce_chunk)):
+    vocabs = (0, FLAGS.ce_vocab_chunk) if FLAGS.ce_vocab_chunk else (0, )
+    for dtype, remat, chunk, vocab in itertools.product(('float32', 'bfloat16'), (0, 1),
+                                                        (0, FLAGS.ce_chunk), vocabs):
         args = [
-            sys.executable, '-m', 'experiments.bench_backbone', f'--row={dtype},{remat},{chunk}',
-            f'--clients={shape[0]}', f'--steps={shape[1]}', f'--batch={shape[2]}',
-            f'--seq={shape[3]}', f'--repeats={FLAGS.repeats}'
+            sys.executable, '-m', 'experiments.bench_backbone',
+            f'--row={dtype},{remat},{chunk},{vocab}', f'--clients={shape[0]}',
+            f'--steps={shape[1]}', f'--batch={shape[2]}', f'--seq={shape[3]}',
+            f'--repeats={FLAGS.repeats}'
         ]
         out = subprocess.run(args, capture_output=True, text=True)
         if out.returncode:
-            raise SystemExit(f'row {dtype},{remat},{chunk} failed:\n{out.stderr[-3000:]}')
+            raise SystemExit(f'row {dtype},{remat},{chunk},{vocab} failed:\n'
+                             f'{out.stderr[-3000:]}')
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     base = rows[0]
@@ -228,12 +248,13 @@ def main(argv):
         'LoRA r=8 on q, v; random weights. Times are medians of '
         f'{FLAGS.repeats} rounds after compilation; ratios are against the first row, '
         'measured in the same run.', '',
-        '| dtype | remat | ce_chunk | round s | x f32 | XLA MiB | x f32 | peak MiB '
-        f'({rows[0]["peak_kind"]}) |', '|---|---|---|---|---|---|---|---|'
+        '| dtype | remat | ce_chunk | ce_vocab_chunk | round s | x f32 | XLA MiB | x f32 | '
+        f'peak MiB ({rows[0]["peak_kind"]}) |', '|---|---|---|---|---|---|---|---|---|'
     ]
     for r in rows:
         lines.append(f'| {r["dtype"]} | {"on" if r["remat"] else "off"} | {r["ce_chunk"] or "off"}'
-                     f' | {r["round_s"]:.3f} | {r["round_s"] / base["round_s"]:.2f} | '
+                     f' | {r["ce_vocab_chunk"] or "off"} | {r["round_s"]:.3f} | '
+                     f'{r["round_s"] / base["round_s"]:.2f} | '
                      f'{r["xla_MiB"]:.0f} | {r["xla_MiB"] / base["xla_MiB"]:.2f} | '
                      f'{r["peak_MiB"]:.0f} |')
     text = '\n'.join(lines) + '\n'

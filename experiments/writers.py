@@ -44,6 +44,9 @@ RUN_FREE = ('fed.rounds', 'fed.client_chunk', 'fed.client_mem_budget_mb', 'fed.n
 # Config fields that only stages after training read (experiments.personalize and what builds on
 # it): a finished run is reused whatever they say; those stages key their own outputs on them.
 POST_RUN = ('personalize', )
+# Config fields added after runs were recorded, with the value that computes what their absence
+# did: a run recorded without one equals a config that sets it to that value.
+ADDED_FIELDS = {'model.ce_vocab_chunk': 0}
 # What clear_run removes: everything a run writes except the recipe-keyed caches (backbone/ etc.).
 RUN_OUTPUTS = ('checkpoints', 'personal', 'config.json', 'metrics.jsonl', 'summary.json',
                'events.out.tfevents.*', 'samples_*.png', 'label_histograms.png')
@@ -93,11 +96,15 @@ def _flat(tree: dict, prefix: str = '') -> dict:
 
 def config_conflict(old: dict, new: dict, free: tuple[str, ...] = RUN_FREE) -> list[str]:
     """'field: old -> new' for every field (dotted path) outside ``free`` that differs between
-    two configs as JSON dicts; a field present in one only shows as missing."""
+    two configs as JSON dicts; a field present in one only shows as missing, unless it is one of
+    ADDED_FIELDS at the value that behaves as its absence did."""
     a, b = _flat(old), _flat(new)
     lines = []
     for key in sorted(set(a) | set(b)):
         if any(key == f or key.startswith(f + '.') for f in free):
+            continue
+        if key in ADDED_FIELDS and {a.get(key, ADDED_FIELDS[key]),
+                                    b.get(key, ADDED_FIELDS[key])} == {ADDED_FIELDS[key]}:
             continue
         if a.get(key, '<missing>') != b.get(key, '<missing>'):
             lines.append(f'{key}: {a.get(key, "<missing>")!r} -> {b.get(key, "<missing>")!r}')

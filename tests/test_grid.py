@@ -1,4 +1,6 @@
 """The measured-comparison grids: their rows, configs, table and figures (no training here)."""
+import json
+
 import pytest
 
 from experiments import grid, writers
@@ -92,3 +94,11 @@ def test_finished_reuses_only_an_identical_finished_run(tmp_path):
     assert writers.finished(later.to_json_best_effort(), str(tmp_path)) == {
         'final_valid_ppl': 123.0
     }
+    # a field added after the run was recorded: its old behaviour's value matches, others do not
+    recorded = json.loads(config.to_json_best_effort())
+    del recorded['model']['ce_vocab_chunk']
+    (tmp_path / 'config.json').write_text(json.dumps(recorded))
+    assert config.model.ce_vocab_chunk == writers.ADDED_FIELDS['model.ce_vocab_chunk'] == 0
+    assert writers.finished(config.to_json_best_effort(), str(tmp_path)) is not None
+    vocab = grid.config_for('tiny', {'fed.aggregator': 'median', 'model.ce_vocab_chunk': 64}, '')
+    assert writers.finished(vocab.to_json_best_effort(), str(tmp_path)) is None

@@ -161,23 +161,41 @@ def test_bad_config():
         llama.generate(llama.Llama(CFG), {}, np.zeros((1, 30), np.int32), 5, jax.random.PRNGKey(0))
 
 
-def test_chunked_cross_entropy_equals_plain_loss_and_gradient(tiny):
+@pytest.mark.parametrize('tie', [False, True])
+def test_chunked_cross_entropy_equals_plain_loss_and_gradient(tiny, tie):
+    """Token chunks (ce_chunk), vocabulary chunks (ce_vocab_chunk; one that does not divide V,
+    so the last chunk is read from V - size and masked; one larger than V) and both: the plain
+    loss and LoRA gradient, for a tied and an untied head."""
     from fedgen.tasks import objectives
     model, params = tiny
+    if tie:
+        model = llama.Llama(dataclasses.replace(CFG, tie_word_embeddings=True))
+        params = {k: v for k, v in params.items() if k != 'lm_head'}
     tokens = jax.random.randint(jax.random.PRNGKey(8), (3, 10), 0, CFG.vocab_size)
     batch = {'tokens': tokens, 'weight': jnp.array([1.0, 0.0, 2.0])}
     ad = jax.tree.map(lambda x: x + 0.05, lora.init(jax.random.PRNGKey(5), params, 'llama_qv', 2))
-    plain, chunked = objectives.next_token_loss(model), objectives.chunked_next_token_loss(model, 7)
+    v = CFG.vocab_size
+    assert v % 7 != 0
 
     def vg(loss_fn):
         f = lambda a: loss_fn({'params': params, 'lora': a}, batch, None)
         return jax.jit(jax.value_and_grad(f, has_aux=True))(ad)
 
-    (l0, n0), g0 = vg(plain)
-    (l1, n1), g1 = vg(chunked)  # 27 tokens in chunks of 7: the last chunk is padded
-    assert float(n0) == float(n1) == 27.0
-    np.testing.assert_allclose(l1, l0, rtol=1e-6)
-    for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match='^chunk must be an int >= 1'):
+    (l0, n0), g0 = vg(objectives.next_token_loss(model))
+    for chunk, vocab in ((7, 0), (0, v // 7), (7, v // 7), (0, v + 5)):
+        (l1, n1), g1 = vg(objectives.chunked_next_token_loss(model, chunk, vocab))
+        assert float(n0) == float(n1) == 27.0  # 27 tokens in chunks of 7: the last is padded
+        np.testing.assert_allclose(l1, l0, rtol=1e-6, err_msg=f'{chunk}, {vocab}')
+        # the online softmax sums in another order: float32 rounding of gradients up to ~1
+        atol = 1e-6 if vocab else 1e-7
+        for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+            assert np.abs(y).max() > 1e-2  # a gradient that can be wrong
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=atol, err_msg=f'{chunk}, {vocab}')
+    h = model.apply({'params': params}, tokens, method='hidden')
+    whole = model.apply({'params': params}, h, method='unembed')
+    part = model.apply({'params': params}, h, v - 9, 9, method='unembed_slice')
+    np.testing.assert_allclose(part, whole[..., v - 9:], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match='^chunk and vocab_chunk must be ints >= 0, one of them'):
         objectives.chunked_next_token_loss(model, 0)
+    with pytest.raises(ValueError, match='^vocab_chunk must be an int >= 0'):
+        objectives.token_nll_fn(model, 0, -1)

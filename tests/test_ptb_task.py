@@ -117,13 +117,21 @@ def test_subword_task_from_an_hf_dir(corpus, hf_llama):
     assert all(jax.tree.leaves(same))
     ev = task.evaluator('valid', {})({'params': params})
     assert (ev['valid_window'], ev['valid_stride']) == (32, 16) and np.isfinite(ev['valid_ppl'])
-    chunked = translate.spec(_hf_config(corpus, hf_llama, **{'model.ce_chunk': 7})).prepare_task()
-    ev2 = chunked.evaluator('valid', {})({'params': params})
-    np.testing.assert_allclose(ev2['valid_ppl'], ev['valid_ppl'], rtol=1e-5)
     batch = {'tokens': task.pool['tokens'][:3], 'weight': np.ones(3, np.float32)}
     l1 = task.loss_fn({'params': params}, batch, None)[0]
-    l2 = chunked.loss_fn({'params': params}, batch, None)[0]
-    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for over in ({
+            'model.ce_chunk': 7
+    }, {
+            'model.ce_vocab_chunk': 100
+    }, {
+            'model.ce_chunk': 7,
+            'model.ce_vocab_chunk': 100
+    }):
+        chunked = translate.spec(_hf_config(corpus, hf_llama, **over)).prepare_task()
+        ev2 = chunked.evaluator('valid', {})({'params': params})
+        np.testing.assert_allclose(ev2['valid_ppl'], ev['valid_ppl'], rtol=1e-5, err_msg=str(over))
+        l2 = chunked.loss_fn({'params': params}, batch, None)[0]
+        np.testing.assert_allclose(l1, l2, rtol=1e-5, err_msg=str(over))
     assert len(task.sample({'params': params}, jax.random.PRNGKey(0))) == c.eval.num_samples
 
 
@@ -163,6 +171,9 @@ def test_one_line_errors_before_loading(corpus, hf_llama):
         ({
             'model.ce_chunk': -1
         }, 'model.ce_chunk must be an int >= 0'),
+        ({
+            'model.ce_vocab_chunk': -1
+        }, 'model.ce_vocab_chunk must be an int >= 0'),
         ({
             'data.partition.local_test_unit': 'sentence'
         }, r"data.partition.local_test_unit must be one of \('window', 'document'\)"),

@@ -116,6 +116,12 @@ class GPT(nn.Module):
         """Tied output layer: h [..., D] -> logits [..., V] = h wte^T."""
         return self.wte.attend(h)
 
+    def unembed_slice(self, h: jax.Array, start: jax.Array, size: int) -> jax.Array:
+        """Logits of vocabulary entries [start, start + size): h [..., D] -> [..., size], the
+        same values as unembed(h)[..., start:start + size]."""
+        w = jax.lax.dynamic_slice_in_dim(self.wte.embedding, start, size, 0)
+        return jnp.dot(h, w.T.astype(jnp.result_type(h, w)))
+
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return self.unembed(self.hidden(tokens))
 

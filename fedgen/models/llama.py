@@ -210,6 +210,16 @@ class Llama(nn.Module):
             w = self.lm_head['kernel']
         return jnp.einsum('...d,dv->...v', h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
+    def unembed_slice(self, h: jax.Array, start: jax.Array, size: int) -> jax.Array:
+        """Float32 logits of vocabulary entries [start, start + size): h [..., D] -> [..., size],
+        the same values as unembed(h)[..., start:start + size]; only that slice of the head is
+        converted to the compute dtype (a bf16 head on CPU is computed in f32)."""
+        if self.cfg.tie_word_embeddings:
+            w = jax.lax.dynamic_slice_in_dim(self.embed_tokens.embedding, start, size, 0).T
+        else:
+            w = jax.lax.dynamic_slice_in_dim(self.lm_head['kernel'], start, size, 1)
+        return jnp.einsum('...d,dv->...v', h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return self.unembed(self.hidden(tokens))
 

@@ -240,7 +240,7 @@ def recipe(settings: Settings) -> dict:
     return {
         'task': 'brown',
         'seed': settings.seed,
-        'model': dataclasses.asdict(settings.model),
+        'model': ptb_task.model_recipe(settings.model),
         'param_layout': ptb_model.PARAM_LAYOUT,
         'pretrain': settings.pretrain.recipe(),
         'public': {

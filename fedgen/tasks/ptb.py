@@ -46,7 +46,8 @@ class Model:
     """model.*: the backbone ``source`` ('local' | 'hf_dir:<path>' | 'gguf:<path>' |
     'smollm2-135m'), the decoder ``name`` ('gpt': GPT-2 architecture; 'llama'), the frozen
     weights' compute ``dtype``, ``remat`` per block, the cross-entropy chunk ``ce_chunk`` (tokens;
-    0 = whole batch), and the geometry of a 'local' backbone (a loaded one reads its own)."""
+    0 = whole batch) and ``ce_vocab_chunk`` (vocabulary entries whose logits are formed at a time;
+    0 = all), and the geometry of a 'local' backbone (a loaded one reads its own)."""
     name: str
     n_positions: int
     n_embd: int
@@ -56,6 +57,7 @@ class Model:
     dtype: str = 'float32'
     remat: bool = False
     ce_chunk: int = 0
+    ce_vocab_chunk: int = 0
     n_kv_head: int = 0
     n_inner: int = 0
     rope_theta: float = 1e4
@@ -109,6 +111,9 @@ def validate_model(settings) -> None:
     kind = ptb_model.check_name(m)
     if not (isinstance(m.ce_chunk, int) and m.ce_chunk >= 0):
         raise ValueError(f'model.ce_chunk must be an int >= 0 (0: no chunking), got {m.ce_chunk!r}')
+    if not (isinstance(m.ce_vocab_chunk, int) and m.ce_vocab_chunk >= 0):
+        raise ValueError(f'model.ce_vocab_chunk must be an int >= 0 (0: no chunking), got '
+                         f'{m.ce_vocab_chunk!r}')
     if not (isinstance(d.seq_len, int) and d.seq_len >= 2):
         raise ValueError(f'data.seq_len must be an int >= 2, got {d.seq_len!r}')
     for name in ('window', 'stride', 'subset_lines'):
@@ -218,10 +223,10 @@ def text_task(name: str,
     """
     train, test, labels = clients
     t = settings.data.seq_len
-    chunk = settings.model.ce_chunk
-    loss_fn = (objectives.chunked_next_token_loss(lm.module, chunk)
-               if chunk else objectives.next_token_loss(lm.module))
-    nll_fn = objectives.token_nll_fn(lm.module, chunk)
+    chunk, vocab_chunk = settings.model.ce_chunk, settings.model.ce_vocab_chunk
+    loss_fn = (objectives.chunked_next_token_loss(lm.module, chunk, vocab_chunk)
+               if chunk or vocab_chunk else objectives.next_token_loss(lm.module))
+    nll_fn = objectives.token_nll_fn(lm.module, chunk, vocab_chunk)
     e = settings.eval
     window, stride = e.protocol(t)
     lines = e.subset_lines
@@ -269,12 +274,21 @@ def text_task(name: str,
                       classes=classes)
 
 
+def model_recipe(model: Model) -> dict:
+    """The model section of a backbone's cache key: every field, but ce_vocab_chunk only when it
+    is on (it came later; leaving 0 out keeps the keys of the backbones cached before it)."""
+    out = dataclasses.asdict(model)
+    if not out['ce_vocab_chunk']:
+        del out['ce_vocab_chunk']
+    return out
+
+
 def recipe(settings: Settings) -> dict:
     """What determines the pre-trained backbone (its cache key)."""
     return {
         'task': 'ptb',
         'seed': settings.seed,
-        'model': dataclasses.asdict(settings.model),
+        'model': model_recipe(settings.model),
         'param_layout': ptb_model.PARAM_LAYOUT,
         'pretrain': settings.pretrain.recipe(),
         'public': {
