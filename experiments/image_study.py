@@ -205,9 +205,10 @@ def grid_markdown(grids: list, png: str) -> list[str]:
         return []
     lines = [
         '', 'How much fine-tuning does a client need? The same clients and noise keys, each '
-        'setting fine-tuning the global adapter for one local epoch of at most `steps` steps at '
-        '`lr` (experiments/personal_grid.py). The local denoising MSE is on the client\'s '
-        'held-out images (the same noise for both models); the confidence is the classifier\'s '
+        'setting fine-tuning the global adapter for the local epochs above, of at most `steps` '
+        'steps each, at `lr` (experiments/personal_grid.py). The local denoising MSE is on the '
+        'client\'s held-out images (the same noise for both models); the confidence is the '
+        'classifier\'s '
         'mean top-class probability on the samples, a proxy for how recognisable they are.', '',
         '| lr | steps | seed | own-class share, global -> personal | clients higher (95% CI) | '
         'local denoising MSE, global -> personal | clients whose MSE falls | '

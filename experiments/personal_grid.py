@@ -22,8 +22,10 @@ still look like garments.
     python -m experiments.personal_grid --workdir runs/fmnist --lrs 1e-3,1e-2 --steps 8,32
 
 Writes <workdir>/personal_grid.json (settings are kept as they finish and reused by a rerun with
-the same clients, samples and min_share; a killed grid resumes) and personal_grid.png (for the
-first two clients, a row of global samples, then a row per setting, same keys).
+the same clients, samples and min_share; a killed grid resumes; a grid whose settings are all
+there and drawn is read back without restoring the run), personal_grid.npz (the figure's samples)
+and personal_grid.png (for the first two clients, a row of global samples, then a row per
+setting, same keys).
 """
 import json
 import os
@@ -176,6 +178,9 @@ def run(workdir: str,
             old = json.load(f)
         if old['key'] == key:
             done = {setting_key(s['lr'], s['max_steps']): s for s in old['settings']}
+    out = {'key': key, 'settings': [done.get(setting_key(lr, s)) for lr, s in grid]}
+    if all(out['settings']) and os.path.isfile(os.path.join(workdir, 'personal_grid.png')):
+        return out  # every setting measured and drawn: nothing to restore
     st = class_share.setup(workdir, clients, min_share, spec)
     if st['run']['alg'].personal is not None or not st['has_global']:
         raise ValueError(f'--workdir {workdir}: method {st["run"]["method"].name!r} keeps its own '

@@ -268,7 +268,10 @@ def test_personal_grid_reproduces_the_runs_own_personalization(tiny_run, monkeyp
         raise AssertionError('a finished setting was recomputed')
 
     monkeypatch.setattr(personal_grid, 'one_setting', never)
-    assert personal_grid.run(work, [lr, 10 * lr], [2, 1], 2, 3) == out  # config.json's
+    assert personal_grid.run(work, [lr, 10 * lr], [2, 1], 2, 3) == out  # read back
+    os.remove(os.path.join(work, 'personal_grid.png'))  # redrawn from the kept samples
+    assert personal_grid.run(work, [lr, 10 * lr], [2, 1], 2, 3) == out
+    assert os.path.getsize(os.path.join(work, 'personal_grid.png')) > 0
     with pytest.raises(ValueError, match='^--steps must be ints >= 1'):
         personal_grid.run(work, [lr], [0], 2, 3)
     with pytest.raises(ValueError, match='^--lrs must be numbers > 0'):
