@@ -58,3 +58,26 @@ def test_bad_config():
         gpt.validate(gpt.GPTConfig(n_embd=30, n_head=4), section='model.')
     with pytest.raises(ValueError, match=r'^n_layer must be an int >= 1, got 0$'):
         gpt.validate(gpt.GPTConfig(n_layer=0))
+
+
+def test_vocabulary_chunked_cross_entropy_equals_the_whole_softmax():
+    """GPT's unembed_slice is a slice of unembed; objectives.vocab_chunked_nll (chunks of 16 of
+    V = 61: the last one read from 45 and masked) equals the whole softmax's NLL and its
+    gradient with respect to the hidden states."""
+    from fedgen.tasks import objectives
+    model = gpt.GPT(CFG)
+    params = gpt.init_params(CFG, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: 4.0 * x, params)  # peaky logits
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, CFG.vocab_size)
+    h = model.apply({'params': params}, tokens, method='hidden').reshape(18, CFG.n_embd)
+    y = tokens.reshape(18)
+    whole = model.apply({'params': params}, h, method='unembed')
+    np.testing.assert_allclose(model.apply({'params': params}, h, 45, 16, method='unembed_slice'),
+                               whole[:, 45:],
+                               rtol=1e-6,
+                               atol=1e-6)
+    ref = lambda x: objectives.token_nll(model.apply({'params': params}, x, method='unembed'), y
+                                         ).sum()
+    got = lambda x: objectives.vocab_chunked_nll(model, {'params': params}, x, y, 16).sum()
+    np.testing.assert_allclose(got(h), ref(h), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(got)(h), jax.grad(ref)(h), rtol=1e-5, atol=1e-6)
