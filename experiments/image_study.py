@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 
-from experiments import class_share, compare, fmnist_backbone, lm_study, personal_grid
+from experiments import class_share, compare, fmnist_backbone, lm_study, personal_grid, writers
 from experiments import personalize as personal_exp
 from experiments.console import log
 from experiments.measures import stats
@@ -83,8 +83,13 @@ def section(st: dict | None, workdir: str, out: str, source: str = '', command: 
 def backbone(cache: str, out: str, b: dict, arg: str, over: dict, command: str) -> dict:
     """experiments.fmnist_backbone.run's results for the scale's backbone entry ``b``, its page
     and grid copied into ``out``; the first call's files and results are kept in
-    <cache>/quality/<hash of b, arg and over> and read back later."""
-    key = pretrain.recipe_hash({'backbone': b, 'arg': arg, 'over': over})
+    <cache>/quality/<hash of b, arg and over without its POST_RUN fields> and read back later."""
+    trained = {  # what the check depends on: not the post-training settings
+        k: v
+        for k, v in over.items()
+        if not any(k == f or k.startswith(f + '.') for f in writers.POST_RUN)
+    }
+    key = pretrain.recipe_hash({'backbone': b, 'arg': arg, 'over': trained})
     kept = os.path.join(cache, 'quality', key)
     path = os.path.join(kept, 'quality.json')
     if not os.path.isfile(path):

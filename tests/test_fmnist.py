@@ -290,3 +290,35 @@ def test_choose_takes_the_largest_share_within_the_loss_budget():
     assert personal_grid.choose(grid) is grid[1]
     assert personal_grid.choose(grid, max_loss_rise=0.02) is grid[2]
     assert personal_grid.choose(grid[2:3]) is None
+
+
+def test_backbone_quality_is_kept_whatever_personalization_says(tmp_path, monkeypatch):
+    """image_study.backbone keys its kept quality check on what trains the models: a change of
+    personalize.* reads it back, a change of lora.rank does not."""
+    from experiments import image_study
+    calls = []
+
+    def fake_run(cache, where, *args, **kwargs):
+        calls.append(where)
+        os.makedirs(where)
+        for name in ('fmnist_backbone.md', 'fmnist_backbone_samples.png'):
+            with open(os.path.join(where, name), 'w') as f:
+                f.write('x')
+        return {'fd_gen': 1.0}
+
+    monkeypatch.setattr(image_study.fmnist_backbone, 'run', fake_run)
+    b = dict(steps=1, batch_size=1, lr=1e-3, samples=1, sample_steps=1, ema_decay=0.0)
+    out = tmp_path / 'out'
+    out.mkdir()
+    run = lambda over: image_study.backbone(str(tmp_path / 'cache'), str(out), b, 'tiny', over, '')
+    assert run({'personalize.lr': 1e-3, 'lora.rank': 4}) == {'fd_gen': 1.0}
+    assert run({
+        'personalize.lr': 1e-2,
+        'personalize.max_steps': 32,
+        'lora.rank': 4
+    }) == {
+        'fd_gen': 1.0
+    }
+    assert len(calls) == 1
+    run({'personalize.lr': 1e-2, 'lora.rank': 8})
+    assert len(calls) == 2 and os.path.isfile(out / 'fmnist_backbone.md')

@@ -165,11 +165,11 @@ def test_bad_config():
 def test_chunked_cross_entropy_equals_plain_loss_and_gradient(tiny, tie):
     """Token chunks (ce_chunk), vocabulary chunks (ce_vocab_chunk; one that does not divide V,
     so the last chunk is read from V - size and masked; one larger than V) and both: the plain
-    loss and LoRA gradient, for a tied and an untied head."""
+    loss and LoRA gradient, for an untied head and for a tied head with remat per block."""
     from fedgen.tasks import objectives
     model, params = tiny
     if tie:
-        model = llama.Llama(dataclasses.replace(CFG, tie_word_embeddings=True))
+        model = llama.Llama(dataclasses.replace(CFG, tie_word_embeddings=True, remat=True))
         params = {k: v for k, v in params.items() if k != 'lm_head'}
     tokens = jax.random.randint(jax.random.PRNGKey(8), (3, 10), 0, CFG.vocab_size)
     batch = {'tokens': tokens, 'weight': jnp.array([1.0, 0.0, 2.0])}
