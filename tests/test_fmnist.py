@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -322,3 +323,21 @@ def test_backbone_quality_is_kept_whatever_personalization_says(tmp_path, monkey
     assert len(calls) == 1
     run({'personalize.lr': 1e-2, 'lora.rank': 8})
     assert len(calls) == 2 and os.path.isfile(out / 'fmnist_backbone.md')
+
+
+def test_personal_grid_refuses_methods_that_keep_their_own_trees(tmp_path, monkeypatch):
+    """A method whose personal models are its kept trees (Ditto, FedSA, local-only) has no
+    fine-tuning budget: one line naming the method, before any fine-tuning or sampling."""
+    kept = {
+        'run': {
+            'alg': types.SimpleNamespace(personal=lambda s: s),
+            'method': types.SimpleNamespace(name='ditto')
+        },
+        'has_global': True
+    }
+    monkeypatch.setattr(class_share, 'setup', lambda *a, **k: kept)
+    monkeypatch.setattr(personal_grid, 'one_setting', lambda *a, **k: pytest.fail('fine-tuned'))
+    with pytest.raises(ValueError) as e:
+        personal_grid.run(str(tmp_path), [1e-3], [8], 2, 3)
+    assert "method 'ditto' keeps its own personal trees" in str(e.value)
+    assert '\n' not in str(e.value)
