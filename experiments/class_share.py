@@ -65,16 +65,25 @@ def draw(sample, variables, n: int, key) -> np.ndarray:
     return np.concatenate(out)[:n]
 
 
-def shares(sample, predict, reference, personal_of, clients: list, own: np.ndarray, n: int,
-           seed: int) -> tuple[list[dict], dict]:
+def shares(sample,
+           predict,
+           reference,
+           personal_of,
+           clients: list,
+           own: np.ndarray,
+           n: int,
+           seed: int,
+           ref: np.ndarray | None = None) -> tuple[list[dict], dict]:
     """Per-client rows {client, own_classes, share_reference, share_personal} and the images
     {'reference': [n, ...], client: [n, ...]}.
 
     predict: uint8 images [n, H, W, C] -> int [n] classes; personal_of(k): client k's variables;
-    own: bool [N, K] (:func:`own_classes` per client).
+    own: bool [N, K] (:func:`own_classes` per client); ref: the reference model's images already
+    drawn from the same key (``draw(sample, reference, n, PRNGKey(seed))``), or None to draw
+    them here.
     """
     key = jax.random.PRNGKey(seed)
-    ref = draw(sample, reference, n, key)
+    ref = draw(sample, reference, n, key) if ref is None else ref
     ref_pred = predict(ref)
     rows, imgs = [], {'reference': ref}
     for k in clients:

@@ -22,7 +22,8 @@ personalization budgets experiments.personal_grid compares). In order:
    images, c the classifier's argmax; the fraction of clients whose personal share is higher,
    with its bootstrap 95% CI over clients; then experiments.personal_grid over the
    personal_grid budgets on the same clients and noise keys (shares, local test loss, the
-   classifier's confidence in the samples).
+   classifier's confidence in the samples). The grid chose the scale's personalize.* budget, so
+   it runs under experiments.reproduce --tune; otherwise a finished grid is read back.
 
 Every run, personalization, class share and grid setting is read back when finished (a killed
 one resumes). The runs are reused whatever personalize.* says (writers.POST_RUN); the
@@ -43,10 +44,16 @@ from fedgen.fl import pretrain
 METHODS = ('fedgen_edge', 'fedavg_full')
 
 
-def section(st: dict | None, workdir: str, out: str, source: str = '', command: str = '') -> dict:
+def section(st: dict | None,
+            workdir: str,
+            out: str,
+            source: str = '',
+            command: str = '',
+            tune: bool = False) -> dict:
     """The study's results (module docstring) under <workdir>/fmnist; the backbone's grid goes
-    into ``out``; ``source`` replaces data.source (the smoke scale's IDX files). Returns
-    {'skipped': why} when the scale does not run it or the data is missing."""
+    into ``out``; ``source`` replaces data.source (the smoke scale's IDX files); ``tune`` runs
+    the personalization-budget grid (:func:`grid`). Returns {'skipped': why} when the scale does
+    not run it or the data is missing."""
     if st is None:
         return {'skipped': 'not run at this scale'}
     over = dict(st['over'])
@@ -68,13 +75,14 @@ def section(st: dict | None, workdir: str, out: str, source: str = '', command: 
     for r in res['runs']['fedgen_edge']['runs']:
         res['class_share'].append(
             personal_share(r['spec'], r['dir'], st['class_clients'], st['class_samples']))
-        res['grid'].append(
-            grid(r['spec'], r['dir'], st.get('personal_grid'), st['class_clients'],
-                 st['class_samples']))
+        if st.get('personal_grid'):
+            res['grid'].append(
+                grid(r['spec'], r['dir'], st['personal_grid'], st['class_clients'],
+                     st['class_samples'], tune))
     first = res['runs']['fedgen_edge']['runs'][0]['dir']
     shutil.copyfile(os.path.join(first, 'class_share.png'),
                     os.path.join(out, 'fmnist_class_share.png'))
-    if res['grid'][0] is not None:
+    if res['grid'] and res['grid'][0] is not None:
         shutil.copyfile(os.path.join(first, 'personal_grid.png'),
                         os.path.join(out, 'fmnist_personal_grid.png'))
     return res
@@ -135,11 +143,15 @@ def personal_share(spec, run_dir: str, clients: int, samples: int) -> dict:
     return old
 
 
-def grid(spec, run_dir: str, g: dict | None, clients: int, samples: int) -> dict | None:
+def grid(spec, run_dir: str, g: dict | None, clients: int, samples: int, tune: bool) -> dict | None:
     """experiments.personal_grid on the finished run of RunSpec ``spec`` in ``run_dir`` over the
-    scale's personal_grid entry ``g`` ({lrs, steps}; None: not run)."""
+    scale's personal_grid entry ``g`` ({lrs, steps}; None: not run). It chose the scale's
+    personalize.* budget, so it runs only with ``tune``; without, a finished grid is read back
+    and a missing one gives None."""
     if not g:
         return None
+    if not tune:
+        return personal_grid.read(run_dir, g['lrs'], g['steps'], clients, samples)
     return personal_grid.run(run_dir, g['lrs'], g['steps'], clients, samples, spec=spec)
 
 
@@ -205,9 +217,17 @@ def personalized(m: dict) -> str:
 
 def grid_markdown(grids: list, png: str) -> list[str]:
     """The personalization-budget table (experiments/personal_grid.py), one row per setting and
-    seed, and its figure; nothing when the grid did not run."""
-    if not grids or grids[0] is None:
+    seed (a seed without a finished grid is left out), and its figure; nothing when the scale
+    has no grid."""
+    if not grids:
         return []
+    if grids[0] is None:
+        return [
+            '', 'The personalization budget above was chosen by experiments.personal_grid '
+            '(`python -m experiments.reproduce --tune` runs it); its grid is not finished in '
+            'this workdir.'
+        ]
+    seeds = [(i, g) for i, g in enumerate(grids) if g is not None]
     lines = [
         '', 'How much fine-tuning does a client need? The same clients and noise keys, each '
         'setting fine-tuning the global adapter for the local epochs above, of at most `steps` '
@@ -220,7 +240,7 @@ def grid_markdown(grids: list, png: str) -> list[str]:
         'confidence, global -> personal |', '|---|---|---|---|---|---|---|---|'
     ]
     for j in range(len(grids[0])):
-        for i, g in enumerate(grids):
+        for i, g in seeds:
             x = g[j]
             lines.append(f'| {x["lr"]:g} | {x["max_steps"]} | {i} | '
                          f'{x["mean_share_reference"]:.3f} -> {x["mean_share_personal"]:.3f} | '
@@ -229,7 +249,7 @@ def grid_markdown(grids: list, png: str) -> list[str]:
                          f'{x["mean_loss_personal"]:.5f} | {100 * x["loss_improved"]:.0f}% | '
                          f'{x["conf_reference"]:.3f} -> {x["conf_personal"]:.3f} |')
     picks = []
-    for i, g in enumerate(grids):
+    for i, g in seeds:
         c = personal_grid.choose(g)
         picks.append(f'seed {i}: ' + (setting_key(c) if c else 'none'))
     lines += [

@@ -8,7 +8,9 @@ variant ``arg`` with the dotted overrides ``over``. In order:
   every later run) or loaded (SmolLM2: pretrain.steps = 0, nothing cached);
 - the client learning rates of full FedAvg (``full_lrs``) and FedGen-Edge (``edge_lrs``,
   optional): one seed-0 run per value, the lowest final valid metric chosen (ties: the first);
-  without a grid the config's;
+  without a grid the config's. A scale may pin them (``pinned_lrs``, {method: lr}, chosen once
+  by its grid): the grid then runs only under experiments.reproduce --tune, and is otherwise
+  shown as far as its runs are finished in the workdir;
 - the main comparison: FedGen-Edge and full FedAvg, one experiments.sweep group each over
   ``seeds`` (full FedAvg one group per seed unless ``vmap_full``: R stacked copies of a 135M
   model and its Adam state do not fit a 24 GB machine); every other method of ``baselines``:
@@ -62,19 +64,31 @@ def single(config, run_dir: str) -> dict:
     return {'summary': summary, 'rows': read_rows(run_dir), 'dir': run_dir, 'spec': spec}
 
 
-def group(base, seeds, overrides: dict, workdir: str, name: str, cache: dict) -> dict:
+def group(base,
+          seeds,
+          overrides: dict,
+          workdir: str,
+          name: str,
+          cache: dict,
+          compute: bool = True) -> dict | None:
     """One sweep group (seeds vmapped): {'runs': [single()-like per seed], 'overrides'}; a
     finished group is read back and a killed one resumes (experiments.sweep.run_group). ``cache``
-    (the first run's config record and the seeds -> record) merges groups of identical configs."""
+    (the first run's config record and the seeds -> record) merges groups of identical configs.
+    With ``compute`` False nothing runs: a group not finished under ``workdir`` gives None."""
     configs = [measured(sweep.with_overrides(base, overrides, s)) for s in seeds]
     specs = sweep.specs_of(configs)
     key = specs[0].record + str(list(seeds))
     if key in cache:
         return {**cache[key], 'overrides': overrides}
-    log(f'--- sweep group {name} {overrides} seeds {list(seeds)}')
-    sweep.run_group(name, configs, workdir, specs)
+    dirs = sweep.run_dirs(name, configs, workdir)
+    done = [writers.finished(sweep.resolved(s, d, workdir).record, d) for s, d in zip(specs, dirs)]
+    if not compute and not all(done):
+        return None
+    if not all(done):
+        log(f'--- sweep group {name} {overrides} seeds {list(seeds)}')
+        sweep.run_group(name, configs, workdir, specs)
     runs = []
-    for s, d in zip(specs, sweep.run_dirs(name, configs, workdir)):
+    for s, d in zip(specs, dirs):
         summary = writers.finished(sweep.resolved(s, d, workdir).record, d)
         runs.append({
             'summary': summary or {},
@@ -152,19 +166,30 @@ def baselines(study: dict, over: dict, wd: str) -> dict:
     return out
 
 
-def tuned(study: dict, method: str, lrs, over: dict, wd: str, cache: dict) -> tuple[object, dict]:
-    """(``method``'s config, {lr: seed-0 group named <method>_lr<lr>}): with a grid ``lrs``, the
-    config at the lr of the lowest final valid PPL (ties: the first); without, the config's lr
-    and no grid."""
+def tuned(study: dict,
+          method: str,
+          lrs,
+          over: dict,
+          wd: str,
+          cache: dict,
+          tune: bool = True) -> tuple[object, dict]:
+    """(``method``'s config, {lr: seed-0 group named <method>_lr<lr>}). The client lr is
+    study['pinned_lrs'][method] when the scale pins one, else the grid's lowest final valid PPL
+    (ties: the first), else the config's. A pinned grid runs only with ``tune``; without, its
+    finished runs are read back and the rest left out (nothing is computed)."""
     config = compare.method_config(study['config'], method, study['arg'], over)
-    grid = {
-        lr: group(config, (0, ), {'fed.client_lr': lr}, wd, f'{method}_lr{lr:g}', cache)
-        for lr in lrs
-    }
+    pinned = study.get('pinned_lrs', {}).get(method)
+    grid = {}
+    for lr in lrs:
+        g = group(config, (0, ), {'fed.client_lr': lr}, wd, f'{method}_lr{lr:g}', cache, tune
+                  or pinned is None)
+        if g is not None:
+            grid[lr] = g
     score = lambda g: g['runs'][0]['summary'].get('final_valid_ppl', float('inf'))
-    if grid:
-        best = min(grid, key=lambda lr: score(grid[lr]))
-        compare.set_field(config, 'fed.client_lr', best)
+    if pinned is not None:
+        compare.set_field(config, 'fed.client_lr', pinned)
+    elif grid:
+        compare.set_field(config, 'fed.client_lr', min(grid, key=lambda lr: score(grid[lr])))
     return config, grid
 
 
@@ -186,8 +211,9 @@ def whole_scores(out: dict, whole: dict) -> dict:
     return scores
 
 
-def section(study: dict, workdir: str, corpus: str = '') -> dict:
-    """The study's runs and numbers (module docstring), under ``workdir``/<study['name']>."""
+def section(study: dict, workdir: str, corpus: str = '', tune: bool = False) -> dict:
+    """The study's runs and numbers (module docstring), under ``workdir``/<study['name']>;
+    ``tune`` runs the grids of pinned learning rates (:func:`tuned`)."""
     over = dict(study['over'])
     if corpus:
         over.update({'data.source': corpus, 'data.verify_md5': False})
@@ -198,14 +224,21 @@ def section(study: dict, workdir: str, corpus: str = '') -> dict:
     if path:
         over['pretrain.backbone_path'] = path
     cache, seeds = {}, study['seeds']
-    full, grid = tuned(study, 'fedavg_full', study['full_lrs'], over, wd, cache)
-    edge, edge_grid = tuned(study, 'fedgen_edge', study.get('edge_lrs', ()), over, wd, cache)
+    full, grid = tuned(study, 'fedavg_full', study['full_lrs'], over, wd, cache, tune)
+    edge, edge_grid = tuned(study, 'fedgen_edge', study.get('edge_lrs', ()), over, wd, cache, tune)
     out = {
         'main': {},
         'lr_grid': grid,
         'full_lr': full.fed.client_lr,
         'edge_lr_grid': edge_grid,
-        'edge_lr': edge.fed.client_lr
+        'edge_lr': edge.fed.client_lr,
+        'lr_tuning': {
+            m: {
+                'lrs': list(study.get(k, ())),
+                'pinned': m in study.get('pinned_lrs', {})
+            }
+            for m, k in (('fedavg_full', 'full_lrs'), ('fedgen_edge', 'edge_lrs'))
+        }
     }
     out['main']['fedgen_edge'] = group(edge, seeds, {}, wd, 'fedgen_edge', cache)
     out['main']['fedavg_full'] = seed_groups(full, seeds, {}, wd, 'fedavg_full', cache,

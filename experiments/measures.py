@@ -197,6 +197,7 @@ def study(p: dict) -> dict:
             for lr, g in p.get(grid, {}).items()
         }
         m[lr] = p.get(lr)
+    m['lr_tuning'] = p.get('lr_tuning', {})
     return m
 
 

@@ -75,10 +75,11 @@ def confidence(clf, images: np.ndarray) -> float:
     return float(np.mean(np.asarray(p).max(-1)))
 
 
-def one_setting(st: dict, lr: float, max_steps: int, ref_imgs: np.ndarray, samples: int,
-                key) -> tuple[dict, dict]:
+def one_setting(st: dict, lr: float, max_steps: int, ref_imgs: np.ndarray, samples: int, seed: int,
+                conf_reference: float) -> tuple[dict, dict]:
     """(summary with per-client rows, {client: images}) of one setting; ``st`` is
-    class_share.setup's, ``ref_imgs`` the global model's samples from ``key``."""
+    class_share.setup's, ``ref_imgs`` the global model's samples from PRNGKey(``seed``) and
+    ``conf_reference`` their :func:`confidence`."""
     spec, r, task, picks = st['spec'], st['run'], st['task'], st['picks']
     pc, fed = spec.personalize, spec.clients
     res = personalize.personalize(task.loss_fn,
@@ -96,24 +97,14 @@ def one_setting(st: dict, lr: float, max_steps: int, ref_imgs: np.ndarray, sampl
                                   max_steps=max_steps,
                                   backbone=r['backbone'],
                                   clients=picks)
-    ref_pred = st['predict'](ref_imgs)
-    rows, imgs = [], {}
-    for i, k in enumerate(picks):
-        mine = class_share.draw(task.sample, {
-            **r['frozen'],
-            **jax.tree.map(lambda x, i=i: x[i], res.personal)
-        }, samples, key)
-        imgs[k] = mine
-        own = st['own'][k]
-        rows.append({
-            'client': int(k),
-            'own_classes': [int(c) for c in np.flatnonzero(own)],
-            'share_reference': float(np.mean(own[ref_pred])),
-            'share_personal': float(np.mean(own[st['predict'](mine)])),
-            'loss_global': float(res.global_loss[i]),
-            'loss_personal': float(res.personal_loss[i]),
-            'conf_personal': confidence(st['classifier'], mine)
-        })
+    row_of = {k: i for i, k in enumerate(picks)}
+    personal_of = lambda k: {**r['frozen'], **jax.tree.map(lambda x: x[row_of[k]], res.personal)}
+    rows, imgs = class_share.shares(task.sample, st['predict'], None, personal_of, picks, st['own'],
+                                    samples, seed, ref_imgs)
+    for i, x in enumerate(rows):
+        x.update(loss_global=float(res.global_loss[i]),
+                 loss_personal=float(res.personal_loss[i]),
+                 conf_personal=confidence(st['classifier'], imgs[x['client']]))
     g = np.array([x['loss_global'] for x in rows])
     p = np.array([x['loss_personal'] for x in rows])
     out = {
@@ -122,10 +113,11 @@ def one_setting(st: dict, lr: float, max_steps: int, ref_imgs: np.ndarray, sampl
         **class_share.summarize(rows), 'mean_loss_global': float(np.nanmean(g)),
         'mean_loss_personal': float(np.nanmean(p)),
         'loss_improved': float(np.mean(p[np.isfinite(p)] < g[np.isfinite(p)])),
-        'conf_reference': confidence(st['classifier'], ref_imgs),
+        'conf_reference': conf_reference,
         'conf_personal': float(np.mean([x['conf_personal'] for x in rows])),
         'rows': rows
     }
+    imgs.pop('reference')
     return out, imgs
 
 
@@ -172,22 +164,18 @@ def run(workdir: str,
         raise ValueError(f'--samples must be an int >= 1, got {samples!r}')
     path = os.path.join(workdir, 'personal_grid.json')
     key = {'clients': clients, 'samples': samples, 'min_share': min_share}
-    done = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old['key'] == key:
-            done = {setting_key(s['lr'], s['max_steps']): s for s in old['settings']}
-    out = {'key': key, 'settings': [done.get(setting_key(lr, s)) for lr, s in grid]}
-    if all(out['settings']) and os.path.isfile(os.path.join(workdir, 'personal_grid.png')):
+    done = _measured(path, key)
+    out = read(workdir, lrs, steps, clients, samples, min_share)
+    if out is not None:
         return out  # every setting measured and drawn: nothing to restore
     st = class_share.setup(workdir, clients, min_share, spec)
     if st['run']['alg'].personal is not None or not st['has_global']:
         raise ValueError(f'--workdir {workdir}: method {st["run"]["method"].name!r} keeps its own '
                          'personal trees; there is no fine-tuning budget to vary')
     task, spec = st['task'], st['spec']
-    noise = jax.random.PRNGKey(spec.seed + 41)  # class_share's keys: the same global samples
-    ref_imgs = class_share.draw(task.sample, st['reference'], samples, noise)
+    seed = spec.seed + 41  # class_share's keys: the same global samples
+    ref_imgs = class_share.draw(task.sample, st['reference'], samples, jax.random.PRNGKey(seed))
+    conf_reference = confidence(st['classifier'], ref_imgs)
     show, cols = st['picks'][:2], 10
     kept_path = os.path.join(workdir, 'personal_grid.npz')  # the figure's rows
     kept = dict(np.load(kept_path)) if done and os.path.isfile(kept_path) else {}
@@ -195,7 +183,7 @@ def run(workdir: str,
         name = setting_key(lr, s)
         if name in done and all(f'{name}|{k}' in kept for k in show):
             continue
-        done[name], imgs = one_setting(st, lr, s, ref_imgs, samples, noise)
+        done[name], imgs = one_setting(st, lr, s, ref_imgs, samples, seed, conf_reference)
         kept.update({f'{name}|{k}': imgs[k][:cols] for k in show})
         d = done[name]
         log(f'{name}: own-class share {d["mean_share_reference"]:.3f} -> '
@@ -211,10 +199,48 @@ def run(workdir: str,
                                  'settings': list(done.values())
                              }, indent=1))
     out = {'key': key, 'settings': [done[setting_key(lr, s)] for lr, s in grid]}
-    writers.write_atomic(path, json.dumps(out, indent=1))
     figure(out['settings'], ref_imgs[:cols], kept, task.classes, show,
            os.path.join(workdir, 'personal_grid.png'))
+    writers.write_atomic(
+        path,  # every setting measured so far, and the figure's
+        json.dumps(
+            {
+                'key': key,
+                'settings': list(done.values()),
+                'drawn': [setting_key(*g) for g in grid]
+            },
+            indent=1))
     return out
+
+
+def _measured(path: str, key: dict) -> dict:
+    """{setting_key: summary} of personal_grid.json at ``path`` when it was made with ``key``."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    if old['key'] != key:
+        return {}
+    return {setting_key(s['lr'], s['max_steps']): s for s in old['settings']}
+
+
+def read(workdir: str, lrs, steps, clients: int, samples: int, min_share: float = 0.1):
+    """:func:`run`'s result read back without computing anything: None unless every setting of
+    the grid is in <workdir>/personal_grid.json with this key and personal_grid.png was drawn
+    with exactly these settings."""
+    grid = check_grid(lrs, steps)
+    key = {'clients': clients, 'samples': samples, 'min_share': min_share}
+    path = os.path.join(workdir, 'personal_grid.json')
+    done = _measured(path, key)
+    if not all(setting_key(*g) in done for g in grid):
+        return None
+    with open(path) as f:
+        drawn = json.load(f).get('drawn')
+    if drawn != [setting_key(*g) for g in grid]:
+        return None
+    if not os.path.isfile(os.path.join(workdir, 'personal_grid.png')):
+        return None
+    return {'key': key, 'settings': [done[setting_key(*g)] for g in grid]}
 
 
 def define_flags() -> None:

@@ -198,8 +198,10 @@ def markdown(res: dict, m: dict, figs: dict) -> str:
     ] + report_lm.ptb_table(m['ptb'])
     lines += ['', f'Backbone (no federated training): {fmt(m["ptb_backbone"])}.', '']
     lines += [
-        report_lm.lr_grid(m['lr_grid'], m['full_lr'], 'Full FedAvg'), '',
-        report_lm.lr_grid(m.get('edge_lr_grid', {}), m['edge_lr'], 'FedGen-Edge')
+        report_lm.lr_grid(m['lr_grid'], m['full_lr'], 'Full FedAvg',
+                          **m.get('lr_tuning', {}).get('fedavg_full', {})), '',
+        report_lm.lr_grid(m.get('edge_lr_grid', {}), m['edge_lr'], 'FedGen-Edge',
+                          **m.get('lr_tuning', {}).get('fedgen_edge', {}))
     ]
     if 'whole' in m:
         lines += [''] + report_lm.whole_table(m['whole'])

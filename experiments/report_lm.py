@@ -99,17 +99,32 @@ def whole_table(w: dict) -> list[str]:
     return lines
 
 
-def lr_grid(grid: dict, chosen, method: str) -> str:
+def lr_grid(grid: dict, chosen, method: str, lrs=(), pinned: bool = False) -> str:
     """``method``'s client-lr grid ({lr: seed-0 final valid PPL}) and the lr it chose, or the
-    config's lr when there was no grid."""
-    if not grid:
+    config's lr when there was no grid. ``lrs``: the whole grid; ``pinned``: the scale fixes the
+    lr (experiments.lm_study.tuned), and the grid shows what is finished in the workdir."""
+    if not grid and not lrs:
         return f"{method}'s client learning rate: {chosen:g} (the config's, not tuned)."
-    shown = ', '.join(f'{lr:g}: {fmt(v)}' for lr, v in sorted(grid.items()))
-    lrs = sorted(float(lr) for lr in grid)
+    shown = ', '.join(f'{float(lr):g}: {fmt(v)}'
+                      for lr, v in sorted(grid.items(), key=lambda x: float(x[0])))
+    ran = sorted(float(lr) for lr in grid)
+    missing = [float(lr) for lr in lrs if float(lr) not in ran]
+    if pinned and missing:
+        return (f"{method}'s client learning rate: {chosen:g}, pinned by the scale from its grid "
+                f'{[float(x) for x in lrs]} on seed 0 (lowest final valid PPL; `python -m '
+                'experiments.reproduce --tune` runs it). Not run in this workdir: '
+                f'{missing}' + (f'; finished: {shown}.' if grid else '.'))
+    best = min(grid, key=lambda lr: float('inf') if grid[lr] is None else grid[lr])
     edge = (' The chosen lr is at the edge of the grid, so a better one may lie beyond it.'
-            if len(lrs) > 1 and float(chosen) in (lrs[0], lrs[-1]) else '')
+            if len(ran) > 1 and float(chosen) in (ran[0], ran[-1]) else '')
+    pin = ''
+    if pinned:
+        pin = (' It is pinned by the scale (`--tune` reruns the grid).'
+               if float(best) == float(chosen) else
+               f' The scale pins it, but the grid\'s best is {float(best):g}: the pin is '
+               'stale.')
     return (f"{method}'s client learning rate, tuned on seed 0 (final valid PPL, per-round "
-            f'protocol): {shown}; chosen {chosen:g}.{edge}')
+            f'protocol): {shown}; chosen {chosen:g}.{edge}{pin}')
 
 
 def seed_cis(pe: dict) -> str:

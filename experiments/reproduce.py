@@ -2,6 +2,7 @@
 
     python -m experiments.reproduce --scale smoke --workdir runs/reproduce_smoke  # minutes
     python -m experiments.reproduce --scale cpu --workdir runs/reproduce  # at most 3 h, 2 cores
+    python -m experiments.reproduce --scale cpu --workdir runs/reproduce --tune  # + the grids
     python -m experiments.reproduce --scale gpu --workdir runs/reproduce_gpu  # paper-like
 
 Writes REPORT.md and its PNG figures into --out (default docs/results for cpu/gpu,
@@ -85,8 +86,15 @@ def brown_section(sc: dict, workdir: str) -> dict:
     return out
 
 
-def run(scale: str, workdir: str, out: str | None = None, command: str = '') -> dict:
-    """Runs (or reuses) every experiment of ``scale`` and writes the report; returns results."""
+def run(scale: str,
+        workdir: str,
+        out: str | None = None,
+        command: str = '',
+        tune: bool = False) -> dict:
+    """Runs (or reuses) every experiment of ``scale`` and writes the report; returns results.
+    ``tune`` also runs the grids that chose the scale's pinned settings (the client lrs of
+    ``pinned_lrs`` and the Fashion-MNIST personalization budget); without it their finished
+    runs are read back and shown, and nothing of theirs is computed."""
     if scale not in SCALES:
         raise ValueError(f'--scale must be one of {list(SCALES)}, got {scale!r}')
     sc, t0 = SCALES[scale], time.time()
@@ -104,18 +112,19 @@ def run(scale: str, workdir: str, out: str | None = None, command: str = '') -> 
         if not os.path.isdir(images):
             smoke_data.write_images(images)
         images = os.path.abspath(images)
-    results = {'ptb': lm_study.section(sc['ptb'], workdir, corpus)}
+    results = {'ptb': lm_study.section(sc['ptb'], workdir, corpus, tune)}
     if sc['small_gpt']:
-        results['small_gpt'] = lm_study.section(sc['small_gpt'], workdir, corpus)
+        results['small_gpt'] = lm_study.section(sc['small_gpt'], workdir, corpus, tune)
     results['cifar10'] = cifar_section(sc, workdir, images)
     results['brown'] = brown_section(sc, workdir)
-    results['fmnist'] = image_study.section(sc.get('fmnist'), workdir, out, fashion, command)
+    results['fmnist'] = image_study.section(sc.get('fmnist'), workdir, out, fashion, command, tune)
     results.update(scale=scale,
                    settings={
                        k: v
                        for k, v in sc.items()
                    },
                    wall_s=round(time.time() - t0, 1),
+                   tuned=tune,
                    command=command)
     measured = report.write(results, out)
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
@@ -129,6 +138,7 @@ def define_flags() -> None:
     flags.DEFINE_enum('scale', 'smoke', list(SCALES), 'Experiment scale.')
     flags.DEFINE_string('workdir', 'runs/reproduce', 'Parent directory of every run.')
     flags.DEFINE_string('out', None, 'Report directory (default: see the module docstring).')
+    flags.DEFINE_bool('tune', False, 'Also run the grids that chose the scale\'s pinned settings.')
 
 
 def main(argv):
@@ -138,7 +148,8 @@ def main(argv):
         jax.config.update('jax_compilation_cache_dir', os.path.join(f.workdir, 'xla_cache'))
         jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
     cmd = f'python -m experiments.reproduce --scale {f.scale} --workdir {f.workdir}'
-    run(f.scale, f.workdir, f.out, cmd + (f' --out {f.out}' if f.out else ''))
+    cmd += (f' --out {f.out}' if f.out else '') + (' --tune' if f.tune else '')
+    run(f.scale, f.workdir, f.out, cmd, f.tune)
 
 
 if __name__ == '__main__':

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from fedgen.metrics import plots
+from fedgen.tasks import ptb as ptb_task
 
 # Config fields that may change between the sessions of one run: they do not change the rounds'
 # results (schedule length, chunking, devices, evaluation, checkpointing, where the data is read).
@@ -46,7 +47,7 @@ RUN_FREE = ('fed.rounds', 'fed.client_chunk', 'fed.client_mem_budget_mb', 'fed.n
 POST_RUN = ('personalize', )
 # Config fields added after runs were recorded, with the value that computes what their absence
 # did: a run recorded without one equals a config that sets it to that value.
-ADDED_FIELDS = {'model.ce_vocab_chunk': 0}
+ADDED_FIELDS = {f'model.{k}': v for k, v in ptb_task.ADDED_MODEL_FIELDS.items()}
 # What clear_run removes: everything a run writes except the recipe-keyed caches (backbone/ etc.).
 RUN_OUTPUTS = ('checkpoints', 'personal', 'config.json', 'metrics.jsonl', 'summary.json',
                'events.out.tfevents.*', 'samples_*.png', 'label_histograms.png')

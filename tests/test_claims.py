@@ -148,7 +148,8 @@ def test_scale_description_is_derived_from_the_scale_dict():
     assert 'seeds [0, 1, 2] (n = 3)' in text and 'the whole splits' in text
     assert 'LoRA rank r in [2, 8, 32]: seeds [0, 1] (n = 2)' in text
     assert 'window split on the first main FedGen-Edge run (n = 1)' in text
-    assert "FedGen-Edge's client lr chosen on [0.001, 0.003, 0.01, 0.03]" in text
+    assert ("FedGen-Edge's client lr 0.01, chosen on [0.001, 0.003, 0.01, 0.03] (seed 0, lowest "
+            'final valid PPL; the grid runs under --tune)') in text
     assert 'on the test split' in text
     assert 'Dirichlet alpha: not run' in text and 'CIFAR-10: not run' in text
     assert 'Fashion-MNIST: a backbone pre-trained for 8000 steps' in text
@@ -160,6 +161,7 @@ def test_scale_description_is_derived_from_the_scale_dict():
     st['whole'] = None
     del st['window_runs']  # default: as many runs as the document split's seeds
     del st['edge_lrs']  # default: the config's lr
+    del st['pinned_lrs']  # the grid chooses in the run
     sc['small_gpt'] = None
     sc['synthetic_data'] = True
     sc['fmnist'] = None
@@ -172,6 +174,8 @@ def test_scale_description_is_derived_from_the_scale_dict():
     assert 'scored by the per-round protocol' in changed and 'whole splits' not in changed
     assert 'window split on the first 2 main FedGen-Edge runs (n = 2)' in changed
     assert "FedGen-Edge at its config's client lr" in changed
+    assert "full FedAvg's client lr chosen on [3e-05, 0.0001, 0.0003, 0.001] (seed 0, lowest " \
+        'final valid PPL);' in changed
     assert 'Fashion-MNIST: not run' in changed
     assert "Scale 'mine'" in changed and 'synthetic' in changed and 'synthetic' not in text
     st['over']['new.knob'] = 3  # a key without words is still shown
@@ -214,3 +218,41 @@ def test_lr_grid_says_when_the_chosen_lr_is_at_the_grid_s_edge():
     inside = report_lm.lr_grid({1e-4: 90.0, 3e-4: 80.0, 1e-3: 85.0}, 3e-4, 'FedGen-Edge')
     assert 'edge' not in inside and '0.001: 85' in inside
     assert 'not tuned' in report_lm.lr_grid({}, 1e-4, 'FedGen-Edge')
+
+
+def test_lr_grid_of_a_pinned_lr_says_what_ran_and_whether_the_pin_is_the_best():
+    lrs = (1e-4, 3e-4, 1e-3)
+    none = report_lm.lr_grid({}, 3e-4, 'Full FedAvg', lrs, pinned=True)
+    assert none.startswith("Full FedAvg's client learning rate: 0.0003, pinned by the scale")
+    assert 'Not run in this workdir: [0.0001, 0.0003, 0.001].' in none and '--tune' in none
+    part = report_lm.lr_grid({3e-4: 80.0}, 3e-4, 'Full FedAvg', lrs, pinned=True)
+    assert 'Not run in this workdir: [0.0001, 0.001]; finished: 0.0003: 80.' in part
+    whole = {1e-4: 90.0, 3e-4: 80.0, 1e-3: 85.0}
+    good = report_lm.lr_grid(whole, 3e-4, 'Full FedAvg', lrs, pinned=True)
+    assert good.endswith('chosen 0.0003. It is pinned by the scale (`--tune` reruns the grid).')
+    stale = report_lm.lr_grid(whole, 1e-3, 'Full FedAvg', lrs, pinned=True)
+    assert "The scale pins it, but the grid's best is 0.0003: the pin is stale." in stale
+
+
+def test_a_pinned_lr_computes_no_grid_run_without_tune(tmp_path, monkeypatch):
+    """experiments.lm_study.tuned: with the scale's pin and no --tune, unfinished grid runs are
+    left out (nothing runs) and finished ones read back; --tune runs what is missing; the pin,
+    not the grid's best, sets the lr; without a pin the grid's best does."""
+    from experiments import lm_study, sweep, writers
+    ran, real = [], writers.finished
+    monkeypatch.setattr(sweep, 'run_group', lambda name, *a: ran.append(name))
+    st = dict(config='ptb_smollm2', arg='tiny', pinned_lrs={'fedavg_full': 3e-4})
+    tuned = lambda st, tune: lm_study.tuned(st, 'fedavg_full',
+                                            (1e-4, 3e-4), {}, str(tmp_path), {}, tune)
+    config, grid = tuned(st, False)
+    assert ran == [] and grid == {} and config.fed.client_lr == 3e-4
+    finished = lambda record, d: {'final_valid_ppl': 9.0} if 'lr0.0001' in d else real(record, d)
+    monkeypatch.setattr(writers, 'finished', finished)
+    monkeypatch.setattr(lm_study, 'read_rows', lambda d: [])
+    config, grid = tuned(st, False)
+    assert ran == [] and list(grid) == [1e-4] and config.fed.client_lr == 3e-4
+    config, grid = tuned(st, True)
+    assert ran == ['fedavg_full_lr0.0003'] and list(grid) == [1e-4, 3e-4]
+    assert config.fed.client_lr == 3e-4  # pinned, though the finished 1e-4 scores better
+    config, _ = tuned(dict(config='ptb_smollm2', arg='tiny'), False)
+    assert config.fed.client_lr == 1e-4  # no pin: the grid's best

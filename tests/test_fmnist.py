@@ -273,6 +273,15 @@ def test_personal_grid_reproduces_the_runs_own_personalization(tiny_run, monkeyp
     os.remove(os.path.join(work, 'personal_grid.png'))  # redrawn from the kept samples
     assert personal_grid.run(work, [lr, 10 * lr], [2, 1], 2, 3) == out
     assert os.path.getsize(os.path.join(work, 'personal_grid.png')) > 0
+    assert personal_grid.read(work, [lr, 10 * lr], [2, 1], 2, 3) == out  # computes nothing
+    assert personal_grid.read(work, [lr, 10 * lr], [2, 1], 2, 4) is None  # other samples
+    # A smaller grid is read from the kept settings, but its figure is drawn again: the one on
+    # disk has the rows of the larger grid.
+    assert personal_grid.read(work, [lr], [2], 2, 3) is None
+    small = personal_grid.run(work, [lr], [2], 2, 3)
+    assert small['settings'] == out['settings'][:1]
+    assert personal_grid.read(work, [lr], [2], 2, 3) == small
+    assert personal_grid.run(work, [lr, 10 * lr], [2, 1], 2, 3) == out  # all kept, redrawn
     with pytest.raises(ValueError, match='^--steps must be ints >= 1'):
         personal_grid.run(work, [lr], [0], 2, 3)
     with pytest.raises(ValueError, match='^--lrs must be numbers > 0'):

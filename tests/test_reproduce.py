@@ -20,10 +20,11 @@ VERDICTS = (claims.HOLDS, claims.FAILS, claims.UNSURE, claims.UNTESTABLE)
 
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
-    """Two invocations of the smoke scale into one workdir, timed."""
+    """Two invocations of the smoke scale into one workdir, timed: the first with --tune (the
+    personalization-budget grid runs), the second without (it is read back)."""
     wd = str(tmp_path_factory.mktemp('reproduce'))
     t0 = time.time()
-    first = reproduce.run('smoke', wd)
+    first = reproduce.run('smoke', wd, tune=True)
     t1 = time.time()
     summary = os.path.join(wd, 'ptb', 'fedgen_edge', 'seed0', 'summary.json')
     stamp = os.path.getmtime(summary)

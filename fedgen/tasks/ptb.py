@@ -274,12 +274,19 @@ def text_task(name: str,
                       classes=classes)
 
 
+# Model fields added after backbones and runs were recorded, with the value that computes what
+# their absence did (experiments.writers compares recorded configs with it too).
+ADDED_MODEL_FIELDS = {'ce_vocab_chunk': 0}
+
+
 def model_recipe(model: Model) -> dict:
-    """The model section of a backbone's cache key: every field, but ce_vocab_chunk only when it
-    is on (it came later; leaving 0 out keeps the keys of the backbones cached before it)."""
+    """The model section of a backbone's cache key: every field, but those of
+    ADDED_MODEL_FIELDS only when they differ from the value that behaves as their absence (so
+    the keys of the backbones cached before them stay the same)."""
     out = dataclasses.asdict(model)
-    if not out['ce_vocab_chunk']:
-        del out['ce_vocab_chunk']
+    for k, absent in ADDED_MODEL_FIELDS.items():
+        if out[k] == absent:
+            del out[k]
     return out
 
 
