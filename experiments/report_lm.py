@@ -119,7 +119,7 @@ def lr_grid(grid: dict, chosen, method: str, lrs=(), pinned: bool = False) -> st
             if len(ran) > 1 and float(chosen) in (ran[0], ran[-1]) else '')
     pin = ''
     if pinned:
-        pin = (' It is pinned by the scale (`--tune` reruns the grid).'
+        pin = (' It is pinned by the scale (the grid runs under `--tune`).'
                if float(best) == float(chosen) else
                f' The scale pins it, but the grid\'s best is {float(best):g}: the pin is '
                'stale.')

@@ -229,7 +229,7 @@ def test_lr_grid_of_a_pinned_lr_says_what_ran_and_whether_the_pin_is_the_best():
     assert 'Not run in this workdir: [0.0001, 0.001]; finished: 0.0003: 80.' in part
     whole = {1e-4: 90.0, 3e-4: 80.0, 1e-3: 85.0}
     good = report_lm.lr_grid(whole, 3e-4, 'Full FedAvg', lrs, pinned=True)
-    assert good.endswith('chosen 0.0003. It is pinned by the scale (`--tune` reruns the grid).')
+    assert good.endswith('chosen 0.0003. It is pinned by the scale (the grid runs under `--tune`).')
     stale = report_lm.lr_grid(whole, 1e-3, 'Full FedAvg', lrs, pinned=True)
     assert "The scale pins it, but the grid's best is 0.0003: the pin is stale." in stale
 
