@@ -97,3 +97,45 @@ def test_traced_hparams_equal_the_compiled_learning_rate_and_mu():
     assert traced._cache_size() == 1
     plain = traced(FROZEN, W0, data, jax.random.PRNGKey(0), anchor)
     assert not np.allclose(plain.params['lora']['w'], got.params['lora']['w'])
+
+
+def test_padded_steps_and_batches_are_not_computed_one_client_at_a_time():
+    """Mapped one client at a time (client_chunk 1), a masked local step and an all-padding
+    evaluation batch run no loss at all (a scalar cond, not a select): the loss is called once
+    per live step and live batch, and the results equal the fully computed ones."""
+    from fedgen.fl import mesh
+    from fedgen.metrics import dataset_loss
+    calls = []
+
+    def counted(variables, batch, rng):
+        jax.debug.callback(lambda: calls.append(1))
+        return quad_loss(variables, batch, rng)
+
+    masks = np.array([[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]], np.float32)  # 6 live steps
+    data = jax.tree.map(lambda *x: np.stack(x), *[_data(m) for m in masks])
+    upd = client.make_local_update(counted, optax.adam(0.1))
+    run = jax.jit(lambda d, c: mesh.map_clients(
+        lambda s, x: upd(FROZEN, W0, x, jax.random.PRNGKey(0)).params, None, d, c),
+                  static_argnums=1)
+    one = jax.block_until_ready(run(data, 1))
+    assert len(calls) == 6
+    calls.clear()
+    both = jax.block_until_ready(run(data, 3))  # one vmap over all clients: a select
+    assert len(calls) == 4  # every step, live or not (the callback fires once per batched call)
+    np.testing.assert_allclose(one['lora']['w'], both['lora']['w'], rtol=1e-6)
+
+    batches = _data([1, 1, 1])['batches']
+    batches['weight'][1:] = 0.0  # batches 1 and 2 are padding
+    calls.clear()
+    evaluate = jax.jit(lambda b: dataset_loss.dataset_loss(counted, {
+        **FROZEN,
+        **W0
+    }, b, jax.random.PRNGKey(0)))
+    loss, weight = jax.block_until_ready(evaluate(batches))
+    assert len(calls) == 1 and float(weight) == 3.0
+    np.testing.assert_allclose(loss,
+                               quad_loss({
+                                   **FROZEN,
+                                   **W0
+                               }, jax.tree.map(lambda x: x[0], batches), None)[0],
+                               rtol=1e-6)

@@ -1,8 +1,9 @@
 """ONE client's local training, written once and mapped over the population.
 
 The client starts from the broadcast trainable tree w_G and runs S optimizer steps as a
-``lax.scan``; step s uses batch s and is a no-op when mask[s] = 0 (parameters and optimizer state
-are carried through unchanged). With a proximal weight mu > 0 the objective is FedProx's
+``lax.scan``; step s uses batch s and is a no-op when mask[s] = 0 (parameters and optimizer
+state are carried through unchanged; a scalar ``lax.cond`` skips the step's compute). With a
+proximal weight mu > 0 the objective is FedProx's
 
     L_k(w) + (mu / 2) ||w - w_anchor||^2,
 
@@ -38,10 +39,6 @@ def proximal(params: PyTree, anchor: PyTree, mu: float) -> jax.Array:
     return 0.5 * mu * sum(jax.tree.leaves(sq))
 
 
-def _select(m: jax.Array, new: PyTree, old: PyTree) -> PyTree:
-    return jax.tree.map(lambda a, b: jnp.where(m > 0, a, b), new, old)
-
-
 def make_local_update(loss_fn: Callable,
                       tx: optax.GradientTransformation,
                       prox_mu: float = 0.0) -> Callable:
@@ -71,15 +68,20 @@ def make_local_update(loss_fn: Callable,
         steps = data['mask'].shape[0]
         lr_scale, mu = (None, None) if hp is None else hp
 
-        def step(carry, xs):
+        def live(carry, batch, m, key):
             w, opt_state = carry
-            batch, m, key = xs
             grads, (loss, weight) = grad_fn(w, frozen, batch, key, anchor, mu)
             updates, new_opt = tx.update(grads, opt_state, w)
             updates = hparams.scale(updates, lr_scale)
-            new_w = optax.apply_updates(w, updates)
-            carry = (_select(m, new_w, w), _select(m, new_opt, opt_state))
-            return carry, (loss * weight * m, weight * m)
+            return (optax.apply_updates(w, updates), new_opt), (loss * weight * m, weight * m)
+
+        def step(carry, xs):
+            batch, m, key = xs
+            # A padded step (mask 0) changes nothing, so it is skipped by a scalar cond rather
+            # than computed and discarded (under vmap the cond is a select: both branches run).
+            out = jax.eval_shape(live, carry, batch, m, key)[1]
+            pad = lambda: (carry, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out))
+            return jax.lax.cond(m > 0, lambda: live(carry, batch, m, key), pad)
 
         xs = (data['batches'], data['mask'], jax.random.split(rng, steps))
         (w, opt_state), (losses, weights) = jax.lax.scan(step, (w_start, opt_state), xs)

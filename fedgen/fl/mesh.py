@@ -40,9 +40,14 @@ PyTree = Any
 
 
 def _local_map(fn: Callable, shared: PyTree, per_client: PyTree, chunk: int) -> PyTree:
+    """vmap over chunks of ``chunk`` clients, one chunk after another; chunk 1 is a plain
+    ``lax.map`` (no vmap of a size-1 axis), so a scalar ``lax.cond`` inside ``fn`` (padded steps
+    and batches) stays a branch instead of becoming a select that runs both sides."""
     c = jax.tree.leaves(per_client)[0].shape[0]
     if chunk >= c:
         return jax.vmap(fn, in_axes=(None, 0))(shared, per_client)
+    if chunk == 1:
+        return jax.lax.map(lambda x: fn(shared, x), per_client)
     return jax.lax.map(lambda x: fn(shared, x), per_client, batch_size=chunk)
 
 

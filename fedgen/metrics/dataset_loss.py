@@ -15,9 +15,21 @@ import jax.numpy as jnp
 
 def dataset_loss(loss_fn: Callable, variables: dict, batches: dict,
                  rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(mean loss, total weight) over all batches; a lax.map, so jit it from the caller."""
+    """(mean loss, total weight) over all batches; a lax.map, so jit it from the caller.
+
+    A batch whose weights are all 0 (padding: evaluation sets packed to the largest client's
+    batch count) adds nothing to either sum, so it is skipped by a scalar ``lax.cond`` rather than
+    computed (under vmap the cond is a select, and both branches run).
+    """
     nb = batches['weight'].shape[0]
     keys = jax.random.split(rng, nb)
-    means, weights = jax.lax.map(lambda xs: loss_fn(variables, xs[0], xs[1]), (batches, keys))
+
+    def one(xs):
+        batch, key = xs
+        out = jax.eval_shape(loss_fn, variables, batch, key)
+        skip = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out)
+        return jax.lax.cond(batch['weight'].sum() > 0, lambda: loss_fn(variables, batch, key), skip)
+
+    means, weights = jax.lax.map(one, (batches, keys))
     total = weights.sum()
     return (means * weights).sum() / jnp.maximum(total, 1.0), total
