@@ -179,10 +179,10 @@ def tuned(study: dict,
     finished runs are read back and the rest left out (nothing is computed)."""
     config = compare.method_config(study['config'], method, study['arg'], over)
     pinned = study.get('pinned_lrs', {}).get(method)
-    grid = {}
+    grid, run_grid = {}, tune or pinned is None
     for lr in lrs:
-        g = group(config, (0, ), {'fed.client_lr': lr}, wd, f'{method}_lr{lr:g}', cache, tune
-                  or pinned is None)
+        g = group(config, (0, ), {'fed.client_lr': lr}, wd, f'{method}_lr{lr:g}', cache,
+                  run_grid)
         if g is not None:
             grid[lr] = g
     score = lambda g: g['runs'][0]['summary'].get('final_valid_ppl', float('inf'))
