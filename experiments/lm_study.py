@@ -181,8 +181,7 @@ def tuned(study: dict,
     pinned = study.get('pinned_lrs', {}).get(method)
     grid, run_grid = {}, tune or pinned is None
     for lr in lrs:
-        g = group(config, (0, ), {'fed.client_lr': lr}, wd, f'{method}_lr{lr:g}', cache,
-                  run_grid)
+        g = group(config, (0, ), {'fed.client_lr': lr}, wd, f'{method}_lr{lr:g}', cache, run_grid)
         if g is not None:
             grid[lr] = g
     score = lambda g: g['runs'][0]['summary'].get('final_valid_ppl', float('inf'))
